@@ -1,0 +1,171 @@
+//! Agent routes: register, heartbeat, claim (long-poll).
+
+use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, MAX_WAIT_S};
+use crate::auth;
+use crate::db::{jobs, ms, workers};
+use crate::error::ApiError;
+use crate::spec;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use drover_proto::{ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse};
+use std::time::Duration;
+
+/// The agent behind the request's bearer token (401 otherwise).
+pub async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<workers::Agent, ApiError> {
+    let token = auth::bearer(headers)
+        .ok_or_else(|| ApiError::unauthorized("missing bearer token: send Authorization: Bearer <agent token>"))?;
+    let hash = auth::hash_token(token);
+    app.db
+        .read(move |c, _| workers::authenticate(c, &hash))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked agent token; the agent must register again"))
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > 128 {
+        return Err(ApiError::invalid(field, "must be 1 to 128 characters"));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+pub async fn register(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    match auth::bearer(&headers) {
+        Some(s) if app.config.registration_secret.matches(s) => {}
+        Some(_) => return Err(ApiError::unauthorized("wrong registration secret")),
+        None => {
+            return Err(ApiError::unauthorized(
+                "missing bearer token: send Authorization: Bearer <registration secret>",
+            ))
+        }
+    }
+    let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
+    let mut req: RegisterRequest = parse_json(&bytes)?;
+    check_name("name", &req.name)?;
+    check_name("machine_id", &req.machine_id)?;
+    if req.inventory.gpus.len() > 64 {
+        return Err(ApiError::invalid("inventory.gpus", "at most 64 GPUs per worker"));
+    }
+    if let Some(s) = req.slots {
+        if !(1..=1024).contains(&s) {
+            return Err(ApiError::invalid("slots", "must be between 1 and 1024"));
+        }
+    }
+    req.tags = spec::tags("tags", std::mem::take(&mut req.tags))?;
+    let token = auth::new_token("drv_agent_")?;
+    let hash = auth::hash_token(&token);
+    let auto = app.config.auto_approve;
+    let (worker_id, state) = app
+        .db
+        .write(move |c, now| workers::register(c, now, &req, &hash, auto))
+        .await?;
+    // A re-registration may have released leases.
+    app.wake_claimers();
+    Ok(Json(RegisterResponse {
+        worker_id,
+        token,
+        state,
+        heartbeat_interval_s: app.config.heartbeat_interval.as_secs(),
+        lease_ttl_s: app.config.lease_ttl.as_secs(),
+    })
+    .into_response())
+}
+
+pub async fn heartbeat(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = authenticate(&app, &headers).await?;
+    let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
+    let req: HeartbeatRequest = parse_json(&bytes)?;
+    check_name("incarnation", &req.incarnation)?;
+    if req.leases.len() > 1024 {
+        return Err(ApiError::invalid("leases", "at most 1024 leases"));
+    }
+    let ttl = ms(app.config.lease_ttl);
+    let beat = app
+        .db
+        .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, ttl))
+        .await?;
+    if beat.released {
+        app.wake_claimers();
+    }
+    Ok(Json(HeartbeatResponse {
+        state: beat.state,
+        heartbeat_interval_s: app.config.heartbeat_interval.as_secs(),
+        lease_ttl_s: app.config.lease_ttl.as_secs(),
+        orders: beat.orders,
+    })
+    .into_response())
+}
+
+/// Long-poll: answers 200 with a job as soon as one this worker can run is
+/// queued (now or while parked), or 204 after `wait` seconds. Parked claims
+/// are futures waiting on the queue's change signal, not threads.
+pub async fn claim(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = authenticate(&app, &headers).await?;
+    let wait = int_param(&query, "wait", MAX_WAIT_S as i64, 0, i64::MAX)?.min(MAX_WAIT_S as i64);
+    let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
+    let req: ClaimRequest = parse_json(&bytes)?;
+    check_name("incarnation", &req.incarnation)?;
+    if agent.state == "pending" {
+        return Err(ApiError::forbidden(
+            "pending_approval",
+            format!(
+                "worker {} waits for approval: POST /api/v1/workers/{}/approve with the admin token",
+                agent.id, agent.id
+            ),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait as u64);
+    let ttl = ms(app.config.lease_ttl);
+    loop {
+        // Subscribe before looking, so a job queued in between still wakes us.
+        let mut changes = app.queue_changes();
+        let incarnation = req.incarnation.clone();
+        let (released, got) = app
+            .db
+            .write(move |c, now| {
+                let released = workers::observe_incarnation(c, now, agent.id, &incarnation)?;
+                Ok((released, jobs::claim(c, now, agent.id, ttl)?))
+            })
+            .await?;
+        if released {
+            app.wake_claimers();
+        }
+        if let Some(job) = got {
+            log::info!(
+                "job started job_id={} attempt={} worker_id={}",
+                job.job_id,
+                job.attempt,
+                agent.id
+            );
+            return Ok(Json(ClaimResponse { job }).into_response());
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+        }
+    }
+}

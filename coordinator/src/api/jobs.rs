@@ -1,0 +1,153 @@
+//! Job routes: submit, list, get, cancel (admin); complete and log chunks
+//! (the agent holding the lease); read logs (admin).
+
+use super::agents::authenticate;
+use super::{int_param, parse_json, path_id, query_param, read_body, require_admin, AppState};
+use super::{AGENT_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
+use crate::db::{jobs, ms};
+use crate::error::ApiError;
+use crate::spec::JobSpec;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use drover_proto::CompleteRequest;
+use serde_json::json;
+
+const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+
+pub async fn submit(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
+    let job = parse_json::<JobSpec>(&bytes)?.validate()?;
+    let (created, job) = app.db.write(move |c, now| jobs::submit(c, now, &job)).await?;
+    if created {
+        app.wake_claimers();
+        log::debug!("job submitted job_id={}", job["id"]);
+    }
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(job)).into_response())
+}
+
+pub async fn list(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let status = match query_param(&query, "status") {
+        None | Some("") => None,
+        Some(s) if STATUSES.contains(&s) => Some(s.to_string()),
+        Some(s) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("status={s:?} is not one of {}", STATUSES.join(", ")),
+            )
+            .with_field("status"))
+        }
+    };
+    let limit = int_param(&query, "limit", 100, 1, 1000)?;
+    let jobs = app
+        .db
+        .read(move |c, now| jobs::list(c, now, status.as_deref(), limit))
+        .await?;
+    Ok(Json(json!({ "jobs": jobs })).into_response())
+}
+
+pub async fn get(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("job", &id)?;
+    Ok(Json(app.db.read(move |c, now| jobs::get(c, now, id)).await?).into_response())
+}
+
+pub async fn cancel(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("job", &id)?;
+    Ok(Json(app.db.write(move |c, now| jobs::cancel(c, now, id)).await?).into_response())
+}
+
+pub async fn complete(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = authenticate(&app, &headers).await?;
+    let id = path_id("job", &id)?;
+    let bytes = read_body(&headers, body, JSON_LIMIT + AGENT_LIMIT).await?;
+    let req: CompleteRequest = parse_json(&bytes)?;
+    if req.attempt < 1 {
+        return Err(ApiError::invalid("attempt", "must be 1 or more"));
+    }
+    if let Some(e) = &req.error {
+        if e.len() > 4096 {
+            return Err(ApiError::invalid("error", "at most 4096 bytes"));
+        }
+    }
+    let backoff = ms(app.config.retry_backoff);
+    let resp = app
+        .db
+        .write(move |c, now| jobs::complete(c, now, agent.id, id, &req, backoff))
+        .await?;
+    if !resp.replay {
+        app.wake_claimers();
+        log::info!("job reported job_id={id} worker_id={} status={}", agent.id, resp.status);
+    }
+    Ok(Json(resp).into_response())
+}
+
+pub async fn append_log(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = authenticate(&app, &headers).await?;
+    let id = path_id("job", &id)?;
+    let attempt = int_param(&query, "attempt", 0, 1, i64::MAX)?;
+    if attempt == 0 {
+        return Err(ApiError::bad_request("invalid_parameter", "query parameter attempt is required").with_field("attempt"));
+    }
+    let stream = match query_param(&query, "stream").unwrap_or("stdout") {
+        s @ ("stdout" | "stderr") => s.to_string(),
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("stream={other:?} must be stdout or stderr"),
+            )
+            .with_field("stream"))
+        }
+    };
+    let data = read_body(&headers, body, LOG_CHUNK_LIMIT).await?;
+    let cap = app.config.log_cap;
+    let truncated = app
+        .db
+        .write(move |c, now| jobs::append_log(c, now, agent.id, id, attempt, &stream, &data, cap))
+        .await?;
+    Ok(Json(json!({ "truncated": truncated })).into_response())
+}
+
+pub async fn read_log(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("job", &id)?;
+    let attempt = match query_param(&query, "attempt") {
+        None => None,
+        Some(_) => Some(int_param(&query, "attempt", 1, 1, i64::MAX)?),
+    };
+    let (attempt, bytes) = app.db.read(move |c, _| jobs::read_log(c, id, attempt)).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+            (header::HeaderName::from_static("x-drover-attempt"), attempt.to_string()),
+        ],
+        bytes,
+    )
+        .into_response())
+}

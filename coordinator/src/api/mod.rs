@@ -1,0 +1,250 @@
+//! All HTTP routes in one table, one handler file per resource, and the
+//! helpers every handler uses to read bodies and parameters.
+
+mod agents;
+mod jobs;
+mod workers;
+
+use crate::auth;
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::ApiError;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Body limits per kind of route.
+pub const JSON_LIMIT: usize = 1024 * 1024;
+pub const AGENT_LIMIT: usize = 256 * 1024;
+pub const LOG_CHUNK_LIMIT: usize = 1024 * 1024;
+/// A client has this long to send a whole body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest long-poll, in seconds.
+pub const MAX_WAIT_S: u64 = 30;
+
+/// Shared state of the HTTP handlers.
+pub struct App {
+    pub db: Db,
+    pub config: Config,
+    /// Bumped whenever a job may have become claimable; parked claims wait
+    /// on it (no polling).
+    queue: watch::Sender<u64>,
+}
+
+impl App {
+    pub fn new(db: Db, config: Config) -> App {
+        App {
+            db,
+            config,
+            queue: watch::Sender::new(0),
+        }
+    }
+
+    /// Wakes every parked claim so it looks at the queue again.
+    pub fn wake_claimers(&self) {
+        self.queue.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn queue_changes(&self) -> watch::Receiver<u64> {
+        self.queue.subscribe()
+    }
+}
+
+pub type AppState = Arc<App>;
+
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/agents/register", post(agents::register))
+        .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
+        .route("/api/v1/agents/claim", post(agents::claim))
+        .route("/api/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/complete", post(jobs::complete))
+        .route("/api/v1/jobs/{id}/logs", post(jobs::append_log).get(jobs::read_log))
+        .route("/api/v1/workers", get(workers::list))
+        .route("/api/v1/workers/{id}", get(workers::get))
+        .route("/api/v1/workers/{id}/approve", post(workers::approve))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_request))
+        .with_state(app)
+}
+
+async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let version = app
+        .db
+        .read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?))
+        .await?;
+    Ok(Json(serde_json::json!({"status": "ok", "schema_version": version})).into_response())
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// One debug line per request; never the headers (they carry tokens).
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    log::debug!(
+        "http method={method} path={path} status={} ms={:.1}",
+        resp.status().as_u16(),
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    resp
+}
+
+/// Reads a whole body of at most `limit` bytes. A declared length over the
+/// limit is refused before a byte of it is read.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {}s", BODY_TIMEOUT.as_secs()),
+        )),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let inner = e.into_inner();
+            if inner.is::<http_body_util::LengthLimitError>() {
+                Err(ApiError::too_large(limit))
+            } else {
+                Err(ApiError::bad_request("body_read", format!("reading the request body: {inner}")))
+            }
+        }
+    }
+}
+
+/// Parses JSON, naming the field at fault: syntax errors are 400
+/// `malformed_json`; wrong types, missing or unknown fields are 422.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::bad_request("malformed_json", "the request body is empty; expected a JSON document"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let msg = inner.to_string();
+                // serde reports missing and unknown fields at the parent.
+                let named = msg.split('`').nth(1).filter(|_| {
+                    msg.starts_with("missing field") || msg.starts_with("unknown field")
+                });
+                let field = match (path.as_str(), named) {
+                    (".", Some(n)) => n.to_string(),
+                    (p, Some(n)) => format!("{p}.{n}"),
+                    (p, None) => p.to_string(),
+                };
+                ApiError::invalid(&field, msg)
+            }
+            _ => ApiError::bad_request("malformed_json", format!("the request body is not valid JSON: {inner}")),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON document: {e}")))?;
+    Ok(value)
+}
+
+/// The value of one query parameter (raw; our parameters need no decoding).
+pub fn query_param<'a>(query: &'a Option<String>, name: &str) -> Option<&'a str> {
+    query
+        .as_deref()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// An integer query parameter within bounds, or `default` when absent.
+pub fn int_param(query: &Option<String>, name: &str, default: i64, min: i64, max: i64) -> Result<i64, ApiError> {
+    match query_param(query, name) {
+        None => Ok(default),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("query parameter {name}={v:?} must be an integer from {min} to {max}"),
+            )
+            .with_field(name)),
+        },
+    }
+}
+
+/// A numeric id from the path; anything else names no such resource.
+pub fn path_id(kind: &str, raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ApiError::not_found(format!("no {kind} with id {raw:?}")))
+}
+
+pub fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    auth::require_admin(headers, &app.config.admin_token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_proto::CompleteRequest;
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let check = |body: &str, status: u16, field: Option<&str>| {
+            let e = parse_json::<crate::spec::JobSpec>(body.as_bytes()).unwrap_err();
+            assert_eq!(e.status.as_u16(), status, "{body}: {e}");
+            assert_eq!(e.field.as_deref(), field, "{body}: {e}");
+        };
+        check("", 400, None);
+        check("{", 400, None);
+        check("{\"command\": [\"x\"]} junk", 400, None);
+        check("{}", 422, Some("command"));
+        check("{\"command\": \"x\"}", 422, Some("command"));
+        check("{\"command\": [\"x\"], \"gpus\": -1}", 422, Some("gpus"));
+        check("{\"command\": [\"x\"], \"gpus\": \"1\"}", 422, Some("gpus"));
+        check("{\"command\": [\"x\"], \"gpu\": 1}", 422, Some("gpu"));
+        check("{\"command\": [\"x\"], \"env\": {\"A\": 1}}", 422, Some("env.A"));
+        let e = parse_json::<CompleteRequest>(b"{\"attempt\": 1, \"outcome\": \"won\"}").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("outcome"));
+    }
+
+    #[test]
+    fn query_params() {
+        let q = Some("wait=5&status=queued&flag".to_string());
+        assert_eq!(query_param(&q, "wait"), Some("5"));
+        assert_eq!(query_param(&q, "flag"), Some(""));
+        assert_eq!(query_param(&q, "nope"), None);
+        assert_eq!(int_param(&q, "wait", 30, 0, 30).unwrap(), 5);
+        assert_eq!(int_param(&None, "wait", 30, 0, 30).unwrap(), 30);
+        assert!(int_param(&Some("wait=-1".into()), "wait", 30, 0, 30).is_err());
+        assert!(int_param(&Some("wait=x".into()), "wait", 30, 0, 30).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! Tokens and secrets: generation, hashing, comparison, and the bearer header.
+//!
+//! Agent tokens are `drv_agent_` + 32 random bytes (hex); only their SHA-256
+//! is stored. Secrets never reach a log line: [`Secret`] redacts `Debug`.
+
+use crate::error::ApiError;
+use axum::http::{header, HeaderMap};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    /// Constant-time check of a presented value against this secret.
+    pub fn matches(&self, presented: &str) -> bool {
+        // Comparing fixed-size digests keeps the time independent of where
+        // the strings differ and of their lengths.
+        let a = Sha256::digest(self.0.as_bytes());
+        let b = Sha256::digest(presented.as_bytes());
+        a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// SHA-256 of a token, hex: what the database stores.
+pub fn hash_token(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh random token with a recognizable prefix.
+pub fn new_token(prefix: &str) -> Result<String, ApiError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ApiError::internal(format!("no randomness for a token: {e}")))?;
+    Ok(format!("{prefix}{}", hex(&bytes)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Refuses a request that does not carry the admin token.
+pub fn require_admin(headers: &HeaderMap, admin: &Secret) -> Result<(), ApiError> {
+    match bearer(headers) {
+        None => Err(ApiError::unauthorized(
+            "missing bearer token: send Authorization: Bearer <admin token>",
+        )),
+        Some(t) if admin.matches(t) => Ok(()),
+        Some(_) => Err(ApiError::unauthorized("invalid admin token")),
+    }
+}
+
+/// The admin token: given, read from a file, or generated on first start and
+/// kept 0600 in `admin.token` next to the database.
+pub fn admin_token(
+    given: Option<String>,
+    file: Option<&Path>,
+    db: &Path,
+) -> Result<Secret, String> {
+    if let Some(t) = given {
+        return check_admin_token(t, "--admin-token");
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the admin token file {}: {e}", path.display()))?;
+        let first = text.lines().next().unwrap_or("").trim().to_string();
+        return check_admin_token(first, &format!("the admin token file {}", path.display()));
+    }
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let path = dir.join("admin.token");
+    if path.exists() {
+        return admin_token(None, Some(&path), db);
+    }
+    let token = new_token("drv_admin_").map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("creating {} for the admin token: {e}", dir.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("creating the admin token file {}: {e}", path.display()))?;
+    writeln!(f, "{token}")
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("writing the admin token file {}: {e}", path.display()))?;
+    log::warn!(
+        "generated an admin token: it is in {} (read it with: sudo cat {})",
+        path.display(),
+        path.display()
+    );
+    Ok(Secret::new(token))
+}
+
+fn check_admin_token(t: String, source: &str) -> Result<Secret, String> {
+    if t.len() < 16 {
+        return Err(format!("{source}: the admin token must be at least 16 characters"));
+    }
+    Ok(Secret::new(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_matches_only_itself() {
+        let s = Secret::new("correct horse battery".into());
+        assert!(s.matches("correct horse battery"));
+        assert!(!s.matches("correct horse batter"));
+        assert!(!s.matches(""));
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let check = |value: Option<&str>, expected: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            assert_eq!(bearer(&h), expected, "header {value:?}");
+        };
+        check(None, None);
+        check(Some("Bearer abc"), Some("abc"));
+        check(Some("bearer  abc "), Some("abc"));
+        check(Some("Basic abc"), None);
+        check(Some("Bearer "), None);
+        check(Some("abc"), None);
+    }
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let a = new_token("drv_agent_").unwrap();
+        let b = new_token("drv_agent_").unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("drv_agent_") && a.len() == 10 + 64);
+        assert_eq!(hash_token(&a).len(), 64);
+        assert_ne!(hash_token(&a), a);
+    }
+}

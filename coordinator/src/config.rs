@@ -1,0 +1,138 @@
+//! Command-line flags (each also read from a `DROVER_*` env var), validated
+//! once into a [`Config`].
+
+use crate::auth::Secret;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "drover-coordinator", version, about = "Drover coordinator: the worker registry and job queue of a Drover fleet")]
+pub struct Args {
+    /// SQLite database file (created if missing; keep it on a local disk).
+    #[arg(long, env = "DROVER_DB", default_value = "drover.db")]
+    pub db: PathBuf,
+
+    /// Address and port to listen on.
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:8700")]
+    pub listen: String,
+
+    /// Bearer token for admin calls and submissions. When neither this nor
+    /// --admin-token-file is given, one is generated on first start and kept
+    /// 0600 in `admin.token` next to the database.
+    #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File holding the admin token (first line).
+    #[arg(long, env = "DROVER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Shared secret agents present to register.
+    #[arg(long, env = "DROVER_REGISTRATION_SECRET", hide_env_values = true)]
+    pub registration_secret: Option<String>,
+
+    /// Approve self-registered agents at once instead of waiting for an admin.
+    #[arg(long, env = "DROVER_AUTO_APPROVE")]
+    pub auto_approve: bool,
+
+    /// Lease TTL in seconds; agents heartbeat every TTL / 3 and a worker
+    /// silent for a TTL is marked offline.
+    #[arg(long, env = "DROVER_LEASE_TTL", default_value_t = 30)]
+    pub lease_ttl: u64,
+
+    /// Seconds every lease is extended by at start, so that agents reconnect
+    /// before anything is re-queued. Default: max(2 x lease TTL, 60).
+    #[arg(long, env = "DROVER_RESTART_GRACE")]
+    pub restart_grace: Option<u64>,
+
+    /// Base of the exponential retry backoff after a failed attempt, seconds.
+    #[arg(long, env = "DROVER_RETRY_BACKOFF", default_value_t = 10)]
+    pub retry_backoff: u64,
+
+    /// Most open HTTP connections; further connections are closed at once.
+    #[arg(long, env = "DROVER_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Bytes of log kept per job attempt; the rest is dropped with a marker.
+    #[arg(long, env = "DROVER_LOG_CAP", default_value_t = 16 * 1024 * 1024)]
+    pub log_cap: u64,
+
+    /// `full` (default: an acknowledged write survives power loss) or
+    /// `normal` (never corrupts, may lose the last commits on power loss).
+    #[arg(long, env = "DROVER_SQLITE_SYNCHRONOUS", default_value = "full")]
+    pub sqlite_synchronous: String,
+}
+
+/// Validated settings, passed explicitly to every part.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub db: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_token: Secret,
+    pub registration_secret: Secret,
+    pub auto_approve: bool,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub restart_grace: Duration,
+    pub retry_backoff: Duration,
+    pub max_connections: usize,
+    pub log_cap: u64,
+    pub synchronous_full: bool,
+}
+
+impl Config {
+    /// Checks the flags. The admin token may have to be read or generated,
+    /// which needs the database's directory; see [`crate::auth::admin_token`].
+    pub fn from_args(args: Args) -> Result<Config, String> {
+        let listen: SocketAddr = args
+            .listen
+            .parse()
+            .map_err(|e| format!("--listen {:?} is not ADDR:PORT: {e}", args.listen))?;
+        if args.lease_ttl < 3 {
+            return Err(format!(
+                "--lease-ttl {} is too short: at least 3 seconds (agents heartbeat every TTL/3)",
+                args.lease_ttl
+            ));
+        }
+        let registration_secret = match args.registration_secret {
+            Some(s) if s.len() >= 8 => Secret::new(s),
+            Some(_) => return Err("--registration-secret must be at least 8 characters".into()),
+            None => {
+                return Err(
+                    "--registration-secret (or DROVER_REGISTRATION_SECRET) is required: agents present it to register"
+                        .into(),
+                )
+            }
+        };
+        let synchronous_full = match args.sqlite_synchronous.as_str() {
+            "full" => true,
+            "normal" => false,
+            other => return Err(format!("--sqlite-synchronous {other:?}: expected full or normal")),
+        };
+        if args.max_connections < 16 {
+            return Err("--max-connections must be at least 16".into());
+        }
+        let admin_token =
+            crate::auth::admin_token(args.admin_token, args.admin_token_file.as_deref(), &args.db)?;
+        let lease_ttl = Duration::from_secs(args.lease_ttl);
+        let restart_grace = Duration::from_secs(
+            args.restart_grace
+                .unwrap_or_else(|| (2 * args.lease_ttl).max(60)),
+        );
+        Ok(Config {
+            db: args.db,
+            listen,
+            admin_token,
+            registration_secret,
+            auto_approve: args.auto_approve,
+            lease_ttl,
+            heartbeat_interval: lease_ttl / 3,
+            restart_grace,
+            retry_backoff: Duration::from_secs(args.retry_backoff),
+            max_connections: args.max_connections,
+            log_cap: args.log_cap,
+            synchronous_full,
+        })
+    }
+}

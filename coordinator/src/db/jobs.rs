@@ -1,0 +1,723 @@
+//! The job queue: submit, claim (one transaction), fenced reports, lease
+//! renewal and expiry, logs, cancel.
+//!
+//! The fence: a report for a job is accepted only while the job is `running`
+//! under the same `attempt` (the fencing token, +1 on every claim) and the
+//! same `worker_id`. Every fenced write checks it; a stale one is a 409.
+
+use super::{event, iso, json_col, workers, Ms};
+use crate::error::ApiError;
+use crate::matching::{self, Needs, Offer};
+use crate::spec::NewJob;
+use drover_proto::{Assignment, CompleteRequest, CompleteResponse, GpuInfo, LeaseRef, Order, Outcome};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+
+/// Queued jobs examined per claim, best first.
+const CLAIM_SCAN: i64 = 256;
+/// Expired leases handled per sweep transaction.
+const EXPIRE_BATCH: i64 = 500;
+/// Backoff after the second and later lease losses: 10 s x 2^n, capped.
+const LOSS_BACKOFF_MS: Ms = 10_000;
+const BACKOFF_CAP_MS: Ms = 5 * 60_000;
+
+/// Exponential backoff: `base` x 2^(n-1) for the n-th retry, capped.
+pub fn backoff(base: Ms, n: i64) -> Ms {
+    if n <= 0 || base <= 0 {
+        return 0;
+    }
+    let shift = (n - 1).min(20) as u32;
+    base.saturating_mul(1 << shift).min(BACKOFF_CAP_MS)
+}
+
+/// Inserts a job, or returns the one already submitted under the same
+/// idempotency key (409 if that one's spec differs). `true` when created.
+pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value), ApiError> {
+    let fingerprint = job.fingerprint();
+    if let Some(key) = &job.idempotency_key {
+        let existing: Option<(i64, String)> = conn
+            .prepare_cached("SELECT id, spec_sha256 FROM jobs WHERE idempotency_key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((id, fp)) = existing {
+            if fp != fingerprint {
+                return Err(ApiError::conflict(
+                    "idempotency_conflict",
+                    format!("idempotency key {key:?} was used by job {id} with a different spec"),
+                )
+                .with_field("idempotency_key"));
+            }
+            return Ok((false, get(conn, now, id)?));
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO jobs (status, command, env, cwd, gpus, min_vram_mb, required_tags,
+         preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
+         spec_sha256, metadata, run_after, created_at)
+         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+        to_json(&job.command),
+        to_json(&job.env),
+        job.cwd,
+        job.gpus,
+        job.min_vram_mb as i64,
+        to_json(&job.required_tags),
+        to_json(&job.preferred_tags),
+        job.priority,
+        job.max_attempts,
+        job.timeout_s.map(|t| t as i64),
+        job.not_before,
+        job.idempotency_key,
+        fingerprint,
+        job.metadata.to_string(),
+        job.not_before.unwrap_or(now).max(now),
+        now
+    ])?;
+    let id = conn.last_insert_rowid();
+    event(conn, now, "job.submitted", Some(id), None, json!({"priority": job.priority, "gpus": job.gpus}))?;
+    Ok((true, get(conn, now, id)?))
+}
+
+/// JSON text of a submission part (these types always serialize).
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// Hands the best queued job this worker can run now to it, with a new lease.
+/// Order: priority, then age. `None` when nothing fits.
+pub fn claim(conn: &Connection, now: Ms, worker_id: i64, lease_ttl: Ms) -> Result<Option<Assignment>, ApiError> {
+    let (state, tags, gpus, slots): (String, String, String, i64) = conn
+        .prepare_cached("SELECT state, tags, gpus, slots FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    if state != "idle" && state != "busy" {
+        return Ok(None);
+    }
+    let running: Vec<String> = conn
+        .prepare_cached("SELECT gpu_indices FROM jobs WHERE worker_id = ?1 AND status = 'running'")?
+        .query_map([worker_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let free_slots = slots - running.len() as i64;
+    if free_slots <= 0 {
+        return Ok(None);
+    }
+    let offer = Offer {
+        tags: serde_json::from_str(&tags).unwrap_or_default(),
+        gpus: serde_json::from_str::<Vec<GpuInfo>>(&gpus).unwrap_or_default(),
+        busy_gpus: running
+            .iter()
+            .flat_map(|g| serde_json::from_str::<Vec<u32>>(g).unwrap_or_default())
+            .collect(),
+        free_slots: free_slots as u32,
+    };
+    let candidates: Vec<(i64, u32, i64, String)> = conn
+        .prepare_cached(
+            "SELECT id, gpus, min_vram_mb, required_tags FROM jobs
+             WHERE status = 'queued' AND run_after <= ?1
+             ORDER BY priority DESC, id LIMIT ?2",
+        )?
+        .query_map(params![now, CLAIM_SCAN], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    for (job_id, gpus, min_vram_mb, required_tags) in candidates {
+        let needs = Needs {
+            gpus,
+            min_vram_mb: min_vram_mb.max(0) as u64,
+            required_tags: serde_json::from_str(&required_tags).unwrap_or_default(),
+        };
+        if let Some(gpu_indices) = matching::place(&needs, &offer) {
+            return grant(conn, now, worker_id, job_id, &gpu_indices, lease_ttl).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn grant(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    job_id: i64,
+    gpu_indices: &[u32],
+    lease_ttl: Ms,
+) -> Result<Assignment, ApiError> {
+    let gpus = serde_json::to_string(gpu_indices).map_err(|e| ApiError::internal(e.to_string()))?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1,
+             attempts_used = attempts_used + 1, worker_id = ?2, gpu_indices = ?3,
+             lease_expires_at = ?4, started_at = ?5, cancel_requested = 0
+             WHERE id = ?1 AND status = 'queued'",
+        )?
+        .execute(params![job_id, worker_id, gpus, now + lease_ttl, now])?;
+    if changed != 1 {
+        return Err(ApiError::internal(format!("job {job_id} was not queued when granted")));
+    }
+    let (attempt, command, env, cwd, timeout_s): (i64, String, String, Option<String>, Option<i64>) = conn
+        .prepare_cached("SELECT attempt, command, env, cwd, timeout_s FROM jobs WHERE id = ?1")?
+        .query_row([job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+    conn.prepare_cached(
+        "INSERT INTO job_attempts (job_id, attempt, worker_id, gpu_indices, started_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![job_id, attempt, worker_id, gpus, now])?;
+    workers::refresh_load(conn, now, worker_id, &format!("claimed job {job_id}"))?;
+    event(
+        conn,
+        now,
+        "job.claimed",
+        Some(job_id),
+        Some(worker_id),
+        json!({"attempt": attempt, "gpus": gpu_indices}),
+    )?;
+    log::debug!("job claimed job_id={job_id} attempt={attempt} worker_id={worker_id}");
+    Ok(Assignment {
+        job_id,
+        attempt,
+        command: serde_json::from_str(&command).unwrap_or_default(),
+        env: serde_json::from_str(&env).unwrap_or_default(),
+        cwd,
+        gpu_indices: gpu_indices.to_vec(),
+        timeout_s: timeout_s.map(|t| t.max(0) as u64),
+        lease_ttl_s: (lease_ttl / 1000).max(0) as u64,
+    })
+}
+
+/// Why a lease ended without a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReason {
+    /// No heartbeat renewed it within the TTL.
+    LeaseExpired,
+    /// The agent restarted (new process, or registered anew).
+    AgentRestarted,
+    /// The agent's heartbeats stopped listing it (e.g. the claim reply was
+    /// lost). Not the job's fault: it does not spend an attempt.
+    NotReported,
+    /// The worker was decommissioned. Not the job's fault either.
+    Decommissioned,
+}
+
+impl LostReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            LostReason::LeaseExpired => "lease_lost",
+            LostReason::AgentRestarted => "agent_restarted",
+            LostReason::NotReported => "not_reported",
+            LostReason::Decommissioned => "decommissioned",
+        }
+    }
+
+    fn charged(self) -> bool {
+        matches!(self, LostReason::LeaseExpired | LostReason::AgentRestarted)
+    }
+}
+
+enum End<'a> {
+    Reported { req: &'a CompleteRequest, retry_backoff: Ms },
+    Lost(LostReason),
+}
+
+struct Current {
+    status: String,
+    attempt: i64,
+    worker_id: Option<i64>,
+    attempts_used: i64,
+    max_attempts: i64,
+    lease_losses: i64,
+    cancel_requested: bool,
+}
+
+fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT status, attempt, worker_id, attempts_used, max_attempts, lease_losses,
+             cancel_requested FROM jobs WHERE id = ?1",
+        )?
+        .query_row([job_id], |r| {
+            Ok(Current {
+                status: r.get(0)?,
+                attempt: r.get(1)?,
+                worker_id: r.get(2)?,
+                attempts_used: r.get(3)?,
+                max_attempts: r.get(4)?,
+                lease_losses: r.get(5)?,
+                cancel_requested: r.get(6)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Ends the current attempt of a running job (the caller checked the fence)
+/// and decides what happens next: done, re-queued (with backoff), or failed
+/// after `max_attempts`. Returns the job's new status.
+fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static str, ApiError> {
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::internal(format!("job {job_id} vanished while finishing")))?;
+    let worker_id = cur.worker_id.unwrap_or_default();
+    let mut attempts_used = cur.attempts_used;
+    let mut lease_losses = cur.lease_losses;
+    // A job that may run again: re-queued after `delay`, unless it was
+    // cancelled meanwhile or has spent its attempts.
+    let again = |used: i64, delay: Ms| -> (&'static str, Ms) {
+        if cur.cancel_requested {
+            ("cancelled", now)
+        } else if used < cur.max_attempts {
+            ("queued", now + delay)
+        } else {
+            ("failed", now)
+        }
+    };
+    let (attempt_outcome, exit_code, result, error, (status, run_after)) = match end {
+        End::Reported { req, retry_backoff } => {
+            let error = req.error.clone();
+            let result = req.result.as_ref().map(|v| v.to_string());
+            match req.outcome {
+                Outcome::Succeeded => ("succeeded", req.exit_code, result, None, ("succeeded", now)),
+                Outcome::Cancelled => (
+                    "cancelled",
+                    req.exit_code,
+                    result,
+                    Some(error.unwrap_or_else(|| "cancelled".into())),
+                    ("cancelled", now),
+                ),
+                Outcome::Failed => {
+                    let msg = error.unwrap_or_else(|| match req.exit_code {
+                        Some(c) => format!("exit code {c}"),
+                        None => "failed".into(),
+                    });
+                    let next = again(attempts_used, backoff(retry_backoff, attempts_used));
+                    ("failed", req.exit_code, result, Some(msg), next)
+                }
+                Outcome::TimedOut => {
+                    let next = again(attempts_used, backoff(retry_backoff, attempts_used));
+                    ("timed_out", req.exit_code, result, Some("timeout".to_string()), next)
+                }
+                Outcome::Released => {
+                    attempts_used -= 1;
+                    let next = if cur.cancel_requested {
+                        ("cancelled", now)
+                    } else {
+                        ("queued", now)
+                    };
+                    ("released", req.exit_code, None, None, next)
+                }
+            }
+        }
+        End::Lost(reason) => {
+            let next = if reason.charged() {
+                lease_losses += 1;
+                // The first loss is usually the machine's fault: retry at once.
+                again(attempts_used, backoff(LOSS_BACKOFF_MS, lease_losses - 1))
+            } else {
+                attempts_used -= 1;
+                again(attempts_used, 0)
+            };
+            (reason.as_str(), None, None, Some(reason.as_str().to_string()), next)
+        }
+    };
+    let terminal = status != "queued";
+    let changed = conn
+        .prepare_cached(
+            "UPDATE jobs SET status = ?3, run_after = ?4, attempts_used = ?5, lease_losses = ?6,
+             exit_code = ?7, result = ?8, error = ?9, lease_expires_at = NULL,
+             finished_at = CASE WHEN ?10 THEN ?11 ELSE NULL END
+             WHERE id = ?1 AND attempt = ?2 AND status = 'running'",
+        )?
+        .execute(params![
+            job_id,
+            cur.attempt,
+            status,
+            run_after,
+            attempts_used,
+            lease_losses,
+            exit_code,
+            result,
+            error,
+            terminal,
+            now
+        ])?;
+    if changed != 1 {
+        return Err(ApiError::internal(format!("job {job_id} was not running when finished")));
+    }
+    conn.prepare_cached(
+        "UPDATE job_attempts SET ended_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
+         WHERE job_id = ?1 AND attempt = ?2",
+    )?
+    .execute(params![job_id, cur.attempt, now, attempt_outcome, exit_code, error])?;
+    let kind = if terminal {
+        format!("job.{status}")
+    } else {
+        "job.requeued".to_string()
+    };
+    event(
+        conn,
+        now,
+        &kind,
+        Some(job_id),
+        Some(worker_id),
+        json!({"attempt": cur.attempt, "outcome": attempt_outcome, "exit_code": exit_code,
+               "error": error, "run_after": iso(Some(run_after))}),
+    )?;
+    workers::refresh_load(conn, now, worker_id, &format!("job {job_id} {attempt_outcome}"))?;
+    if matches!(end, End::Lost(_)) || status == "failed" {
+        log::warn!(
+            "attempt ended job_id={job_id} attempt={} worker_id={worker_id} outcome={attempt_outcome} next={status}",
+            cur.attempt
+        );
+    } else {
+        log::debug!(
+            "attempt ended job_id={job_id} attempt={} worker_id={worker_id} outcome={attempt_outcome} next={status}",
+            cur.attempt
+        );
+    }
+    Ok(status)
+}
+
+/// An agent's report of how its attempt ended. Fenced; a repeat of an
+/// accepted report is answered 200 with `replay: true` and changes nothing.
+pub fn complete(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    job_id: i64,
+    req: &CompleteRequest,
+    retry_backoff: Ms,
+) -> Result<CompleteResponse, ApiError> {
+    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    if cur.status == "running" && cur.attempt == req.attempt && cur.worker_id == Some(worker_id) {
+        let status = finish(conn, now, job_id, End::Reported { req, retry_backoff })?;
+        return Ok(CompleteResponse {
+            status: status.to_string(),
+            replay: false,
+        });
+    }
+    let earlier: Option<(Option<String>, Option<i32>)> = conn
+        .prepare_cached(
+            "SELECT outcome, exit_code FROM job_attempts WHERE job_id = ?1 AND attempt = ?2 AND worker_id = ?3",
+        )?
+        .query_row(params![job_id, req.attempt, worker_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((Some(outcome), exit_code)) = earlier {
+        if outcome == req.outcome.as_str() && exit_code == req.exit_code {
+            return Ok(CompleteResponse {
+                status: cur.status,
+                replay: true,
+            });
+        }
+    }
+    Err(stale(job_id, req.attempt, worker_id, &cur))
+}
+
+fn stale(job_id: i64, attempt: i64, worker_id: i64, cur: &Current) -> ApiError {
+    ApiError::conflict(
+        "stale_lease",
+        format!(
+            "job {job_id} attempt {attempt} is not leased to worker {worker_id}: the job is {} at attempt {}",
+            cur.status, cur.attempt
+        ),
+    )
+    .with_field("attempt")
+}
+
+/// Checks that `worker_id` holds the live lease `attempt` of `job_id`.
+fn fence(conn: &Connection, worker_id: i64, job_id: i64, attempt: i64) -> Result<(), ApiError> {
+    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    if cur.status == "running" && cur.attempt == attempt && cur.worker_id == Some(worker_id) {
+        Ok(())
+    } else {
+        Err(stale(job_id, attempt, worker_id, &cur))
+    }
+}
+
+pub struct Renewal {
+    pub orders: Vec<Order>,
+    pub released: bool,
+}
+
+/// Renews the leases an agent reports. A reported lease it no longer holds,
+/// or whose job was cancelled, gets a `cancel` order. A lease the agent does
+/// not report and that is older than a TTL (its claim reply was lost) is
+/// released without spending an attempt.
+pub fn renew_leases(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    leases: &[LeaseRef],
+    lease_ttl: Ms,
+) -> Result<Renewal, ApiError> {
+    let mut orders = Vec::new();
+    for lease in leases {
+        let renewed = conn
+            .prepare_cached(
+                "UPDATE jobs SET lease_expires_at = ?4
+                 WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
+            )?
+            .execute(params![lease.job_id, lease.attempt, worker_id, now + lease_ttl])?;
+        let reason = if renewed == 1 {
+            let cancel: bool = conn
+                .prepare_cached("SELECT cancel_requested FROM jobs WHERE id = ?1")?
+                .query_row([lease.job_id], |r| r.get(0))?;
+            cancel.then(|| "cancelled".to_string())
+        } else {
+            Some(match current(conn, lease.job_id)? {
+                None => "job does not exist".to_string(),
+                Some(cur) => format!("lease lost: the job is {} at attempt {}", cur.status, cur.attempt),
+            })
+        };
+        if let Some(reason) = reason {
+            orders.push(Order {
+                kind: "cancel".into(),
+                job_id: lease.job_id,
+                attempt: lease.attempt,
+                reason,
+            });
+        }
+    }
+    let reported: HashSet<(i64, i64)> = leases.iter().map(|l| (l.job_id, l.attempt)).collect();
+    let unreported: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND started_at < ?2",
+        )?
+        .query_map(params![worker_id, now - lease_ttl], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .filter_map(|r| r.ok())
+        .filter(|key| !reported.contains(key))
+        .map(|(id, _)| id)
+        .collect();
+    for job_id in &unreported {
+        finish(conn, now, *job_id, End::Lost(LostReason::NotReported))?;
+    }
+    Ok(Renewal {
+        orders,
+        released: !unreported.is_empty(),
+    })
+}
+
+/// Ends every running attempt of a worker as lost. Returns how many.
+pub fn release_worker_jobs(conn: &Connection, now: Ms, worker_id: i64, reason: LostReason) -> Result<usize, ApiError> {
+    let running: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'running'")?
+        .query_map([worker_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for job_id in &running {
+        finish(conn, now, *job_id, End::Lost(reason))?;
+    }
+    Ok(running.len())
+}
+
+/// The sweep: ends leases past their deadline (at most a batch per call).
+pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
+    let expired: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < ?1
+             ORDER BY lease_expires_at LIMIT ?2",
+        )?
+        .query_map(params![now, EXPIRE_BATCH], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for job_id in &expired {
+        finish(conn, now, *job_id, End::Lost(LostReason::LeaseExpired))?;
+    }
+    Ok(expired.len())
+}
+
+/// Queued jobs whose backoff or not_before ended in (since, now].
+pub fn count_became_ready(conn: &Connection, since: Ms, now: Ms) -> Result<usize, ApiError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT count(*) FROM jobs WHERE status = 'queued' AND run_after > ?1 AND run_after <= ?2")?
+        .query_row(params![since, now], |r| r.get(0))?;
+    Ok(n as usize)
+}
+
+/// At start: every running lease gets `now + grace`; stored deadlines are
+/// not trusted across a restart.
+pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE status = 'running'")?
+        .execute([now + grace])?)
+}
+
+/// Appends a chunk of output to the current attempt's log, up to `cap` bytes
+/// per attempt. Returns true when (part of) the chunk was dropped by the cap.
+#[allow(clippy::too_many_arguments)]
+pub fn append_log(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    job_id: i64,
+    attempt: i64,
+    stream: &str,
+    data: &[u8],
+    cap: u64,
+) -> Result<bool, ApiError> {
+    fence(conn, worker_id, job_id, attempt)?;
+    let kept: i64 = conn
+        .prepare_cached("SELECT log_bytes FROM job_attempts WHERE job_id = ?1 AND attempt = ?2")?
+        .query_row(params![job_id, attempt], |r| r.get(0))?;
+    let room = (cap as i64 - kept).max(0) as usize;
+    if room == 0 {
+        return Ok(!data.is_empty());
+    }
+    let take = data.len().min(room);
+    let insert = "INSERT INTO job_logs (job_id, attempt, stream, at, data) VALUES (?1, ?2, ?3, ?4, ?5)";
+    conn.prepare_cached(insert)?
+        .execute(params![job_id, attempt, stream, now, &data[..take]])?;
+    conn.prepare_cached("UPDATE job_attempts SET log_bytes = log_bytes + ?3 WHERE job_id = ?1 AND attempt = ?2")?
+        .execute(params![job_id, attempt, take as i64])?;
+    if take < data.len() {
+        let marker = format!("\n[drover] log cap of {cap} bytes reached for this attempt; later output is dropped\n");
+        conn.prepare_cached(insert)?
+            .execute(params![job_id, attempt, "drover", now, marker.as_bytes()])?;
+        log::warn!("log cap reached job_id={job_id} attempt={attempt} cap={cap}");
+    }
+    Ok(take < data.len())
+}
+
+/// The log of one attempt (default: the latest), in arrival order.
+pub fn read_log(conn: &Connection, job_id: i64, attempt: Option<i64>) -> Result<(i64, Vec<u8>), ApiError> {
+    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    let attempt = attempt.unwrap_or(cur.attempt);
+    let mut out = Vec::new();
+    let mut stmt = conn.prepare_cached("SELECT data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 ORDER BY id")?;
+    let mut rows = stmt.query(params![job_id, attempt])?;
+    while let Some(r) = rows.next()? {
+        out.extend_from_slice(&r.get::<_, Vec<u8>>(0)?);
+    }
+    Ok((attempt, out))
+}
+
+/// Cancels a queued job at once; a running one is marked, and its agent is
+/// ordered to stop it at its next heartbeat.
+pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
+    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    match cur.status.as_str() {
+        "queued" => {
+            conn.prepare_cached(
+                "UPDATE jobs SET status = 'cancelled', error = 'cancelled', finished_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![job_id, now])?;
+            event(conn, now, "job.cancelled", Some(job_id), None, json!({"while": "queued"}))?;
+            log::info!("job cancelled job_id={job_id} while=queued");
+        }
+        "running" if !cur.cancel_requested => {
+            conn.prepare_cached("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1")?
+                .execute([job_id])?;
+            event(
+                conn,
+                now,
+                "job.cancel_requested",
+                Some(job_id),
+                cur.worker_id,
+                json!({"attempt": cur.attempt}),
+            )?;
+            log::info!("job cancel requested job_id={job_id} attempt={}", cur.attempt);
+        }
+        "running" => {}
+        other => {
+            return Err(ApiError::conflict(
+                "already_finished",
+                format!("job {job_id} is already {other}"),
+            ))
+        }
+    }
+    get(conn, now, job_id)
+}
+
+const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
+    preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key, metadata,
+    attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
+    exit_code, result, error, created_at, started_at, finished_at, run_after";
+
+fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
+    let text = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
+    let result: Option<String> = r.get(22)?;
+    let status: String = r.get(1)?;
+    let run_after: Ms = r.get(27)?;
+    let lease: Option<Ms> = r.get(19)?;
+    Ok(json!({
+        "id": r.get::<_, i64>(0)?,
+        "status": status,
+        "command": text(2)?,
+        "env": text(3)?,
+        "cwd": r.get::<_, Option<String>>(4)?,
+        "gpus": r.get::<_, i64>(5)?,
+        "min_vram_mb": r.get::<_, i64>(6)?,
+        "required_tags": text(7)?,
+        "preferred_tags": text(8)?,
+        "priority": r.get::<_, i64>(9)?,
+        "max_attempts": r.get::<_, i64>(10)?,
+        "timeout_s": r.get::<_, Option<i64>>(11)?,
+        "not_before": iso(r.get(12)?),
+        "idempotency_key": r.get::<_, Option<String>>(13)?,
+        "metadata": text(14)?,
+        "attempt": r.get::<_, i64>(15)?,
+        "attempts_used": r.get::<_, i64>(16)?,
+        "worker_id": r.get::<_, Option<i64>>(17)?,
+        "gpu_indices": text(18)?,
+        "lease_expires_in_s": lease.filter(|_| status == "running").map(|l| (l - now).max(0) as f64 / 1000.0),
+        "cancel_requested": r.get::<_, bool>(20)?,
+        "exit_code": r.get::<_, Option<i64>>(21)?,
+        "result": result.map(|t| json_col(&t)),
+        "error": r.get::<_, Option<String>>(23)?,
+        "created_at": iso(r.get(24)?),
+        "started_at": iso(r.get(25)?),
+        "finished_at": iso(r.get(26)?),
+        "run_after": (status == "queued" && run_after > now).then(|| iso(Some(run_after))),
+    }))
+}
+
+/// One job with its attempts.
+pub fn get(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
+    let mut job = conn
+        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([job_id], |r| job_json(r, now))
+        .optional()?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    let attempts: Vec<Value> = conn
+        .prepare_cached(
+            "SELECT attempt, worker_id, gpu_indices, started_at, ended_at, outcome, exit_code, error, log_bytes
+             FROM job_attempts WHERE job_id = ?1 ORDER BY attempt",
+        )?
+        .query_map([job_id], |r| {
+            Ok(json!({
+                "attempt": r.get::<_, i64>(0)?,
+                "worker_id": r.get::<_, i64>(1)?,
+                "gpu_indices": json_col(&r.get::<_, String>(2)?),
+                "started_at": iso(r.get(3)?),
+                "ended_at": iso(r.get(4)?),
+                "outcome": r.get::<_, Option<String>>(5)?,
+                "exit_code": r.get::<_, Option<i64>>(6)?,
+                "error": r.get::<_, Option<String>>(7)?,
+                "log_bytes": r.get::<_, i64>(8)?,
+            }))
+        })?
+        .collect::<Result<_, _>>()?;
+    job["attempts"] = Value::Array(attempts);
+    Ok(job)
+}
+
+/// Newest first, optionally of one status.
+pub fn list(conn: &Connection, now: Ms, status: Option<&str>, limit: i64) -> Result<Vec<Value>, ApiError> {
+    let mut stmt = match status {
+        Some(_) => conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?,
+        None => conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL ORDER BY id DESC LIMIT ?2"
+        ))?,
+    };
+    let rows = stmt.query_map(params![status, limit], |r| job_json(r, now))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(10_000, 0), 0);
+        assert_eq!(backoff(10_000, 1), 10_000);
+        assert_eq!(backoff(10_000, 2), 20_000);
+        assert_eq!(backoff(10_000, 3), 40_000);
+        assert_eq!(backoff(10_000, 30), 300_000);
+        assert_eq!(backoff(0, 3), 0);
+    }
+}

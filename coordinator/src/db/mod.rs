@@ -1,0 +1,425 @@
+//! The only module that touches SQLite.
+//!
+//! One writer thread owns the write connection. Requests send it closures;
+//! it runs whatever is pending in one `BEGIN IMMEDIATE` transaction, each
+//! closure inside its own savepoint (a failing request rolls back only its own
+//! changes), commits once, then answers every waiter (group commit: one fsync
+//! for many requests). Reads run on a small pool of read-only connections in
+//! tokio's blocking pool, never on the async runtime and never holding a
+//! snapshot across a wait.
+
+pub mod jobs;
+pub mod workers;
+
+use crate::error::ApiError;
+use rusqlite::{Connection, OpenFlags};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// The schema, applied section by section (see its header).
+const SCHEMA: &str = include_str!("../../../schema.sql");
+/// "DRVR": marks the file as a Drover database.
+const APPLICATION_ID: i64 = 0x4452_5652;
+const READERS: usize = 4;
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// Milliseconds since the Unix epoch.
+pub type Ms = i64;
+
+/// The coordinator's clock: wall time at start plus monotonic time since.
+/// Stepping the system clock while running moves no lease deadline; leases
+/// are re-based at every start, so the base never needs to be trusted later.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall0: Ms,
+    t0: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let wall0 = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as Ms)
+            .unwrap_or(0);
+        Clock {
+            wall0,
+            t0: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Ms {
+        self.wall0 + self.t0.elapsed().as_millis() as Ms
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Milliseconds of a duration, for arithmetic with [`Ms`].
+pub fn ms(d: Duration) -> Ms {
+    d.as_millis() as Ms
+}
+
+type Finish = Box<dyn FnOnce(Option<ApiError>) + Send>;
+
+trait WriteOp: Send {
+    fn run(self: Box<Self>, conn: &Connection, now: Ms) -> Finish;
+    fn fail(self: Box<Self>, e: ApiError);
+}
+
+struct Op<F, R> {
+    f: F,
+    reply: oneshot::Sender<Result<R, ApiError>>,
+}
+
+impl<F, R> WriteOp for Op<F, R>
+where
+    F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+    R: Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection, now: Ms) -> Finish {
+        let Op { f, reply } = *self;
+        let result = match conn.execute_batch("SAVEPOINT op") {
+            Err(e) => Err(ApiError::from(e)),
+            Ok(()) => {
+                let r = f(conn, now);
+                let end = if r.is_ok() {
+                    "RELEASE op"
+                } else {
+                    "ROLLBACK TO op; RELEASE op"
+                };
+                match conn.execute_batch(end) {
+                    Ok(()) => r,
+                    Err(e) => Err(ApiError::from(e)),
+                }
+            }
+        };
+        Box::new(move |commit_error| {
+            let _ = reply.send(match commit_error {
+                Some(e) => Err(e),
+                None => result,
+            });
+        })
+    }
+
+    fn fail(self: Box<Self>, e: ApiError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+/// Handle to the database, cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    writer: mpsc::Sender<Box<dyn WriteOp>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    reader_permits: Arc<Semaphore>,
+    clock: Clock,
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database, then starts the
+    /// writer thread.
+    pub fn open(path: &Path, synchronous_full: bool, clock: Clock) -> Result<Db, String> {
+        let ctx = |e: rusqlite::Error| format!("opening the database at {}: {e}", path.display());
+        create_private(path)?;
+        let mut conn = Connection::open(path).map_err(ctx)?;
+        configure(&conn, synchronous_full).map_err(|e| format!("{}: {e}", path.display()))?;
+        migrate(&mut conn).map_err(|e| format!("migrating the database at {}: {e}", path.display()))?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(ctx)?;
+            r.busy_timeout(Duration::from_secs(5)).map_err(ctx)?;
+            r.execute_batch("PRAGMA query_only = ON").map_err(ctx)?;
+            readers.push(r);
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        std::thread::Builder::new()
+            .name("db-writer".into())
+            .spawn(move || writer_loop(conn, rx, clock))
+            .map_err(|e| format!("starting the database writer thread: {e}"))?;
+        Ok(Db {
+            writer: tx,
+            readers: Arc::new(Mutex::new(readers)),
+            reader_permits: Arc::new(Semaphore::new(READERS)),
+            clock,
+        })
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Runs `f` in the writer's transaction; its changes commit (durably)
+    /// before this returns Ok, or not at all.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Box::new(Op { f, reply }))
+            .await
+            .map_err(|_| ApiError::internal("the database writer has stopped"))?;
+        rx.await
+            .map_err(|_| ApiError::internal("the database writer dropped a request"))?
+    }
+
+    /// Runs `f` on a read-only connection in the blocking pool.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let _permit = self
+            .reader_permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("database readers closed"))?;
+        let readers = self.readers.clone();
+        let now = self.clock.now();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers
+                .lock()
+                .map_err(|_| ApiError::internal("database reader pool poisoned"))?
+                .pop()
+                .ok_or_else(|| ApiError::internal("no free database reader"))?;
+            let r = f(&conn, now);
+            if let Ok(mut pool) = readers.lock() {
+                pool.push(conn);
+            }
+            r
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("database reader task failed: {e}")))?
+    }
+}
+
+/// Creates the database file 0600 before SQLite does (job env and metadata
+/// may hold secrets); SQLite gives `-wal` and `-shm` the same mode.
+fn create_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating the database directory {}: {e}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|e| format!("creating the database file {}: {e}", path.display()))
+}
+
+fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| format!("setting WAL mode: {e}"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!(
+            "the database refused WAL mode (journal_mode is {mode}); is it on a network filesystem?"
+        ));
+    }
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| format!("setting busy_timeout: {e}"))?;
+    let sync = if synchronous_full { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync};
+         PRAGMA foreign_keys = ON;
+         PRAGMA journal_size_limit = 67108864;"
+    ))
+    .map_err(|e| format!("setting pragmas: {e}"))?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| format!("running quick_check: {e}"))?;
+    if check != "ok" {
+        return Err(format!(
+            "the database failed PRAGMA quick_check ({check}); restore it from a backup"
+        ));
+    }
+    Ok(())
+}
+
+/// The schema's migrations, in order: (version, SQL).
+fn migrations() -> Vec<(i64, &'static str)> {
+    let mut out = Vec::new();
+    let mut rest = SCHEMA;
+    while let Some(pos) = rest.find("\n-- migration ") {
+        let after = &rest[pos + "\n-- migration ".len()..];
+        let line_end = after.find('\n').unwrap_or(after.len());
+        let version = after[..line_end].trim().parse::<i64>().unwrap_or(-1);
+        let body = &after[line_end..];
+        let body_end = body.find("\n-- migration ").unwrap_or(body.len());
+        out.push((version, &body[..body_end]));
+        rest = &body[body_end..];
+    }
+    out
+}
+
+/// Highest schema version this binary knows.
+pub fn schema_version() -> i64 {
+    migrations().last().map(|m| m.0).unwrap_or(0)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if app_id != APPLICATION_ID && (app_id != 0 || version != 0) {
+        return Err(format!(
+            "this is not a Drover database (application_id {app_id:#x}); point --db at a new or a Drover file"
+        ));
+    }
+    let known = schema_version();
+    if version > known {
+        return Err(format!(
+            "the database is at schema version {version} but this drover-coordinator knows only up to {known}; run a newer binary"
+        ));
+    }
+    for (v, sql) in migrations() {
+        if v <= version {
+            continue;
+        }
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+            .map_err(|e| e.to_string())?;
+        tx.execute_batch(sql)
+            .map_err(|e| format!("migration {v}: {e}"))?;
+        tx.execute_batch(&format!(
+            "PRAGMA user_version = {v}; PRAGMA application_id = {APPLICATION_ID};"
+        ))
+        .map_err(|e| format!("migration {v}: {e}"))?;
+        tx.commit().map_err(|e| format!("migration {v}: {e}"))?;
+        log::info!("database migrated to schema version {v}");
+    }
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, clock: Clock) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = ApiError::from(e);
+            log::warn!("could not begin a write transaction: {e}");
+            for op in batch {
+                op.fail(e.clone());
+            }
+            continue;
+        }
+        let now = clock.now();
+        let finishers: Vec<Finish> = batch.into_iter().map(|op| op.run(&conn, now)).collect();
+        let commit_error = match conn.execute_batch("COMMIT") {
+            Ok(()) => None,
+            Err(e) => {
+                let e = ApiError::from(e);
+                log::error!("commit failed, {} requests rolled back: {e}", finishers.len());
+                let _ = conn.execute_batch("ROLLBACK");
+                Some(e)
+            }
+        };
+        for finish in finishers {
+            finish(commit_error.clone());
+        }
+    }
+    log::debug!("database writer stopped");
+}
+
+/// Appends one row to the ordered event stream.
+pub fn event(
+    conn: &Connection,
+    now: Ms,
+    kind: &str,
+    job_id: Option<i64>,
+    worker_id: Option<i64>,
+    data: serde_json::Value,
+) -> Result<(), ApiError> {
+    conn.prepare_cached(
+        "INSERT INTO events (at, kind, job_id, worker_id, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(rusqlite::params![now, kind, job_id, worker_id, data.to_string()])?;
+    Ok(())
+}
+
+/// RFC 3339 text of a stored time, for API output.
+pub fn iso(ms: Option<Ms>) -> Option<String> {
+    let ms = ms?;
+    let t = UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(ms).ok()?))?;
+    Some(humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// Parses a JSON text column, tolerating a corrupt value as null.
+pub fn json_col(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_has_ordered_migrations() {
+        let m = migrations();
+        assert!(!m.is_empty());
+        for (i, (v, sql)) in m.iter().enumerate() {
+            assert_eq!(*v, i as i64 + 1, "migrations are numbered 1, 2, ...");
+            assert!(sql.contains("CREATE") || sql.contains("ALTER"));
+        }
+    }
+
+    #[test]
+    fn fresh_database_migrates_and_refuses_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        create_private(&path).unwrap();
+        let mut conn = Connection::open(&path).unwrap();
+        configure(&conn, true).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, schema_version());
+        // Re-running is a no-op.
+        migrate(&mut conn).unwrap();
+        conn.execute_batch(&format!("PRAGMA user_version = {}", v + 1)).unwrap();
+        let err = migrate(&mut conn).unwrap_err();
+        assert!(err.contains("newer") || err.contains("knows only"), "{err}");
+    }
+
+    #[test]
+    fn foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 3;").unwrap();
+        let err = migrate(&mut conn).unwrap_err();
+        assert!(err.contains("not a Drover database"), "{err}");
+    }
+
+    #[test]
+    fn iso_formats_millis() {
+        assert_eq!(iso(Some(0)).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(iso(None), None);
+    }
+}

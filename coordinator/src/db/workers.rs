@@ -1,0 +1,368 @@
+//! Worker registry: registration, authentication, heartbeats, state changes.
+
+use super::{event, iso, jobs, json_col, Ms};
+use crate::error::ApiError;
+use drover_proto::{HeartbeatRequest, Order, RegisterRequest};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+
+/// States in which a worker is approved and alive.
+pub const LIVE_STATES: &str = "('idle', 'busy', 'draining')";
+
+/// The agent behind a token.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub id: i64,
+    pub state: String,
+}
+
+pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>, ApiError> {
+    Ok(conn
+        .prepare_cached("SELECT id, state FROM workers WHERE token_hash = ?1")?
+        .query_row([token_hash], |r| {
+            Ok(Agent {
+                id: r.get(0)?,
+                state: r.get(1)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Changes a worker's state and appends the change to its health log.
+/// No-op when the state is already `to`.
+pub fn transition(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    to: &str,
+    reason: &str,
+) -> Result<(), ApiError> {
+    let from: String = conn
+        .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    if from == to {
+        return Ok(());
+    }
+    conn.prepare_cached("UPDATE workers SET state = ?2 WHERE id = ?1")?
+        .execute(params![worker_id, to])?;
+    conn.prepare_cached(
+        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![worker_id, now, from, to, reason])?;
+    event(
+        conn,
+        now,
+        "worker.state",
+        None,
+        Some(worker_id),
+        json!({"from": from, "to": to, "reason": reason}),
+    )?;
+    if to == "offline" || to == "decommissioned" {
+        log::info!("worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}");
+    } else {
+        log::debug!("worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}");
+    }
+    Ok(())
+}
+
+/// Moves an idle worker to busy when it runs jobs, and a busy one back to
+/// idle when it runs none. Other states are left alone.
+pub fn refresh_load(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Result<(), ApiError> {
+    let (state, running): (String, i64) = conn
+        .prepare_cached(
+            "SELECT state, (SELECT count(*) FROM jobs WHERE worker_id = ?1 AND status = 'running')
+             FROM workers WHERE id = ?1",
+        )?
+        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    match (state.as_str(), running) {
+        ("idle", n) if n > 0 => transition(conn, now, worker_id, "busy", reason),
+        ("busy", 0) => transition(conn, now, worker_id, "idle", reason),
+        _ => Ok(()),
+    }
+}
+
+/// Registers a machine, or re-registers it (same machine id and name): the
+/// row, its id and its approval are kept, the token is replaced.
+pub fn register(
+    conn: &Connection,
+    now: Ms,
+    req: &RegisterRequest,
+    token_hash: &str,
+    auto_approve: bool,
+) -> Result<(i64, String), ApiError> {
+    let inv = &req.inventory;
+    let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
+    let tags = serde_json::to_string(&req.tags).map_err(|e| ApiError::internal(e.to_string()))?;
+    let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
+    let existing: Option<(i64, String)> = conn
+        .prepare_cached("SELECT id, state FROM workers WHERE machine_id = ?1 AND name = ?2")?
+        .query_row(params![req.machine_id, req.name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match existing {
+        Some((_, state)) if state == "decommissioned" => Err(ApiError::forbidden(
+            "decommissioned",
+            format!(
+                "worker {:?} on this machine was decommissioned and may not register again",
+                req.name
+            ),
+        )),
+        Some((id, state)) => {
+            conn.prepare_cached(
+                "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
+                 gpus = ?6, tags = ?7, slots = ?8, agent_version = ?9, last_seen_at = ?10,
+                 incarnation = NULL WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                token_hash,
+                inv.hostname,
+                inv.cpu_cores,
+                inv.memory_mb as i64,
+                gpus,
+                tags,
+                slots,
+                req.agent_version,
+                now
+            ])?;
+            // Whatever the old token's agent ran is gone with it.
+            jobs::release_worker_jobs(conn, now, id, jobs::LostReason::AgentRestarted)?;
+            if state == "offline" {
+                transition(conn, now, id, "idle", "re-registered")?;
+            }
+            refresh_load(conn, now, id, "re-registered")?;
+            event(conn, now, "worker.registered", None, Some(id), json!({"name": req.name, "again": true}))?;
+            let state: String = conn
+                .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))?;
+            log::info!("worker re-registered worker_id={id} name={:?} state={state}", req.name);
+            Ok((id, state))
+        }
+        None => {
+            let state = if auto_approve { "idle" } else { "pending" };
+            conn.prepare_cached(
+                "INSERT INTO workers (name, machine_id, state, token_hash, hostname, cpu_cores,
+                 memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+            )?
+            .execute(params![
+                req.name,
+                req.machine_id,
+                state,
+                token_hash,
+                inv.hostname,
+                inv.cpu_cores,
+                inv.memory_mb as i64,
+                gpus,
+                tags,
+                slots,
+                req.agent_version,
+                now
+            ])?;
+            let id = conn.last_insert_rowid();
+            let reason = if auto_approve {
+                "registered (auto-approved)"
+            } else {
+                "registered, waiting for approval"
+            };
+            conn.prepare_cached(
+                "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason)
+                 VALUES (?1, ?2, NULL, ?3, ?4)",
+            )?
+            .execute(params![id, now, state, reason])?;
+            event(
+                conn,
+                now,
+                "worker.registered",
+                None,
+                Some(id),
+                json!({"name": req.name, "state": state, "gpus": inv.gpus.len()}),
+            )?;
+            log::info!(
+                "worker registered worker_id={id} name={:?} gpus={} state={state}",
+                req.name,
+                inv.gpus.len()
+            );
+            Ok((id, state.to_string()))
+        }
+    }
+}
+
+/// What a heartbeat changed: the worker's state and orders for the agent.
+pub struct Beat {
+    pub state: String,
+    pub orders: Vec<Order>,
+    /// True when leases were released (a re-queue happened).
+    pub released: bool,
+}
+
+/// Records a heartbeat: liveness, metrics, the agent's process identity, and
+/// renewal of every lease it reports. Returns cancel orders for leases it
+/// reports but no longer holds.
+pub fn heartbeat(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    req: &HeartbeatRequest,
+    lease_ttl: Ms,
+) -> Result<Beat, ApiError> {
+    let state: String = conn
+        .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    let mut released = observe_incarnation(conn, now, worker_id, &req.incarnation)?;
+    let metrics = serde_json::to_string(&req.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
+    conn.prepare_cached("UPDATE workers SET last_seen_at = ?2, gpu_metrics = ?3 WHERE id = ?1")?
+        .execute(params![worker_id, now, metrics])?;
+    if state == "offline" {
+        transition(conn, now, worker_id, "idle", "heartbeat resumed")?;
+        refresh_load(conn, now, worker_id, "heartbeat resumed")?;
+    }
+    let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl)?;
+    released |= renewal.released;
+    let state: String = conn
+        .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    Ok(Beat {
+        state,
+        orders: renewal.orders,
+        released,
+    })
+}
+
+/// Notes the agent process behind a call. A different process than last
+/// time means the agent restarted: the jobs the old one ran died with it and
+/// are released at once (instead of after a lease TTL). True if any were.
+pub fn observe_incarnation(conn: &Connection, now: Ms, worker_id: i64, incarnation: &str) -> Result<bool, ApiError> {
+    let known: Option<String> = conn
+        .prepare_cached("SELECT incarnation FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    if known.as_deref() == Some(incarnation) {
+        return Ok(false);
+    }
+    let released = match known {
+        Some(_) => jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::AgentRestarted)? > 0,
+        None => false,
+    };
+    conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?
+        .execute(params![worker_id, incarnation])?;
+    Ok(released)
+}
+
+pub fn approve(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError> {
+    let state = state_of(conn, worker_id)?;
+    match state.as_str() {
+        "pending" => {
+            transition(conn, now, worker_id, "idle", "approved by admin")?;
+            get(conn, now, worker_id)
+        }
+        "decommissioned" => Err(ApiError::conflict(
+            "decommissioned",
+            format!("worker {worker_id} is decommissioned and cannot be approved"),
+        )),
+        _ => get(conn, now, worker_id),
+    }
+}
+
+fn state_of(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
+    conn.prepare_cached("SELECT state FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id}")))
+}
+
+/// Marks workers silent since `cutoff` offline. Returns how many.
+pub fn mark_silent_offline(conn: &Connection, now: Ms, cutoff: Ms, silence_s: u64) -> Result<usize, ApiError> {
+    let silent: Vec<i64> = conn
+        .prepare_cached(&format!(
+            "SELECT id FROM workers WHERE state IN {LIVE_STATES} AND last_seen_at < ?1 LIMIT 500"
+        ))?
+        .query_map([cutoff], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in &silent {
+        transition(conn, now, *id, "offline", &format!("no heartbeat for {silence_s}s"))?;
+    }
+    Ok(silent.len())
+}
+
+/// At start: every live worker gets a fresh `last_seen_at`, since the
+/// coordinator cannot know when it last heard from it.
+pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached(&format!("UPDATE workers SET last_seen_at = ?1 WHERE state IN {LIVE_STATES}"))?
+        .execute([now])?)
+}
+
+const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
+    agent_version, gpu_metrics, registered_at, last_seen_at,
+    (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
+
+fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
+    let gpus: String = r.get(6)?;
+    let tags: String = r.get(7)?;
+    let metrics: String = r.get(10)?;
+    Ok(json!({
+        "id": r.get::<_, i64>(0)?,
+        "name": r.get::<_, String>(1)?,
+        "state": r.get::<_, String>(2)?,
+        "hostname": r.get::<_, String>(3)?,
+        "cpu_cores": r.get::<_, i64>(4)?,
+        "memory_mb": r.get::<_, i64>(5)?,
+        "gpus": json_col(&gpus),
+        "tags": json_col(&tags),
+        "slots": r.get::<_, i64>(8)?,
+        "agent_version": r.get::<_, String>(9)?,
+        "gpu_metrics": json_col(&metrics),
+        "registered_at": iso(r.get(11)?),
+        "last_seen_at": iso(r.get(12)?),
+        "running_jobs": r.get::<_, i64>(13)?,
+    }))
+}
+
+pub fn list(conn: &Connection) -> Result<Vec<Value>, ApiError> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY id"))?
+        .query_map([], worker_json)?
+        .collect::<Result<_, _>>()?)
+}
+
+/// One worker with its health log and recent jobs.
+pub fn get(conn: &Connection, _now: Ms, worker_id: i64) -> Result<Value, ApiError> {
+    let mut w = conn
+        .prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"))?
+        .query_row([worker_id], worker_json)
+        .optional()?
+        .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id}")))?;
+    let health: Vec<Value> = conn
+        .prepare_cached(
+            "SELECT at, from_state, to_state, reason FROM worker_health_log
+             WHERE worker_id = ?1 ORDER BY id DESC LIMIT 100",
+        )?
+        .query_map([worker_id], |r| {
+            Ok(json!({
+                "at": iso(r.get(0)?),
+                "from": r.get::<_, Option<String>>(1)?,
+                "to": r.get::<_, String>(2)?,
+                "reason": r.get::<_, String>(3)?,
+            }))
+        })?
+        .collect::<Result<_, _>>()?;
+    let recent: Vec<Value> = conn
+        .prepare_cached(
+            "SELECT job_id, attempt, started_at, ended_at, outcome, exit_code FROM job_attempts
+             WHERE worker_id = ?1 ORDER BY started_at DESC LIMIT 50",
+        )?
+        .query_map([worker_id], |r| {
+            Ok(json!({
+                "job_id": r.get::<_, i64>(0)?,
+                "attempt": r.get::<_, i64>(1)?,
+                "started_at": iso(r.get(2)?),
+                "ended_at": iso(r.get(3)?),
+                "outcome": r.get::<_, Option<String>>(4)?,
+                "exit_code": r.get::<_, Option<i64>>(5)?,
+            }))
+        })?
+        .collect::<Result<_, _>>()?;
+    w["health_log"] = Value::Array(health);
+    w["recent_jobs"] = Value::Array(recent);
+    Ok(w)
+}

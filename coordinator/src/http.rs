@@ -1,0 +1,62 @@
+//! The HTTP listener, hardened: a bound on open connections, a cap on the
+//! request head, a deadline for the head (and for idle keep-alive), body
+//! limits per route (in `api`). One task per connection, no thread: parked
+//! long-polls cost a future each.
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Most bytes of request line + headers; larger heads are refused (431).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A client has this long to send a request head, also between requests on
+/// a kept-alive connection.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn serve(listener: TcpListener, router: Router, max_connections: usize, shutdown: impl Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut last_full_warning: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                log::warn!("connection limit of {max_connections} reached; closing new connections (--max-connections)");
+                last_full_warning = Some(Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .keep_alive(true);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                log::debug!("connection from {peer} ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,68 @@
+//! Drover coordinator: the worker registry and the job queue in one SQLite
+//! file behind an HTTP+JSON API. `main.rs` parses flags and calls [`run`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod matching;
+pub mod spec;
+pub mod sweep;
+
+use api::App;
+use config::Config;
+use db::{jobs, ms, workers, Clock, Db};
+use std::sync::Arc;
+
+/// Runs the coordinator until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), String> {
+    let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
+    let grace = ms(config.restart_grace);
+    let (leases, live) = db
+        .write(move |c, now| Ok((jobs::rebase_leases(c, now, grace)?, workers::rebase_liveness(c, now)?)))
+        .await
+        .map_err(|e| format!("preparing the database: {e}"))?;
+    if leases > 0 {
+        log::info!(
+            "restart grace: {leases} running leases and {live} workers get {}s to reconnect before anything is re-queued",
+            config.restart_grace.as_secs()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("reading the listening address: {e}"))?;
+    log::info!(
+        "listening on http://{addr} db={} lease_ttl={}s auto_approve={}",
+        config.db.display(),
+        config.lease_ttl.as_secs(),
+        config.auto_approve
+    );
+    let max_connections = config.max_connections;
+    let app = Arc::new(App::new(db, config));
+    let sweeper = tokio::spawn(sweep::run(app.clone()));
+    http::serve(listener, api::router(app), max_connections, shutdown_signal()).await;
+    sweeper.abort();
+    log::info!("stopping: every acknowledged write is already on disk");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            log::warn!("cannot listen for SIGTERM ({e}); stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

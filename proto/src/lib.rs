@@ -1,0 +1,221 @@
+//! Wire types of the agent <-> coordinator protocol.
+//!
+//! Rules (see ARCHITECTURE.md): no I/O and no logic here; fields are only ever
+//! added, as `Option` or `#[serde(default)]`; no `deny_unknown_fields`, so that
+//! agents and coordinators of different versions keep talking to each other.
+//! User-facing submissions are strict and live in the coordinator.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// API prefix shared by every route.
+pub const API: &str = "/api/v1";
+
+/// One GPU as seen by the agent (NVML or the `--fake-gpus` fixture).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    #[serde(default)]
+    pub uuid: String,
+    pub model: String,
+    pub vram_mb: u64,
+}
+
+/// A machine's inventory, sent at registration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub hostname: String,
+    #[serde(default)]
+    pub cpu_cores: u32,
+    #[serde(default)]
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Worker name, unique per machine (defaults to the hostname).
+    pub name: String,
+    /// Stable id of the machine (`/etc/machine-id` or one kept in the state
+    /// dir); with `name` it makes re-registration idempotent.
+    pub machine_id: String,
+    pub inventory: Inventory,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Jobs this worker may run at once.
+    #[serde(default)]
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub worker_id: i64,
+    /// The agent's own bearer token. Shown once; the coordinator keeps a hash.
+    pub token: String,
+    pub state: String,
+    #[serde(default)]
+    pub heartbeat_interval_s: u64,
+    #[serde(default)]
+    pub lease_ttl_s: u64,
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("worker_id", &self.worker_id)
+            .field("token", &"<redacted>")
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// A lease the agent holds: the job and its fencing token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseRef {
+    pub job_id: i64,
+    /// Fencing token: grows by one on every claim of the job.
+    pub attempt: i64,
+}
+
+/// Live metrics of one GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpuMetrics {
+    pub index: u32,
+    #[serde(default)]
+    pub utilization_pct: f64,
+    #[serde(default)]
+    pub memory_used_mb: u64,
+    #[serde(default)]
+    pub temperature_c: f64,
+    #[serde(default)]
+    pub power_w: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Random id of this agent process; a new one tells the coordinator the
+    /// agent restarted and holds none of its earlier leases.
+    pub incarnation: String,
+    /// Every lease the agent holds now; the coordinator renews these.
+    #[serde(default)]
+    pub leases: Vec<LeaseRef>,
+    #[serde(default)]
+    pub gpus: Vec<GpuMetrics>,
+}
+
+/// An instruction from the coordinator to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// `cancel`: stop this attempt's process and report it. Unknown kinds are
+    /// ignored by older agents.
+    pub kind: String,
+    pub job_id: i64,
+    pub attempt: i64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub state: String,
+    pub heartbeat_interval_s: u64,
+    pub lease_ttl_s: u64,
+    #[serde(default)]
+    pub orders: Vec<Order>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub incarnation: String,
+}
+
+/// A job handed to an agent with its lease.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job_id: i64,
+    pub attempt: i64,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Indices of the GPUs this job owns (empty for a CPU job).
+    #[serde(default)]
+    pub gpu_indices: Vec<u32>,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub lease_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub job: Assignment,
+}
+
+/// How an attempt ended, as the agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit code 0.
+    Succeeded,
+    /// Non-zero exit, killed by a signal, or failed to start.
+    Failed,
+    /// Stopped because the coordinator ordered a cancel.
+    Cancelled,
+    /// Stopped because it ran past its `timeout_s`.
+    TimedOut,
+    /// Handed back unfinished (agent shutdown); re-queued at once without
+    /// spending an attempt.
+    Released,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Released => "released",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    pub attempt: i64,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteResponse {
+    pub status: String,
+    /// True when this exact report had already been accepted (a retry).
+    #[serde(default)]
+    pub replay: bool,
+}
+
+/// Body of every error reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}

@@ -1,0 +1,163 @@
+-- Drover coordinator database schema.
+--
+-- This file is the single source of the schema. The coordinator embeds it and
+-- applies it at start: each "-- migration N" section below runs once, in order,
+-- in one exclusive transaction that also sets PRAGMA user_version = N.
+-- Sections are append-only: never edit a released one, add a new one.
+-- A database whose user_version is newer than the binary is refused.
+--
+-- Conventions
+--   * Times are INTEGER milliseconds since the Unix epoch (UTC). In sqlite3:
+--       SELECT datetime(created_at / 1000, 'unixepoch') FROM jobs;
+--   * JSON documents are TEXT holding JSON (use json_extract / json_each).
+--   * Lease deadlines (jobs.lease_expires_at) are written on the coordinator's
+--     monotonic clock (wall time at start + monotonic time since). They are
+--     re-based to now + grace at every start, so a stored deadline is never
+--     trusted across a restart.
+--
+-- Connection settings (applied by the coordinator, not stored here):
+--   journal_mode=WAL, synchronous=FULL, foreign_keys=ON, busy_timeout=5000.
+
+-- migration 1
+
+-- Every machine running drover-agent, and workers an admin pre-registered.
+CREATE TABLE workers (
+    id              INTEGER PRIMARY KEY,
+    name            TEXT    NOT NULL,
+    -- Stable machine identity sent by the agent; (machine_id, name) makes
+    -- re-registration of the same machine idempotent. NULL when pre-registered
+    -- and not yet seen.
+    machine_id      TEXT,
+    state           TEXT    NOT NULL CHECK (state IN
+                        ('pending', 'idle', 'busy', 'draining', 'offline', 'decommissioned')),
+    -- SHA-256 (hex) of the agent's bearer token; NULL once revoked.
+    token_hash      TEXT UNIQUE,
+    hostname        TEXT    NOT NULL DEFAULT '',
+    cpu_cores       INTEGER NOT NULL DEFAULT 0,
+    memory_mb       INTEGER NOT NULL DEFAULT 0,
+    -- JSON array of {"index", "uuid", "model", "vram_mb"}.
+    gpus            TEXT    NOT NULL DEFAULT '[]',
+    -- JSON array of strings.
+    tags            TEXT    NOT NULL DEFAULT '[]',
+    -- Jobs this worker runs at once.
+    slots           INTEGER NOT NULL DEFAULT 1 CHECK (slots >= 1),
+    agent_version   TEXT    NOT NULL DEFAULT '',
+    -- Random id of the agent process last heard from; a new one means the
+    -- agent restarted and lost the jobs it ran.
+    incarnation     TEXT,
+    -- Latest heartbeat's GPU metrics, JSON array.
+    gpu_metrics     TEXT    NOT NULL DEFAULT '[]',
+    registered_at   INTEGER NOT NULL,
+    last_seen_at    INTEGER,
+    UNIQUE (machine_id, name)
+);
+
+-- Every worker state change, with why it happened.
+CREATE TABLE worker_health_log (
+    id          INTEGER PRIMARY KEY,
+    worker_id   INTEGER NOT NULL REFERENCES workers(id),
+    at          INTEGER NOT NULL,
+    from_state  TEXT,
+    to_state    TEXT    NOT NULL,
+    reason      TEXT    NOT NULL
+);
+CREATE INDEX worker_health_log_by_worker ON worker_health_log (worker_id, id);
+
+-- The job queue and its history. A job's id is the one id every side uses.
+CREATE TABLE jobs (
+    id               INTEGER PRIMARY KEY,
+    status           TEXT    NOT NULL CHECK (status IN
+                         ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    -- What to run: JSON array argv, JSON object env, optional working dir.
+    command          TEXT    NOT NULL,
+    env              TEXT    NOT NULL DEFAULT '{}',
+    cwd              TEXT,
+    -- Requirements.
+    gpus             INTEGER NOT NULL DEFAULT 0 CHECK (gpus >= 0),
+    min_vram_mb      INTEGER NOT NULL DEFAULT 0 CHECK (min_vram_mb >= 0),
+    required_tags    TEXT    NOT NULL DEFAULT '[]',
+    preferred_tags   TEXT    NOT NULL DEFAULT '[]',
+    priority         INTEGER NOT NULL DEFAULT 0,
+    max_attempts     INTEGER NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
+    timeout_s        INTEGER CHECK (timeout_s > 0),
+    not_before       INTEGER,
+    idempotency_key  TEXT UNIQUE,
+    -- SHA-256 of the normalized submission: a resubmit with the same
+    -- idempotency key must carry the same spec.
+    spec_sha256      TEXT    NOT NULL,
+    metadata         TEXT    NOT NULL DEFAULT '{}',
+    -- Earliest time the job may be claimed: not_before, or a retry backoff.
+    run_after        INTEGER NOT NULL,
+    -- Fencing token: grows by one on every claim, also on claims that do not
+    -- count against max_attempts (a graceful hand-back). A report is accepted
+    -- only for the current (id, attempt, worker_id) while running.
+    attempt          INTEGER NOT NULL DEFAULT 0,
+    -- Attempts charged against max_attempts.
+    attempts_used    INTEGER NOT NULL DEFAULT 0,
+    -- Consecutive lease losses, for the lease-loss backoff.
+    lease_losses     INTEGER NOT NULL DEFAULT 0,
+    -- Current (running) or last worker, its GPUs and lease deadline.
+    worker_id        INTEGER REFERENCES workers(id),
+    gpu_indices      TEXT    NOT NULL DEFAULT '[]',
+    lease_expires_at INTEGER,
+    -- Set by a cancel of a running job; the agent is told in its heartbeat.
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    -- Outcome of the last attempt.
+    exit_code        INTEGER,
+    result           TEXT,
+    error            TEXT,
+    created_at       INTEGER NOT NULL,
+    started_at       INTEGER,
+    finished_at      INTEGER
+);
+-- Claim order: priority, then age, over queued jobs only.
+CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE status = 'queued';
+-- The sweep's scan for expired leases, and a worker's running jobs.
+CREATE INDEX jobs_running_lease ON jobs (lease_expires_at) WHERE status = 'running';
+CREATE INDEX jobs_running_worker ON jobs (worker_id) WHERE status = 'running';
+CREATE INDEX jobs_status ON jobs (status, id);
+-- Delayed jobs (retry backoff, not_before) becoming claimable.
+CREATE INDEX jobs_queued_run_after ON jobs (run_after) WHERE status = 'queued';
+
+-- One row per lease (claim) of a job.
+CREATE TABLE job_attempts (
+    job_id      INTEGER NOT NULL REFERENCES jobs(id),
+    attempt     INTEGER NOT NULL,
+    worker_id   INTEGER NOT NULL REFERENCES workers(id),
+    gpu_indices TEXT    NOT NULL DEFAULT '[]',
+    started_at  INTEGER NOT NULL,
+    ended_at    INTEGER,
+    -- succeeded | failed | cancelled | timed_out | released | lease_lost |
+    -- agent_restarted; NULL while the lease is live.
+    outcome     TEXT,
+    exit_code   INTEGER,
+    error       TEXT,
+    -- Log bytes kept for this attempt (capped).
+    log_bytes   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
+CREATE INDEX job_attempts_by_worker ON job_attempts (worker_id, started_at);
+
+-- Output of each attempt, in order, as the agent sent it.
+CREATE TABLE job_logs (
+    id        INTEGER PRIMARY KEY,
+    job_id    INTEGER NOT NULL REFERENCES jobs(id),
+    attempt   INTEGER NOT NULL,
+    stream    TEXT    NOT NULL CHECK (stream IN ('stdout', 'stderr', 'drover')),
+    at        INTEGER NOT NULL,
+    data      BLOB    NOT NULL
+);
+CREATE INDEX job_logs_by_attempt ON job_logs (job_id, attempt, id);
+
+-- One ordered stream of job and worker events.
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    -- e.g. job.submitted, job.claimed, job.succeeded, job.requeued,
+    -- worker.registered, worker.state
+    kind       TEXT    NOT NULL,
+    job_id     INTEGER,
+    worker_id  INTEGER,
+    -- JSON object with the details.
+    data       TEXT    NOT NULL DEFAULT '{}'
+);
