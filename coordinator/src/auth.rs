@@ -25,7 +25,10 @@ impl Secret {
         // the strings differ and of their lengths.
         let a = Sha256::digest(self.0.as_bytes());
         let b = Sha256::digest(presented.as_bytes());
-        a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
     }
 }
 
@@ -120,7 +123,9 @@ pub fn admin_token(
 
 fn check_admin_token(t: String, source: &str) -> Result<Secret, String> {
     if t.len() < 16 {
-        return Err(format!("{source}: the admin token must be at least 16 characters"));
+        return Err(format!(
+            "{source}: the admin token must be at least 16 characters"
+        ));
     }
     Ok(Secret::new(t))
 }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-coordinator", version, about = "Drover coordinator: the worker registry and job queue of a Drover fleet")]
+#[command(
+    name = "drover-coordinator",
+    version,
+    about = "Drover coordinator: the worker registry and job queue of a Drover fleet"
+)]
 pub struct Args {
     /// SQLite database file (created if missing; keep it on a local disk).
     #[arg(long, env = "DROVER_DB", default_value = "drover.db")]
@@ -108,7 +112,11 @@ impl Config {
         let synchronous_full = match args.sqlite_synchronous.as_str() {
             "full" => true,
             "normal" => false,
-            other => return Err(format!("--sqlite-synchronous {other:?}: expected full or normal")),
+            other => {
+                return Err(format!(
+                    "--sqlite-synchronous {other:?}: expected full or normal"
+                ))
+            }
         };
         if args.max_connections < 16 {
             return Err("--max-connections must be at least 16".into());

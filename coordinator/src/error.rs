@@ -77,7 +77,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)?;
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )?;
         if let Some(field) = &self.field {
             write!(f, " (field {field})")?;
         }
@@ -93,10 +99,12 @@ impl From<rusqlite::Error> for ApiError {
     fn from(e: rusqlite::Error) -> ApiError {
         use rusqlite::ErrorCode;
         match e.sqlite_error_code() {
-            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => ApiError::unavailable(
-                "database_busy",
-                "the database is locked by another process; retry shortly",
-            ),
+            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+                ApiError::unavailable(
+                    "database_busy",
+                    "the database is locked by another process; retry shortly",
+                )
+            }
             Some(ErrorCode::DiskFull) => ApiError::unavailable(
                 "storage_full",
                 "the disk holding the database is full; free space and retry",

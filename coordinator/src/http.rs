@@ -19,7 +19,12 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// a kept-alive connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn serve(listener: TcpListener, router: Router, max_connections: usize, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    max_connections: usize,
+    shutdown: impl Future<Output = ()>,
+) {
     let permits = Arc::new(Semaphore::new(max_connections));
     let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -53,7 +58,10 @@ pub async fn serve(listener: TcpListener, router: Router, max_connections: usize
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_HEAD_BYTES)
                 .keep_alive(true);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 log::debug!("connection from {peer} ended: {e}");
             }
             drop(permit);

@@ -21,7 +21,12 @@ pub async fn run(config: Config) -> Result<(), String> {
     let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
     let grace = ms(config.restart_grace);
     let (leases, live) = db
-        .write(move |c, now| Ok((jobs::rebase_leases(c, now, grace)?, workers::rebase_liveness(c, now)?)))
+        .write(move |c, now| {
+            Ok((
+                jobs::rebase_leases(c, now, grace)?,
+                workers::rebase_liveness(c, now)?,
+            ))
+        })
         .await
         .map_err(|e| format!("preparing the database: {e}"))?;
     if leases > 0 {
@@ -45,7 +50,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     let max_connections = config.max_connections;
     let app = Arc::new(App::new(db, config));
     let sweeper = tokio::spawn(sweep::run(app.clone()));
-    http::serve(listener, api::router(app), max_connections, shutdown_signal()).await;
+    http::serve(
+        listener,
+        api::router(app),
+        max_connections,
+        shutdown_signal(),
+    )
+    .await;
     sweeper.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())

@@ -98,7 +98,10 @@ mod tests {
             free_slots: 0,
         };
         assert_eq!(place(&needs(0, 0, &[]), &offer), None);
-        let cpu = Offer { free_slots: 1, ..offer };
+        let cpu = Offer {
+            free_slots: 1,
+            ..offer
+        };
         assert_eq!(place(&needs(0, 0, &[]), &cpu), Some(vec![]));
         assert_eq!(place(&needs(1, 0, &[]), &cpu), None);
     }

@@ -108,7 +108,10 @@ pub fn tags(field: &str, tags: Vec<String>) -> Result<Vec<String>, ApiError> {
 /// Parses an RFC 3339 time into milliseconds since the epoch.
 pub fn parse_time(field: &str, s: &str) -> Result<i64, ApiError> {
     let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
-        ApiError::invalid(field, format!("{s:?} is not an RFC 3339 time like 2026-01-01T00:00:00Z: {e}"))
+        ApiError::invalid(
+            field,
+            format!("{s:?} is not an RFC 3339 time like 2026-01-01T00:00:00Z: {e}"),
+        )
     })?;
     let d = t
         .duration_since(std::time::UNIX_EPOCH)
@@ -132,7 +135,10 @@ impl JobSpec {
         for (k, v) in &self.env {
             let f = format!("env.{k}");
             if k.is_empty() || k.contains('=') {
-                return Err(ApiError::invalid(&f, "an env name must be non-empty and hold no '='"));
+                return Err(ApiError::invalid(
+                    &f,
+                    "an env name must be non-empty and hold no '='",
+                ));
             }
             no_nul(&f, k)?;
             no_nul(&f, v)?;
@@ -154,21 +160,36 @@ impl JobSpec {
             return Err(ApiError::invalid("gpus", "at most 64 GPUs per job"));
         }
         if self.min_vram_mb > 0 && self.gpus == 0 {
-            return Err(ApiError::invalid("min_vram_mb", "is set but the job asks for no GPUs (gpus: 0)"));
+            return Err(ApiError::invalid(
+                "min_vram_mb",
+                "is set but the job asks for no GPUs (gpus: 0)",
+            ));
         }
         if self.min_vram_mb > 16 * 1024 * 1024 {
-            return Err(ApiError::invalid("min_vram_mb", "is larger than any GPU (16 TiB)"));
+            return Err(ApiError::invalid(
+                "min_vram_mb",
+                "is larger than any GPU (16 TiB)",
+            ));
         }
         if !(-1_000_000..=1_000_000).contains(&self.priority) {
-            return Err(ApiError::invalid("priority", "must be between -1000000 and 1000000"));
+            return Err(ApiError::invalid(
+                "priority",
+                "must be between -1000000 and 1000000",
+            ));
         }
         let max_attempts = self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if !(1..=100).contains(&max_attempts) {
-            return Err(ApiError::invalid("max_attempts", "must be between 1 and 100"));
+            return Err(ApiError::invalid(
+                "max_attempts",
+                "must be between 1 and 100",
+            ));
         }
         if let Some(t) = self.timeout_s {
             if t == 0 || t > 365 * 24 * 3600 {
-                return Err(ApiError::invalid("timeout_s", "must be between 1 and 31536000 seconds"));
+                return Err(ApiError::invalid(
+                    "timeout_s",
+                    "must be between 1 and 31536000 seconds",
+                ));
             }
         }
         let not_before = match &self.not_before {
@@ -177,7 +198,10 @@ impl JobSpec {
         };
         if let Some(k) = &self.idempotency_key {
             if k.is_empty() || k.len() > 200 {
-                return Err(ApiError::invalid("idempotency_key", "must be 1 to 200 characters"));
+                return Err(ApiError::invalid(
+                    "idempotency_key",
+                    "must be 1 to 200 characters",
+                ));
             }
         }
         let metadata = match self.metadata {
@@ -242,15 +266,33 @@ mod tests {
         check(r#"{"command": []}"#, Some("command"));
         check(r#"{"command": [""]}"#, Some("command"));
         check(r#"{"command": ["a\u0000b"]}"#, Some("command[0]"));
-        check(r#"{"command": ["x"], "env": {"A=B": "1"}}"#, Some("env.A=B"));
+        check(
+            r#"{"command": ["x"], "env": {"A=B": "1"}}"#,
+            Some("env.A=B"),
+        );
         check(r#"{"command": ["x"], "cwd": "relative"}"#, Some("cwd"));
-        check(r#"{"command": ["x"], "min_vram_mb": 10}"#, Some("min_vram_mb"));
-        check(r#"{"command": ["x"], "max_attempts": 0}"#, Some("max_attempts"));
+        check(
+            r#"{"command": ["x"], "min_vram_mb": 10}"#,
+            Some("min_vram_mb"),
+        );
+        check(
+            r#"{"command": ["x"], "max_attempts": 0}"#,
+            Some("max_attempts"),
+        );
         check(r#"{"command": ["x"], "timeout_s": 0}"#, Some("timeout_s"));
-        check(r#"{"command": ["x"], "not_before": "tomorrow"}"#, Some("not_before"));
-        check(r#"{"command": ["x"], "required_tags": ["ok", "bad tag"]}"#, Some("required_tags[1]"));
+        check(
+            r#"{"command": ["x"], "not_before": "tomorrow"}"#,
+            Some("not_before"),
+        );
+        check(
+            r#"{"command": ["x"], "required_tags": ["ok", "bad tag"]}"#,
+            Some("required_tags[1]"),
+        );
         check(r#"{"command": ["x"], "metadata": [1]}"#, Some("metadata"));
-        check(r#"{"command": ["x"], "idempotency_key": ""}"#, Some("idempotency_key"));
+        check(
+            r#"{"command": ["x"], "idempotency_key": ""}"#,
+            Some("idempotency_key"),
+        );
     }
 
     #[test]
@@ -262,14 +304,16 @@ mod tests {
 
     #[test]
     fn fingerprint_follows_the_spec() {
-        let a = serde_json::from_str::<JobSpec>(r#"{"command": ["x"], "env": {"B": "1", "A": "2"}}"#)
-            .unwrap()
-            .validate()
-            .unwrap();
-        let b = serde_json::from_str::<JobSpec>(r#"{"env": {"A": "2", "B": "1"}, "command": ["x"]}"#)
-            .unwrap()
-            .validate()
-            .unwrap();
+        let a =
+            serde_json::from_str::<JobSpec>(r#"{"command": ["x"], "env": {"B": "1", "A": "2"}}"#)
+                .unwrap()
+                .validate()
+                .unwrap();
+        let b =
+            serde_json::from_str::<JobSpec>(r#"{"env": {"A": "2", "B": "1"}, "command": ["x"]}"#)
+                .unwrap()
+                .validate()
+                .unwrap();
         let c = serde_json::from_str::<JobSpec>(r#"{"command": ["y"]}"#)
             .unwrap()
             .validate()

@@ -47,7 +47,8 @@ pub async fn run_once(app: &App, since: Ms) -> Result<(Swept, Ms), ApiError> {
         .db
         .write(move |c, now| {
             let expired = jobs::expire_leases(c, now)?;
-            let offline = workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
+            let offline =
+                workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
             let became_ready = jobs::count_became_ready(c, since, now)?;
             Ok((
                 Swept {

@@ -105,6 +105,10 @@ pub struct HeartbeatRequest {
     pub leases: Vec<LeaseRef>,
     #[serde(default)]
     pub gpus: Vec<GpuMetrics>,
+    /// The agent is exiting: it holds no leases beyond `leases` and will
+    /// claim nothing more under this incarnation.
+    #[serde(default)]
+    pub stopping: bool,
 }
 
 /// An instruction from the coordinator to the agent.

@@ -1,1 +1,8 @@
-//! placeholder
+//! End-to-end tests: the real `drover-coordinator` and `drover-agent`
+//! binaries, a real SQLite file in a temp dir, real HTTP on 127.0.0.1 with
+//! free ports, real child processes.
+
+mod failover;
+mod harness;
+mod hostile;
+mod queue;

@@ -10,18 +10,24 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use drover_proto::{ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse};
+use drover_proto::{
+    ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse,
+};
 use std::time::Duration;
 
 /// The agent behind the request's bearer token (401 otherwise).
 pub async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<workers::Agent, ApiError> {
-    let token = auth::bearer(headers)
-        .ok_or_else(|| ApiError::unauthorized("missing bearer token: send Authorization: Bearer <agent token>"))?;
+    let token = auth::bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized("missing bearer token: send Authorization: Bearer <agent token>")
+    })?;
     let hash = auth::hash_token(token);
     app.db
         .read(move |c, _| workers::authenticate(c, &hash))
         .await?
-        .ok_or_else(|| ApiError::unauthorized("unknown or revoked agent token; the agent must register again"))
+        .ok_or_else(|| {
+            ApiError::unauthorized("unknown or revoked agent token; the agent must register again")
+        })
 }
 
 fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
@@ -29,7 +35,10 @@ fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid(field, "must be 1 to 128 characters"));
     }
     if value.chars().any(|c| c.is_control()) {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -53,7 +62,10 @@ pub async fn register(
     check_name("name", &req.name)?;
     check_name("machine_id", &req.machine_id)?;
     if req.inventory.gpus.len() > 64 {
-        return Err(ApiError::invalid("inventory.gpus", "at most 64 GPUs per worker"));
+        return Err(ApiError::invalid(
+            "inventory.gpus",
+            "at most 64 GPUs per worker",
+        ));
     }
     if let Some(s) = req.slots {
         if !(1..=1024).contains(&s) {
@@ -138,16 +150,13 @@ pub async fn claim(
         // Subscribe before looking, so a job queued in between still wakes us.
         let mut changes = app.queue_changes();
         let incarnation = req.incarnation.clone();
-        let (released, got) = app
+        let got = app
             .db
             .write(move |c, now| {
-                let released = workers::observe_incarnation(c, now, agent.id, &incarnation)?;
-                Ok((released, jobs::claim(c, now, agent.id, ttl)?))
+                workers::check_incarnation(c, agent.id, &incarnation)?;
+                jobs::claim(c, now, agent.id, ttl)
             })
             .await?;
-        if released {
-            app.wake_claimers();
-        }
         if let Some(job) = got {
             log::info!(
                 "job started job_id={} attempt={} worker_id={}",

@@ -17,16 +17,27 @@ use serde_json::json;
 
 const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
-pub async fn submit(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let job = parse_json::<JobSpec>(&bytes)?.validate()?;
-    let (created, job) = app.db.write(move |c, now| jobs::submit(c, now, &job)).await?;
+    let (created, job) = app
+        .db
+        .write(move |c, now| jobs::submit(c, now, &job))
+        .await?;
     if created {
         app.wake_claimers();
         log::debug!("job submitted job_id={}", job["id"]);
     }
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(job)).into_response())
 }
 
@@ -55,13 +66,21 @@ pub async fn list(
     Ok(Json(json!({ "jobs": jobs })).into_response())
 }
 
-pub async fn get(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
     Ok(Json(app.db.read(move |c, now| jobs::get(c, now, id)).await?).into_response())
 }
 
-pub async fn cancel(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
     Ok(Json(app.db.write(move |c, now| jobs::cancel(c, now, id)).await?).into_response())
@@ -92,7 +111,11 @@ pub async fn complete(
         .await?;
     if !resp.replay {
         app.wake_claimers();
-        log::info!("job reported job_id={id} worker_id={} status={}", agent.id, resp.status);
+        log::info!(
+            "job reported job_id={id} worker_id={} status={}",
+            agent.id,
+            resp.status
+        );
     }
     Ok(Json(resp).into_response())
 }
@@ -108,7 +131,11 @@ pub async fn append_log(
     let id = path_id("job", &id)?;
     let attempt = int_param(&query, "attempt", 0, 1, i64::MAX)?;
     if attempt == 0 {
-        return Err(ApiError::bad_request("invalid_parameter", "query parameter attempt is required").with_field("attempt"));
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "query parameter attempt is required",
+        )
+        .with_field("attempt"));
     }
     let stream = match query_param(&query, "stream").unwrap_or("stdout") {
         s @ ("stdout" | "stderr") => s.to_string(),
@@ -141,11 +168,20 @@ pub async fn read_log(
         None => None,
         Some(_) => Some(int_param(&query, "attempt", 1, 1, i64::MAX)?),
     };
-    let (attempt, bytes) = app.db.read(move |c, _| jobs::read_log(c, id, attempt)).await?;
+    let (attempt, bytes) = app
+        .db
+        .read(move |c, _| jobs::read_log(c, id, attempt))
+        .await?;
     Ok((
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
-            (header::HeaderName::from_static("x-drover-attempt"), attempt.to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-drover-attempt"),
+                attempt.to_string(),
+            ),
         ],
         bytes,
     )

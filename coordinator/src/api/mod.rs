@@ -25,6 +25,8 @@ use tokio::sync::watch;
 pub const JSON_LIMIT: usize = 1024 * 1024;
 pub const AGENT_LIMIT: usize = 256 * 1024;
 pub const LOG_CHUNK_LIMIT: usize = 1024 * 1024;
+/// Largest over-limit body read (and dropped) before answering 413.
+const DRAIN_MAX: u64 = 16 * 1024 * 1024;
 /// A client has this long to send a whole body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest long-poll, in seconds.
@@ -70,7 +72,10 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/jobs/{id}/complete", post(jobs::complete))
-        .route("/api/v1/jobs/{id}/logs", post(jobs::append_log).get(jobs::read_log))
+        .route(
+            "/api/v1/jobs/{id}/logs",
+            post(jobs::append_log).get(jobs::read_log),
+        )
         .route("/api/v1/workers", get(workers::list))
         .route("/api/v1/workers/{id}", get(workers::get))
         .route("/api/v1/workers/{id}/approve", post(workers::approve))
@@ -115,20 +120,28 @@ async fn log_request(req: Request, next: Next) -> Response {
 }
 
 /// Reads a whole body of at most `limit` bytes. A declared length over the
-/// limit is refused before a byte of it is read.
+/// limit is refused without keeping a byte of it: up to [`DRAIN_MAX`] is
+/// read and dropped first, so that an ordinary client sees the 413 instead
+/// of a broken pipe; beyond that the connection is closed at once.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = declared.filter(|n| *n > limit as u64) {
+        if n <= DRAIN_MAX {
+            let _ = tokio::time::timeout(BODY_TIMEOUT, drain(body)).await;
+        }
         return Err(ApiError::too_large(limit));
     }
     match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
-            format!("the request body did not arrive within {}s", BODY_TIMEOUT.as_secs()),
+            format!(
+                "the request body did not arrive within {}s",
+                BODY_TIMEOUT.as_secs()
+            ),
         )),
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => {
@@ -136,17 +149,28 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
             if inner.is::<http_body_util::LengthLimitError>() {
                 Err(ApiError::too_large(limit))
             } else {
-                Err(ApiError::bad_request("body_read", format!("reading the request body: {inner}")))
+                Err(ApiError::bad_request(
+                    "body_read",
+                    format!("reading the request body: {inner}"),
+                ))
             }
         }
     }
+}
+
+async fn drain(mut body: Body) {
+    use http_body_util::BodyExt;
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// Parses JSON, naming the field at fault: syntax errors are 400
 /// `malformed_json`; wrong types, missing or unknown fields are 422.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::bad_request("malformed_json", "the request body is empty; expected a JSON document"));
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "the request body is empty; expected a JSON document",
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -155,10 +179,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         match inner.classify() {
             serde_json::error::Category::Data => {
                 let msg = inner.to_string();
-                // serde reports missing and unknown fields at the parent.
-                let named = msg.split('`').nth(1).filter(|_| {
-                    msg.starts_with("missing field") || msg.starts_with("unknown field")
-                });
+                // serde reports a missing field at its parent.
+                let named = msg
+                    .split('`')
+                    .nth(1)
+                    .filter(|_| msg.starts_with("missing field"));
                 let field = match (path.as_str(), named) {
                     (".", Some(n)) => n.to_string(),
                     (p, Some(n)) => format!("{p}.{n}"),
@@ -166,11 +191,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 };
                 ApiError::invalid(&field, msg)
             }
-            _ => ApiError::bad_request("malformed_json", format!("the request body is not valid JSON: {inner}")),
+            _ => ApiError::bad_request(
+                "malformed_json",
+                format!("the request body is not valid JSON: {inner}"),
+            ),
         }
     })?;
-    de.end()
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON document: {e}")))?;
+    de.end().map_err(|e| {
+        ApiError::bad_request(
+            "malformed_json",
+            format!("trailing data after the JSON document: {e}"),
+        )
+    })?;
     Ok(value)
 }
 
@@ -185,7 +217,13 @@ pub fn query_param<'a>(query: &'a Option<String>, name: &str) -> Option<&'a str>
 }
 
 /// An integer query parameter within bounds, or `default` when absent.
-pub fn int_param(query: &Option<String>, name: &str, default: i64, min: i64, max: i64) -> Result<i64, ApiError> {
+pub fn int_param(
+    query: &Option<String>,
+    name: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
     match query_param(query, name) {
         None => Ok(default),
         Some(v) => match v.parse::<i64>() {
@@ -231,8 +269,13 @@ mod tests {
         check("{\"command\": [\"x\"], \"gpus\": -1}", 422, Some("gpus"));
         check("{\"command\": [\"x\"], \"gpus\": \"1\"}", 422, Some("gpus"));
         check("{\"command\": [\"x\"], \"gpu\": 1}", 422, Some("gpu"));
-        check("{\"command\": [\"x\"], \"env\": {\"A\": 1}}", 422, Some("env.A"));
-        let e = parse_json::<CompleteRequest>(b"{\"attempt\": 1, \"outcome\": \"won\"}").unwrap_err();
+        check(
+            "{\"command\": [\"x\"], \"env\": {\"A\": 1}}",
+            422,
+            Some("env.A"),
+        );
+        let e =
+            parse_json::<CompleteRequest>(b"{\"attempt\": 1, \"outcome\": \"won\"}").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("outcome"));
     }
 

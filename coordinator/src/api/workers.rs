@@ -15,16 +15,27 @@ pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Res
     Ok(Json(json!({ "workers": workers })).into_response())
 }
 
-pub async fn get(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("worker", &id)?;
     Ok(Json(app.db.read(move |c, now| workers::get(c, now, id)).await?).into_response())
 }
 
-pub async fn approve(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn approve(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("worker", &id)?;
-    let worker = app.db.write(move |c, now| workers::approve(c, now, id)).await?;
+    let worker = app
+        .db
+        .write(move |c, now| workers::approve(c, now, id))
+        .await?;
     app.wake_claimers();
     Ok(Json(worker).into_response())
 }

@@ -9,7 +9,9 @@ use super::{event, iso, json_col, workers, Ms};
 use crate::error::ApiError;
 use crate::matching::{self, Needs, Offer};
 use crate::spec::NewJob;
-use drover_proto::{Assignment, CompleteRequest, CompleteResponse, GpuInfo, LeaseRef, Order, Outcome};
+use drover_proto::{
+    Assignment, CompleteRequest, CompleteResponse, GpuInfo, LeaseRef, Order, Outcome,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -76,7 +78,14 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value),
         now
     ])?;
     let id = conn.last_insert_rowid();
-    event(conn, now, "job.submitted", Some(id), None, json!({"priority": job.priority, "gpus": job.gpus}))?;
+    event(
+        conn,
+        now,
+        "job.submitted",
+        Some(id),
+        None,
+        json!({"priority": job.priority, "gpus": job.gpus}),
+    )?;
     Ok((true, get(conn, now, id)?))
 }
 
@@ -87,10 +96,17 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 
 /// Hands the best queued job this worker can run now to it, with a new lease.
 /// Order: priority, then age. `None` when nothing fits.
-pub fn claim(conn: &Connection, now: Ms, worker_id: i64, lease_ttl: Ms) -> Result<Option<Assignment>, ApiError> {
+pub fn claim(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    lease_ttl: Ms,
+) -> Result<Option<Assignment>, ApiError> {
     let (state, tags, gpus, slots): (String, String, String, i64) = conn
         .prepare_cached("SELECT state, tags, gpus, slots FROM workers WHERE id = ?1")?
-        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        .query_row([worker_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
     if state != "idle" && state != "busy" {
         return Ok(None);
     }
@@ -117,7 +133,9 @@ pub fn claim(conn: &Connection, now: Ms, worker_id: i64, lease_ttl: Ms) -> Resul
              WHERE status = 'queued' AND run_after <= ?1
              ORDER BY priority DESC, id LIMIT ?2",
         )?
-        .query_map(params![now, CLAIM_SCAN], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map(params![now, CLAIM_SCAN], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<Result<_, _>>()?;
     for (job_id, gpus, min_vram_mb, required_tags) in candidates {
         let needs = Needs {
@@ -150,11 +168,21 @@ fn grant(
         )?
         .execute(params![job_id, worker_id, gpus, now + lease_ttl, now])?;
     if changed != 1 {
-        return Err(ApiError::internal(format!("job {job_id} was not queued when granted")));
+        return Err(ApiError::internal(format!(
+            "job {job_id} was not queued when granted"
+        )));
     }
-    let (attempt, command, env, cwd, timeout_s): (i64, String, String, Option<String>, Option<i64>) = conn
+    let (attempt, command, env, cwd, timeout_s): (
+        i64,
+        String,
+        String,
+        Option<String>,
+        Option<i64>,
+    ) = conn
         .prepare_cached("SELECT attempt, command, env, cwd, timeout_s FROM jobs WHERE id = ?1")?
-        .query_row([job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        .query_row([job_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
     conn.prepare_cached(
         "INSERT INTO job_attempts (job_id, attempt, worker_id, gpu_indices, started_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -212,7 +240,10 @@ impl LostReason {
 }
 
 enum End<'a> {
-    Reported { req: &'a CompleteRequest, retry_backoff: Ms },
+    Reported {
+        req: &'a CompleteRequest,
+        retry_backoff: Ms,
+    },
     Lost(LostReason),
 }
 
@@ -271,7 +302,9 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
             let error = req.error.clone();
             let result = req.result.as_ref().map(|v| v.to_string());
             match req.outcome {
-                Outcome::Succeeded => ("succeeded", req.exit_code, result, None, ("succeeded", now)),
+                Outcome::Succeeded => {
+                    ("succeeded", req.exit_code, result, None, ("succeeded", now))
+                }
                 Outcome::Cancelled => (
                     "cancelled",
                     req.exit_code,
@@ -289,7 +322,13 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
                 }
                 Outcome::TimedOut => {
                     let next = again(attempts_used, backoff(retry_backoff, attempts_used));
-                    ("timed_out", req.exit_code, result, Some("timeout".to_string()), next)
+                    (
+                        "timed_out",
+                        req.exit_code,
+                        result,
+                        Some("timeout".to_string()),
+                        next,
+                    )
                 }
                 Outcome::Released => {
                     attempts_used -= 1;
@@ -311,7 +350,13 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
                 attempts_used -= 1;
                 again(attempts_used, 0)
             };
-            (reason.as_str(), None, None, Some(reason.as_str().to_string()), next)
+            (
+                reason.as_str(),
+                None,
+                None,
+                Some(reason.as_str().to_string()),
+                next,
+            )
         }
     };
     let terminal = status != "queued";
@@ -336,13 +381,22 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
             now
         ])?;
     if changed != 1 {
-        return Err(ApiError::internal(format!("job {job_id} was not running when finished")));
+        return Err(ApiError::internal(format!(
+            "job {job_id} was not running when finished"
+        )));
     }
     conn.prepare_cached(
         "UPDATE job_attempts SET ended_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
          WHERE job_id = ?1 AND attempt = ?2",
     )?
-    .execute(params![job_id, cur.attempt, now, attempt_outcome, exit_code, error])?;
+    .execute(params![
+        job_id,
+        cur.attempt,
+        now,
+        attempt_outcome,
+        exit_code,
+        error
+    ])?;
     let kind = if terminal {
         format!("job.{status}")
     } else {
@@ -357,7 +411,12 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
         json!({"attempt": cur.attempt, "outcome": attempt_outcome, "exit_code": exit_code,
                "error": error, "run_after": iso(Some(run_after))}),
     )?;
-    workers::refresh_load(conn, now, worker_id, &format!("job {job_id} {attempt_outcome}"))?;
+    workers::refresh_load(
+        conn,
+        now,
+        worker_id,
+        &format!("job {job_id} {attempt_outcome}"),
+    )?;
     if matches!(end, End::Lost(_)) || status == "failed" {
         log::warn!(
             "attempt ended job_id={job_id} attempt={} worker_id={worker_id} outcome={attempt_outcome} next={status}",
@@ -382,7 +441,8 @@ pub fn complete(
     req: &CompleteRequest,
     retry_backoff: Ms,
 ) -> Result<CompleteResponse, ApiError> {
-    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     if cur.status == "running" && cur.attempt == req.attempt && cur.worker_id == Some(worker_id) {
         let status = finish(conn, now, job_id, End::Reported { req, retry_backoff })?;
         return Ok(CompleteResponse {
@@ -420,7 +480,8 @@ fn stale(job_id: i64, attempt: i64, worker_id: i64, cur: &Current) -> ApiError {
 
 /// Checks that `worker_id` holds the live lease `attempt` of `job_id`.
 fn fence(conn: &Connection, worker_id: i64, job_id: i64, attempt: i64) -> Result<(), ApiError> {
-    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     if cur.status == "running" && cur.attempt == attempt && cur.worker_id == Some(worker_id) {
         Ok(())
     } else {
@@ -435,14 +496,16 @@ pub struct Renewal {
 
 /// Renews the leases an agent reports. A reported lease it no longer holds,
 /// or whose job was cancelled, gets a `cancel` order. A lease the agent does
-/// not report and that is older than a TTL (its claim reply was lost) is
-/// released without spending an attempt.
+/// not report and that is older than a TTL (its claim reply was lost), or
+/// any it does not report when it says it is stopping, is released without
+/// spending an attempt.
 pub fn renew_leases(
     conn: &Connection,
     now: Ms,
     worker_id: i64,
     leases: &[LeaseRef],
     lease_ttl: Ms,
+    stopping: bool,
 ) -> Result<Renewal, ApiError> {
     let mut orders = Vec::new();
     for lease in leases {
@@ -451,7 +514,12 @@ pub fn renew_leases(
                 "UPDATE jobs SET lease_expires_at = ?4
                  WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
             )?
-            .execute(params![lease.job_id, lease.attempt, worker_id, now + lease_ttl])?;
+            .execute(params![
+                lease.job_id,
+                lease.attempt,
+                worker_id,
+                now + lease_ttl
+            ])?;
         let reason = if renewed == 1 {
             let cancel: bool = conn
                 .prepare_cached("SELECT cancel_requested FROM jobs WHERE id = ?1")?
@@ -460,7 +528,10 @@ pub fn renew_leases(
         } else {
             Some(match current(conn, lease.job_id)? {
                 None => "job does not exist".to_string(),
-                Some(cur) => format!("lease lost: the job is {} at attempt {}", cur.status, cur.attempt),
+                Some(cur) => format!(
+                    "lease lost: the job is {} at attempt {}",
+                    cur.status, cur.attempt
+                ),
             })
         };
         if let Some(reason) = reason {
@@ -477,7 +548,9 @@ pub fn renew_leases(
         .prepare_cached(
             "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND started_at < ?2",
         )?
-        .query_map(params![worker_id, now - lease_ttl], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![worker_id, if stopping { Ms::MAX } else { now - lease_ttl }], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
         .filter_map(|r| r.ok())
         .filter(|key| !reported.contains(key))
         .map(|(id, _)| id)
@@ -492,7 +565,12 @@ pub fn renew_leases(
 }
 
 /// Ends every running attempt of a worker as lost. Returns how many.
-pub fn release_worker_jobs(conn: &Connection, now: Ms, worker_id: i64, reason: LostReason) -> Result<usize, ApiError> {
+pub fn release_worker_jobs(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    reason: LostReason,
+) -> Result<usize, ApiError> {
     let running: Vec<i64> = conn
         .prepare_cached("SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'running'")?
         .query_map([worker_id], |r| r.get(0))?
@@ -556,26 +634,43 @@ pub fn append_log(
         return Ok(!data.is_empty());
     }
     let take = data.len().min(room);
-    let insert = "INSERT INTO job_logs (job_id, attempt, stream, at, data) VALUES (?1, ?2, ?3, ?4, ?5)";
+    let insert =
+        "INSERT INTO job_logs (job_id, attempt, stream, at, data) VALUES (?1, ?2, ?3, ?4, ?5)";
     conn.prepare_cached(insert)?
         .execute(params![job_id, attempt, stream, now, &data[..take]])?;
-    conn.prepare_cached("UPDATE job_attempts SET log_bytes = log_bytes + ?3 WHERE job_id = ?1 AND attempt = ?2")?
-        .execute(params![job_id, attempt, take as i64])?;
+    conn.prepare_cached(
+        "UPDATE job_attempts SET log_bytes = log_bytes + ?3 WHERE job_id = ?1 AND attempt = ?2",
+    )?
+    .execute(params![job_id, attempt, take as i64])?;
     if take < data.len() {
-        let marker = format!("\n[drover] log cap of {cap} bytes reached for this attempt; later output is dropped\n");
-        conn.prepare_cached(insert)?
-            .execute(params![job_id, attempt, "drover", now, marker.as_bytes()])?;
+        let marker = format!(
+            "\n[drover] log cap of {cap} bytes reached for this attempt; later output is dropped\n"
+        );
+        conn.prepare_cached(insert)?.execute(params![
+            job_id,
+            attempt,
+            "drover",
+            now,
+            marker.as_bytes()
+        ])?;
         log::warn!("log cap reached job_id={job_id} attempt={attempt} cap={cap}");
     }
     Ok(take < data.len())
 }
 
 /// The log of one attempt (default: the latest), in arrival order.
-pub fn read_log(conn: &Connection, job_id: i64, attempt: Option<i64>) -> Result<(i64, Vec<u8>), ApiError> {
-    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+pub fn read_log(
+    conn: &Connection,
+    job_id: i64,
+    attempt: Option<i64>,
+) -> Result<(i64, Vec<u8>), ApiError> {
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     let attempt = attempt.unwrap_or(cur.attempt);
     let mut out = Vec::new();
-    let mut stmt = conn.prepare_cached("SELECT data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 ORDER BY id")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 ORDER BY id",
+    )?;
     let mut rows = stmt.query(params![job_id, attempt])?;
     while let Some(r) = rows.next()? {
         out.extend_from_slice(&r.get::<_, Vec<u8>>(0)?);
@@ -586,14 +681,22 @@ pub fn read_log(conn: &Connection, job_id: i64, attempt: Option<i64>) -> Result<
 /// Cancels a queued job at once; a running one is marked, and its agent is
 /// ordered to stop it at its next heartbeat.
 pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
-    let cur = current(conn, job_id)?.ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     match cur.status.as_str() {
         "queued" => {
             conn.prepare_cached(
                 "UPDATE jobs SET status = 'cancelled', error = 'cancelled', finished_at = ?2 WHERE id = ?1",
             )?
             .execute(params![job_id, now])?;
-            event(conn, now, "job.cancelled", Some(job_id), None, json!({"while": "queued"}))?;
+            event(
+                conn,
+                now,
+                "job.cancelled",
+                Some(job_id),
+                None,
+                json!({"while": "queued"}),
+            )?;
             log::info!("job cancelled job_id={job_id} while=queued");
         }
         "running" if !cur.cancel_requested => {
@@ -607,7 +710,10 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
                 cur.worker_id,
                 json!({"attempt": cur.attempt}),
             )?;
-            log::info!("job cancel requested job_id={job_id} attempt={}", cur.attempt);
+            log::info!(
+                "job cancel requested job_id={job_id} attempt={}",
+                cur.attempt
+            );
         }
         "running" => {}
         other => {
@@ -694,7 +800,12 @@ pub fn get(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
 }
 
 /// Newest first, optionally of one status.
-pub fn list(conn: &Connection, now: Ms, status: Option<&str>, limit: i64) -> Result<Vec<Value>, ApiError> {
+pub fn list(
+    conn: &Connection,
+    now: Ms,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Value>, ApiError> {
     let mut stmt = match status {
         Some(_) => conn.prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE status = ?1 ORDER BY id DESC LIMIT ?2"

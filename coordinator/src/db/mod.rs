@@ -130,7 +130,8 @@ impl Db {
         create_private(path)?;
         let mut conn = Connection::open(path).map_err(ctx)?;
         configure(&conn, synchronous_full).map_err(|e| format!("{}: {e}", path.display()))?;
-        migrate(&mut conn).map_err(|e| format!("migrating the database at {}: {e}", path.display()))?;
+        migrate(&mut conn)
+            .map_err(|e| format!("migrating the database at {}: {e}", path.display()))?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let r = Connection::open_with_flags(
@@ -336,7 +337,10 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, clock
             Ok(()) => None,
             Err(e) => {
                 let e = ApiError::from(e);
-                log::error!("commit failed, {} requests rolled back: {e}", finishers.len());
+                log::error!(
+                    "commit failed, {} requests rolled back: {e}",
+                    finishers.len()
+                );
                 let _ = conn.execute_batch("ROLLBACK");
                 Some(e)
             }
@@ -360,7 +364,13 @@ pub fn event(
     conn.prepare_cached(
         "INSERT INTO events (at, kind, job_id, worker_id, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(rusqlite::params![now, kind, job_id, worker_id, data.to_string()])?;
+    .execute(rusqlite::params![
+        now,
+        kind,
+        job_id,
+        worker_id,
+        data.to_string()
+    ])?;
     Ok(())
 }
 
@@ -398,11 +408,14 @@ mod tests {
         let mut conn = Connection::open(&path).unwrap();
         configure(&conn, true).unwrap();
         migrate(&mut conn).unwrap();
-        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(v, schema_version());
         // Re-running is a no-op.
         migrate(&mut conn).unwrap();
-        conn.execute_batch(&format!("PRAGMA user_version = {}", v + 1)).unwrap();
+        conn.execute_batch(&format!("PRAGMA user_version = {}", v + 1))
+            .unwrap();
         let err = migrate(&mut conn).unwrap_err();
         assert!(err.contains("newer") || err.contains("knows only"), "{err}");
     }
@@ -412,7 +425,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("other.db");
         let mut conn = Connection::open(&path).unwrap();
-        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 3;").unwrap();
+        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 3;")
+            .unwrap();
         let err = migrate(&mut conn).unwrap_err();
         assert!(err.contains("not a Drover database"), "{err}");
     }

@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 /// States in which a worker is approved and alive.
 pub const LIVE_STATES: &str = "('idle', 'busy', 'draining')";
 
+/// Marks the incarnation of an agent process that said it is exiting.
+const STOPPED: &str = "stopped:";
+
 /// The agent behind a token.
 #[derive(Debug, Clone)]
 pub struct Agent {
@@ -59,16 +62,25 @@ pub fn transition(
         json!({"from": from, "to": to, "reason": reason}),
     )?;
     if to == "offline" || to == "decommissioned" {
-        log::info!("worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}");
+        log::info!(
+            "worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}"
+        );
     } else {
-        log::debug!("worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}");
+        log::debug!(
+            "worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}"
+        );
     }
     Ok(())
 }
 
 /// Moves an idle worker to busy when it runs jobs, and a busy one back to
 /// idle when it runs none. Other states are left alone.
-pub fn refresh_load(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Result<(), ApiError> {
+pub fn refresh_load(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    reason: &str,
+) -> Result<(), ApiError> {
     let (state, running): (String, i64) = conn
         .prepare_cached(
             "SELECT state, (SELECT count(*) FROM jobs WHERE worker_id = ?1 AND status = 'running')
@@ -97,7 +109,9 @@ pub fn register(
     let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
     let existing: Option<(i64, String)> = conn
         .prepare_cached("SELECT id, state FROM workers WHERE machine_id = ?1 AND name = ?2")?
-        .query_row(params![req.machine_id, req.name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![req.machine_id, req.name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
     match existing {
         Some((_, state)) if state == "decommissioned" => Err(ApiError::forbidden(
@@ -131,11 +145,21 @@ pub fn register(
                 transition(conn, now, id, "idle", "re-registered")?;
             }
             refresh_load(conn, now, id, "re-registered")?;
-            event(conn, now, "worker.registered", None, Some(id), json!({"name": req.name, "again": true}))?;
+            event(
+                conn,
+                now,
+                "worker.registered",
+                None,
+                Some(id),
+                json!({"name": req.name, "again": true}),
+            )?;
             let state: String = conn
                 .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
                 .query_row([id], |r| r.get(0))?;
-            log::info!("worker re-registered worker_id={id} name={:?} state={state}", req.name);
+            log::info!(
+                "worker re-registered worker_id={id} name={:?} state={state}",
+                req.name
+            );
             Ok((id, state))
         }
         None => {
@@ -209,16 +233,22 @@ pub fn heartbeat(
     let state: String = conn
         .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))?;
-    let mut released = observe_incarnation(conn, now, worker_id, &req.incarnation)?;
-    let metrics = serde_json::to_string(&req.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut released = adopt_incarnation(conn, now, worker_id, &req.incarnation)?;
+    let metrics =
+        serde_json::to_string(&req.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET last_seen_at = ?2, gpu_metrics = ?3 WHERE id = ?1")?
         .execute(params![worker_id, now, metrics])?;
     if state == "offline" {
         transition(conn, now, worker_id, "idle", "heartbeat resumed")?;
         refresh_load(conn, now, worker_id, "heartbeat resumed")?;
     }
-    let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl)?;
+    let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl, req.stopping)?;
     released |= renewal.released;
+    if req.stopping {
+        conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?
+            .execute(params![worker_id, format!("{STOPPED}{}", req.incarnation)])?;
+        log::info!("agent stopping worker_id={worker_id}");
+    }
     let state: String = conn
         .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))?;
@@ -229,23 +259,62 @@ pub fn heartbeat(
     })
 }
 
-/// Notes the agent process behind a call. A different process than last
-/// time means the agent restarted: the jobs the old one ran died with it and
-/// are released at once (instead of after a lease TTL). True if any were.
-pub fn observe_incarnation(conn: &Connection, now: Ms, worker_id: i64, incarnation: &str) -> Result<bool, ApiError> {
+/// Adopts the agent process behind a heartbeat. A different process than
+/// last time means the agent restarted: the jobs the old one ran died with
+/// it and are released at once (instead of after a lease TTL). True if any
+/// were. Only heartbeats (and registration) change the incarnation.
+fn adopt_incarnation(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    incarnation: &str,
+) -> Result<bool, ApiError> {
     let known: Option<String> = conn
         .prepare_cached("SELECT incarnation FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))?;
     if known.as_deref() == Some(incarnation) {
         return Ok(false);
     }
+    if known.as_deref().and_then(|k| k.strip_prefix(STOPPED)) == Some(incarnation) {
+        return Err(stopped());
+    }
     let released = match known {
-        Some(_) => jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::AgentRestarted)? > 0,
+        Some(_) => {
+            jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::AgentRestarted)? > 0
+        }
         None => false,
     };
     conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?
         .execute(params![worker_id, incarnation])?;
     Ok(released)
+}
+
+fn stopped() -> ApiError {
+    ApiError::conflict(
+        "agent_stopped",
+        "this agent process said it was stopping; a new process must be started",
+    )
+}
+
+/// A claim must come from the agent process whose heartbeat was seen last,
+/// so that a claim left parked by a dead process cannot take a job.
+pub fn check_incarnation(
+    conn: &Connection,
+    worker_id: i64,
+    incarnation: &str,
+) -> Result<(), ApiError> {
+    let known: Option<String> = conn
+        .prepare_cached("SELECT incarnation FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    match known.as_deref() {
+        Some(k) if k == incarnation => Ok(()),
+        Some(k) if k.strip_prefix(STOPPED) == Some(incarnation) => Err(stopped()),
+        _ => Err(ApiError::conflict(
+            "unknown_incarnation",
+            "no heartbeat from this agent process yet (or a newer one took over): heartbeat, then claim",
+        )
+        .with_field("incarnation")),
+    }
 }
 
 pub fn approve(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError> {
@@ -271,7 +340,12 @@ fn state_of(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
 }
 
 /// Marks workers silent since `cutoff` offline. Returns how many.
-pub fn mark_silent_offline(conn: &Connection, now: Ms, cutoff: Ms, silence_s: u64) -> Result<usize, ApiError> {
+pub fn mark_silent_offline(
+    conn: &Connection,
+    now: Ms,
+    cutoff: Ms,
+    silence_s: u64,
+) -> Result<usize, ApiError> {
     let silent: Vec<i64> = conn
         .prepare_cached(&format!(
             "SELECT id FROM workers WHERE state IN {LIVE_STATES} AND last_seen_at < ?1 LIMIT 500"
@@ -279,7 +353,13 @@ pub fn mark_silent_offline(conn: &Connection, now: Ms, cutoff: Ms, silence_s: u6
         .query_map([cutoff], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in &silent {
-        transition(conn, now, *id, "offline", &format!("no heartbeat for {silence_s}s"))?;
+        transition(
+            conn,
+            now,
+            *id,
+            "offline",
+            &format!("no heartbeat for {silence_s}s"),
+        )?;
     }
     Ok(silent.len())
 }
@@ -288,7 +368,9 @@ pub fn mark_silent_offline(conn: &Connection, now: Ms, cutoff: Ms, silence_s: u6
 /// coordinator cannot know when it last heard from it.
 pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
     Ok(conn
-        .prepare_cached(&format!("UPDATE workers SET last_seen_at = ?1 WHERE state IN {LIVE_STATES}"))?
+        .prepare_cached(&format!(
+            "UPDATE workers SET last_seen_at = ?1 WHERE state IN {LIVE_STATES}"
+        ))?
         .execute([now])?)
 }
 
@@ -328,7 +410,9 @@ pub fn list(conn: &Connection) -> Result<Vec<Value>, ApiError> {
 /// One worker with its health log and recent jobs.
 pub fn get(conn: &Connection, _now: Ms, worker_id: i64) -> Result<Value, ApiError> {
     let mut w = conn
-        .prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"))?
+        .prepare_cached(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"
+        ))?
         .query_row([worker_id], worker_json)
         .optional()?
         .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id}")))?;

@@ -1,0 +1,259 @@
+//! The coordinator's HTTP API, as the agent calls it (blocking ureq, run on
+//! tokio's blocking pool by the callers), with errors that carry a hint.
+
+use drover_proto::{
+    ClaimRequest, ClaimResponse, CompleteRequest, CompleteResponse, ErrorBody, ErrorDetail,
+    HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::RwLock;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone)]
+pub enum ClientError {
+    /// No HTTP answer: refused, timed out, DNS, TLS.
+    Unreachable { url: String, reason: String },
+    /// The coordinator answered with an error status.
+    Status { status: u16, error: ErrorDetail },
+    /// An answer we could not understand.
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Status { error, .. } => Some(&error.code),
+            _ => None,
+        }
+    }
+
+    /// Worth retrying later: no answer, an overloaded or failing coordinator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Protocol(_) => true,
+            ClientError::Status { status, .. } => {
+                *status == 429 || *status >= 500 || *status == 408
+            }
+        }
+    }
+
+    /// A short kind, so the same failure is explained once, not every retry.
+    pub fn kind(&self) -> String {
+        match self {
+            ClientError::Unreachable { .. } => "unreachable".into(),
+            ClientError::Status { status, error } => format!("{status}:{}", error.code),
+            ClientError::Protocol(_) => "protocol".into(),
+        }
+    }
+
+    /// What the operator should try.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ClientError::Unreachable { url, .. } => Some(format!(
+                "check that drover-coordinator runs and listens on the address in {url} (its --listen defaults to 127.0.0.1:8700, \
+                 which other machines cannot reach), and that no firewall blocks the port: try curl {url}/healthz"
+            )),
+            ClientError::Status { status: 401, .. } => Some(
+                "the registration secret is wrong: set --registration-secret (DROVER_REGISTRATION_SECRET) to the coordinator's"
+                    .into(),
+            ),
+            ClientError::Status { status: 413, .. } => Some("a request was too large for the coordinator".into()),
+            ClientError::Status { status, .. } if *status >= 500 => {
+                Some("the coordinator is failing; see its log (journalctl -u drover-coordinator)".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unreachable { url, reason } => {
+                write!(f, "coordinator unreachable at {url}: {reason}")
+            }
+            ClientError::Status { status, error } => {
+                write!(
+                    f,
+                    "coordinator answered {status} {}: {}",
+                    error.code, error.message
+                )
+            }
+            ClientError::Protocol(m) => write!(f, "unexpected answer from the coordinator: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// The agent's connection to its coordinator.
+pub struct Client {
+    base: String,
+    http: ureq::Agent,
+    token: RwLock<Option<String>>,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Client {
+            base: base.to_string(),
+            http,
+            token: RwLock::new(None),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn set_token(&self, token: String) {
+        if let Ok(mut t) = self.token.write() {
+            *t = Some(token);
+        }
+    }
+
+    fn bearer(&self) -> String {
+        let token = self
+            .token
+            .read()
+            .ok()
+            .and_then(|t| t.clone())
+            .unwrap_or_default();
+        format!("Bearer {token}")
+    }
+
+    fn call(
+        &self,
+        path: &str,
+        auth: String,
+        timeout: Duration,
+        body: Body,
+    ) -> Result<Option<ureq::Response>, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let req = self
+            .http
+            .post(&url)
+            .timeout(timeout)
+            .set("Authorization", &auth);
+        let result = match body {
+            Body::Json(v) => req.send_json(v),
+            Body::Bytes(b) => req
+                .set("Content-Type", "application/octet-stream")
+                .send_bytes(b),
+        };
+        match result {
+            Ok(resp) if resp.status() == 204 => Ok(None),
+            Ok(resp) => Ok(Some(resp)),
+            Err(ureq::Error::Status(status, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                let error = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| ErrorDetail {
+                        code: "http".into(),
+                        message: text.chars().take(200).collect(),
+                        field: None,
+                    });
+                Err(ClientError::Status { status, error })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: t.to_string(),
+            }),
+        }
+    }
+
+    fn json<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        auth: String,
+        timeout: Duration,
+        body: &B,
+    ) -> Result<Option<R>, ClientError> {
+        let value = serde_json::to_value(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match self.call(path, auth, timeout, Body::Json(value))? {
+            None => Ok(None),
+            Some(resp) => resp
+                .into_json::<R>()
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(format!("{path}: {e}"))),
+        }
+    }
+
+    fn some<R>(path: &str, r: Option<R>) -> Result<R, ClientError> {
+        r.ok_or_else(|| ClientError::Protocol(format!("{path}: empty answer")))
+    }
+
+    pub fn register(
+        &self,
+        secret: &str,
+        req: &RegisterRequest,
+    ) -> Result<RegisterResponse, ClientError> {
+        let path = "/api/v1/agents/register";
+        Self::some(
+            path,
+            self.json(path, format!("Bearer {secret}"), TIMEOUT, req)?,
+        )
+    }
+
+    pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
+        let path = "/api/v1/agents/heartbeat";
+        Self::some(path, self.json(path, self.bearer(), TIMEOUT, req)?)
+    }
+
+    /// Long-poll for a job; `None` when none came within `wait`.
+    pub fn claim(
+        &self,
+        req: &ClaimRequest,
+        wait: Duration,
+    ) -> Result<Option<ClaimResponse>, ClientError> {
+        let path = format!("/api/v1/agents/claim?wait={}", wait.as_secs());
+        // The answer may take the whole wait: read timeout = wait + 10 s.
+        self.json(&path, self.bearer(), wait + Duration::from_secs(10), req)
+    }
+
+    pub fn append_log(
+        &self,
+        job_id: i64,
+        attempt: i64,
+        stream: &str,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let path = format!("/api/v1/jobs/{job_id}/logs?attempt={attempt}&stream={stream}");
+        self.call(&path, self.bearer(), TIMEOUT, Body::Bytes(data))
+            .map(drop)
+    }
+
+    pub fn complete(
+        &self,
+        job_id: i64,
+        req: &CompleteRequest,
+    ) -> Result<CompleteResponse, ClientError> {
+        let path = format!("/api/v1/jobs/{job_id}/complete");
+        Self::some(&path, self.json(&path, self.bearer(), TIMEOUT, req)?)
+    }
+}
+
+enum Body<'a> {
+    Json(serde_json::Value),
+    Bytes(&'a [u8]),
+}
+
+/// Exponential backoff with full jitter: 0.5 s x 2^n, capped at 10 s.
+pub fn backoff(failures: u32) -> Duration {
+    let cap_ms = (500u64 << failures.min(5)).min(10_000);
+    Duration::from_millis(crate::random_below(cap_ms) + 1)
+}

@@ -1,0 +1,115 @@
+//! Flags (each also read from a `DROVER_*` env var), validated into a
+//! [`Config`] once.
+
+use crate::inventory;
+use clap::Parser;
+use drover_proto::GpuInfo;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "drover-agent",
+    version,
+    about = "Drover agent: runs jobs from a Drover coordinator on this machine"
+)]
+pub struct Args {
+    /// Coordinator base URL, e.g. http://10.0.0.5:8700
+    #[arg(
+        long,
+        env = "DROVER_COORDINATOR",
+        default_value = "http://127.0.0.1:8700"
+    )]
+    pub coordinator: String,
+
+    /// Shared secret to register with (only needed until the agent has a token).
+    #[arg(long, env = "DROVER_REGISTRATION_SECRET", hide_env_values = true)]
+    pub registration_secret: Option<String>,
+
+    /// Directory for the agent's token, result spool and job scratch dirs.
+    #[arg(
+        long,
+        env = "DROVER_STATE_DIR",
+        default_value = "/var/lib/drover-agent"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Worker name (default: the hostname). Unique per machine.
+    #[arg(long, env = "DROVER_NAME")]
+    pub name: Option<String>,
+
+    /// Capability tags, comma separated (e.g. cuda12,a100).
+    #[arg(long, env = "DROVER_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+
+    /// Jobs run at once (default: one per GPU, or 1 on a CPU worker).
+    #[arg(long, env = "DROVER_SLOTS")]
+    pub slots: Option<u32>,
+
+    /// Pretend to have these GPUs instead of asking NVML:
+    /// comma list of [COUNTx]MODEL:VRAM_MB, e.g. 4xA100:81920,RTX4090:24564
+    #[arg(long, env = "DROVER_FAKE_GPUS")]
+    pub fake_gpus: Option<String>,
+
+    /// Seconds between SIGTERM and SIGKILL when a job is cancelled or times out.
+    #[arg(long, env = "DROVER_KILL_GRACE", default_value_t = 10)]
+    pub kill_grace: u64,
+
+    /// Seconds running jobs get to finish on SIGTERM before they are stopped
+    /// and handed back to the coordinator.
+    #[arg(long, env = "DROVER_SHUTDOWN_GRACE", default_value_t = 60)]
+    pub shutdown_grace: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub coordinator: String,
+    pub registration_secret: Option<String>,
+    pub state_dir: PathBuf,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub slots: Option<u32>,
+    pub fake_gpus: Option<Vec<GpuInfo>>,
+    pub kill_grace: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Config, String> {
+        let coordinator = args.coordinator.trim_end_matches('/').to_string();
+        if !(coordinator.starts_with("http://") || coordinator.starts_with("https://")) {
+            return Err(format!(
+                "--coordinator {coordinator:?} must be an http:// or https:// URL, e.g. http://10.0.0.5:8700"
+            ));
+        }
+        let name = match args.name {
+            Some(n) if !n.trim().is_empty() => n.trim().to_string(),
+            Some(_) => return Err("--name must not be empty".into()),
+            None => inventory::hostname(),
+        };
+        let tags: Vec<String> = args
+            .tags
+            .into_iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if args.slots == Some(0) {
+            return Err("--slots must be at least 1".into());
+        }
+        let fake_gpus = match args.fake_gpus.as_deref() {
+            None | Some("") => None,
+            Some(spec) => Some(inventory::parse_fake_gpus(spec)?),
+        };
+        Ok(Config {
+            coordinator,
+            registration_secret: args.registration_secret.filter(|s| !s.is_empty()),
+            state_dir: args.state_dir,
+            name,
+            tags,
+            slots: args.slots,
+            fake_gpus,
+            kill_grace: Duration::from_secs(args.kill_grace),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        })
+    }
+}

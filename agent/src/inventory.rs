@@ -1,0 +1,170 @@
+//! What this machine offers: hostname, CPU, memory and GPUs. GPUs come from
+//! one source, the `--fake-gpus` fixture or the machine; everything after
+//! the source is the same code.
+
+use drover_proto::{GpuInfo, GpuMetrics, Inventory};
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn memory_mb() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
+/// Parses `[COUNTx]MODEL:VRAM_MB[,...]`, e.g. `4xA100:81920,RTX4090:24564`.
+pub fn parse_fake_gpus(spec: &str) -> Result<Vec<GpuInfo>, String> {
+    let mut gpus = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = |why: &str| {
+            format!("--fake-gpus {part:?}: {why}; expected [COUNTx]MODEL:VRAM_MB like 4xA100:81920")
+        };
+        let (head, vram) = part
+            .rsplit_once(':')
+            .ok_or_else(|| bad("missing :VRAM_MB"))?;
+        let vram_mb: u64 = vram.parse().map_err(|_| bad("VRAM_MB is not a number"))?;
+        if vram_mb == 0 {
+            return Err(bad("VRAM_MB must be more than 0"));
+        }
+        let (count, model) = match head.split_once('x') {
+            Some((n, model)) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => (
+                n.parse::<u32>().map_err(|_| bad("COUNT is not a number"))?,
+                model,
+            ),
+            _ => (1, head),
+        };
+        if model.is_empty() {
+            return Err(bad("MODEL is empty"));
+        }
+        if count == 0 || count > 64 {
+            return Err(bad("COUNT must be 1 to 64"));
+        }
+        for _ in 0..count {
+            let index = gpus.len() as u32;
+            gpus.push(GpuInfo {
+                index,
+                uuid: format!("GPU-fake-{index:04}"),
+                model: model.to_string(),
+                vram_mb,
+            });
+        }
+    }
+    if gpus.is_empty() {
+        return Err("--fake-gpus is empty".into());
+    }
+    if gpus.len() > 64 {
+        return Err("--fake-gpus: at most 64 GPUs".into());
+    }
+    Ok(gpus)
+}
+
+/// Where GPU data comes from.
+#[derive(Debug, Clone)]
+pub enum GpuSource {
+    /// `--fake-gpus`: synthetic but plausible metrics.
+    Fake(Vec<GpuInfo>),
+    /// No GPUs: a CPU worker.
+    None,
+}
+
+impl GpuSource {
+    /// The fixture when given; otherwise this machine. NVML is not wired in
+    /// yet, so without the fixture the agent is a CPU worker and says so.
+    pub fn detect(fake: Option<Vec<GpuInfo>>) -> GpuSource {
+        match fake {
+            Some(gpus) => {
+                log::info!("using {} fake GPUs from --fake-gpus", gpus.len());
+                GpuSource::Fake(gpus)
+            }
+            None => {
+                log::info!(
+                    "no GPU source: NVML is not available to this build; running as a CPU worker"
+                );
+                GpuSource::None
+            }
+        }
+    }
+
+    pub fn gpus(&self) -> Vec<GpuInfo> {
+        match self {
+            GpuSource::Fake(g) => g.clone(),
+            GpuSource::None => Vec::new(),
+        }
+    }
+
+    /// Current metrics; `busy` are the indices held by running jobs.
+    pub fn metrics(&self, busy: &[u32]) -> Vec<GpuMetrics> {
+        match self {
+            GpuSource::Fake(gpus) => gpus
+                .iter()
+                .map(|g| {
+                    let used = busy.contains(&g.index);
+                    GpuMetrics {
+                        index: g.index,
+                        utilization_pct: if used { 87.0 } else { 0.0 },
+                        memory_used_mb: if used { g.vram_mb / 2 } else { 0 },
+                        temperature_c: if used { 71.0 } else { 34.0 },
+                        power_w: if used { 280.0 } else { 55.0 },
+                    }
+                })
+                .collect(),
+            GpuSource::None => Vec::new(),
+        }
+    }
+}
+
+pub fn inventory(source: &GpuSource) -> Inventory {
+    Inventory {
+        hostname: hostname(),
+        cpu_cores: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_mb: memory_mb(),
+        gpus: source.gpus(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_gpu_specs() {
+        let g = parse_fake_gpus("4xA100:81920,RTX4090:24564").unwrap();
+        assert_eq!(g.len(), 5);
+        assert_eq!(g[0].model, "A100");
+        assert_eq!(g[3].vram_mb, 81920);
+        assert_eq!(g[4].model, "RTX4090");
+        assert_eq!(g[4].index, 4);
+        assert_eq!(parse_fake_gpus("xA:1").unwrap()[0].model, "xA");
+        for bad in [
+            "",
+            "A100",
+            "A100:big",
+            "0xA100:10",
+            "2x:10",
+            "A100:0",
+            "65xA:1",
+        ] {
+            assert!(parse_fake_gpus(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn fake_metrics_follow_use() {
+        let src = GpuSource::Fake(parse_fake_gpus("2xT4:16384").unwrap());
+        let m = src.metrics(&[1]);
+        assert_eq!(m[0].utilization_pct, 0.0);
+        assert!(m[1].utilization_pct > 50.0);
+    }
+}

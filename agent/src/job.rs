@@ -1,0 +1,486 @@
+//! One attempt of one job: the process (its own process group), its output
+//! shipped to the coordinator in bounded chunks, timeout and cancel (TERM to
+//! the group, KILL after the grace), the result file, and the final report,
+//! spooled on disk until the coordinator has it.
+
+use crate::client::{backoff, Client, ClientError};
+use crate::state::{Spooled, StateDir};
+use drover_proto::{Assignment, CompleteRequest, Outcome};
+use serde_json::Value;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Bytes read from a pipe at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes sent in one log request.
+const SHIP_MAX: usize = 512 * 1024;
+/// Chunks buffered between the pipes and the shipper. When the coordinator
+/// is slow the job's writes block instead of the agent's memory growing.
+const SHIP_QUEUE: usize = 16;
+/// Largest result document read from `DROVER_RESULT_FILE`.
+const RESULT_MAX: u64 = 1024 * 1024;
+
+/// Shared by every job task.
+pub struct Ctx {
+    pub client: Arc<Client>,
+    pub state: Arc<StateDir>,
+    pub kill_grace: Duration,
+}
+
+/// Orders from the supervisor to a running job.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop it and report it cancelled, with the reason.
+    Cancel(String),
+    /// Stop it and hand it back unfinished (agent shutdown).
+    Release,
+}
+
+enum Stop {
+    Cancel(String),
+    Release,
+    Timeout(u64),
+    LeaseLost,
+}
+
+/// Runs the attempt to its end and delivers its report.
+pub async fn run(ctx: Arc<Ctx>, a: Assignment, control: mpsc::UnboundedReceiver<Control>) {
+    let dir = ctx.state.job_dir(a.job_id, a.attempt);
+    if let Some(report) = supervise(&ctx, &a, control, &dir).await {
+        deliver(&ctx.client, &ctx.state, a.job_id, report).await;
+    }
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        log::debug!("removing {}: {e}", dir.display());
+    }
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    if pgid > 0 {
+        // SAFETY: killpg has no memory-safety preconditions.
+        unsafe {
+            libc::killpg(pgid, sig);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn command(a: &Assignment, dir: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&a.command[0]);
+    cmd.args(&a.command[1..]);
+    // The agent's own settings (the registration secret among them) stay
+    // out of jobs.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DROVER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(&a.env);
+    let gpus = a
+        .gpu_indices
+        .iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    cmd.env("DROVER_JOB_ID", a.job_id.to_string())
+        .env("DROVER_ATTEMPT", a.attempt.to_string())
+        .env("DROVER_RESULT_FILE", dir.join("result.json"))
+        .env("DROVER_PROGRESS_FILE", dir.join("progress.json"))
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        .env(
+            "NVIDIA_VISIBLE_DEVICES",
+            if gpus.is_empty() {
+                "none"
+            } else {
+                gpus.as_str()
+            },
+        )
+        .env("CUDA_VISIBLE_DEVICES", &gpus);
+    cmd.current_dir(a.cwd.as_deref().map(Path::new).unwrap_or(dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child
+    // between fork and exec. The job dies with the agent (a killed agent's
+    // restart then re-queues its work) instead of running unsupervised.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Runs the process; `None` when the lease was lost (nothing to report).
+async fn supervise(
+    ctx: &Ctx,
+    a: &Assignment,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    dir: &Path,
+) -> Option<CompleteRequest> {
+    let failed = |error: String| CompleteRequest {
+        attempt: a.attempt,
+        outcome: Outcome::Failed,
+        exit_code: None,
+        result: None,
+        error: Some(error),
+    };
+    if a.command.is_empty() {
+        return Some(failed("empty command".into()));
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return Some(failed(format!(
+            "creating the job dir {}: {e}",
+            dir.display()
+        )));
+    }
+    let mut child = match command(a, dir).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!(
+                "job could not start job_id={} attempt={}: {e}",
+                a.job_id,
+                a.attempt
+            );
+            return Some(failed(format!("could not start {:?}: {e}", a.command[0])));
+        }
+    };
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    log::info!(
+        "job running job_id={} attempt={} pid={pgid} gpus={:?}",
+        a.job_id,
+        a.attempt,
+        a.gpu_indices
+    );
+
+    let (log_tx, log_rx) = mpsc::channel(SHIP_QUEUE);
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(tokio::spawn(pump(out, "stdout", log_tx.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(tokio::spawn(pump(err, "stderr", log_tx.clone())));
+    }
+    drop(log_tx);
+    let (lost_tx, mut lost_rx) = oneshot::channel();
+    let shipper = tokio::spawn(ship(
+        ctx.client.clone(),
+        a.job_id,
+        a.attempt,
+        log_rx,
+        lost_tx,
+    ));
+
+    let deadline = a.timeout_s.map(|t| Instant::now() + Duration::from_secs(t));
+    let mut stop: Option<Stop> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut lost_open = true;
+    let status = loop {
+        let stopping = stop.is_some();
+        let new_stop = tokio::select! {
+            status = child.wait() => break status,
+            c = control.recv(), if !stopping => match c {
+                Some(Control::Cancel(reason)) => Stop::Cancel(reason),
+                Some(Control::Release) | None => Stop::Release,
+            },
+            _ = sleep_until(deadline), if !stopping => Stop::Timeout(a.timeout_s.unwrap_or(0)),
+            r = &mut lost_rx, if !stopping && lost_open => {
+                lost_open = false;
+                match r {
+                    Ok(()) => Stop::LeaseLost,
+                    Err(_) => continue,
+                }
+            },
+            _ = sleep_until(kill_at) => {
+                log::warn!("job ignored SIGTERM for {}s, killing job_id={} attempt={}", ctx.kill_grace.as_secs(), a.job_id, a.attempt);
+                signal_group(pgid, libc::SIGKILL);
+                kill_at = None;
+                continue;
+            }
+        };
+        log::info!(
+            "stopping job job_id={} attempt={} reason={}",
+            a.job_id,
+            a.attempt,
+            describe(&new_stop)
+        );
+        signal_group(pgid, libc::SIGTERM);
+        kill_at = Some(Instant::now() + ctx.kill_grace);
+        stop = Some(new_stop);
+    };
+    // Whatever the job left running in its group ends with it.
+    signal_group(pgid, libc::SIGKILL);
+    for p in pumps {
+        let abort = p.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), p)
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "job output still open after exit, dropping the rest job_id={}",
+                a.job_id
+            );
+            abort.abort();
+        }
+    }
+    let _ = shipper.await;
+    if matches!(lost_rx.try_recv(), Ok(())) {
+        stop = Some(Stop::LeaseLost);
+    }
+
+    let (exit_code, exit_error) = match &status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => (Some(c), (c != 0).then(|| format!("exit code {c}"))),
+            (None, Some(sig)) => (Some(128 + sig), Some(format!("killed by signal {sig}"))),
+            (None, None) => (None, Some("ended without a status".to_string())),
+        },
+        Err(e) => (None, Some(format!("waiting for the process: {e}"))),
+    };
+    let (outcome, mut error) = match stop {
+        None if exit_code == Some(0) => (Outcome::Succeeded, None),
+        None => (Outcome::Failed, exit_error),
+        Some(Stop::Cancel(reason)) => (Outcome::Cancelled, Some(reason)),
+        Some(Stop::Timeout(t)) => (Outcome::TimedOut, Some(format!("timeout after {t}s"))),
+        Some(Stop::Release) => (Outcome::Released, None),
+        Some(Stop::LeaseLost) => {
+            log::warn!(
+                "lease lost, result dropped job_id={} attempt={}",
+                a.job_id,
+                a.attempt
+            );
+            return None;
+        }
+    };
+    let result = match read_result(&dir.join("result.json")) {
+        Ok(r) => r,
+        Err(e) => {
+            let note = format!("result file: {e}");
+            error = Some(match error {
+                Some(prev) => format!("{prev}; {note}"),
+                None => note,
+            });
+            None
+        }
+    };
+    log::info!(
+        "job ended job_id={} attempt={} outcome={} exit_code={exit_code:?}",
+        a.job_id,
+        a.attempt,
+        outcome.as_str()
+    );
+    Some(CompleteRequest {
+        attempt: a.attempt,
+        outcome,
+        exit_code,
+        result,
+        error,
+    })
+}
+
+fn describe(stop: &Stop) -> String {
+    match stop {
+        Stop::Cancel(r) => format!("cancel ({r})"),
+        Stop::Release => "agent stopping, handing back".into(),
+        Stop::Timeout(t) => format!("timeout after {t}s"),
+        Stop::LeaseLost => "lease lost".into(),
+    }
+}
+
+/// Reads the result document without following a symlink, at most 1 MiB.
+fn read_result(path: &Path) -> Result<Option<Value>, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open it (a symlink is refused): {e}")),
+    };
+    let mut bytes = Vec::new();
+    file.take(RESULT_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading it: {e}"))?;
+    if bytes.len() as u64 > RESULT_MAX {
+        return Err(format!("larger than {RESULT_MAX} bytes"));
+    }
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("not valid JSON: {e}"))
+}
+
+async fn pump(
+    mut pipe: impl AsyncRead + Unpin,
+    stream: &'static str,
+    tx: mpsc::Sender<(&'static str, Vec<u8>)>,
+) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send((stream, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends output chunks in order, merging consecutive chunks of one stream.
+/// Retries while the coordinator is unreachable; a 409 means the lease is
+/// gone: say so and drop the rest.
+async fn ship(
+    client: Arc<Client>,
+    job_id: i64,
+    attempt: i64,
+    mut rx: mpsc::Receiver<(&'static str, Vec<u8>)>,
+    lost: oneshot::Sender<()>,
+) {
+    let mut pending: Option<(&'static str, Vec<u8>)> = None;
+    loop {
+        let (stream, mut data) = match pending.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        while data.len() < SHIP_MAX {
+            match rx.try_recv() {
+                Ok((s, more)) if s == stream => data.extend_from_slice(&more),
+                Ok(other) => {
+                    pending = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let data = Arc::new(data);
+        let mut failures = 0;
+        loop {
+            let (c, d) = (client.clone(), data.clone());
+            let r = blocking(move || c.append_log(job_id, attempt, stream, &d)).await;
+            match r {
+                Ok(()) => break,
+                Err(e) if matches!(e.status(), Some(409) | Some(404)) => {
+                    log::warn!("log refused, lease gone job_id={job_id} attempt={attempt}: {e}");
+                    let _ = lost.send(());
+                    while rx.recv().await.is_some() {}
+                    return;
+                }
+                Err(e) if e.is_transient() || e.status() == Some(401) => {
+                    if failures == 0 {
+                        log::warn!("sending job output failed, retrying job_id={job_id}: {e}");
+                    }
+                    failures += 1;
+                    tokio::time::sleep(backoff(failures)).await;
+                }
+                Err(e) => {
+                    log::warn!("job output chunk refused, dropped job_id={job_id}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs a blocking client call on tokio's blocking pool.
+pub async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, ClientError> + Send + 'static,
+) -> Result<R, ClientError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ClientError::Protocol(format!("client task failed: {e}"))))
+}
+
+/// Spools the report, then sends it until the coordinator takes it (200) or
+/// refuses it for good (409 stale, 404 gone). Never gives up on a transient
+/// failure: the spool survives an agent restart too.
+pub async fn deliver(client: &Arc<Client>, state: &StateDir, job_id: i64, report: CompleteRequest) {
+    let spooled = Spooled { job_id, report };
+    if let Err(e) = state.spool(&spooled) {
+        log::error!("could not spool the report of job {job_id} (delivering it anyway): {e}");
+    }
+    let attempt = spooled.report.attempt;
+    let report = Arc::new(spooled.report);
+    let mut failures = 0;
+    loop {
+        let (c, r) = (client.clone(), report.clone());
+        match blocking(move || c.complete(job_id, &r)).await {
+            Ok(resp) => {
+                log::info!(
+                    "reported job_id={job_id} attempt={attempt} outcome={} status={}{}",
+                    report.outcome.as_str(),
+                    resp.status,
+                    if resp.replay {
+                        " (already recorded)"
+                    } else {
+                        ""
+                    }
+                );
+                break;
+            }
+            Err(e) if matches!(e.status(), Some(409) | Some(404)) => {
+                log::warn!("report refused job_id={job_id} attempt={attempt}: {e}");
+                break;
+            }
+            Err(e) if e.is_transient() || e.status() == Some(401) => {
+                if failures == 0 {
+                    log::warn!("report not delivered yet, kept in the spool, retrying job_id={job_id}: {e}");
+                }
+                failures += 1;
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            Err(e) => {
+                log::error!("report refused, dropping it job_id={job_id} attempt={attempt}: {e}");
+                break;
+            }
+        }
+    }
+    state.unspool(job_id, attempt);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_file_rules() {
+        let dir = std::env::temp_dir().join(format!("drover-result-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("result.json");
+        assert_eq!(read_result(&p).unwrap(), None);
+        std::fs::write(&p, br#"{"loss": 0.1}"#).unwrap();
+        assert_eq!(
+            read_result(&p).unwrap(),
+            Some(serde_json::json!({"loss": 0.1}))
+        );
+        std::fs::write(&p, b"not json").unwrap();
+        assert!(read_result(&p).unwrap_err().contains("not valid JSON"));
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &p).unwrap();
+        assert!(read_result(&p).unwrap_err().contains("symlink"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

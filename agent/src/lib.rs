@@ -1,0 +1,179 @@
+//! Drover agent: registers this machine with the coordinator, heartbeats,
+//! claims the jobs it can run, runs them, and reports. `main.rs` parses
+//! flags and calls [`run`].
+
+pub mod client;
+pub mod config;
+pub mod inventory;
+pub mod job;
+pub mod state;
+pub mod supervisor;
+
+use client::{backoff, Client, ClientError};
+use config::Config;
+use drover_proto::RegisterRequest;
+use inventory::GpuSource;
+use job::{blocking, Ctx};
+use state::{Identity, StateDir};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+use supervisor::Supervisor;
+
+/// Exit status when the coordinator refused this agent for good (wrong
+/// secret, decommissioned, token revoked): restarting will not help.
+pub const EXIT_REFUSED: i32 = 3;
+pub const EXIT_REVOKED: i32 = 4;
+
+/// A random u64 (from the std hasher's random keys; not for secrets).
+pub fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// A random number in 0..n (0 when n is 0).
+pub fn random_below(n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        random_u64() % n
+    }
+}
+
+/// Logs a failure with its hint once, and again only when it changes, so a
+/// long outage does not fill the journal.
+#[derive(Default)]
+pub struct Explainer {
+    last: Option<String>,
+}
+
+impl Explainer {
+    pub fn explain(&mut self, what: &str, e: &ClientError) {
+        let kind = e.kind();
+        if self.last.as_deref() == Some(kind.as_str()) {
+            log::debug!("{what} failed again: {e}");
+            return;
+        }
+        match e.hint() {
+            Some(hint) => log::warn!("{what} failed: {e}. Try: {hint}"),
+            None => log::warn!("{what} failed: {e}"),
+        }
+        self.last = Some(kind);
+    }
+
+    pub fn recovered(&mut self, what: &str) {
+        if self.last.take().is_some() {
+            log::info!("{what}");
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT (then it hands back what it runs).
+/// Returns the process exit status.
+pub async fn run(config: Config) -> Result<(), (i32, String)> {
+    let fail = |e: String| (1, e);
+    let state = Arc::new(StateDir::open(&config.state_dir).map_err(fail)?);
+    let gpu = GpuSource::detect(config.fake_gpus.clone());
+    let client = Arc::new(Client::new(&config.coordinator));
+    let identity = match state.load_identity().map_err(fail)? {
+        Some(id) if id.coordinator == config.coordinator => id,
+        Some(_) | None => register(&config, &state, &client, &gpu).await?,
+    };
+    client.set_token(identity.token.clone());
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        state: state.clone(),
+        kill_grace: config.kill_grace,
+    });
+    // Reports of jobs that finished while we could not deliver them go
+    // first: the first heartbeat of this process releases whatever the
+    // previous one still held.
+    for s in state.spooled() {
+        log::info!(
+            "delivering a spooled report job_id={} attempt={}",
+            s.job_id,
+            s.report.attempt
+        );
+        job::deliver(&client, &state, s.job_id, s.report).await;
+    }
+    let capacity = config
+        .slots
+        .map(|s| s as usize)
+        .unwrap_or_else(|| gpu.gpus().len().max(1));
+    let incarnation = format!("{:016x}", random_u64());
+    log::info!(
+        "agent running worker_id={} name={:?} coordinator={} slots={capacity} gpus={}",
+        identity.worker_id,
+        config.name,
+        config.coordinator,
+        gpu.gpus().len()
+    );
+    let supervisor = Supervisor {
+        ctx,
+        incarnation,
+        worker_id: identity.worker_id,
+        capacity,
+        shutdown_grace: config.shutdown_grace,
+        gpu,
+    };
+    supervisor.run(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Registers (retrying while the coordinator is unreachable) and keeps the
+/// token 0600 in the state dir.
+async fn register(
+    config: &Config,
+    state: &StateDir,
+    client: &Arc<Client>,
+    gpu: &GpuSource,
+) -> Result<Identity, (i32, String)> {
+    let secret = config.registration_secret.clone().ok_or((
+        EXIT_REFUSED,
+        "this agent has no token yet and no --registration-secret (DROVER_REGISTRATION_SECRET) to register with".to_string(),
+    ))?;
+    let req = RegisterRequest {
+        name: config.name.clone(),
+        machine_id: state.machine_id().map_err(|e| (1, e))?,
+        inventory: inventory::inventory(gpu),
+        tags: config.tags.clone(),
+        slots: config.slots,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let req = Arc::new(req);
+    let mut failures = 0;
+    let mut errors = Explainer::default();
+    loop {
+        let (c, s, r) = (client.clone(), secret.clone(), req.clone());
+        match blocking(move || c.register(&s, &r)).await {
+            Ok(resp) => {
+                let id = Identity {
+                    worker_id: resp.worker_id,
+                    token: resp.token,
+                    coordinator: config.coordinator.clone(),
+                };
+                state.save_identity(&id).map_err(|e| (1, e))?;
+                log::info!("registered worker_id={} state={}", id.worker_id, resp.state);
+                return Ok(id);
+            }
+            Err(e) if e.is_transient() => {
+                errors.explain("registering", &e);
+                failures += 1;
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            Err(e) => {
+                let hint = e.hint().map(|h| format!(". Try: {h}")).unwrap_or_default();
+                return Err((
+                    EXIT_REFUSED,
+                    format!("registering with {} failed: {e}{hint}", config.coordinator),
+                ));
+            }
+        }
+    }
+}

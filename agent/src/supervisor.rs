@@ -1,0 +1,338 @@
+//! The agent's main loop. It owns the agent's state (running jobs, whether
+//! it may claim, whether it is stopping) and changes it only in response to
+//! one `Event` at a time; the heartbeat, claim and job tasks send events.
+
+use crate::client::{backoff, ClientError};
+use crate::inventory::GpuSource;
+use crate::job::{self, blocking, Control, Ctx};
+use crate::Explainer;
+use drover_proto::{
+    Assignment, ClaimRequest, HeartbeatRequest, HeartbeatResponse, LeaseRef, Outcome,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Longest claim long-poll.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub enum Event {
+    Claimed(Assignment),
+    /// A claim ended without a job (204 or an error).
+    ClaimEnded(Option<ClientError>),
+    JobDone {
+        job_id: i64,
+    },
+    Beat(HeartbeatResponse),
+    Shutdown,
+    GraceOver,
+    /// The coordinator no longer knows this agent's token.
+    Revoked(ClientError),
+}
+
+struct Running {
+    attempt: i64,
+    gpus: Vec<u32>,
+    control: Option<mpsc::UnboundedSender<Control>>,
+}
+
+/// Leases held now, with their GPUs; read by the heartbeat task.
+pub type Leases = Vec<(LeaseRef, Vec<u32>)>;
+
+pub struct Supervisor {
+    pub ctx: Arc<Ctx>,
+    pub incarnation: String,
+    pub worker_id: i64,
+    pub capacity: usize,
+    pub shutdown_grace: Duration,
+    pub gpu: GpuSource,
+}
+
+impl Supervisor {
+    /// Runs until a shutdown has handed every job back or finished it.
+    pub async fn run(self, heartbeat_interval: Duration) {
+        let (tx, mut rx) = mpsc::channel::<Event>(256);
+        let (leases_tx, leases_rx) = watch::channel::<Leases>(Vec::new());
+        let mut running: HashMap<i64, Running> = HashMap::new();
+        // Claims wait for the first heartbeat: it introduces this process.
+        let mut approved = false;
+        let mut warned_pending = false;
+        let mut claiming = false;
+        let mut claim_failures = 0u32;
+        let mut claim_errors = Explainer::default();
+        let mut stopping = false;
+
+        tokio::spawn(heartbeat_loop(
+            self.ctx.clone(),
+            self.incarnation.clone(),
+            leases_rx,
+            tx.clone(),
+            self.gpu.clone(),
+            heartbeat_interval,
+        ));
+        tokio::spawn(signals(tx.clone()));
+
+        loop {
+            if stopping && running.is_empty() {
+                break;
+            }
+            if !stopping && approved && !claiming && running.len() < self.capacity {
+                claiming = true;
+                let delay = if claim_failures > 0 {
+                    backoff(claim_failures)
+                } else {
+                    Duration::ZERO
+                };
+                tokio::spawn(claim(
+                    self.ctx.clone(),
+                    self.incarnation.clone(),
+                    delay,
+                    tx.clone(),
+                ));
+            }
+            let Some(event) = rx.recv().await else { break };
+            match event {
+                Event::Claimed(a) => {
+                    claiming = false;
+                    claim_failures = 0;
+                    claim_errors.recovered("claims work again");
+                    let (control_tx, control_rx) = mpsc::unbounded_channel();
+                    let job_id = a.job_id;
+                    running.insert(
+                        job_id,
+                        Running {
+                            attempt: a.attempt,
+                            gpus: a.gpu_indices.clone(),
+                            control: Some(control_tx.clone()),
+                        },
+                    );
+                    if stopping {
+                        let _ = control_tx.send(Control::Release);
+                    }
+                    publish(&leases_tx, &running);
+                    let (ctx, done) = (self.ctx.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        job::run(ctx, a, control_rx).await;
+                        let _ = done.send(Event::JobDone { job_id }).await;
+                    });
+                }
+                Event::ClaimEnded(error) => {
+                    claiming = false;
+                    match error {
+                        None => claim_failures = 0,
+                        Some(e) if e.code() == Some("pending_approval") => {
+                            approved = false;
+                            if !warned_pending {
+                                self.warn_pending();
+                                warned_pending = true;
+                            }
+                        }
+                        Some(e) => {
+                            claim_failures += 1;
+                            claim_errors.explain("claiming work", &e);
+                        }
+                    }
+                }
+                Event::JobDone { job_id } => {
+                    running.remove(&job_id);
+                    publish(&leases_tx, &running);
+                }
+                Event::Beat(resp) => {
+                    let now_approved = resp.state != "pending";
+                    if now_approved && !approved && warned_pending {
+                        log::info!(
+                            "approved by the coordinator; claiming work (worker_id={})",
+                            self.worker_id
+                        );
+                    }
+                    if !now_approved && !warned_pending {
+                        self.warn_pending();
+                        warned_pending = true;
+                    }
+                    approved = now_approved;
+                    for order in resp.orders {
+                        match (order.kind.as_str(), running.get(&order.job_id)) {
+                            ("cancel", Some(r)) if r.attempt == order.attempt => {
+                                if let Some(c) = &r.control {
+                                    let _ = c.send(Control::Cancel(order.reason));
+                                }
+                            }
+                            (kind, _) => log::debug!(
+                                "ignoring order {kind} for job {} attempt {}",
+                                order.job_id,
+                                order.attempt
+                            ),
+                        }
+                    }
+                }
+                Event::Revoked(e) => {
+                    log::error!(
+                        "the coordinator refused this agent's token ({e}); it was revoked or the coordinator's database is new. \
+                         Removing {} so the next start registers again",
+                        self.ctx.state.root().join("identity.json").display()
+                    );
+                    self.ctx.state.forget_identity();
+                    std::process::exit(crate::EXIT_REVOKED);
+                }
+                Event::Shutdown if !stopping => {
+                    stopping = true;
+                    log::info!(
+                        "stopping: no new claims; {} running jobs get {}s to finish, then are handed back",
+                        running.len(),
+                        self.shutdown_grace.as_secs()
+                    );
+                    let done = tx.clone();
+                    let grace = self.shutdown_grace;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        let _ = done.send(Event::GraceOver).await;
+                    });
+                }
+                Event::Shutdown | Event::GraceOver => {
+                    if !running.is_empty() {
+                        log::info!("handing back {} running jobs", running.len());
+                    }
+                    for r in running.values() {
+                        if let Some(c) = &r.control {
+                            let _ = c.send(Control::Release);
+                        }
+                    }
+                }
+            }
+        }
+        // Tell the coordinator this agent holds nothing and claims nothing
+        // more, so a claim still parked for it cannot hand out a job.
+        let req = HeartbeatRequest {
+            incarnation: self.incarnation.clone(),
+            leases: Vec::new(),
+            gpus: Vec::new(),
+            stopping: true,
+        };
+        let client = self.ctx.client.clone();
+        match blocking(move || client.heartbeat(&req)).await {
+            Ok(_) => log::info!("stopped; the coordinator knows"),
+            Err(e) => log::warn!("stopped; could not tell the coordinator: {e}"),
+        }
+    }
+
+    fn warn_pending(&self) {
+        log::warn!(
+            "worker {} waits for admin approval. Approve it with: curl -X POST -H \"Authorization: Bearer $DROVER_ADMIN_TOKEN\" {}/api/v1/workers/{}/approve",
+            self.worker_id,
+            self.ctx.client.base(),
+            self.worker_id
+        );
+    }
+}
+
+fn publish(tx: &watch::Sender<Leases>, running: &HashMap<i64, Running>) {
+    let leases = running
+        .iter()
+        .map(|(job_id, r)| {
+            (
+                LeaseRef {
+                    job_id: *job_id,
+                    attempt: r.attempt,
+                },
+                r.gpus.clone(),
+            )
+        })
+        .collect();
+    tx.send_replace(leases);
+}
+
+async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Sender<Event>) {
+    tokio::time::sleep(delay).await;
+    let client = ctx.client.clone();
+    let req = ClaimRequest { incarnation };
+    let event = match blocking(move || client.claim(&req, CLAIM_WAIT)).await {
+        Ok(Some(resp)) => Event::Claimed(resp.job),
+        Ok(None) => Event::ClaimEnded(None),
+        Err(e) => Event::ClaimEnded(Some(e)),
+    };
+    if let Err(mpsc::error::SendError(Event::Claimed(a))) = tx.send(event).await {
+        // The supervisor is gone (shutting down): hand the job back.
+        let report = drover_proto::CompleteRequest {
+            attempt: a.attempt,
+            outcome: Outcome::Released,
+            exit_code: None,
+            result: None,
+            error: None,
+        };
+        job::deliver(&ctx.client, &ctx.state, a.job_id, report).await;
+    }
+}
+
+async fn heartbeat_loop(
+    ctx: Arc<Ctx>,
+    incarnation: String,
+    leases: watch::Receiver<Leases>,
+    tx: mpsc::Sender<Event>,
+    gpu: GpuSource,
+    mut interval: Duration,
+) {
+    let mut failures = 0u32;
+    let mut errors = Explainer::default();
+    loop {
+        let (held, busy): (Vec<LeaseRef>, Vec<u32>) = {
+            let l = leases.borrow();
+            (
+                l.iter().map(|(r, _)| *r).collect(),
+                l.iter().flat_map(|(_, g)| g.clone()).collect(),
+            )
+        };
+        let req = HeartbeatRequest {
+            incarnation: incarnation.clone(),
+            leases: held,
+            gpus: gpu.metrics(&busy),
+            stopping: false,
+        };
+        let client = ctx.client.clone();
+        let wait = match blocking(move || client.heartbeat(&req)).await {
+            Ok(resp) => {
+                failures = 0;
+                errors.recovered("heartbeats go through again");
+                interval = Duration::from_secs(resp.heartbeat_interval_s.max(1));
+                if tx.send(Event::Beat(resp)).await.is_err() {
+                    return;
+                }
+                // +-10 % jitter keeps a restarted fleet from beating in step.
+                let spread = interval.as_millis() as u64 / 5;
+                interval - Duration::from_millis(spread / 2)
+                    + Duration::from_millis(crate::random_below(spread + 1))
+            }
+            Err(e) if e.status() == Some(401) => {
+                let _ = tx.send(Event::Revoked(e)).await;
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                errors.explain("heartbeat", &e);
+                backoff(failures).min(interval)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn signals(tx: mpsc::Sender<Event>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::warn!("cannot listen for SIGTERM/SIGINT; the agent will not stop gracefully");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if tx.send(Event::Shutdown).await.is_err() {
+            return;
+        }
+    }
+}

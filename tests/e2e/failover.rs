@@ -1,0 +1,145 @@
+//! Agents and the coordinator die; jobs still finish, once, and stale
+//! reports are refused.
+
+use crate::harness::*;
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+#[test]
+fn killed_agent_job_runs_again_elsewhere_and_old_lease_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ttl = 3;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let mut a = Agent::start(&coord.url, dir.path(), "a", &[])?;
+    wait_for("agent a to register", Duration::from_secs(20), || {
+        Ok(a.worker_id().ok())
+    })?;
+    let id = api.submit(&json!({
+        "command": ["sh", "-c",
+            "echo \"$DROVER_ATTEMPT\" >> \"$RUNS\"; echo \"{\\\"attempt\\\": $DROVER_ATTEMPT}\" > \"$DROVER_RESULT_FILE\"; \
+             if [ \"$DROVER_ATTEMPT\" = 1 ]; then exec sleep 600; fi"],
+        "env": {"RUNS": runs.to_string_lossy()},
+    }))?;
+    wait_for("the job to run on a", Duration::from_secs(20), || {
+        Ok((read_lines(&runs).len() == 1).then_some(()))
+    })?;
+    let a_id = a.worker_id()?;
+    let a_token = a.token()?;
+    assert_eq!(api.job(id)?["worker_id"], a_id);
+    let b = Agent::start(&coord.url, dir.path(), "b", &[])?;
+    wait_for("agent b to be idle", Duration::from_secs(20), || {
+        let Ok(b_id) = b.worker_id() else {
+            return Ok(None);
+        };
+        let w = api.admin("GET", &format!("/api/v1/workers/{b_id}"), None)?;
+        Ok((w.body["state"] == "idle").then_some(()))
+    })?;
+
+    a.kill9();
+    let killed = Instant::now();
+    let rerun = wait_for("attempt 2 to start", Duration::from_secs(ttl + 10), || {
+        Ok((read_lines(&runs).len() >= 2).then(|| killed.elapsed()))
+    })?;
+    println!(
+        "re-dispatch after kill -9: {:.2}s (lease TTL {ttl}s)",
+        rerun.as_secs_f64()
+    );
+    assert!(
+        rerun <= Duration::from_secs(ttl + 3),
+        "re-run within TTL + 3 s, took {rerun:?}"
+    );
+
+    let job = wait_for("the job to succeed", Duration::from_secs(20), || {
+        let j = api.job(id)?;
+        Ok((j["status"] == "succeeded").then_some(j))
+    })?;
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["worker_id"], b.worker_id()?);
+    assert_eq!(job["result"], json!({"attempt": 2}));
+    assert_eq!(job["attempts"][0]["outcome"], "lease_lost");
+    assert_eq!(job["attempts"][1]["outcome"], "succeeded");
+
+    // The dead agent's lease is stale: its report is refused and changes nothing.
+    let late =
+        json!({"attempt": 1, "outcome": "succeeded", "exit_code": 0, "result": {"attempt": 1}});
+    let r = api.call(
+        "POST",
+        &format!("/api/v1/jobs/{id}/complete"),
+        Some(&a_token),
+        Some(late.to_string().as_bytes()),
+    )?;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(r.code(), "stale_lease");
+    let log = api.call(
+        "POST",
+        &format!("/api/v1/jobs/{id}/logs?attempt=1"),
+        Some(&a_token),
+        Some(b"late output"),
+    )?;
+    assert_eq!(log.status, 409, "{}", log.text);
+    let after = api.job(id)?;
+    assert_eq!(after["result"], json!({"attempt": 2}));
+    assert_eq!(after["attempt"], 2);
+    assert_eq!(read_lines(&runs), vec!["1", "2"]);
+    let w = api.admin("GET", &format!("/api/v1/workers/{a_id}"), None)?;
+    wait_for(
+        "agent a to be marked offline",
+        Duration::from_secs(ttl + 10),
+        || {
+            let w = api.admin("GET", &format!("/api/v1/workers/{a_id}"), None)?;
+            Ok((w.body["state"] == "offline").then_some(()))
+        },
+    )?;
+    drop(w);
+    Ok(())
+}
+
+#[test]
+fn coordinator_kill9_loses_nothing_and_runs_nothing_twice() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&coord.url, dir.path(), &format!("k{i}"), &[]))
+        .collect::<TestResult<_>>()?;
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids.push(api.submit(&json!({
+            "command": ["sh", "-c", "echo \"$DROVER_JOB_ID\" >> \"$RUNS\"; sleep 0.05"],
+            "env": {"RUNS": runs.to_string_lossy()},
+        }))?);
+    }
+    wait_for("some jobs to finish", Duration::from_secs(60), || {
+        Ok((api.jobs("succeeded")?.len() >= 20).then_some(()))
+    })?;
+    let running = api.jobs("running")?.len();
+    coord.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    coord.restart()?;
+    let api = coord.api();
+    println!("killed the coordinator with {running} jobs running");
+    wait_for("all 300 jobs to succeed", Duration::from_secs(180), || {
+        let failed = api.jobs("failed")?;
+        if !failed.is_empty() {
+            return Err(format!("a job failed: {}", failed[0]).into());
+        }
+        Ok((api.jobs("succeeded")?.len() == 300).then_some(()))
+    })?;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for l in read_lines(&runs) {
+        *counts.entry(l).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(
+            counts.get(&id.to_string()),
+            Some(&1),
+            "job {id} ran exactly once"
+        );
+    }
+    assert_eq!(counts.len(), 300);
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! Starts the real binaries on 127.0.0.1 with a temp database, talks HTTP to
+//! them, waits by polling with a deadline, and kills its children on drop.
+
+use serde_json::Value;
+use std::error::Error;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub type TestResult<T = ()> = Result<T, Box<dyn Error>>;
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+pub const SECRET: &str = "test-registration-secret";
+
+pub fn coordinator_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_drover-coordinator"))
+}
+
+/// The agent is built by `cargo test --workspace` next to the coordinator.
+pub fn agent_bin() -> PathBuf {
+    let p = coordinator_bin().with_file_name("drover-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 25 ms until it returns Some, or fails after `limit`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> TestResult<Option<T>>,
+) -> TestResult<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            return Err(format!("timed out after {limit:?} waiting for {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    // SAFETY: killpg has no memory-safety preconditions.
+    unsafe {
+        libc::killpg(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub struct Coordinator {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+    extra: Vec<String>,
+    starts: usize,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with a fresh database in `dir`, auto-approving.
+    pub fn start(dir: &Path, extra: &[&str]) -> TestResult<Coordinator> {
+        let mut c = Coordinator {
+            child: None,
+            dir: dir.to_path_buf(),
+            port: 0,
+            url: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        c.spawn()?;
+        Ok(c)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("drover.db")
+    }
+
+    fn spawn(&mut self) -> TestResult {
+        self.starts += 1;
+        let log_path = self.dir.join(format!("coordinator-{}.log", self.starts));
+        let log = fs::File::create(&log_path)?;
+        let child = Command::new(coordinator_bin())
+            .arg("--db")
+            .arg(self.db_path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["--admin-token", ADMIN, "--registration-secret", SECRET])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        self.child = Some(child);
+        let addr = wait_for("the coordinator to listen", Duration::from_secs(20), || {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    let log = fs::read_to_string(&log_path).unwrap_or_default();
+                    return Err(format!("coordinator exited with {status}: {log}").into());
+                }
+            }
+            let text = fs::read_to_string(&log_path)?;
+            Ok(text.lines().find_map(|l| {
+                l.split("listening on http://")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(str::to_string)
+            }))
+        })?;
+        self.port = addr.rsplit(':').next().ok_or("no port")?.parse()?;
+        self.url = format!("http://{addr}");
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_group(&mut c);
+        }
+    }
+
+    /// Starts again on the same port and database.
+    pub fn restart(&mut self) -> TestResult {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub state_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn start(url: &str, dir: &Path, name: &str, extra: &[&str]) -> TestResult<Agent> {
+        let state_dir = dir.join(format!("agent-{name}"));
+        let log_path = dir.join(format!("agent-{name}.log"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new(agent_bin())
+            .args([
+                "--coordinator",
+                url,
+                "--registration-secret",
+                SECRET,
+                "--name",
+                name,
+            ])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        Ok(Agent {
+            child: Some(child),
+            state_dir,
+        })
+    }
+
+    /// The agent's token, as it keeps it.
+    pub fn token(&self) -> TestResult<String> {
+        let id: Value = serde_json::from_slice(&fs::read(self.state_dir.join("identity.json"))?)?;
+        Ok(id["token"].as_str().ok_or("no token")?.to_string())
+    }
+
+    pub fn worker_id(&self) -> TestResult<i64> {
+        let id: Value = serde_json::from_slice(&fs::read(self.state_dir.join("identity.json"))?)?;
+        Ok(id["worker_id"].as_i64().ok_or("no worker_id")?)
+    }
+
+    /// SIGKILL to the agent's whole process group.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_group(&mut c);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A small HTTP client that returns every status with its JSON body.
+pub struct Api {
+    base: String,
+    http: ureq::Agent,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    pub fn field(&self) -> &str {
+        self.body["error"]["field"].as_str().unwrap_or("")
+    }
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.to_string(),
+            http: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> TestResult<Reply> {
+        let mut req = self.http.request(method, &format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
+            None => req.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(format!("{method} {path}: {e}").into()),
+        };
+        let status = resp.status();
+        let text = resp.into_string()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Reply { status, body, text })
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> TestResult<Reply> {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        self.call(method, path, Some(ADMIN), bytes.as_deref())
+    }
+
+    /// Submits a job; fails unless 201.
+    pub fn submit(&self, spec: &Value) -> TestResult<i64> {
+        let r = self.admin("POST", "/api/v1/jobs", Some(spec))?;
+        if r.status != 201 {
+            return Err(format!("submit answered {}: {}", r.status, r.text).into());
+        }
+        Ok(r.body["id"].as_i64().ok_or("no id")?)
+    }
+
+    pub fn job(&self, id: i64) -> TestResult<Value> {
+        let r = self.admin("GET", &format!("/api/v1/jobs/{id}"), None)?;
+        if r.status != 200 {
+            return Err(format!("GET job {id} answered {}: {}", r.status, r.text).into());
+        }
+        Ok(r.body)
+    }
+
+    /// Jobs of one status (up to 1000).
+    pub fn jobs(&self, status: &str) -> TestResult<Vec<Value>> {
+        let r = self.admin(
+            "GET",
+            &format!("/api/v1/jobs?status={status}&limit=1000"),
+            None,
+        )?;
+        Ok(r.body["jobs"].as_array().cloned().unwrap_or_default())
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.call("GET", "/healthz", None, None)
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    }
+}
+
+/// Lines of a file each job appends its id (and attempt) to.
+pub fn read_lines(path: &Path) -> Vec<String> {
+    match fs::File::open(path) {
+        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Peak resident memory of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,201 @@
+//! Jobs flow through real agents; claims never hand one job out twice.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn three_agents_run_200_jobs_exactly_once() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&coord.url, dir.path(), &format!("w{i}"), &[]))
+        .collect::<TestResult<_>>()?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(api.submit(&json!({
+            "command": ["sh", "-c", "echo \"$DROVER_JOB_ID\" >> \"$RUNS\"; echo \"{\\\"i\\\": $I}\" > \"$DROVER_RESULT_FILE\"; echo out-$I"],
+            "env": {"RUNS": runs.to_string_lossy(), "I": i.to_string()},
+        }))?);
+    }
+    let done = wait_for("200 jobs to succeed", Duration::from_secs(120), || {
+        let failed = api.jobs("failed")?;
+        if !failed.is_empty() {
+            return Err(format!("a job failed: {}", failed[0]).into());
+        }
+        let ok = api.jobs("succeeded")?;
+        Ok((ok.len() == 200).then_some(ok))
+    })?;
+    // Each job ran exactly once: its id is in the runs file once.
+    let lines = read_lines(&runs);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for l in &lines {
+        *counts.entry(l.clone()).or_default() += 1;
+    }
+    assert_eq!(lines.len(), 200, "200 runs for 200 jobs");
+    for id in &ids {
+        assert_eq!(counts.get(&id.to_string()), Some(&1), "job {id} ran once");
+    }
+    let mut per_worker: HashMap<i64, usize> = HashMap::new();
+    for j in &done {
+        assert_eq!(j["attempt"], 1, "{j}");
+        assert_eq!(j["exit_code"], 0);
+        *per_worker
+            .entry(j["worker_id"].as_i64().unwrap_or(0))
+            .or_default() += 1;
+    }
+    for a in &agents {
+        assert!(
+            per_worker.get(&a.worker_id()?).copied().unwrap_or(0) > 0,
+            "every agent ran jobs: {per_worker:?}"
+        );
+    }
+    // Result documents and logs arrived with the job.
+    let j = api.job(ids[7])?;
+    assert_eq!(j["result"], json!({"i": 7}));
+    let log = api.admin("GET", &format!("/api/v1/jobs/{}/logs", ids[7]), None)?;
+    assert_eq!(log.status, 200);
+    assert_eq!(log.text, "out-7\n");
+    Ok(())
+}
+
+/// A fake agent speaking the HTTP protocol, for races a real agent
+/// cannot be made to run on cue.
+struct FakeAgent {
+    token: String,
+    incarnation: String,
+}
+
+impl FakeAgent {
+    fn register(api: &Api, name: &str) -> TestResult<FakeAgent> {
+        let body = json!({"name": name, "machine_id": format!("fake-{name}"),
+                          "inventory": {"hostname": name, "cpu_cores": 1, "memory_mb": 1024}});
+        let r = api.call(
+            "POST",
+            "/api/v1/agents/register",
+            Some(SECRET),
+            Some(body.to_string().as_bytes()),
+        )?;
+        if r.status != 200 {
+            return Err(format!("register answered {}: {}", r.status, r.text).into());
+        }
+        let agent = FakeAgent {
+            token: r.body["token"].as_str().ok_or("no token")?.to_string(),
+            incarnation: format!("inc-{name}"),
+        };
+        agent.heartbeat(api, &[])?;
+        Ok(agent)
+    }
+
+    fn heartbeat(&self, api: &Api, leases: &[(i64, i64)]) -> TestResult<Reply> {
+        let leases: Vec<Value> = leases
+            .iter()
+            .map(|(j, a)| json!({"job_id": j, "attempt": a}))
+            .collect();
+        let body = json!({"incarnation": self.incarnation, "leases": leases});
+        api.call(
+            "POST",
+            "/api/v1/agents/heartbeat",
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
+    }
+
+    fn claim(&self, api: &Api, wait: u64) -> TestResult<Reply> {
+        let body = json!({"incarnation": self.incarnation});
+        api.call(
+            "POST",
+            &format!("/api/v1/agents/claim?wait={wait}"),
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
+    }
+
+    fn complete(&self, api: &Api, job: i64, attempt: i64, outcome: &str) -> TestResult<Reply> {
+        let body = json!({"attempt": attempt, "outcome": outcome, "exit_code": 0});
+        api.call(
+            "POST",
+            &format!("/api/v1/jobs/{job}/complete"),
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
+    }
+}
+
+#[test]
+fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let racers = [
+        FakeAgent::register(&api, "r1")?,
+        FakeAgent::register(&api, "r2")?,
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let grants: Arc<Mutex<Vec<(usize, i64, i64)>>> = Arc::default();
+    std::thread::scope(|s| -> TestResult {
+        let mut handles = Vec::new();
+        for (n, agent) in racers.iter().enumerate() {
+            let (stop, grants, url) = (stop.clone(), grants.clone(), coord.url.clone());
+            handles.push(s.spawn(move || -> Result<(), String> {
+                let api = Api::new(&url);
+                while !stop.load(Ordering::Relaxed) {
+                    let r = agent.claim(&api, 2).map_err(|e| e.to_string())?;
+                    match r.status {
+                        204 => continue,
+                        200 => {
+                            let job = r.body["job"]["job_id"].as_i64().unwrap_or(0);
+                            let attempt = r.body["job"]["attempt"].as_i64().unwrap_or(0);
+                            grants
+                                .lock()
+                                .map_err(|e| e.to_string())?
+                                .push((n, job, attempt));
+                            let c = agent
+                                .complete(&api, job, attempt, "succeeded")
+                                .map_err(|e| e.to_string())?;
+                            if c.status != 200 {
+                                return Err(format!("complete answered {}: {}", c.status, c.text));
+                            }
+                        }
+                        other => return Err(format!("claim answered {other}: {}", r.text)),
+                    }
+                }
+                Ok(())
+            }));
+        }
+        let result = (|| -> TestResult {
+            for _ in 0..100 {
+                let id = api.submit(&json!({"command": ["true"]}))?;
+                wait_for(
+                    "the job to be taken and finished",
+                    Duration::from_secs(10),
+                    || Ok((api.job(id)?["status"] == "succeeded").then_some(())),
+                )?;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().map_err(|_| "racer panicked")??;
+        }
+        result
+    })?;
+    let grants = grants.lock().map_err(|e| e.to_string())?;
+    assert_eq!(grants.len(), 100, "one grant per job");
+    let jobs: HashSet<i64> = grants.iter().map(|g| g.1).collect();
+    assert_eq!(jobs.len(), 100, "no job granted twice");
+    assert!(
+        grants.iter().all(|g| g.2 == 1),
+        "every grant is the first attempt"
+    );
+    let wins: Vec<usize> = (0..2)
+        .map(|n| grants.iter().filter(|g| g.0 == n).count())
+        .collect();
+    println!("race wins per agent: {wins:?}");
+    Ok(())
+}
