@@ -1,0 +1,169 @@
+//! Dispatch benchmark of the real binaries. Prints figures; asserts nothing
+//! about speed (the machines are shared and noisy).
+//!
+//!   cargo build --release --workspace && cargo bench -p coordinator --bench dispatch
+//!
+//! 1. latency: one idle agent parked on a claim; 500 sequential jobs; for each,
+//!    submit -> the job's own process running, and submit -> success visible
+//!    to a client. Baseline in the same process: spawning the same job
+//!    program directly.
+//! 2. throughput: N no-op (`true`) jobs queued, then 4 agents drain them;
+//!    jobs/s from the first claim to the last completion.
+
+#[allow(dead_code)]
+#[path = "../e2e/harness.rs"]
+mod harness;
+
+use harness::*;
+use serde_json::json;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "  {name:<34} p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  max {:>7.3} ms  (n={})",
+        pct(&v, 0.5),
+        pct(&v, 0.9),
+        pct(&v, 0.99),
+        v.last().copied().unwrap_or(f64::NAN),
+        v.len()
+    );
+    pct(&v, 0.5)
+}
+
+fn latency(n: usize) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let _agent = Agent::start(&coord.url, dir.path(), "lat", &[])?;
+    let me = std::env::current_exe()?;
+    let stamp = |id: i64| -> TestResult<Option<u128>> {
+        let j = api.job(id)?;
+        Ok(j["result"]["ns"].as_str().and_then(|s| s.parse().ok()))
+    };
+    // Warm up: the agent registered, approved, parked.
+    let id = api.submit(&json!({"command": [me, "--stamp"]}))?;
+    wait_for("warm-up job", Duration::from_secs(30), || {
+        Ok((api.job(id)?["status"] == "succeeded").then_some(()))
+    })?;
+
+    let (mut to_start, mut to_done) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        // Let the agent park its next claim before submitting.
+        std::thread::sleep(Duration::from_millis(2));
+        let t0 = now_ns();
+        let id = api.submit(&json!({"command": [me, "--stamp"]}))?;
+        let started = Instant::now();
+        loop {
+            let j = api.job(id)?;
+            if j["status"] == "succeeded" {
+                to_done.push(started.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("job {id} did not finish: {j}").into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let s = stamp(id)?.ok_or("no stamp")?;
+        to_start.push((s.saturating_sub(t0)) as f64 / 1e6);
+    }
+    let mut direct = Vec::new();
+    for _ in 0..100 {
+        let d = tempfile::tempdir()?;
+        let f = d.path().join("r.json");
+        let t0 = now_ns();
+        std::process::Command::new(&me)
+            .arg("--stamp")
+            .env("DROVER_RESULT_FILE", &f)
+            .status()?;
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f)?)?;
+        let s: u128 = v["ns"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or("no stamp")?;
+        direct.push(s.saturating_sub(t0) as f64 / 1e6);
+    }
+    println!("dispatch latency, one idle agent, {n} sequential jobs:");
+    let p50 = summary("submit -> job process running", to_start);
+    summary("submit -> success visible (poll)", to_done);
+    let base = summary("baseline: spawn -> process running", direct);
+    println!(
+        "  ratio p50 dispatch / p50 direct spawn: {:.1}x",
+        p50 / base
+    );
+    Ok(())
+}
+
+fn throughput(n: usize, agents: usize) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let t_submit = Instant::now();
+    for _ in 0..n {
+        api.submit(&json!({"command": ["true"]}))?;
+    }
+    let submit_s = t_submit.elapsed().as_secs_f64();
+    let _agents: Vec<Agent> = (0..agents)
+        .map(|i| Agent::start(&coord.url, dir.path(), &format!("t{i}"), &[]))
+        .collect::<TestResult<_>>()?;
+    wait_for("all jobs to finish", Duration::from_secs(600), || {
+        let r = api.admin("GET", "/api/v1/jobs?status=queued&limit=1", None)?;
+        let q = r.body["jobs"].as_array().map(|a| a.len()).unwrap_or(1);
+        let r = api.admin("GET", "/api/v1/jobs?status=running&limit=1", None)?;
+        let run = r.body["jobs"].as_array().map(|a| a.len()).unwrap_or(1);
+        Ok((q == 0 && run == 0).then_some(()))
+    })?;
+    drop(_agents);
+    let span = claim_to_completion_span(&coord.db_path())?;
+    println!(
+        "throughput: {n} no-op jobs, {agents} agents: {:.0} jobs/s from first claim to last completion ({:.2}s); \
+         submissions: {:.0}/s sequential on one connection",
+        n as f64 / span,
+        span,
+        n as f64 / submit_s
+    );
+    Ok(())
+}
+
+/// Seconds from the first claim to the last completion, from the database.
+fn claim_to_completion_span(db: &std::path::Path) -> TestResult<f64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    Ok(conn.query_row(
+        "SELECT (max(ended_at) - min(started_at)) / 1000.0 FROM job_attempts",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+fn main() -> TestResult {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--stamp") {
+        let path = std::env::var("DROVER_RESULT_FILE")?;
+        std::fs::write(path, format!("{{\"ns\": \"{}\"}}", now_ns()))?;
+        return Ok(());
+    }
+    if args.iter().any(|a| a == "--list") {
+        return Ok(());
+    }
+    println!("(the agent binary must be a release build: cargo build --release --workspace)");
+    latency(500)?;
+    throughput(5000, 4)?;
+    Ok(())
+}
