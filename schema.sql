@@ -100,8 +100,11 @@ CREATE TABLE jobs (
     worker_id        INTEGER REFERENCES workers(id),
     gpu_indices      TEXT    NOT NULL DEFAULT '[]',
     lease_expires_at INTEGER,
-    -- Set by a cancel of a running job; the agent is told in its heartbeat.
+    -- A cancel of a running job: 1 = asked, 2 = the agent was told (through
+    -- its parked claim); heartbeats repeat the order until the job ends.
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    -- Last document the job wrote to DROVER_PROGRESS_FILE (JSON).
+    progress         TEXT,
     -- Outcome of the last attempt.
     exit_code        INTEGER,
     result           TEXT,

@@ -225,16 +225,25 @@ impl Client {
         self.json(&path, self.bearer(), wait + Duration::from_secs(10), req)
     }
 
+    /// Appends output; true when the coordinator's cap for this attempt is
+    /// reached and it keeps no more.
     pub fn append_log(
         &self,
         job_id: i64,
         attempt: i64,
         stream: &str,
         data: &[u8],
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         let path = format!("/api/v1/jobs/{job_id}/logs?attempt={attempt}&stream={stream}");
-        self.call(&path, self.bearer(), TIMEOUT, Body::Bytes(data))
-            .map(drop)
+        match self.call(&path, self.bearer(), TIMEOUT, Body::Bytes(data))? {
+            None => Ok(false),
+            Some(resp) => {
+                let v: serde_json::Value = resp
+                    .into_json()
+                    .map_err(|e| ClientError::Protocol(format!("{path}: {e}")))?;
+                Ok(v["truncated"].as_bool().unwrap_or(false))
+            }
+        }
     }
 
     pub fn complete(

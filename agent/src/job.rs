@@ -22,9 +22,6 @@ use tokio::time::Instant;
 const READ_CHUNK: usize = 64 * 1024;
 /// Most bytes sent in one log request.
 const SHIP_MAX: usize = 512 * 1024;
-/// Chunks buffered between the pipes and the shipper. When the coordinator
-/// is slow the job's writes block instead of the agent's memory growing.
-const SHIP_QUEUE: usize = 16;
 /// Largest result document read from `DROVER_RESULT_FILE`.
 const RESULT_MAX: u64 = 1024 * 1024;
 
@@ -170,21 +167,30 @@ async fn supervise(
         a.gpu_indices
     );
 
-    let (log_tx, log_rx) = mpsc::channel(SHIP_QUEUE);
+    let spool = match OutputSpool::create(dir.join("output.spool")).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            signal_group(pgid, libc::SIGKILL);
+            let _ = child.wait().await;
+            return Some(failed(format!(
+                "creating the output spool in {}: {e}",
+                dir.display()
+            )));
+        }
+    };
     let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
-        pumps.push(tokio::spawn(pump(out, "stdout", log_tx.clone())));
+        pumps.push(tokio::spawn(pump(out, 0, spool.clone())));
     }
     if let Some(err) = child.stderr.take() {
-        pumps.push(tokio::spawn(pump(err, "stderr", log_tx.clone())));
+        pumps.push(tokio::spawn(pump(err, 1, spool.clone())));
     }
-    drop(log_tx);
     let (lost_tx, mut lost_rx) = oneshot::channel();
     let shipper = tokio::spawn(ship(
         ctx.client.clone(),
         a.job_id,
         a.attempt,
-        log_rx,
+        spool.clone(),
         lost_tx,
     ));
 
@@ -240,6 +246,7 @@ async fn supervise(
             abort.abort();
         }
     }
+    spool.close();
     let _ = shipper.await;
     if matches!(lost_rx.try_recv(), Ok(())) {
         stop = Some(Stop::LeaseLost);
@@ -268,7 +275,7 @@ async fn supervise(
             return None;
         }
     };
-    let result = match read_result(&dir.join("result.json")) {
+    let result = match read_json_file(&dir.join("result.json"), RESULT_MAX) {
         Ok(r) => r,
         Err(e) => {
             let note = format!("result file: {e}");
@@ -303,8 +310,9 @@ fn describe(stop: &Stop) -> String {
     }
 }
 
-/// Reads the result document without following a symlink, at most 1 MiB.
-fn read_result(path: &Path) -> Result<Option<Value>, String> {
+/// Reads a JSON document a job wrote (result or progress file), without
+/// following a symlink, at most `max` bytes. `None` when absent or empty.
+pub fn read_json_file(path: &Path, max: u64) -> Result<Option<Value>, String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -315,11 +323,11 @@ fn read_result(path: &Path) -> Result<Option<Value>, String> {
         Err(e) => return Err(format!("cannot open it (a symlink is refused): {e}")),
     };
     let mut bytes = Vec::new();
-    file.take(RESULT_MAX + 1)
+    file.take(max + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("reading it: {e}"))?;
-    if bytes.len() as u64 > RESULT_MAX {
-        return Err(format!("larger than {RESULT_MAX} bytes"));
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
     }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(None);
@@ -329,69 +337,190 @@ fn read_result(path: &Path) -> Result<Option<Value>, String> {
         .map_err(|e| format!("not valid JSON: {e}"))
 }
 
-async fn pump(
-    mut pipe: impl AsyncRead + Unpin,
-    stream: &'static str,
-    tx: mpsc::Sender<(&'static str, Vec<u8>)>,
-) {
+/// One attempt's output on its way to the coordinator, kept in a file in the
+/// job dir as records (stream byte, u32 length, data). The job never waits
+/// for the coordinator and the agent's memory does not grow with the output:
+/// the pumps append, the shipper sends from where it left off. Nothing
+/// printed is lost to an outage; beyond [`SPOOL_CAP`] output is dropped
+/// with a marker.
+struct OutputSpool {
+    path: std::path::PathBuf,
+    file: tokio::sync::Mutex<Option<tokio::fs::File>>,
+    state: std::sync::Mutex<SpoolState>,
+    more: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct SpoolState {
+    written: u64,
+    closed: bool,
+    /// Output past the cap (here or at the coordinator) is not kept.
+    full: bool,
+}
+
+const SPOOL_CAP: u64 = 64 * 1024 * 1024;
+const STREAMS: [&str; 2] = ["stdout", "stderr"];
+
+impl OutputSpool {
+    async fn create(path: std::path::PathBuf) -> std::io::Result<OutputSpool> {
+        let file = tokio::fs::File::create(&path).await?;
+        Ok(OutputSpool {
+            path,
+            file: tokio::sync::Mutex::new(Some(file)),
+            state: Default::default(),
+            more: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SpoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn append(&self, stream: u8, data: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mut file = self.file.lock().await;
+        let (written, full) = {
+            let st = self.state();
+            (st.written, st.full)
+        };
+        if full {
+            return;
+        }
+        let (stream, data) = if written + data.len() as u64 > SPOOL_CAP {
+            self.state().full = true;
+            (1, &b"\n[drover] the agent's output spool is full; later output of this attempt is dropped\n"[..])
+        } else {
+            (stream, data)
+        };
+        let mut record = Vec::with_capacity(5 + data.len());
+        record.push(stream);
+        record.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        record.extend_from_slice(data);
+        let Some(f) = file.as_mut() else { return };
+        if let Err(e) = async {
+            f.write_all(&record).await?;
+            f.flush().await
+        }
+        .await
+        {
+            log::warn!(
+                "writing job output to {}: {e}; output dropped",
+                self.path.display()
+            );
+            self.state().full = true;
+            return;
+        }
+        self.state().written += record.len() as u64;
+        self.more.notify_one();
+    }
+
+    fn close(&self) {
+        self.state().closed = true;
+        self.more.notify_one();
+    }
+
+    /// Reads records from `offset`, merging one stream's consecutive records
+    /// up to [`SHIP_MAX`] bytes: (stream, data, next offset).
+    async fn read(
+        &self,
+        reader: &mut tokio::fs::File,
+        offset: u64,
+        end: u64,
+    ) -> std::io::Result<(u8, Vec<u8>, u64)> {
+        use tokio::io::AsyncSeekExt;
+        reader.seek(std::io::SeekFrom::Start(offset)).await?;
+        let (mut pos, mut stream, mut data) = (offset, None, Vec::new());
+        while pos < end && data.len() < SHIP_MAX {
+            let mut head = [0u8; 5];
+            reader.read_exact(&mut head).await?;
+            let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            if stream.is_some_and(|s| s != head[0]) {
+                break;
+            }
+            stream = Some(head[0]);
+            let start = data.len();
+            data.resize(start + len, 0);
+            reader.read_exact(&mut data[start..]).await?;
+            pos += 5 + len as u64;
+        }
+        Ok((stream.unwrap_or(0), data, pos))
+    }
+}
+
+async fn pump(mut pipe: impl AsyncRead + Unpin, stream: u8, spool: Arc<OutputSpool>) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if tx.send((stream, buf[..n].to_vec())).await.is_err() {
-                    return;
-                }
-            }
+            Ok(n) => spool.append(stream, &buf[..n]).await,
         }
     }
 }
 
-/// Sends output chunks in order, merging consecutive chunks of one stream.
-/// Retries while the coordinator is unreachable; a 409 means the lease is
-/// gone: say so and drop the rest.
+/// Sends the spooled output in order. Retries while the coordinator is
+/// unreachable; a 409 means the lease is gone: say so and stop.
 async fn ship(
     client: Arc<Client>,
     job_id: i64,
     attempt: i64,
-    mut rx: mpsc::Receiver<(&'static str, Vec<u8>)>,
+    spool: Arc<OutputSpool>,
     lost: oneshot::Sender<()>,
 ) {
-    let mut pending: Option<(&'static str, Vec<u8>)> = None;
-    loop {
-        let (stream, mut data) = match pending.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        while data.len() < SHIP_MAX {
-            match rx.try_recv() {
-                Ok((s, more)) if s == stream => data.extend_from_slice(&more),
-                Ok(other) => {
-                    pending = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
+    let mut reader = match tokio::fs::File::open(&spool.path).await {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!(
+                "reading job output back from {}: {e}; output not sent",
+                spool.path.display()
+            );
+            return;
         }
+    };
+    let mut shipped = 0u64;
+    loop {
+        let (written, closed) = {
+            let st = spool.state();
+            (st.written, st.closed)
+        };
+        if shipped >= written {
+            if closed {
+                return;
+            }
+            spool.more.notified().await;
+            continue;
+        }
+        let (stream, data, next) = match spool.read(&mut reader, shipped, written).await {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!(
+                    "reading job output back from {}: {e}; the rest is not sent",
+                    spool.path.display()
+                );
+                return;
+            }
+        };
         let data = Arc::new(data);
+        let stream = STREAMS[usize::from(stream.min(1))];
         let mut failures = 0;
         loop {
             let (c, d) = (client.clone(), data.clone());
-            let r = blocking(move || c.append_log(job_id, attempt, stream, &d)).await;
-            match r {
-                Ok(()) => break,
+            match blocking(move || c.append_log(job_id, attempt, stream, &d)).await {
+                Ok(truncated) => {
+                    if truncated {
+                        // The coordinator keeps no more of this attempt.
+                        spool.state().full = true;
+                        return;
+                    }
+                    break;
+                }
                 Err(e) if matches!(e.status(), Some(409) | Some(404)) => {
                     log::warn!("log refused, lease gone job_id={job_id} attempt={attempt}: {e}");
                     let _ = lost.send(());
-                    while rx.recv().await.is_some() {}
                     return;
                 }
                 Err(e) if e.is_transient() || e.status() == Some(401) => {
                     if failures == 0 {
-                        log::warn!("sending job output failed, retrying job_id={job_id}: {e}");
+                        log::warn!("sending job output failed, kept on disk, retrying job_id={job_id}: {e}");
                     }
                     failures += 1;
                     tokio::time::sleep(backoff(failures)).await;
@@ -402,6 +531,7 @@ async fn ship(
                 }
             }
         }
+        shipped = next;
     }
 }
 
@@ -470,17 +600,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("drover-result-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("result.json");
-        assert_eq!(read_result(&p).unwrap(), None);
+        assert_eq!(read_json_file(&p, 100).unwrap(), None);
         std::fs::write(&p, br#"{"loss": 0.1}"#).unwrap();
         assert_eq!(
-            read_result(&p).unwrap(),
+            read_json_file(&p, 100).unwrap(),
             Some(serde_json::json!({"loss": 0.1}))
         );
+        assert!(read_json_file(&p, 5)
+            .unwrap_err()
+            .contains("larger than 5 bytes"));
         std::fs::write(&p, b"not json").unwrap();
-        assert!(read_result(&p).unwrap_err().contains("not valid JSON"));
+        assert!(read_json_file(&p, 100)
+            .unwrap_err()
+            .contains("not valid JSON"));
         std::fs::remove_file(&p).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", &p).unwrap();
-        assert!(read_result(&p).unwrap_err().contains("symlink"));
+        assert!(read_json_file(&p, 100).unwrap_err().contains("symlink"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,6 +37,14 @@ pub fn random_u64() -> u64 {
     h.finish()
 }
 
+/// Milliseconds since the epoch on this machine's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// A random number in 0..n (0 when n is 0).
 pub fn random_below(n: u64) -> u64 {
     if n == 0 {
@@ -81,9 +89,30 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
     let state = Arc::new(StateDir::open(&config.state_dir).map_err(fail)?);
     let gpu = GpuSource::detect(config.fake_gpus.clone());
     let client = Arc::new(Client::new(&config.coordinator));
-    let identity = match state.load_identity().map_err(fail)? {
-        Some(id) if id.coordinator == config.coordinator => id,
-        Some(_) | None => register(&config, &state, &client, &gpu).await?,
+    let known = state
+        .load_identity()
+        .map_err(fail)?
+        .filter(|id| id.coordinator == config.coordinator);
+    if let Some(id) = &known {
+        // Reports of jobs that finished while they could not be delivered go
+        // first: registering again, or this process's first heartbeat,
+        // releases whatever the previous process still held.
+        client.set_token(id.token.clone());
+        for s in state.spooled() {
+            log::info!(
+                "delivering a spooled report job_id={} attempt={}",
+                s.job_id,
+                s.report.attempt
+            );
+            job::deliver(&client, &state, s.job_id, s.report).await;
+        }
+    }
+    // Register at every start when the secret is at hand, so the coordinator
+    // has this start's inventory, tags and slots; without it, the kept token
+    // carries on.
+    let identity = match known {
+        Some(id) if config.registration_secret.is_none() => id,
+        _ => register(&config, &state, &client, &gpu).await?,
     };
     client.set_token(identity.token.clone());
     let ctx = Arc::new(Ctx {
@@ -91,24 +120,12 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         state: state.clone(),
         kill_grace: config.kill_grace,
     });
-    // Reports of jobs that finished while we could not deliver them go
-    // first: the first heartbeat of this process releases whatever the
-    // previous one still held.
-    for s in state.spooled() {
-        log::info!(
-            "delivering a spooled report job_id={} attempt={}",
-            s.job_id,
-            s.report.attempt
-        );
-        job::deliver(&client, &state, s.job_id, s.report).await;
-    }
-    let capacity = config
+    let slots = config
         .slots
-        .map(|s| s as usize)
-        .unwrap_or_else(|| gpu.gpus().len().max(1));
+        .unwrap_or_else(|| gpu.gpus().len().max(1) as u32);
     let incarnation = format!("{:016x}", random_u64());
     log::info!(
-        "agent running worker_id={} name={:?} coordinator={} slots={capacity} gpus={}",
+        "agent running worker_id={} name={:?} coordinator={} slots={slots} gpus={}",
         identity.worker_id,
         config.name,
         config.coordinator,
@@ -118,7 +135,6 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         ctx,
         incarnation,
         worker_id: identity.worker_id,
-        capacity,
         shutdown_grace: config.shutdown_grace,
         gpu,
     };

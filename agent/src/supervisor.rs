@@ -7,7 +7,8 @@ use crate::inventory::GpuSource;
 use crate::job::{self, blocking, Control, Ctx};
 use crate::Explainer;
 use drover_proto::{
-    Assignment, ClaimRequest, HeartbeatRequest, HeartbeatResponse, LeaseRef, Outcome,
+    Assignment, ClaimRequest, HeartbeatRequest, HeartbeatResponse, LeaseRef, Order, Outcome,
+    Progress,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +20,8 @@ const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub enum Event {
-    Claimed(Assignment),
+    /// A claim's answer: a job, and/or orders for running jobs.
+    Claimed(Option<Assignment>, Vec<Order>),
     /// A claim ended without a job (204 or an error).
     ClaimEnded(Option<ClientError>),
     JobDone {
@@ -45,7 +47,6 @@ pub struct Supervisor {
     pub ctx: Arc<Ctx>,
     pub incarnation: String,
     pub worker_id: i64,
-    pub capacity: usize,
     pub shutdown_grace: Duration,
     pub gpu: GpuSource,
 }
@@ -57,6 +58,7 @@ impl Supervisor {
         let (leases_tx, leases_rx) = watch::channel::<Leases>(Vec::new());
         let mut running: HashMap<i64, Running> = HashMap::new();
         // Claims wait for the first heartbeat: it introduces this process.
+        let mut introduced = false;
         let mut approved = false;
         let mut warned_pending = false;
         let mut claiming = false;
@@ -78,7 +80,11 @@ impl Supervisor {
             if stopping && running.is_empty() {
                 break;
             }
-            if !stopping && approved && !claiming && running.len() < self.capacity {
+            // One claim is always parked, also while pending approval or when
+            // every slot is busy: the coordinator hands out only what may run
+            // and fits, and a parked claim is how a cancel or an approval
+            // reaches this agent at once.
+            if !stopping && introduced && !claiming {
                 claiming = true;
                 let delay = if claim_failures > 0 {
                     backoff(claim_failures)
@@ -94,10 +100,19 @@ impl Supervisor {
             }
             let Some(event) = rx.recv().await else { break };
             match event {
-                Event::Claimed(a) => {
+                Event::Claimed(job, orders) => {
                     claiming = false;
                     claim_failures = 0;
                     claim_errors.recovered("claims work again");
+                    apply_orders(&running, orders);
+                    let Some(a) = job else { continue };
+                    if !approved && warned_pending {
+                        log::info!(
+                            "approved by the coordinator; running work (worker_id={})",
+                            self.worker_id
+                        );
+                    }
+                    approved = true;
                     let (control_tx, control_rx) = mpsc::unbounded_channel();
                     let job_id = a.job_id;
                     running.insert(
@@ -122,13 +137,6 @@ impl Supervisor {
                     claiming = false;
                     match error {
                         None => claim_failures = 0,
-                        Some(e) if e.code() == Some("pending_approval") => {
-                            approved = false;
-                            if !warned_pending {
-                                self.warn_pending();
-                                warned_pending = true;
-                            }
-                        }
                         Some(e) => {
                             claim_failures += 1;
                             claim_errors.explain("claiming work", &e);
@@ -142,30 +150,15 @@ impl Supervisor {
                 Event::Beat(resp) => {
                     let now_approved = resp.state != "pending";
                     if now_approved && !approved && warned_pending {
-                        log::info!(
-                            "approved by the coordinator; claiming work (worker_id={})",
-                            self.worker_id
-                        );
+                        log::info!("approved by the coordinator (worker_id={})", self.worker_id);
                     }
                     if !now_approved && !warned_pending {
                         self.warn_pending();
                         warned_pending = true;
                     }
                     approved = now_approved;
-                    for order in resp.orders {
-                        match (order.kind.as_str(), running.get(&order.job_id)) {
-                            ("cancel", Some(r)) if r.attempt == order.attempt => {
-                                if let Some(c) = &r.control {
-                                    let _ = c.send(Control::Cancel(order.reason));
-                                }
-                            }
-                            (kind, _) => log::debug!(
-                                "ignoring order {kind} for job {} attempt {}",
-                                order.job_id,
-                                order.attempt
-                            ),
-                        }
-                    }
+                    introduced = true;
+                    apply_orders(&running, resp.orders);
                 }
                 Event::Revoked(e) => {
                     log::error!(
@@ -209,6 +202,7 @@ impl Supervisor {
             leases: Vec::new(),
             gpus: Vec::new(),
             stopping: true,
+            progress: Vec::new(),
         };
         let client = self.ctx.client.clone();
         match blocking(move || client.heartbeat(&req)).await {
@@ -224,6 +218,25 @@ impl Supervisor {
             self.ctx.client.base(),
             self.worker_id
         );
+    }
+}
+
+/// Passes cancel orders to the jobs they name; the rest is ignored (an
+/// order for an attempt this agent no longer runs, or a kind it does not know).
+fn apply_orders(running: &HashMap<i64, Running>, orders: Vec<Order>) {
+    for order in orders {
+        match (order.kind.as_str(), running.get(&order.job_id)) {
+            ("cancel", Some(r)) if r.attempt == order.attempt => {
+                if let Some(c) = &r.control {
+                    let _ = c.send(Control::Cancel(order.reason));
+                }
+            }
+            (kind, _) => log::debug!(
+                "ignoring order {kind} for job {} attempt {}",
+                order.job_id,
+                order.attempt
+            ),
+        }
     }
 }
 
@@ -248,11 +261,11 @@ async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Se
     let client = ctx.client.clone();
     let req = ClaimRequest { incarnation };
     let event = match blocking(move || client.claim(&req, CLAIM_WAIT)).await {
-        Ok(Some(resp)) => Event::Claimed(resp.job),
+        Ok(Some(resp)) => Event::Claimed(resp.job, resp.orders),
         Ok(None) => Event::ClaimEnded(None),
         Err(e) => Event::ClaimEnded(Some(e)),
     };
-    if let Err(mpsc::error::SendError(Event::Claimed(a))) = tx.send(event).await {
+    if let Err(mpsc::error::SendError(Event::Claimed(Some(a), _))) = tx.send(event).await {
         // The supervisor is gone (shutting down): hand the job back.
         let report = drover_proto::CompleteRequest {
             attempt: a.attempt,
@@ -275,6 +288,7 @@ async fn heartbeat_loop(
 ) {
     let mut failures = 0u32;
     let mut errors = Explainer::default();
+    let mut skew_warned = false;
     loop {
         let (held, busy): (Vec<LeaseRef>, Vec<u32>) = {
             let l = leases.borrow();
@@ -283,17 +297,34 @@ async fn heartbeat_loop(
                 l.iter().flat_map(|(_, g)| g.clone()).collect(),
             )
         };
+        let progress = held
+            .iter()
+            .filter_map(|l| {
+                let doc = job::read_json_file(
+                    &ctx.state.job_dir(l.job_id, l.attempt).join("progress.json"),
+                    64 * 1024,
+                );
+                doc.ok().flatten().map(|progress| Progress {
+                    job_id: l.job_id,
+                    attempt: l.attempt,
+                    progress,
+                })
+            })
+            .collect();
         let req = HeartbeatRequest {
             incarnation: incarnation.clone(),
             leases: held,
             gpus: gpu.metrics(&busy),
             stopping: false,
+            progress,
         };
         let client = ctx.client.clone();
+        let sent = crate::now_ms();
         let wait = match blocking(move || client.heartbeat(&req)).await {
             Ok(resp) => {
                 failures = 0;
                 errors.recovered("heartbeats go through again");
+                check_skew(&mut skew_warned, sent, crate::now_ms(), resp.now_ms);
                 interval = Duration::from_secs(resp.heartbeat_interval_s.max(1));
                 if tx.send(Event::Beat(resp)).await.is_err() {
                     return;
@@ -314,6 +345,24 @@ async fn heartbeat_loop(
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Warns once when this machine's clock and the coordinator's disagree by
+/// more than 5 s (leases do not depend on it, but timestamps in job output
+/// and the coordinator's records will not line up).
+fn check_skew(warned: &mut bool, sent: i64, received: i64, server: i64) {
+    if server <= 0 || *warned {
+        return;
+    }
+    let skew = (sent + received) / 2 - server;
+    if skew.abs() > 5_000 {
+        log::warn!(
+            "clock skew: this machine's clock is {:.1}s {} the coordinator's. Try: enable time sync (timedatectl set-ntp true, or chrony)",
+            skew.abs() as f64 / 1000.0,
+            if skew > 0 { "ahead of" } else { "behind" }
+        );
+        *warned = true;
     }
 }
 

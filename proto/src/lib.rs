@@ -109,6 +109,17 @@ pub struct HeartbeatRequest {
     /// claim nothing more under this incarnation.
     #[serde(default)]
     pub stopping: bool,
+    /// Latest `DROVER_PROGRESS_FILE` document of running jobs.
+    #[serde(default)]
+    pub progress: Vec<Progress>,
+}
+
+/// What a running job last wrote to its progress file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub job_id: i64,
+    pub attempt: i64,
+    pub progress: Value,
 }
 
 /// An instruction from the coordinator to the agent.
@@ -130,6 +141,9 @@ pub struct HeartbeatResponse {
     pub lease_ttl_s: u64,
     #[serde(default)]
     pub orders: Vec<Order>,
+    /// The coordinator's clock (ms since the epoch), to detect clock skew.
+    #[serde(default)]
+    pub now_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,9 +170,14 @@ pub struct Assignment {
     pub lease_ttl_s: u64,
 }
 
+/// A claim's answer: a job to run, or orders for jobs the agent runs (a
+/// parked claim is also how a cancel reaches the agent at once).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimResponse {
-    pub job: Assignment,
+    #[serde(default)]
+    pub job: Option<Assignment>,
+    #[serde(default)]
+    pub orders: Vec<Order>,
 }
 
 /// How an attempt ended, as the agent saw it.

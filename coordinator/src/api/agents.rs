@@ -117,13 +117,15 @@ pub async fn heartbeat(
         heartbeat_interval_s: app.config.heartbeat_interval.as_secs(),
         lease_ttl_s: app.config.lease_ttl.as_secs(),
         orders: beat.orders,
+        now_ms: app.db.clock().now(),
     })
     .into_response())
 }
 
 /// Long-poll: answers 200 with a job as soon as one this worker can run is
-/// queued (now or while parked), or 204 after `wait` seconds. Parked claims
-/// are futures waiting on the queue's change signal, not threads.
+/// queued (now or while parked), 200 with orders as soon as one of its jobs
+/// is cancelled, or 204 after `wait` seconds. Parked claims are futures
+/// waiting on the queue's change signal, not threads.
 pub async fn claim(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -135,36 +137,36 @@ pub async fn claim(
     let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
     let req: ClaimRequest = parse_json(&bytes)?;
     check_name("incarnation", &req.incarnation)?;
-    if agent.state == "pending" {
-        return Err(ApiError::forbidden(
-            "pending_approval",
-            format!(
-                "worker {} waits for approval: POST /api/v1/workers/{}/approve with the admin token",
-                agent.id, agent.id
-            ),
-        ));
-    }
+    // A pending (or draining) worker's claim parks like any other and gets
+    // a job once it may run one: approval wakes parked claims.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait as u64);
     let ttl = ms(app.config.lease_ttl);
     loop {
         // Subscribe before looking, so a job queued in between still wakes us.
         let mut changes = app.queue_changes();
         let incarnation = req.incarnation.clone();
-        let got = app
+        let answer = app
             .db
             .write(move |c, now| {
                 workers::check_incarnation(c, agent.id, &incarnation)?;
-                jobs::claim(c, now, agent.id, ttl)
+                let orders = jobs::take_orders(c, agent.id)?;
+                let job = match orders.is_empty() {
+                    true => jobs::claim(c, now, agent.id, ttl)?,
+                    false => None,
+                };
+                Ok(ClaimResponse { job, orders })
             })
             .await?;
-        if let Some(job) = got {
+        if let Some(job) = &answer.job {
             log::info!(
                 "job started job_id={} attempt={} worker_id={}",
                 job.job_id,
                 job.attempt,
                 agent.id
             );
-            return Ok(Json(ClaimResponse { job }).into_response());
+        }
+        if answer.job.is_some() || !answer.orders.is_empty() {
+            return Ok(Json(answer).into_response());
         }
         tokio::select! {
             changed = changes.changed() => {

@@ -83,7 +83,10 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
-    Ok(Json(app.db.write(move |c, now| jobs::cancel(c, now, id)).await?).into_response())
+    let job = app.db.write(move |c, now| jobs::cancel(c, now, id)).await?;
+    // A parked claim of the job's agent carries the cancel to it at once.
+    app.wake_claimers();
+    Ok(Json(job).into_response())
 }
 
 pub async fn complete(

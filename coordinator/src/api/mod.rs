@@ -2,6 +2,7 @@
 //! helpers every handler uses to read bodies and parameters.
 
 mod agents;
+mod dashboard;
 mod jobs;
 mod workers;
 
@@ -64,6 +65,9 @@ pub type AppState = Arc<App>;
 
 pub fn router(app: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard::page))
+        .route("/assets/dashboard.js", get(dashboard::script))
+        .route("/assets/dashboard.css", get(dashboard::style))
         .route("/healthz", get(healthz))
         .route("/api/v1/agents/register", post(agents::register))
         .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
@@ -79,6 +83,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/workers", get(workers::list))
         .route("/api/v1/workers/{id}", get(workers::get))
         .route("/api/v1/workers/{id}/approve", post(workers::approve))
+        .route("/api/v1/stats", get(workers::stats))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))

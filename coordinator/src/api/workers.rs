@@ -1,4 +1,4 @@
-//! Worker routes (admin): list, detail, approve.
+//! Worker routes (admin): list, detail, approve, fleet stats.
 
 use super::{path_id, require_admin, AppState};
 use crate::db::workers;
@@ -38,4 +38,9 @@ pub async fn approve(
         .await?;
     app.wake_claimers();
     Ok(Json(worker).into_response())
+}
+
+pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    Ok(Json(app.db.read(|c, _| workers::stats(c)).await?).into_response())
 }

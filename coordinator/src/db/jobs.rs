@@ -10,7 +10,7 @@ use crate::error::ApiError;
 use crate::matching::{self, Needs, Offer};
 use crate::spec::NewJob;
 use drover_proto::{
-    Assignment, CompleteRequest, CompleteResponse, GpuInfo, LeaseRef, Order, Outcome,
+    Assignment, CompleteRequest, CompleteResponse, GpuInfo, LeaseRef, Order, Outcome, Progress,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
@@ -163,7 +163,7 @@ fn grant(
         .prepare_cached(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1,
              attempts_used = attempts_used + 1, worker_id = ?2, gpu_indices = ?3,
-             lease_expires_at = ?4, started_at = ?5, cancel_requested = 0
+             lease_expires_at = ?4, started_at = ?5, cancel_requested = 0, progress = NULL
              WHERE id = ?1 AND status = 'queued'",
         )?
         .execute(params![job_id, worker_id, gpus, now + lease_ttl, now])?;
@@ -564,6 +564,45 @@ pub fn renew_leases(
     })
 }
 
+/// Cancel orders the worker's agent has not been given yet (marks them
+/// given). Heartbeats keep repeating them until the job ends.
+pub fn take_orders(conn: &Connection, worker_id: i64) -> Result<Vec<Order>, ApiError> {
+    let orders: Vec<Order> = conn
+        .prepare_cached(
+            "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND cancel_requested = 1",
+        )?
+        .query_map([worker_id], |r| {
+            Ok(Order {
+                kind: "cancel".into(),
+                job_id: r.get(0)?,
+                attempt: r.get(1)?,
+                reason: "cancelled".into(),
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    for o in &orders {
+        conn.prepare_cached("UPDATE jobs SET cancel_requested = 2 WHERE id = ?1")?
+            .execute([o.job_id])?;
+    }
+    Ok(orders)
+}
+
+/// Stores what running jobs last wrote to their progress file (fenced:
+/// reports for leases the worker no longer holds are ignored).
+pub fn record_progress(
+    conn: &Connection,
+    worker_id: i64,
+    progress: &[Progress],
+) -> Result<(), ApiError> {
+    for p in progress {
+        conn.prepare_cached(
+            "UPDATE jobs SET progress = ?4 WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
+        )?
+        .execute(params![p.job_id, p.attempt, worker_id, p.progress.to_string()])?;
+    }
+    Ok(())
+}
+
 /// Ends every running attempt of a worker as lost. Returns how many.
 pub fn release_worker_jobs(
     conn: &Connection,
@@ -729,7 +768,7 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
 const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
     preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key, metadata,
     attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
-    exit_code, result, error, created_at, started_at, finished_at, run_after";
+    exit_code, result, error, created_at, started_at, finished_at, run_after, progress";
 
 fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
     let text = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
@@ -766,6 +805,7 @@ fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
         "started_at": iso(r.get(25)?),
         "finished_at": iso(r.get(26)?),
         "run_after": (status == "queued" && run_after > now).then(|| iso(Some(run_after))),
+        "progress": r.get::<_, Option<String>>(28)?.map(|t| json_col(&t)),
     }))
 }
 

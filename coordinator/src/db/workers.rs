@@ -243,6 +243,7 @@ pub fn heartbeat(
         refresh_load(conn, now, worker_id, "heartbeat resumed")?;
     }
     let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl, req.stopping)?;
+    jobs::record_progress(conn, worker_id, &req.progress)?;
     released |= renewal.released;
     if req.stopping {
         conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?
@@ -449,4 +450,45 @@ pub fn get(conn: &Connection, _now: Ms, worker_id: i64) -> Result<Value, ApiErro
     w["health_log"] = Value::Array(health);
     w["recent_jobs"] = Value::Array(recent);
     Ok(w)
+}
+
+/// Fleet summary: workers by state, GPUs, jobs by status.
+pub fn stats(conn: &Connection) -> Result<Value, ApiError> {
+    let mut workers = serde_json::Map::new();
+    for state in [
+        "pending",
+        "idle",
+        "busy",
+        "draining",
+        "offline",
+        "decommissioned",
+    ] {
+        workers.insert(state.to_string(), json!(0));
+    }
+    let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM workers GROUP BY state")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (state, n) = row?;
+        workers.insert(state, json!(n));
+    }
+    let mut jobs = serde_json::Map::new();
+    for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
+        jobs.insert(status.to_string(), json!(0));
+    }
+    let mut stmt = conn.prepare_cached("SELECT status, count(*) FROM jobs GROUP BY status")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (status, n) = row?;
+        jobs.insert(status, json!(n));
+    }
+    let (gpus_total, gpus_busy): (i64, i64) = conn
+        .prepare_cached(&format!(
+            "SELECT
+               (SELECT coalesce(sum(json_array_length(gpus)), 0) FROM workers WHERE state IN {LIVE_STATES}),
+               (SELECT coalesce(sum(json_array_length(gpu_indices)), 0) FROM jobs WHERE status = 'running')"
+        ))?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(json!({
+        "workers": workers,
+        "jobs": jobs,
+        "gpus": {"total": gpus_total, "busy": gpus_busy},
+    }))
 }

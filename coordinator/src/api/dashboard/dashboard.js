@@ -1,0 +1,174 @@
+// Drover dashboard: reads the coordinator's API with the admin token.
+// Everything shown comes from users and agents: it is put in the page as
+// text (never as HTML).
+"use strict";
+
+const KEY = "drover-admin-token";
+let token = null;
+let selected = null;
+let statusFilter = "";
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") el.className = v;
+    else if (k === "style") el.style.cssText = v; // CSSOM: allowed by the page's CSP
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+async function api(method, path) {
+  const resp = await fetch(path, { method, headers: { Authorization: "Bearer " + token } });
+  if (resp.status === 401) { logout("The admin token was refused."); throw new Error("unauthorized"); }
+  const text = await resp.text();
+  let body = null;
+  try { body = JSON.parse(text); } catch (_) { body = text; }
+  if (!resp.ok) throw new Error((body && body.error && body.error.message) || resp.statusText);
+  return body;
+}
+
+function ago(iso) {
+  if (!iso) return "—";
+  const s = Math.round((Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return s + "s ago";
+  if (s < 3600) return Math.round(s / 60) + "m ago";
+  if (s < 86400) return Math.round(s / 3600) + "h ago";
+  return new Date(iso).toLocaleString();
+}
+
+function stat(value, label) { return h("div", { class: "stat" }, h("b", {}, value), h("span", {}, label)); }
+
+function renderSummary(s) {
+  const w = s.workers, j = s.jobs;
+  const live = w.idle + w.busy + w.draining;
+  document.getElementById("summary").replaceChildren(
+    stat(live, "workers online"), stat(w.pending, "pending"), stat(w.offline, "offline"),
+    stat(`${s.gpus.busy}/${s.gpus.total}`, "GPUs busy"),
+    stat(j.queued, "queued"), stat(j.running, "running"), stat(j.succeeded, "succeeded"), stat(j.failed, "failed"));
+}
+
+function renderWorkers(workers) {
+  document.getElementById("worker-count").textContent = `(${workers.length})`;
+  const cards = workers.map((w) => {
+    const metrics = new Map((w.gpu_metrics || []).map((m) => [m.index, m]));
+    const gpus = (w.gpus || []).map((g) => {
+      const m = metrics.get(g.index) || {};
+      const util = Math.round(m.utilization_pct || 0);
+      return h("div", { class: "gpu", title: `${g.model} ${g.uuid}` },
+        h("span", {}, `#${g.index} ${g.model}`),
+        h("div", { class: "bar" }, h("i", { style: `width:${util}%` })),
+        h("span", { class: "muted" }, `${util}% ${Math.round(g.vram_mb / 1024)}G`));
+    });
+    const actions = [];
+    if (w.state === "pending") actions.push(h("button", { onclick: () => act("POST", `/api/v1/workers/${w.id}/approve`) }, "Approve"));
+    return h("div", { class: `card worker ${w.state}` },
+      h("div", { class: "top" }, h("span", { class: "name", title: w.name }, w.name), h("span", { class: `pill ${w.state}` }, w.state)),
+      h("div", { class: "meta" }, `#${w.id} · ${w.hostname} · ${w.cpu_cores} cores · ${Math.round(w.memory_mb / 1024)} GiB · ${w.running_jobs}/${w.slots} slots · seen ${ago(w.last_seen_at)}`),
+      w.tags.length ? h("div", { class: "tags" }, w.tags.map((t) => h("span", { class: "tag" }, t))) : null,
+      gpus.length ? gpus : h("div", { class: "muted" }, "CPU worker"),
+      actions.length ? h("div", { class: "actions" }, actions) : null);
+  });
+  document.getElementById("workers").replaceChildren(...(cards.length ? cards : [h("p", { class: "muted" }, "No workers yet. Start drover-agent on a machine.")]));
+}
+
+function renderJobs(jobs) {
+  const rows = jobs.map((j) => h("tr", { class: j.id === selected ? "sel" : "", onclick: () => { selected = j.id; refresh(); } },
+    h("td", {}, j.id), h("td", {}, h("span", { class: `pill ${j.status}` }, j.status)),
+    h("td", { class: "cmd", title: j.command.join(" ") }, j.command.join(" ")),
+    h("td", {}, `${j.attempt}/${j.max_attempts}`), h("td", {}, j.worker_id ?? "—"),
+    h("td", {}, j.gpus || "—"), h("td", { class: "muted" }, ago(j.created_at))));
+  document.querySelector("#jobs tbody").replaceChildren(...rows);
+}
+
+async function renderDetail() {
+  const box = document.getElementById("detail");
+  if (selected === null) return;
+  const j = await api("GET", `/api/v1/jobs/${selected}`);
+  let log = "";
+  try { log = await api("GET", `/api/v1/jobs/${selected}/logs`); } catch (_) { log = ""; }
+  const kv = (k, v) => [h("div", {}, k), h("div", {}, v ?? "—")];
+  const actions = [];
+  if (j.status === "queued" || j.status === "running") {
+    actions.push(h("button", { class: "danger", disabled: j.cancel_requested, onclick: () => act("POST", `/api/v1/jobs/${j.id}/cancel`) },
+      j.cancel_requested ? "Cancelling…" : "Cancel"));
+  }
+  box.replaceChildren(
+    h("h3", {}, `Job ${j.id} `, h("span", { class: `pill ${j.status}` }, j.status)),
+    h("div", { class: "kv" },
+      kv("command", h("code", {}, j.command.join(" "))), kv("attempt", `${j.attempt} (${j.attempts_used}/${j.max_attempts} used)`),
+      kv("worker", j.worker_id), kv("GPUs", j.gpus ? `${j.gpus} → [${j.gpu_indices.join(", ")}]` : "none"),
+      kv("priority", j.priority), kv("exit code", j.exit_code), kv("error", j.error),
+      kv("result", j.result ? h("code", {}, JSON.stringify(j.result)) : null),
+      kv("created", ago(j.created_at)), kv("finished", ago(j.finished_at)),
+      j.run_after ? kv("waits until", new Date(j.run_after).toLocaleString()) : null),
+    actions.length ? h("div", { class: "actions" }, actions) : null,
+    h("h3", {}, "Attempts"),
+    h("table", {}, h("thead", {}, h("tr", {}, ["#", "worker", "outcome", "exit", "started"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, j.attempts.map((a) => h("tr", {}, h("td", {}, a.attempt), h("td", {}, a.worker_id),
+        h("td", {}, a.outcome || "running"), h("td", {}, a.exit_code ?? "—"), h("td", { class: "muted" }, ago(a.started_at)))))),
+    h("h3", {}, `Log (attempt ${j.attempt})`),
+    h("pre", { class: "log" }, typeof log === "string" && log.length ? log : "(no output)"));
+}
+
+async function act(method, path) {
+  try { await api(method, path); } catch (e) { alert(e.message); }
+  refresh();
+}
+
+async function refresh() {
+  if (!token) return;
+  try {
+    const q = statusFilter ? `?status=${statusFilter}&limit=100` : "?limit=100";
+    const [stats, workers, jobs] = await Promise.all([
+      api("GET", "/api/v1/stats"), api("GET", "/api/v1/workers"), api("GET", "/api/v1/jobs" + q)]);
+    renderSummary(stats);
+    renderWorkers(workers.workers);
+    renderJobs(jobs.jobs);
+    await renderDetail();
+    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (e) {
+    document.getElementById("updated").textContent = "error: " + e.message;
+  }
+}
+
+function show(loggedIn) {
+  document.getElementById("login").hidden = loggedIn;
+  document.getElementById("app").hidden = !loggedIn;
+  document.getElementById("logout").hidden = !loggedIn;
+}
+
+function logout(message) {
+  token = null;
+  sessionStorage.removeItem(KEY);
+  document.getElementById("login-error").textContent = message || "";
+  show(false);
+}
+
+function start() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname);
+  }
+  token = sessionStorage.getItem(KEY);
+  document.getElementById("login-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    token = document.getElementById("token").value.trim();
+    sessionStorage.setItem(KEY, token);
+    show(true);
+    refresh();
+  });
+  document.getElementById("logout").addEventListener("click", () => logout());
+  document.getElementById("status-filter").addEventListener("change", (e) => { statusFilter = e.target.value; refresh(); });
+  show(!!token);
+  refresh();
+  setInterval(refresh, 2000);
+}
+
+document.addEventListener("DOMContentLoaded", start);
