@@ -231,6 +231,7 @@ async fn supervise(
         kill_at = Some(Instant::now() + ctx.kill_grace);
         stop = Some(new_stop);
     };
+    log::debug!("job process exited job_id={} status={status:?}", a.job_id);
     // Whatever the job left running in its group ends with it.
     signal_group(pgid, libc::SIGKILL);
     for p in pumps {
@@ -247,10 +248,7 @@ async fn supervise(
         }
     }
     spool.close();
-    let _ = shipper.await;
-    if matches!(lost_rx.try_recv(), Ok(())) {
-        stop = Some(Stop::LeaseLost);
-    }
+    log::debug!("job output collected job_id={}", a.job_id);
 
     let (exit_code, exit_error) = match &status {
         Ok(s) => match (s.code(), s.signal()) {
@@ -292,13 +290,35 @@ async fn supervise(
         a.attempt,
         outcome.as_str()
     );
-    Some(CompleteRequest {
-        attempt: a.attempt,
-        outcome,
-        exit_code,
-        result,
-        error,
-    })
+    let report = Spooled {
+        job_id: a.job_id,
+        report: CompleteRequest {
+            attempt: a.attempt,
+            outcome,
+            exit_code,
+            result,
+            error,
+        },
+    };
+    // On disk before waiting for the output to go out, so an agent killed
+    // during an outage still delivers the result when it comes back.
+    if let Err(e) = ctx.state.spool(&report) {
+        log::error!(
+            "could not spool the report of job {} (delivering it anyway): {e}",
+            a.job_id
+        );
+    }
+    let _ = shipper.await;
+    if matches!(lost_rx.try_recv(), Ok(())) {
+        log::warn!(
+            "lease lost, result dropped job_id={} attempt={}",
+            a.job_id,
+            a.attempt
+        );
+        ctx.state.unspool(a.job_id, a.attempt);
+        return None;
+    }
+    Some(report.report)
 }
 
 fn describe(stop: &Stop) -> String {

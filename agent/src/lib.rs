@@ -137,6 +137,8 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         worker_id: identity.worker_id,
         shutdown_grace: config.shutdown_grace,
         gpu,
+        stopping: Default::default(),
+        beat_now: Default::default(),
     };
     supervisor.run(Duration::from_secs(10)).await;
     Ok(())

@@ -11,9 +11,10 @@ use drover_proto::{
     Progress,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 /// Longest claim long-poll.
 const CLAIM_WAIT: Duration = Duration::from_secs(30);
@@ -49,6 +50,10 @@ pub struct Supervisor {
     pub worker_id: i64,
     pub shutdown_grace: Duration,
     pub gpu: GpuSource,
+    /// Shared with the heartbeat task: set once shutdown begins.
+    pub stopping: Arc<AtomicBool>,
+    /// Wakes the heartbeat task for an immediate heartbeat.
+    pub beat_now: Arc<Notify>,
 }
 
 impl Supervisor {
@@ -73,6 +78,7 @@ impl Supervisor {
             tx.clone(),
             self.gpu.clone(),
             heartbeat_interval,
+            (self.stopping.clone(), self.beat_now.clone()),
         ));
         tokio::spawn(signals(tx.clone()));
 
@@ -106,6 +112,26 @@ impl Supervisor {
                     claim_errors.recovered("claims work again");
                     apply_orders(&running, orders);
                     let Some(a) = job else { continue };
+                    if stopping {
+                        // Granted before the coordinator heard we are stopping:
+                        // hand it straight back, unstarted.
+                        running.insert(
+                            a.job_id,
+                            Running {
+                                attempt: a.attempt,
+                                gpus: Vec::new(),
+                                control: None,
+                            },
+                        );
+                        let (ctx, done) = (self.ctx.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let job_id = a.job_id;
+                            job::deliver(&ctx.client, &ctx.state, job_id, released(a.attempt))
+                                .await;
+                            let _ = done.send(Event::JobDone { job_id }).await;
+                        });
+                        continue;
+                    }
                     if !approved && warned_pending {
                         log::info!(
                             "approved by the coordinator; running work (worker_id={})",
@@ -123,9 +149,6 @@ impl Supervisor {
                             control: Some(control_tx.clone()),
                         },
                     );
-                    if stopping {
-                        let _ = control_tx.send(Control::Release);
-                    }
                     publish(&leases_tx, &running);
                     let (ctx, done) = (self.ctx.clone(), tx.clone());
                     tokio::spawn(async move {
@@ -171,6 +194,9 @@ impl Supervisor {
                 }
                 Event::Shutdown if !stopping => {
                     stopping = true;
+                    // Tell the coordinator now: no more jobs for this process.
+                    self.stopping.store(true, Ordering::SeqCst);
+                    self.beat_now.notify_one();
                     log::info!(
                         "stopping: no new claims; {} running jobs get {}s to finish, then are handed back",
                         running.len(),
@@ -267,14 +293,7 @@ async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Se
     };
     if let Err(mpsc::error::SendError(Event::Claimed(Some(a), _))) = tx.send(event).await {
         // The supervisor is gone (shutting down): hand the job back.
-        let report = drover_proto::CompleteRequest {
-            attempt: a.attempt,
-            outcome: Outcome::Released,
-            exit_code: None,
-            result: None,
-            error: None,
-        };
-        job::deliver(&ctx.client, &ctx.state, a.job_id, report).await;
+        job::deliver(&ctx.client, &ctx.state, a.job_id, released(a.attempt)).await;
     }
 }
 
@@ -285,6 +304,7 @@ async fn heartbeat_loop(
     tx: mpsc::Sender<Event>,
     gpu: GpuSource,
     mut interval: Duration,
+    (stopping, beat_now): (Arc<AtomicBool>, Arc<Notify>),
 ) {
     let mut failures = 0u32;
     let mut errors = Explainer::default();
@@ -315,7 +335,7 @@ async fn heartbeat_loop(
             incarnation: incarnation.clone(),
             leases: held,
             gpus: gpu.metrics(&busy),
-            stopping: false,
+            stopping: stopping.load(Ordering::SeqCst),
             progress,
         };
         let client = ctx.client.clone();
@@ -344,7 +364,20 @@ async fn heartbeat_loop(
                 backoff(failures).min(interval)
             }
         };
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = beat_now.notified() => {}
+        }
+    }
+}
+
+fn released(attempt: i64) -> drover_proto::CompleteRequest {
+    drover_proto::CompleteRequest {
+        attempt,
+        outcome: Outcome::Released,
+        exit_code: None,
+        result: None,
+        error: None,
     }
 }
 

@@ -199,6 +199,28 @@ impl Agent {
         Ok(id["worker_id"].as_i64().ok_or("no worker_id")?)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM to the agent alone (as systemd's KillMode=mixed does).
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// Waits for the agent to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> TestResult<std::process::ExitStatus> {
+        let child = self.child.as_mut().ok_or("agent not running")?;
+        let status = wait_for("the agent to exit", limit, || Ok(child.try_wait()?))?;
+        self.child = None;
+        Ok(status)
+    }
+
     /// SIGKILL to the agent's whole process group.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -266,7 +288,8 @@ impl Api {
             Err(e) => return Err(format!("{method} {path}: {e}").into()),
         };
         let status = resp.status();
-        let text = resp.into_string()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut resp.into_reader(), &mut text)?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Ok(Reply { status, body, text })
     }

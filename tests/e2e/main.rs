@@ -2,6 +2,7 @@
 //! binaries, a real SQLite file in a temp dir, real HTTP on 127.0.0.1 with
 //! free ports, real child processes.
 
+mod agent;
 mod failover;
 mod harness;
 mod hostile;

@@ -277,7 +277,8 @@ fn adopt_incarnation(
         return Ok(false);
     }
     if known.as_deref().and_then(|k| k.strip_prefix(STOPPED)) == Some(incarnation) {
-        return Err(stopped());
+        // A stopping agent keeps heartbeating for the jobs it lets finish.
+        return Ok(false);
     }
     let released = match known {
         Some(_) => {

@@ -1,0 +1,285 @@
+//! The agent on a machine: GPUs shared out one job per GPU, cancel and
+//! timeout kill the whole process tree, outages and shutdowns lose nothing,
+//! and a loud job does not grow the agent's memory.
+
+use crate::harness::*;
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+fn alive(pid: i32) -> bool {
+    // A zombie is gone for our purposes: it runs nothing.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn four_gpus_are_shared_one_job_per_gpu() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let _agent = Agent::start(
+        &coord.url,
+        dir.path(),
+        "gpu",
+        &["--fake-gpus", "4xA100:81920"],
+    )?;
+    let record = dir.path().join("gpus.txt");
+    let script = "s=$(date +%s%N); sleep 0.7; echo \"$DROVER_JOB_ID $CUDA_VISIBLE_DEVICES $s $(date +%s%N)\" >> \"$REC\"";
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let gpus = if i < 8 { 1 } else { 2 };
+        ids.push(api.submit(&json!({
+            "command": ["sh", "-c", script], "gpus": gpus,
+            "env": {"REC": record.to_string_lossy()},
+        }))?);
+    }
+    wait_for("10 GPU jobs to succeed", Duration::from_secs(60), || {
+        Ok((api.jobs("succeeded")?.len() == 10).then_some(()))
+    })?;
+    // (gpu, start, end) for every job's every GPU.
+    let mut spans: Vec<(u32, u128, u128)> = Vec::new();
+    for line in read_lines(&record) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (devices, start, end) = (f[1], f[2].parse::<u128>()?, f[3].parse::<u128>()?);
+        for d in devices.split(',') {
+            spans.push((d.parse()?, start, end));
+        }
+    }
+    assert_eq!(
+        spans.len(),
+        8 + 2 * 2,
+        "each job saw its own GPUs: {spans:?}"
+    );
+    for (i, a) in spans.iter().enumerate() {
+        for b in &spans[i + 1..] {
+            let overlap = a.1 < b.2 && b.1 < a.2;
+            assert!(
+                !(a.0 == b.0 && overlap),
+                "two jobs on GPU {} at once: {a:?} {b:?}",
+                a.0
+            );
+        }
+    }
+    let peak = spans
+        .iter()
+        .map(|s| spans.iter().filter(|o| o.1 <= s.1 && s.1 < o.2).count())
+        .max()
+        .unwrap_or(0);
+    println!("peak GPUs in use at once: {peak} of 4");
+    assert_eq!(peak, 4, "all four GPUs in use at the peak");
+    for id in ids.iter().skip(8) {
+        let j = api.job(*id)?;
+        assert_eq!(j["gpu_indices"].as_array().map(|a| a.len()), Some(2), "{j}");
+    }
+    Ok(())
+}
+
+#[test]
+fn cancel_and_timeout_stop_the_whole_process_tree() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "30"])?;
+    let api = coord.api();
+    let _agent = Agent::start(
+        &coord.url,
+        dir.path(),
+        "k",
+        &["--slots", "2", "--kill-grace", "2"],
+    )?;
+    let pids = dir.path().join("pids.txt");
+    // The shell starts a child that ignores SIGTERM, so only the KILL after
+    // the grace ends it.
+    let tree = "(trap '' TERM; exec sleep 1000) & echo \"$$ $!\" >> \"$PIDS\"; echo '{\"progress\": 0.42}' > \"$DROVER_PROGRESS_FILE\"; wait";
+    let cancel_me = api
+        .submit(&json!({"command": ["sh", "-c", tree], "env": {"PIDS": pids.to_string_lossy()}}))?;
+    let time_me = api.submit(
+        &json!({"command": ["sh", "-c", tree], "env": {"PIDS": pids.to_string_lossy()},
+                                     "timeout_s": 2, "max_attempts": 1}),
+    )?;
+    let all_pids = wait_for("both jobs to start", Duration::from_secs(20), || {
+        let lines = read_lines(&pids);
+        Ok((lines.len() == 2).then(|| {
+            lines
+                .iter()
+                .flat_map(|l| {
+                    l.split_whitespace()
+                        .map(|p| p.parse::<i32>().unwrap_or(0))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<i32>>()
+        }))
+    })?;
+    assert!(all_pids.iter().all(|p| *p > 0 && alive(*p)));
+
+    let cancelled_at = Instant::now();
+    let r = api.admin("POST", &format!("/api/v1/jobs/{cancel_me}/cancel"), None)?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let job = wait_for("the cancel to finish", Duration::from_secs(15), || {
+        let j = api.job(cancel_me)?;
+        Ok((j["status"] == "cancelled").then_some(j))
+    })?;
+    println!(
+        "cancel -> cancelled: {:.2}s (kill grace 2s)",
+        cancelled_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(job["attempts"][0]["outcome"], "cancelled");
+    let job = wait_for("the timeout", Duration::from_secs(15), || {
+        let j = api.job(time_me)?;
+        Ok((j["status"] == "failed").then_some(j))
+    })?;
+    assert_eq!(job["error"], "timeout");
+    assert_eq!(job["attempts"][0]["outcome"], "timed_out");
+    wait_for(
+        "every process of both jobs to be gone",
+        Duration::from_secs(5),
+        || Ok(all_pids.iter().all(|p| !alive(*p)).then_some(())),
+    )?;
+    // Cancelling a finished job is refused and changes nothing.
+    let again = api.admin("POST", &format!("/api/v1/jobs/{cancel_me}/cancel"), None)?;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.code(), "already_finished");
+    Ok(())
+}
+
+#[test]
+fn progress_file_is_shown_on_the_job() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let _agent = Agent::start(&coord.url, dir.path(), "p", &[])?;
+    let id = api.submit(&json!({"command": ["sh", "-c",
+        "echo '{\"progress\": 0.42, \"step\": 420}' > \"$DROVER_PROGRESS_FILE\"; sleep 30"]}))?;
+    let job = wait_for("progress to show", Duration::from_secs(15), || {
+        let j = api.job(id)?;
+        Ok((!j["progress"].is_null()).then_some(j))
+    })?;
+    assert_eq!(job["progress"], json!({"progress": 0.42, "step": 420}));
+    Ok(())
+}
+
+#[test]
+fn result_survives_a_coordinator_outage() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let _agent = Agent::start(&coord.url, dir.path(), "o", &[])?;
+    let id = api.submit(&json!({"command": ["sh", "-c",
+        "echo run >> \"$RUNS\"; sleep 1; echo 'printed during the outage'; echo '{\"ok\": true}' > \"$DROVER_RESULT_FILE\""],
+        "env": {"RUNS": runs.to_string_lossy()}}))?;
+    wait_for("the job to start", Duration::from_secs(20), || {
+        Ok((read_lines(&runs).len() == 1).then_some(()))
+    })?;
+    coord.kill9();
+    // The job ends while the coordinator is down; its report waits in the spool.
+    std::thread::sleep(Duration::from_secs(3));
+    let spool = dir.path().join("agent-o").join("spool");
+    let agent_log = std::fs::read_to_string(dir.path().join("agent-o.log"))?;
+    assert_eq!(
+        std::fs::read_dir(&spool)?.count(),
+        1,
+        "the report is spooled on disk: {agent_log}"
+    );
+    coord.restart()?;
+    let api = coord.api();
+    let job = wait_for("the result to arrive", Duration::from_secs(30), || {
+        let j = api.job(id)?;
+        Ok((j["status"] == "succeeded").then_some(j))
+    })?;
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["result"], json!({"ok": true}));
+    assert_eq!(read_lines(&runs).len(), 1, "the job ran once");
+    let log = api.admin("GET", &format!("/api/v1/jobs/{id}/logs"), None)?;
+    assert_eq!(log.text, "printed during the outage\n");
+    wait_for("the spool to empty", Duration::from_secs(5), || {
+        Ok((std::fs::read_dir(&spool)?.count() == 0).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn sigterm_hands_running_jobs_back_without_spending_an_attempt() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "30"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let mut a = Agent::start(
+        &coord.url,
+        dir.path(),
+        "leaving",
+        &["--shutdown-grace", "1", "--kill-grace", "2"],
+    )?;
+    let id = api.submit(&json!({"command": ["sh", "-c",
+        "echo \"$DROVER_ATTEMPT $NAME\" >> \"$RUNS\"; if [ \"$DROVER_ATTEMPT\" = 1 ]; then exec sleep 1000; fi",
+        ], "env": {"RUNS": runs.to_string_lossy()}, "max_attempts": 1}))?;
+    wait_for(
+        "the job to start on the first agent",
+        Duration::from_secs(20),
+        || Ok((read_lines(&runs).len() == 1).then_some(())),
+    )?;
+    let b = Agent::start(&coord.url, dir.path(), "staying", &[])?;
+    wait_for("the second agent", Duration::from_secs(20), || {
+        Ok(b.worker_id().ok())
+    })?;
+    let stopped = Instant::now();
+    a.terminate();
+    let job = wait_for(
+        "the job to run elsewhere and succeed",
+        Duration::from_secs(20),
+        || {
+            let j = api.job(id)?;
+            Ok((j["status"] == "succeeded").then_some(j))
+        },
+    )?;
+    println!(
+        "SIGTERM -> job done elsewhere: {:.2}s (shutdown grace 1s)",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "re-queued at once, not after the 30 s TTL"
+    );
+    assert_eq!(job["attempts"][0]["outcome"], "released");
+    assert_eq!(job["attempts"][1]["outcome"], "succeeded");
+    assert_eq!(job["worker_id"], b.worker_id()?);
+    // max_attempts is 1: the hand-back did not spend it.
+    assert_eq!(job["attempts_used"], 1);
+    let status = a.wait_exit(Duration::from_secs(10))?;
+    assert!(status.success(), "the agent exits cleanly: {status}");
+    Ok(())
+}
+
+#[test]
+fn a_loud_job_does_not_grow_the_agent() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let agent = Agent::start(&coord.url, dir.path(), "loud", &[])?;
+    let id = api.submit(&json!({"command": ["sh", "-c", "head -c 200000000 /dev/zero | tr '\\0' 'x'; echo; echo done >&2"]}))?;
+    let job = wait_for("the loud job to finish", Duration::from_secs(120), || {
+        let j = api.job(id)?;
+        Ok((j["status"] == "succeeded").then_some(j))
+    })?;
+    let rss = peak_rss_kib(agent.pid()).ok_or("no /proc status for the agent")?;
+    println!("agent peak RSS while a job printed 200 MB: {} KiB", rss);
+    let kept = job["attempts"][0]["log_bytes"].as_i64().unwrap_or(0);
+    assert_eq!(
+        kept,
+        16 * 1024 * 1024,
+        "the coordinator keeps the 16 MiB cap"
+    );
+    assert!(rss < 64 * 1024, "agent peak RSS {rss} KiB stays bounded");
+    let mut per_stream: HashMap<&str, usize> = HashMap::new();
+    let log = api.admin("GET", &format!("/api/v1/jobs/{id}/logs"), None)?;
+    *per_stream.entry("all").or_default() += log.text.len();
+    assert!(
+        log.text.contains("[drover] log cap"),
+        "the log says it was capped"
+    );
+    Ok(())
+}
