@@ -152,6 +152,20 @@ CREATE TABLE job_logs (
 );
 CREATE INDEX job_logs_by_attempt ON job_logs (job_id, attempt, id);
 
+-- Per-GPU metrics from heartbeats, kept --gpu-history-hours (24 h) and
+-- pruned by the sweep in small batches.
+CREATE TABLE gpu_metrics (
+    worker_id       INTEGER NOT NULL REFERENCES workers(id),
+    gpu_index       INTEGER NOT NULL,
+    at              INTEGER NOT NULL,
+    utilization_pct REAL    NOT NULL,
+    memory_used_mb  INTEGER NOT NULL,
+    temperature_c   REAL    NOT NULL,
+    power_w         REAL    NOT NULL
+);
+CREATE INDEX gpu_metrics_by_worker ON gpu_metrics (worker_id, at);
+CREATE INDEX gpu_metrics_by_time ON gpu_metrics (at);
+
 -- One ordered stream of job and worker events.
 CREATE TABLE events (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -3,6 +3,9 @@
 //! the source is the same code.
 
 use drover_proto::{GpuInfo, GpuMetrics, Inventory};
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::Nvml;
+use std::sync::Arc;
 
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -69,40 +72,93 @@ pub fn parse_fake_gpus(spec: &str) -> Result<Vec<GpuInfo>, String> {
 }
 
 /// Where GPU data comes from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum GpuSource {
     /// `--fake-gpus`: synthetic but plausible metrics.
     Fake(Vec<GpuInfo>),
+    /// The machine's GPUs, through NVML.
+    Nvml(Arc<Nvml>, Vec<GpuInfo>),
     /// No GPUs: a CPU worker.
     None,
 }
 
+impl std::fmt::Debug for GpuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GpuSource::Fake(g) => write!(f, "Fake({} GPUs)", g.len()),
+            GpuSource::Nvml(_, g) => write!(f, "Nvml({} GPUs)", g.len()),
+            GpuSource::None => f.write_str("None"),
+        }
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+
 impl GpuSource {
-    /// The fixture when given; otherwise this machine. NVML is not wired in
-    /// yet, so without the fixture the agent is a CPU worker and says so.
+    /// The fixture when given; otherwise NVML, loaded at run time. Without
+    /// it the agent is a CPU worker and says why, once.
     pub fn detect(fake: Option<Vec<GpuInfo>>) -> GpuSource {
-        match fake {
-            Some(gpus) => {
-                log::info!("using {} fake GPUs from --fake-gpus", gpus.len());
-                GpuSource::Fake(gpus)
-            }
-            None => {
-                log::info!(
-                    "no GPU source: NVML is not available to this build; running as a CPU worker"
+        if let Some(gpus) = fake {
+            log::info!("using {} fake GPUs from --fake-gpus", gpus.len());
+            return GpuSource::Fake(gpus);
+        }
+        let has_devices = std::path::Path::new("/dev/nvidiactl").exists();
+        let nvml = match Nvml::init() {
+            Ok(n) => n,
+            Err(e) if has_devices => {
+                log::warn!(
+                    "NVML did not load ({e}) although /dev/nvidiactl exists: running as a CPU worker. \
+                     Try: install the NVIDIA driver's libnvidia-ml.so.1 (in a container, mount the driver libraries), \
+                     then check with nvidia-smi"
                 );
-                GpuSource::None
+                return GpuSource::None;
+            }
+            Err(e) => {
+                log::info!("no NVIDIA GPUs here (NVML: {e}): running as a CPU worker");
+                return GpuSource::None;
+            }
+        };
+        let count = match nvml.device_count() {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("NVML loaded but cannot count GPUs ({e}): running as a CPU worker");
+                return GpuSource::None;
+            }
+        };
+        let mut gpus = Vec::new();
+        for index in 0..count {
+            let info = nvml.device_by_index(index).and_then(|d| {
+                Ok(GpuInfo {
+                    index,
+                    uuid: d.uuid()?,
+                    model: d.name()?,
+                    vram_mb: d.memory_info()?.total / MIB,
+                })
+            });
+            match info {
+                Ok(g) => gpus.push(g),
+                Err(e) => log::warn!("GPU {index} is not usable ({e}); leaving it out"),
             }
         }
+        if gpus.is_empty() {
+            log::info!("NVML sees no usable GPU: running as a CPU worker");
+            return GpuSource::None;
+        }
+        for g in &gpus {
+            log::info!("GPU {} {} {} MiB {}", g.index, g.model, g.vram_mb, g.uuid);
+        }
+        GpuSource::Nvml(Arc::new(nvml), gpus)
     }
 
     pub fn gpus(&self) -> Vec<GpuInfo> {
         match self {
-            GpuSource::Fake(g) => g.clone(),
+            GpuSource::Fake(g) | GpuSource::Nvml(_, g) => g.clone(),
             GpuSource::None => Vec::new(),
         }
     }
 
-    /// Current metrics; `busy` are the indices held by running jobs.
+    /// Current metrics; `busy` are the indices held by running jobs (used
+    /// only by the fixture, which has nothing to measure).
     pub fn metrics(&self, busy: &[u32]) -> Vec<GpuMetrics> {
         match self {
             GpuSource::Fake(gpus) => gpus
@@ -116,6 +172,33 @@ impl GpuSource {
                         temperature_c: if used { 71.0 } else { 34.0 },
                         power_w: if used { 280.0 } else { 55.0 },
                     }
+                })
+                .collect(),
+            GpuSource::Nvml(nvml, gpus) => gpus
+                .iter()
+                .map(|g| {
+                    let mut m = GpuMetrics {
+                        index: g.index,
+                        ..Default::default()
+                    };
+                    match nvml.device_by_index(g.index) {
+                        Ok(d) => {
+                            if let Ok(u) = d.utilization_rates() {
+                                m.utilization_pct = f64::from(u.gpu);
+                            }
+                            if let Ok(mem) = d.memory_info() {
+                                m.memory_used_mb = mem.used / MIB;
+                            }
+                            if let Ok(t) = d.temperature(TemperatureSensor::Gpu) {
+                                m.temperature_c = f64::from(t);
+                            }
+                            if let Ok(p) = d.power_usage() {
+                                m.power_w = f64::from(p) / 1000.0;
+                            }
+                        }
+                        Err(e) => log::debug!("GPU {} metrics unavailable: {e}", g.index),
+                    }
+                    m
                 })
                 .collect(),
             GpuSource::None => Vec::new(),

@@ -62,6 +62,10 @@ pub struct Args {
     #[arg(long, env = "DROVER_LOG_CAP", default_value_t = 16 * 1024 * 1024)]
     pub log_cap: u64,
 
+    /// Hours of per-GPU metrics kept for the dashboard.
+    #[arg(long, env = "DROVER_GPU_HISTORY_HOURS", default_value_t = 24)]
+    pub gpu_history_hours: u64,
+
     /// `full` (default: an acknowledged write survives power loss) or
     /// `normal` (never corrupts, may lose the last commits on power loss).
     #[arg(long, env = "DROVER_SQLITE_SYNCHRONOUS", default_value = "full")]
@@ -82,6 +86,7 @@ pub struct Config {
     pub retry_backoff: Duration,
     pub max_connections: usize,
     pub log_cap: u64,
+    pub gpu_history: Duration,
     pub synchronous_full: bool,
 }
 
@@ -140,6 +145,7 @@ impl Config {
             retry_backoff: Duration::from_secs(args.retry_backoff),
             max_connections: args.max_connections,
             log_cap: args.log_cap,
+            gpu_history: Duration::from_secs(args.gpu_history_hours * 3600),
             synchronous_full,
         })
     }

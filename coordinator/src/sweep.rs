@@ -43,6 +43,7 @@ pub async fn run(app: std::sync::Arc<App>) {
 /// and the time of this pass.
 pub async fn run_once(app: &App, since: Ms) -> Result<(Swept, Ms), ApiError> {
     let silence = app.config.lease_ttl;
+    let history = app.config.gpu_history;
     let (swept, now) = app
         .db
         .write(move |c, now| {
@@ -50,6 +51,7 @@ pub async fn run_once(app: &App, since: Ms) -> Result<(Swept, Ms), ApiError> {
             let offline =
                 workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
             let became_ready = jobs::count_became_ready(c, since, now)?;
+            workers::prune_gpu_history(c, now - ms(history))?;
             Ok((
                 Swept {
                     expired,

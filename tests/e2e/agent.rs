@@ -73,6 +73,27 @@ fn four_gpus_are_shared_one_job_per_gpu() -> TestResult {
         .unwrap_or(0);
     println!("peak GPUs in use at once: {peak} of 4");
     assert_eq!(peak, 4, "all four GPUs in use at the peak");
+    // The coordinator keeps each GPU's metrics history for the dashboard.
+    let w = api.admin("GET", "/api/v1/workers", None)?;
+    let wid = w.body["workers"][0]["id"].as_i64().ok_or("no worker")?;
+    let detail = api.admin("GET", &format!("/api/v1/workers/{wid}"), None)?;
+    let history = detail.body["gpu_history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for gpu in 0..4 {
+        assert!(
+            history.iter().any(|h| h["gpu"] == gpu),
+            "history for GPU {gpu}: {}",
+            detail.text
+        );
+    }
+    assert!(
+        history
+            .iter()
+            .any(|h| h["utilization_pct"].as_f64().unwrap_or(0.0) > 50.0),
+        "busy samples recorded"
+    );
     for id in ids.iter().skip(8) {
         let j = api.job(*id)?;
         assert_eq!(j["gpu_indices"].as_array().map(|a| a.len()), Some(2), "{j}");

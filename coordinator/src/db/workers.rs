@@ -238,6 +238,21 @@ pub fn heartbeat(
         serde_json::to_string(&req.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET last_seen_at = ?2, gpu_metrics = ?3 WHERE id = ?1")?
         .execute(params![worker_id, now, metrics])?;
+    for g in req.gpus.iter().take(64) {
+        conn.prepare_cached(
+            "INSERT INTO gpu_metrics (worker_id, gpu_index, at, utilization_pct, memory_used_mb, temperature_c, power_w)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            worker_id,
+            g.index,
+            now,
+            g.utilization_pct,
+            g.memory_used_mb as i64,
+            g.temperature_c,
+            g.power_w
+        ])?;
+    }
     if state == "offline" {
         transition(conn, now, worker_id, "idle", "heartbeat resumed")?;
         refresh_load(conn, now, worker_id, "heartbeat resumed")?;
@@ -410,7 +425,7 @@ pub fn list(conn: &Connection) -> Result<Vec<Value>, ApiError> {
 }
 
 /// One worker with its health log and recent jobs.
-pub fn get(conn: &Connection, _now: Ms, worker_id: i64) -> Result<Value, ApiError> {
+pub fn get(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError> {
     let mut w = conn
         .prepare_cached(&format!(
             "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"
@@ -448,6 +463,23 @@ pub fn get(conn: &Connection, _now: Ms, worker_id: i64) -> Result<Value, ApiErro
             }))
         })?
         .collect::<Result<_, _>>()?;
+    let history: Vec<Value> = conn
+        .prepare_cached(
+            "SELECT gpu_index, at, utilization_pct, memory_used_mb, temperature_c, power_w FROM gpu_metrics
+             WHERE worker_id = ?1 AND at > ?2 ORDER BY at",
+        )?
+        .query_map(params![worker_id, now - 3_600_000], |r| {
+            Ok(json!({
+                "gpu": r.get::<_, i64>(0)?,
+                "at": iso(r.get(1)?),
+                "utilization_pct": r.get::<_, f64>(2)?,
+                "memory_used_mb": r.get::<_, i64>(3)?,
+                "temperature_c": r.get::<_, f64>(4)?,
+                "power_w": r.get::<_, f64>(5)?,
+            }))
+        })?
+        .collect::<Result<_, _>>()?;
+    w["gpu_history"] = Value::Array(history);
     w["health_log"] = Value::Array(health);
     w["recent_jobs"] = Value::Array(recent);
     Ok(w)
@@ -492,4 +524,14 @@ pub fn stats(conn: &Connection) -> Result<Value, ApiError> {
         "jobs": jobs,
         "gpus": {"total": gpus_total, "busy": gpus_busy},
     }))
+}
+
+/// Drops GPU samples older than `cutoff`, at most a batch per call (big
+/// deletes grow the WAL and hold the write lock).
+pub fn prune_gpu_history(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM gpu_metrics WHERE rowid IN (SELECT rowid FROM gpu_metrics WHERE at < ?1 ORDER BY at LIMIT 5000)",
+        )?
+        .execute([cutoff])?)
 }
