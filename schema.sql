@@ -79,6 +79,8 @@ CREATE TABLE jobs (
     preferred_tags   TEXT    NOT NULL DEFAULT '[]',
     priority         INTEGER NOT NULL DEFAULT 0,
     max_attempts     INTEGER NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
+    -- A GPU job that may run on a CPU slot when no GPU is free.
+    cpu_fallback     INTEGER NOT NULL DEFAULT 0,
     timeout_s        INTEGER CHECK (timeout_s > 0),
     not_before       INTEGER,
     idempotency_key  TEXT UNIQUE,
@@ -113,8 +115,11 @@ CREATE TABLE jobs (
     started_at       INTEGER,
     finished_at      INTEGER
 );
--- Claim order: priority, then age, over queued jobs only.
-CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE status = 'queued';
+-- Dispatch: per GPU count, queued jobs by priority, then age. A round looks
+-- at the head of each GPU count a waiting worker could take, so its cost
+-- does not grow with the queue or the history.
+CREATE INDEX jobs_queue ON jobs (gpus, priority DESC, id) WHERE status = 'queued';
+CREATE INDEX jobs_queue_fallback ON jobs (priority DESC, id) WHERE status = 'queued' AND cpu_fallback = 1;
 -- The sweep's scan for expired leases, and a worker's running jobs.
 CREATE INDEX jobs_running_lease ON jobs (lease_expires_at) WHERE status = 'running';
 CREATE INDEX jobs_running_worker ON jobs (worker_id) WHERE status = 'running';

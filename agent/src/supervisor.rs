@@ -21,8 +21,8 @@ const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub enum Event {
-    /// A claim's answer: a job, and/or orders for running jobs.
-    Claimed(Option<Assignment>, Vec<Order>),
+    /// A claim's answer: jobs, and/or orders for running jobs.
+    Claimed(Vec<Assignment>, Vec<Order>),
     /// A claim ended without a job (204 or an error).
     ClaimEnded(Option<ClientError>),
     JobDone {
@@ -106,55 +106,55 @@ impl Supervisor {
             }
             let Some(event) = rx.recv().await else { break };
             match event {
-                Event::Claimed(job, orders) => {
+                Event::Claimed(jobs, orders) => {
                     claiming = false;
                     claim_failures = 0;
                     claim_errors.recovered("claims work again");
                     apply_orders(&running, orders);
-                    let Some(a) = job else { continue };
-                    if stopping {
-                        // Granted before the coordinator heard we are stopping:
-                        // hand it straight back, unstarted.
-                        running.insert(
-                            a.job_id,
-                            Running {
-                                attempt: a.attempt,
-                                gpus: Vec::new(),
-                                control: None,
-                            },
-                        );
-                        let (ctx, done) = (self.ctx.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            let job_id = a.job_id;
-                            job::deliver(&ctx.client, &ctx.state, job_id, released(a.attempt))
-                                .await;
-                            let _ = done.send(Event::JobDone { job_id }).await;
-                        });
-                        continue;
-                    }
-                    if !approved && warned_pending {
+                    if !jobs.is_empty() && !approved && warned_pending {
                         log::info!(
                             "approved by the coordinator; running work (worker_id={})",
                             self.worker_id
                         );
                     }
-                    approved = true;
-                    let (control_tx, control_rx) = mpsc::unbounded_channel();
-                    let job_id = a.job_id;
-                    running.insert(
-                        job_id,
-                        Running {
-                            attempt: a.attempt,
-                            gpus: a.gpu_indices.clone(),
-                            control: Some(control_tx.clone()),
-                        },
-                    );
+                    for a in jobs {
+                        approved = true;
+                        let job_id = a.job_id;
+                        if stopping {
+                            // Granted before the coordinator heard we are
+                            // stopping: hand it straight back, unstarted.
+                            running.insert(
+                                job_id,
+                                Running {
+                                    attempt: a.attempt,
+                                    gpus: Vec::new(),
+                                    control: None,
+                                },
+                            );
+                            let (ctx, done) = (self.ctx.clone(), tx.clone());
+                            tokio::spawn(async move {
+                                job::deliver(&ctx.client, &ctx.state, job_id, released(a.attempt))
+                                    .await;
+                                let _ = done.send(Event::JobDone { job_id }).await;
+                            });
+                            continue;
+                        }
+                        let (control_tx, control_rx) = mpsc::unbounded_channel();
+                        running.insert(
+                            job_id,
+                            Running {
+                                attempt: a.attempt,
+                                gpus: a.gpu_indices.clone(),
+                                control: Some(control_tx),
+                            },
+                        );
+                        let (ctx, done) = (self.ctx.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            job::run(ctx, a, control_rx).await;
+                            let _ = done.send(Event::JobDone { job_id }).await;
+                        });
+                    }
                     publish(&leases_tx, &running);
-                    let (ctx, done) = (self.ctx.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        job::run(ctx, a, control_rx).await;
-                        let _ = done.send(Event::JobDone { job_id }).await;
-                    });
                 }
                 Event::ClaimEnded(error) => {
                     claiming = false;
@@ -287,13 +287,15 @@ async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Se
     let client = ctx.client.clone();
     let req = ClaimRequest { incarnation };
     let event = match blocking(move || client.claim(&req, CLAIM_WAIT)).await {
-        Ok(Some(resp)) => Event::Claimed(resp.job, resp.orders),
+        Ok(Some(resp)) => Event::Claimed(resp.jobs, resp.orders),
         Ok(None) => Event::ClaimEnded(None),
         Err(e) => Event::ClaimEnded(Some(e)),
     };
-    if let Err(mpsc::error::SendError(Event::Claimed(Some(a), _))) = tx.send(event).await {
-        // The supervisor is gone (shutting down): hand the job back.
-        job::deliver(&ctx.client, &ctx.state, a.job_id, released(a.attempt)).await;
+    if let Err(mpsc::error::SendError(Event::Claimed(jobs, _))) = tx.send(event).await {
+        // The supervisor is gone (shutting down): hand the jobs back.
+        for a in jobs {
+            job::deliver(&ctx.client, &ctx.state, a.job_id, released(a.attempt)).await;
+        }
     }
 }
 

@@ -54,6 +54,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_RETRY_BACKOFF", default_value_t = 10)]
     pub retry_backoff: u64,
 
+    /// Seconds a multi-GPU job may wait for a worker with enough free GPUs
+    /// before one is kept free for it (no new jobs) until it fits.
+    #[arg(long, env = "DROVER_RESERVE_AFTER", default_value_t = 60)]
+    pub reserve_after: u64,
+
     /// Most open HTTP connections; further connections are closed at once.
     #[arg(long, env = "DROVER_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -84,6 +89,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub restart_grace: Duration,
     pub retry_backoff: Duration,
+    pub reserve_after: Duration,
     pub max_connections: usize,
     pub log_cap: u64,
     pub gpu_history: Duration,
@@ -143,6 +149,7 @@ impl Config {
             heartbeat_interval: lease_ttl / 3,
             restart_grace,
             retry_backoff: Duration::from_secs(args.retry_backoff),
+            reserve_after: Duration::from_secs(args.reserve_after),
             max_connections: args.max_connections,
             log_cap: args.log_cap,
             gpu_history: Duration::from_secs(args.gpu_history_hours * 3600),

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod matching;
@@ -50,6 +51,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let max_connections = config.max_connections;
     let app = Arc::new(App::new(db, config));
     let sweeper = tokio::spawn(sweep::run(app.clone()));
+    let dispatcher = tokio::spawn(dispatch::run(app.clone()));
     http::serve(
         listener,
         api::router(app),
@@ -58,6 +60,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     )
     .await;
     sweeper.abort();
+    dispatcher.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())
 }

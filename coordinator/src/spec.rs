@@ -20,6 +20,8 @@ pub struct JobSpec {
     #[serde(default)]
     pub min_vram_mb: u64,
     #[serde(default)]
+    pub cpu_fallback: bool,
+    #[serde(default)]
     pub required_tags: Vec<String>,
     #[serde(default)]
     pub preferred_tags: Vec<String>,
@@ -45,6 +47,7 @@ pub struct NewJob {
     pub cwd: Option<String>,
     pub gpus: u32,
     pub min_vram_mb: u64,
+    pub cpu_fallback: bool,
     pub required_tags: Vec<String>,
     pub preferred_tags: Vec<String>,
     pub priority: i32,
@@ -159,6 +162,12 @@ impl JobSpec {
         if self.gpus > 64 {
             return Err(ApiError::invalid("gpus", "at most 64 GPUs per job"));
         }
+        if self.cpu_fallback && self.gpus == 0 {
+            return Err(ApiError::invalid(
+                "cpu_fallback",
+                "is set but the job asks for no GPUs (gpus: 0)",
+            ));
+        }
         if self.min_vram_mb > 0 && self.gpus == 0 {
             return Err(ApiError::invalid(
                 "min_vram_mb",
@@ -223,6 +232,7 @@ impl JobSpec {
             cwd: self.cwd,
             gpus: self.gpus,
             min_vram_mb: self.min_vram_mb,
+            cpu_fallback: self.cpu_fallback,
             required_tags: tags("required_tags", self.required_tags)?,
             preferred_tags: tags("preferred_tags", self.preferred_tags)?,
             priority: self.priority,

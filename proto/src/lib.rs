@@ -170,12 +170,14 @@ pub struct Assignment {
     pub lease_ttl_s: u64,
 }
 
-/// A claim's answer: a job to run, or orders for jobs the agent runs (a
+/// A claim's answer: jobs to run, and/or orders for jobs the agent runs (a
 /// parked claim is also how a cancel reaches the agent at once).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimResponse {
+    /// Jobs granted, each with its lease: several when the agent has
+    /// several free slots.
     #[serde(default)]
-    pub job: Option<Assignment>,
+    pub jobs: Vec<Assignment>,
     #[serde(default)]
     pub orders: Vec<Order>,
 }

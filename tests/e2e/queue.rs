@@ -149,8 +149,12 @@ fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
                     match r.status {
                         204 => continue,
                         200 => {
-                            let job = r.body["job"]["job_id"].as_i64().unwrap_or(0);
-                            let attempt = r.body["job"]["attempt"].as_i64().unwrap_or(0);
+                            let jobs = r.body["jobs"].as_array().cloned().unwrap_or_default();
+                            if jobs.len() != 1 {
+                                return Err(format!("one slot, one job: {}", r.text));
+                            }
+                            let job = jobs[0]["job_id"].as_i64().unwrap_or(0);
+                            let attempt = jobs[0]["attempt"].as_i64().unwrap_or(0);
                             grants
                                 .lock()
                                 .map_err(|e| e.to_string())?

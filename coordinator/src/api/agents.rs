@@ -2,7 +2,7 @@
 
 use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, MAX_WAIT_S};
 use crate::auth;
-use crate::db::{jobs, ms, workers};
+use crate::db::{ms, workers};
 use crate::error::ApiError;
 use crate::spec;
 use axum::body::Body;
@@ -105,10 +105,14 @@ pub async fn heartbeat(
         return Err(ApiError::invalid("leases", "at most 1024 leases"));
     }
     let ttl = ms(app.config.lease_ttl);
+    let stopping = req.stopping;
     let beat = app
         .db
         .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, ttl))
         .await?;
+    if stopping {
+        app.dispatcher.dismiss(agent.id);
+    }
     if beat.released {
         app.wake_claimers();
     }
@@ -139,44 +143,28 @@ pub async fn claim(
     check_name("incarnation", &req.incarnation)?;
     // A pending (or draining) worker's claim parks like any other and gets
     // a job once it may run one: approval wakes parked claims.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait as u64);
-    let ttl = ms(app.config.lease_ttl);
-    loop {
-        // Subscribe before looking, so a job queued in between still wakes us.
-        let mut changes = app.queue_changes();
-        let incarnation = req.incarnation.clone();
-        let answer = app
-            .db
-            .write(move |c, now| {
-                workers::check_incarnation(c, agent.id, &incarnation)?;
-                let orders = jobs::take_orders(c, agent.id)?;
-                let job = match orders.is_empty() {
-                    true => jobs::claim(c, now, agent.id, ttl)?,
-                    false => None,
-                };
-                Ok(ClaimResponse { job, orders })
-            })
-            .await?;
-        if let Some(job) = &answer.job {
-            log::info!(
-                "job started job_id={} attempt={} worker_id={}",
-                job.job_id,
-                job.attempt,
-                agent.id
-            );
-        }
-        if answer.job.is_some() || !answer.orders.is_empty() {
-            return Ok(Json(answer).into_response());
-        }
-        tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return Ok(StatusCode::NO_CONTENT.into_response());
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
+    let incarnation = req.incarnation.clone();
+    app.db
+        .write(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
+        .await?;
+    let (ticket, mut answer) = app.dispatcher.park(agent.id);
+    let deadline = tokio::time::sleep(Duration::from_secs(wait as u64));
+    tokio::select! {
+        r = &mut answer => Ok(claim_reply(r)),
+        _ = deadline => {
+            if app.dispatcher.unpark(agent.id, ticket) {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
+            // A round took this claim just now: its answer is on the way.
+            Ok(claim_reply(answer.await))
         }
+    }
+}
+
+fn claim_reply(r: Result<ClaimResponse, tokio::sync::oneshot::error::RecvError>) -> Response {
+    match r {
+        Ok(resp) => Json(resp).into_response(),
+        // Replaced by a newer claim of the same worker, or nothing to give.
+        Err(_) => StatusCode::NO_CONTENT.into_response(),
     }
 }

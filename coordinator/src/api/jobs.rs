@@ -4,7 +4,7 @@
 use super::agents::authenticate;
 use super::{int_param, parse_json, path_id, query_param, read_body, require_admin, AppState};
 use super::{AGENT_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
-use crate::db::{jobs, ms};
+use crate::db::{dispatch, jobs, ms};
 use crate::error::ApiError;
 use crate::spec::JobSpec;
 use axum::body::Body;
@@ -73,7 +73,17 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
-    Ok(Json(app.db.read(move |c, now| jobs::get(c, now, id)).await?).into_response())
+    let reserved = app.dispatcher.reserved_for(id);
+    let job = app
+        .db
+        .read(move |c, now| {
+            let mut job = jobs::get(c, now, id)?;
+            // A queued job says why it is not running.
+            job["waiting_reason"] = dispatch::why_waiting(c, now, id, reserved)?.into();
+            Ok(job)
+        })
+        .await?;
+    Ok(Json(job).into_response())
 }
 
 pub async fn cancel(

@@ -9,6 +9,7 @@ mod workers;
 use crate::auth;
 use crate::config::Config;
 use crate::db::Db;
+use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -20,7 +21,6 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// Body limits per kind of route.
 pub const JSON_LIMIT: usize = 1024 * 1024;
@@ -37,9 +37,8 @@ pub const MAX_WAIT_S: u64 = 30;
 pub struct App {
     pub db: Db,
     pub config: Config,
-    /// Bumped whenever a job may have become claimable; parked claims wait
-    /// on it (no polling).
-    queue: watch::Sender<u64>,
+    /// Parked claims and the dispatch loop that answers them.
+    pub dispatcher: Dispatcher,
 }
 
 impl App {
@@ -47,17 +46,13 @@ impl App {
         App {
             db,
             config,
-            queue: watch::Sender::new(0),
+            dispatcher: Dispatcher::default(),
         }
     }
 
-    /// Wakes every parked claim so it looks at the queue again.
+    /// Something may have become claimable (or cancellable): dispatch.
     pub fn wake_claimers(&self) {
-        self.queue.send_modify(|v| *v = v.wrapping_add(1));
-    }
-
-    pub fn queue_changes(&self) -> watch::Receiver<u64> {
-        self.queue.subscribe()
+        self.dispatcher.kick();
     }
 }
 

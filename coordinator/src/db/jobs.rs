@@ -7,17 +7,14 @@
 
 use super::{event, iso, json_col, workers, Ms};
 use crate::error::ApiError;
-use crate::matching::{self, Needs, Offer};
 use crate::spec::NewJob;
 use drover_proto::{
-    Assignment, CompleteRequest, CompleteResponse, GpuInfo, LeaseRef, Order, Outcome, Progress,
+    Assignment, CompleteRequest, CompleteResponse, LeaseRef, Order, Outcome, Progress,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 
-/// Queued jobs examined per claim, best first.
-const CLAIM_SCAN: i64 = 256;
 /// Expired leases handled per sweep transaction.
 const EXPIRE_BATCH: i64 = 500;
 /// Backoff after the second and later lease losses: 10 s x 2^n, capped.
@@ -56,8 +53,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value),
     conn.prepare_cached(
         "INSERT INTO jobs (status, command, env, cwd, gpus, min_vram_mb, required_tags,
          preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
-         spec_sha256, metadata, run_after, created_at)
-         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+         spec_sha256, metadata, run_after, created_at, cpu_fallback)
+         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         to_json(&job.command),
@@ -75,7 +72,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value),
         fingerprint,
         job.metadata.to_string(),
         job.not_before.unwrap_or(now).max(now),
-        now
+        now,
+        job.cpu_fallback
     ])?;
     let id = conn.last_insert_rowid();
     event(
@@ -94,63 +92,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-/// Hands the best queued job this worker can run now to it, with a new lease.
-/// Order: priority, then age. `None` when nothing fits.
-pub fn claim(
-    conn: &Connection,
-    now: Ms,
-    worker_id: i64,
-    lease_ttl: Ms,
-) -> Result<Option<Assignment>, ApiError> {
-    let (state, tags, gpus, slots): (String, String, String, i64) = conn
-        .prepare_cached("SELECT state, tags, gpus, slots FROM workers WHERE id = ?1")?
-        .query_row([worker_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
-    if state != "idle" && state != "busy" {
-        return Ok(None);
-    }
-    let running: Vec<String> = conn
-        .prepare_cached("SELECT gpu_indices FROM jobs WHERE worker_id = ?1 AND status = 'running'")?
-        .query_map([worker_id], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let free_slots = slots - running.len() as i64;
-    if free_slots <= 0 {
-        return Ok(None);
-    }
-    let offer = Offer {
-        tags: serde_json::from_str(&tags).unwrap_or_default(),
-        gpus: serde_json::from_str::<Vec<GpuInfo>>(&gpus).unwrap_or_default(),
-        busy_gpus: running
-            .iter()
-            .flat_map(|g| serde_json::from_str::<Vec<u32>>(g).unwrap_or_default())
-            .collect(),
-        free_slots: free_slots as u32,
-    };
-    let candidates: Vec<(i64, u32, i64, String)> = conn
-        .prepare_cached(
-            "SELECT id, gpus, min_vram_mb, required_tags FROM jobs
-             WHERE status = 'queued' AND run_after <= ?1
-             ORDER BY priority DESC, id LIMIT ?2",
-        )?
-        .query_map(params![now, CLAIM_SCAN], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?
-        .collect::<Result<_, _>>()?;
-    for (job_id, gpus, min_vram_mb, required_tags) in candidates {
-        let needs = Needs {
-            gpus,
-            min_vram_mb: min_vram_mb.max(0) as u64,
-            required_tags: serde_json::from_str(&required_tags).unwrap_or_default(),
-        };
-        if let Some(gpu_indices) = matching::place(&needs, &offer) {
-            return grant(conn, now, worker_id, job_id, &gpu_indices, lease_ttl).map(Some);
-        }
-    }
-    Ok(None)
-}
-
-fn grant(
+/// Gives `job_id` to `worker_id` with a new lease on `gpu_indices`.
+pub(super) fn grant(
     conn: &Connection,
     now: Ms,
     worker_id: i64,
@@ -603,6 +546,21 @@ pub fn record_progress(
     Ok(())
 }
 
+/// Takes back a grant whose answer could not be delivered (the claiming
+/// request was gone): re-queued at once, no attempt spent.
+pub fn release_undelivered(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    job_id: i64,
+    attempt: i64,
+) -> Result<(), ApiError> {
+    if fence(conn, worker_id, job_id, attempt).is_ok() {
+        finish(conn, now, job_id, End::Lost(LostReason::NotReported))?;
+    }
+    Ok(())
+}
+
 /// Ends every running attempt of a worker as lost. Returns how many.
 pub fn release_worker_jobs(
     conn: &Connection,
@@ -768,7 +726,7 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
 const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
     preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key, metadata,
     attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
-    exit_code, result, error, created_at, started_at, finished_at, run_after, progress";
+    exit_code, result, error, created_at, started_at, finished_at, run_after, progress, cpu_fallback";
 
 fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
     let text = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
@@ -806,6 +764,7 @@ fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
         "finished_at": iso(r.get(26)?),
         "run_after": (status == "queued" && run_after > now).then(|| iso(Some(run_after))),
         "progress": r.get::<_, Option<String>>(28)?.map(|t| json_col(&t)),
+        "cpu_fallback": r.get::<_, bool>(29)?,
     }))
 }
 

@@ -8,6 +8,7 @@
 //! tokio's blocking pool, never on the async runtime and never holding a
 //! snapshot across a wait.
 
+pub mod dispatch;
 pub mod jobs;
 pub mod workers;
 

@@ -1,0 +1,143 @@
+//! Waiting agents and the dispatch loop. An agent's claim parks here (a
+//! future, no thread); whenever something changes (a job submitted or
+//! re-queued, a slot freed, a worker approved, a cancel), one dispatch round
+//! runs (`db::dispatch::round`) and answers the parked claims it gave work
+//! or orders to. Rounds are serialized and coalesced: many changes while a
+//! round runs cause one more round, not many.
+
+use crate::api::App;
+use crate::db::{dispatch, jobs, ms};
+use drover_proto::ClaimResponse;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{oneshot, Notify};
+
+struct Parked {
+    ticket: u64,
+    reply: oneshot::Sender<ClaimResponse>,
+}
+
+#[derive(Default)]
+pub struct Dispatcher {
+    parked: Mutex<HashMap<i64, Parked>>,
+    reservations: Mutex<HashMap<i64, i64>>,
+    kick: Notify,
+    tickets: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Dispatcher {
+    /// Parks a claim of `worker_id` (replacing an older one, which then
+    /// answers 204) and asks for a round.
+    pub fn park(&self, worker_id: i64) -> (u64, oneshot::Receiver<ClaimResponse>) {
+        let (reply, rx) = oneshot::channel();
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        lock(&self.parked).insert(worker_id, Parked { ticket, reply });
+        self.kick();
+        (ticket, rx)
+    }
+
+    /// Takes a claim back at its deadline. False when a round already took
+    /// it (its answer is on the way).
+    pub fn unpark(&self, worker_id: i64, ticket: u64) -> bool {
+        let mut parked = lock(&self.parked);
+        match parked.get(&worker_id) {
+            Some(p) if p.ticket == ticket => {
+                parked.remove(&worker_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Answers a worker's parked claim with nothing (204), e.g. when its
+    /// agent says it is stopping.
+    pub fn dismiss(&self, worker_id: i64) {
+        lock(&self.parked).remove(&worker_id);
+    }
+
+    /// Something changed: run a round soon.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// The worker held free for a queued job, if any.
+    pub fn reserved_for(&self, job_id: i64) -> Option<i64> {
+        lock(&self.reservations)
+            .iter()
+            .find(|(_, j)| **j == job_id)
+            .map(|(w, _)| *w)
+    }
+
+    pub fn waiting(&self) -> usize {
+        lock(&self.parked).len()
+    }
+}
+
+/// The dispatch loop: one round per kick (coalesced).
+pub async fn run(app: Arc<App>) {
+    loop {
+        app.dispatcher.kick.notified().await;
+        if let Err(e) = round(&app).await {
+            log::error!("dispatch round failed: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            app.dispatcher.kick();
+        }
+    }
+}
+
+async fn round(app: &App) -> Result<(), crate::error::ApiError> {
+    let d = &app.dispatcher;
+    let waiting: Vec<i64> = lock(&d.parked).keys().copied().collect();
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let reservations = lock(&d.reservations).clone();
+    let ttl = ms(app.config.lease_ttl);
+    let reserve_after = ms(app.config.reserve_after);
+    let result = app
+        .db
+        .write(move |c, now| dispatch::round(c, now, &waiting, ttl, reserve_after, &reservations))
+        .await?;
+    *lock(&d.reservations) = result.reservations;
+    let mut undelivered = Vec::new();
+    for (worker, (jobs, orders)) in result.answers {
+        let parked = lock(&d.parked).remove(&worker);
+        let granted: Vec<(i64, i64)> = jobs.iter().map(|a| (a.job_id, a.attempt)).collect();
+        for a in &jobs {
+            log::info!(
+                "job started job_id={} attempt={} worker_id={worker} gpus={:?}",
+                a.job_id,
+                a.attempt,
+                a.gpu_indices
+            );
+        }
+        let sent = match parked {
+            Some(p) => p.reply.send(ClaimResponse { jobs, orders }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            undelivered.extend(granted.into_iter().map(|(j, a)| (worker, j, a)));
+        }
+    }
+    if !undelivered.is_empty() {
+        log::info!(
+            "{} grants could not be delivered (claim gone); re-queued",
+            undelivered.len()
+        );
+        app.db
+            .write(move |c, now| {
+                for (worker, job, attempt) in &undelivered {
+                    jobs::release_undelivered(c, now, *worker, *job, *attempt)?;
+                }
+                Ok(())
+            })
+            .await?;
+        d.kick();
+    }
+    Ok(())
+}
