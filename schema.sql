@@ -115,15 +115,19 @@ CREATE TABLE jobs (
     started_at       INTEGER,
     finished_at      INTEGER
 );
--- Dispatch: per GPU count, queued jobs by priority, then age. A round looks
--- at the head of each GPU count a waiting worker could take, so its cost
--- does not grow with the queue or the history.
-CREATE INDEX jobs_queue ON jobs (gpus, priority DESC, id) WHERE status = 'queued';
+-- Dispatch: queued jobs grouped by shape (what they need to fit), each
+-- shape by priority, then age. A round seeks the distinct shapes and reads
+-- the head of each shape a waiting worker could take, so its cost does not
+-- grow with the queue or the history.
+CREATE INDEX jobs_queue ON jobs (gpus, required_tags, min_vram_mb, priority DESC, id)
+    WHERE status = 'queued';
 CREATE INDEX jobs_queue_fallback ON jobs (priority DESC, id) WHERE status = 'queued' AND cpu_fallback = 1;
 -- The sweep's scan for expired leases, and a worker's running jobs.
 CREATE INDEX jobs_running_lease ON jobs (lease_expires_at) WHERE status = 'running';
 CREATE INDEX jobs_running_worker ON jobs (worker_id) WHERE status = 'running';
 CREATE INDEX jobs_status ON jobs (status, id);
+-- Retention: finished jobs by age.
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 -- Delayed jobs (retry backoff, not_before) becoming claimable.
 CREATE INDEX jobs_queued_run_after ON jobs (run_after) WHERE status = 'queued';
 

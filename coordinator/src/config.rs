@@ -67,6 +67,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_LOG_CAP", default_value_t = 16 * 1024 * 1024)]
     pub log_cap: u64,
 
+    /// Days finished jobs (with their attempts and logs) are kept; 0 keeps
+    /// them forever.
+    #[arg(long, env = "DROVER_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u64,
+
     /// Hours of per-GPU metrics kept for the dashboard.
     #[arg(long, env = "DROVER_GPU_HISTORY_HOURS", default_value_t = 24)]
     pub gpu_history_hours: u64,
@@ -93,6 +98,7 @@ pub struct Config {
     pub max_connections: usize,
     pub log_cap: u64,
     pub gpu_history: Duration,
+    pub retention: Option<Duration>,
     pub synchronous_full: bool,
 }
 
@@ -153,6 +159,8 @@ impl Config {
             max_connections: args.max_connections,
             log_cap: args.log_cap,
             gpu_history: Duration::from_secs(args.gpu_history_hours * 3600),
+            retention: (args.retention_days > 0)
+                .then(|| Duration::from_secs(args.retention_days * 86_400)),
             synchronous_full,
         })
     }

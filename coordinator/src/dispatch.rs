@@ -11,6 +11,7 @@ use drover_proto::ClaimResponse;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 struct Parked {
@@ -80,21 +81,38 @@ impl Dispatcher {
 
 /// The dispatch loop: one round per kick (coalesced).
 pub async fn run(app: Arc<App>) {
+    // Next time a delayed job becomes claimable (the clock's ms).
+    let mut next_ready: Option<crate::db::Ms> = None;
     loop {
-        app.dispatcher.kick.notified().await;
-        if let Err(e) = round(&app).await {
-            log::error!("dispatch round failed: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            app.dispatcher.kick();
+        let wait_ms = next_ready.map(|t| (t - app.db.clock().now()).max(0) as u64);
+        tokio::select! {
+            _ = app.dispatcher.kick.notified() => {}
+            _ = sleep_ms(wait_ms) => {}
+        }
+        match round(&app).await {
+            Ok(next) => next_ready = next,
+            Err(e) => {
+                log::error!("dispatch round failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                app.dispatcher.kick();
+            }
         }
     }
 }
 
-async fn round(app: &App) -> Result<(), crate::error::ApiError> {
+async fn sleep_ms(ms: Option<u64>) {
+    match ms {
+        Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One round; returns when the next delayed job becomes claimable.
+async fn round(app: &App) -> Result<Option<crate::db::Ms>, crate::error::ApiError> {
     let d = &app.dispatcher;
     let waiting: Vec<i64> = lock(&d.parked).keys().copied().collect();
     if waiting.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let reservations = lock(&d.reservations).clone();
     let ttl = ms(app.config.lease_ttl);
@@ -104,6 +122,7 @@ async fn round(app: &App) -> Result<(), crate::error::ApiError> {
         .write(move |c, now| dispatch::round(c, now, &waiting, ttl, reserve_after, &reservations))
         .await?;
     *lock(&d.reservations) = result.reservations;
+    let next_ready = result.next_ready;
     let mut undelivered = Vec::new();
     for (worker, (jobs, orders)) in result.answers {
         let parked = lock(&d.parked).remove(&worker);
@@ -139,5 +158,5 @@ async fn round(app: &App) -> Result<(), crate::error::ApiError> {
             .await?;
         d.kick();
     }
-    Ok(())
+    Ok(next_ready)
 }

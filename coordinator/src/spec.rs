@@ -233,7 +233,12 @@ impl JobSpec {
             gpus: self.gpus,
             min_vram_mb: self.min_vram_mb,
             cpu_fallback: self.cpu_fallback,
-            required_tags: tags("required_tags", self.required_tags)?,
+            // Sorted: jobs needing the same tags form one shape for dispatch.
+            required_tags: {
+                let mut t = tags("required_tags", self.required_tags)?;
+                t.sort();
+                t
+            },
             preferred_tags: tags("preferred_tags", self.preferred_tags)?,
             priority: self.priority,
             max_attempts,

@@ -1,9 +1,9 @@
 //! The sweep: every second, end leases past their deadline (re-queue or
-//! fail the job), mark silent workers offline, and wake parked claims when
-//! a delayed job (backoff, not_before) becomes claimable.
+//! fail the job), mark silent workers offline, and prune old GPU samples and
+//! finished jobs past their retention.
 
 use crate::api::App;
-use crate::db::{jobs, ms, workers, Ms};
+use crate::db::{jobs, ms, workers};
 use crate::error::ApiError;
 use std::time::Duration;
 
@@ -14,18 +14,15 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub struct Swept {
     pub expired: usize,
     pub offline: usize,
-    pub became_ready: usize,
 }
 
 pub async fn run(app: std::sync::Arc<App>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = app.db.clock().now();
     loop {
         tick.tick().await;
-        match run_once(&app, last).await {
-            Ok((swept, now)) => {
-                last = now;
+        match run_once(&app).await {
+            Ok(swept) => {
                 if swept.expired > 0 || swept.offline > 0 {
                     log::info!(
                         "sweep expired_leases={} workers_offline={}",
@@ -39,31 +36,26 @@ pub async fn run(app: std::sync::Arc<App>) {
     }
 }
 
-/// One pass; `since` is the time of the previous pass. Returns what changed
-/// and the time of this pass.
-pub async fn run_once(app: &App, since: Ms) -> Result<(Swept, Ms), ApiError> {
+/// One pass; returns what changed.
+pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
     let silence = app.config.lease_ttl;
     let history = app.config.gpu_history;
-    let (swept, now) = app
+    let retention = app.config.retention;
+    let swept = app
         .db
         .write(move |c, now| {
             let expired = jobs::expire_leases(c, now)?;
             let offline =
                 workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
-            let became_ready = jobs::count_became_ready(c, since, now)?;
             workers::prune_gpu_history(c, now - ms(history))?;
-            Ok((
-                Swept {
-                    expired,
-                    offline,
-                    became_ready,
-                },
-                now,
-            ))
+            if let Some(keep) = retention {
+                jobs::prune_finished(c, now - ms(keep))?;
+            }
+            Ok(Swept { expired, offline })
         })
         .await?;
-    if swept.expired > 0 || swept.became_ready > 0 {
+    if swept.expired > 0 {
         app.wake_claimers();
     }
-    Ok((swept, now))
+    Ok(swept)
 }

@@ -7,3 +7,4 @@ mod failover;
 mod harness;
 mod hostile;
 mod queue;
+mod scheduling;

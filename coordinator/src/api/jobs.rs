@@ -3,10 +3,13 @@
 
 use super::agents::authenticate;
 use super::{int_param, parse_json, path_id, query_param, read_body, require_admin, AppState};
-use super::{AGENT_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
+use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
+
+/// Most jobs in one batch submission.
+const MAX_BATCH: usize = 10_000;
 use crate::db::{dispatch, jobs, ms};
 use crate::error::ApiError;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, NewJob};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -17,28 +20,95 @@ use serde_json::json;
 
 const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
+/// Submits one job (an object: 201 with the job) or many (an array: 201
+/// with `{"jobs": [...]}`), all in one transaction: all or none. Errors in
+/// an array name the index: `[3].command`.
 pub async fn submit(
     State(app): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
-    let job = parse_json::<JobSpec>(&bytes)?.validate()?;
-    let (created, job) = app
+    let bytes = read_body(&headers, body, BATCH_LIMIT).await?;
+    let is_batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if !is_batch && bytes.len() > JSON_LIMIT {
+        return Err(ApiError::too_large(JSON_LIMIT));
+    }
+    let specs: Vec<NewJob> = if is_batch {
+        let specs = parse_json::<Vec<JobSpec>>(&bytes)?;
+        if specs.is_empty() || specs.len() > MAX_BATCH {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_batch",
+                format!("a batch holds 1 to {MAX_BATCH} jobs"),
+            ));
+        }
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.validate().map_err(|mut e| {
+                    e.field = Some(format!("[{i}].{}", e.field.unwrap_or_default()));
+                    e
+                })
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![parse_json::<JobSpec>(&bytes)?.validate()?]
+    };
+    let results = app
         .db
-        .write(move |c, now| jobs::submit(c, now, &job))
+        .write(move |c, now| {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, job)| {
+                    jobs::submit(c, now, job).map_err(|mut e| {
+                        if is_batch {
+                            e.field = Some(format!("[{i}].{}", e.field.unwrap_or_default()));
+                        }
+                        e
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
         .await?;
+    let created = results.iter().any(|(c, _)| *c);
     if created {
         app.wake_claimers();
-        log::debug!("job submitted job_id={}", job["id"]);
     }
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(job)).into_response())
+    if is_batch {
+        let jobs: Vec<_> = results.into_iter().map(|(_, j)| j).collect();
+        log::info!("jobs submitted count={}", jobs.len());
+        Ok((status, Json(json!({ "jobs": jobs }))).into_response())
+    } else {
+        let job = results
+            .into_iter()
+            .next()
+            .map(|(_, j)| j)
+            .unwrap_or_default();
+        log::debug!("job submitted job_id={}", job["id"]);
+        Ok((status, Json(job)).into_response())
+    }
+}
+
+/// Puts a failed or cancelled job back in the queue with a fresh set of
+/// attempts (its history is kept).
+pub async fn retry(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("job", &id)?;
+    let job = app.db.write(move |c, now| jobs::retry(c, now, id)).await?;
+    app.wake_claimers();
+    Ok(Json(job).into_response())
 }
 
 pub async fn list(

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// Body limits per kind of route.
 pub const JSON_LIMIT: usize = 1024 * 1024;
+/// A batch submission (a JSON array of jobs).
+pub const BATCH_LIMIT: usize = 16 * 1024 * 1024;
 pub const AGENT_LIMIT: usize = 256 * 1024;
 pub const LOG_CHUNK_LIMIT: usize = 1024 * 1024;
 /// Largest over-limit body read (and dropped) before answering 413.
@@ -70,6 +72,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/api/v1/jobs/{id}/complete", post(jobs::complete))
         .route(
             "/api/v1/jobs/{id}/logs",

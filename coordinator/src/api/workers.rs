@@ -42,5 +42,8 @@ pub async fn approve(
 
 pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    Ok(Json(app.db.read(|c, _| workers::stats(c)).await?).into_response())
+    let mut stats = app.db.read(|c, _| workers::stats(c)).await?;
+    // Agents with a claim parked right now: ready for work.
+    stats["agents_waiting"] = app.dispatcher.waiting().into();
+    Ok(Json(stats).into_response())
 }

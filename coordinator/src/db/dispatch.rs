@@ -34,6 +34,9 @@ pub struct Round {
     pub answers: HashMap<i64, (Vec<Assignment>, Vec<Order>)>,
     /// Workers held empty for a job that waited too long: worker -> job.
     pub reservations: HashMap<i64, i64>,
+    /// When the next delayed job (retry backoff, not_before) becomes
+    /// claimable, so a round runs right then.
+    pub next_ready: Option<Ms>,
 }
 
 fn needs_from(
@@ -114,44 +117,168 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, ApiError> {
     Ok(out)
 }
 
-/// The heads of the queue a set of offers could take from: per GPU count up
-/// to the most free GPUs any offer has, plus CPU-fallback jobs.
-fn candidates(conn: &Connection, now: Ms, max_free_gpus: u32) -> Result<Vec<Candidate>, ApiError> {
-    let map = |r: &rusqlite::Row| -> rusqlite::Result<Candidate> {
-        Ok(Candidate {
-            id: r.get(0)?,
-            priority: r.get(1)?,
-            claimable_since: r.get(2)?,
-            needs: needs_from(
-                r.get(3)?,
-                r.get(4)?,
-                &r.get::<_, String>(5)?,
-                &r.get::<_, String>(6)?,
-                r.get(7)?,
-            ),
-        })
-    };
-    let columns =
-        "id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback";
-    let mut out: Vec<Candidate> = Vec::new();
+/// A kind of queued job: what it needs to fit (GPU count, required tags,
+/// VRAM). Fleets have few shapes however long the queue is.
+struct Shape {
+    gpus: u32,
+    tags_json: String,
+    min_vram_mb: i64,
+}
+
+/// Most shapes looked at in one round.
+const MAX_SHAPES: usize = 128;
+
+/// The distinct shapes of queued jobs, by index seeks (one per shape).
+fn shapes(conn: &Connection) -> Result<Vec<Shape>, ApiError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT gpus, required_tags, min_vram_mb FROM jobs
+         WHERE status = 'queued' AND (gpus, required_tags, min_vram_mb) > (?1, ?2, ?3)
+         ORDER BY gpus, required_tags, min_vram_mb LIMIT 1",
+    )?;
+    let mut out: Vec<Shape> = Vec::new();
+    let mut key: (i64, String, i64) = (-1, String::new(), -1);
+    while out.len() < MAX_SHAPES {
+        let next = stmt
+            .query_row(params![key.0, key.1, key.2], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?;
+        let Some(k) = next else { break };
+        out.push(Shape {
+            gpus: k.0.max(0) as u32,
+            tags_json: k.1.clone(),
+            min_vram_mb: k.2,
+        });
+        key = k;
+    }
+    Ok(out)
+}
+
+const CANDIDATE_COLUMNS: &str =
+    "id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback";
+
+fn candidate(r: &rusqlite::Row) -> rusqlite::Result<Candidate> {
+    Ok(Candidate {
+        id: r.get(0)?,
+        priority: r.get(1)?,
+        claimable_since: r.get(2)?,
+        needs: needs_from(
+            r.get(3)?,
+            r.get(4)?,
+            &r.get::<_, String>(5)?,
+            &r.get::<_, String>(6)?,
+            r.get(7)?,
+        ),
+    })
+}
+
+/// The best queued jobs of one shape claimable since `ready_by`.
+fn heads(
+    conn: &Connection,
+    shape: &Shape,
+    ready_by: Ms,
+    limit: i64,
+) -> Result<Vec<Candidate>, ApiError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {columns} FROM jobs WHERE status = 'queued' AND gpus = ?1 AND run_after <= ?2
-         ORDER BY priority DESC, id LIMIT ?3"
+        "SELECT {CANDIDATE_COLUMNS} FROM jobs
+         WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb = ?3 AND run_after <= ?4
+         ORDER BY priority DESC, id LIMIT ?5"
     ))?;
-    for gpus in 0..=max_free_gpus {
-        for c in stmt.query_map(params![gpus, now, SCAN], map)? {
-            out.push(c?);
+    let rows = stmt.query_map(
+        params![
+            shape.gpus,
+            shape.tags_json,
+            shape.min_vram_mb,
+            ready_by,
+            limit
+        ],
+        candidate,
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The heads of the queue the waiting offers could take now: per shape that
+/// some offer could fit, plus CPU-fallback jobs. Best first.
+fn candidates(
+    conn: &Connection,
+    now: Ms,
+    shapes: &[Shape],
+    offers: &[Offer],
+) -> Result<Vec<Candidate>, ApiError> {
+    let open: Vec<&Offer> = offers.iter().filter(|o| o.free_slots() > 0).collect();
+    let mut out: Vec<Candidate> = Vec::new();
+    for shape in shapes {
+        let needs = needs_from(shape.gpus, shape.min_vram_mb, &shape.tags_json, "[]", false);
+        if open.iter().any(|o| matching::place(&needs, o).is_some()) {
+            out.extend(heads(conn, shape, now, SCAN)?);
         }
     }
+    let max_free = open
+        .iter()
+        .map(|o| o.gpus.len().saturating_sub(o.busy_gpus.len()) as u32)
+        .max()
+        .unwrap_or(0);
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {columns} FROM jobs WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
+        "SELECT {CANDIDATE_COLUMNS} FROM jobs
+         WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
          ORDER BY priority DESC, id LIMIT ?3"
     ))?;
-    for c in stmt.query_map(params![max_free_gpus, now, SCAN], map)? {
+    for c in stmt.query_map(params![max_free, now, SCAN], candidate)? {
         out.push(c?);
     }
     out.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));
+    out.dedup_by_key(|c| c.id);
     Ok(out)
+}
+
+/// Multi-GPU jobs claimable for longer than `reserve_after` get a worker held
+/// free for them (no new jobs) until they fit, so a stream of small jobs
+/// cannot starve them.
+fn reserve(
+    conn: &Connection,
+    now: Ms,
+    shapes: &[Shape],
+    views: &[WorkerView],
+    reserve_after: Ms,
+    reservations: &mut HashMap<i64, i64>,
+) -> Result<(), ApiError> {
+    for shape in shapes.iter().filter(|s| s.gpus > 1) {
+        for job in heads(conn, shape, now - reserve_after, 4)? {
+            if reservations.values().any(|j| *j == job.id) {
+                continue;
+            }
+            let host = views
+                .iter()
+                .filter(|v| {
+                    (v.state == "idle" || v.state == "busy")
+                        && !reservations.contains_key(&v.offer.worker_id)
+                })
+                .filter(|v| v.offer.could_host(&job.needs))
+                .max_by_key(|v| {
+                    let free = v.offer.gpus.len().saturating_sub(v.offer.busy_gpus.len());
+                    (
+                        free,
+                        std::cmp::Reverse(v.offer.running),
+                        std::cmp::Reverse(v.offer.worker_id),
+                    )
+                });
+            if let Some(v) = host {
+                log::info!(
+                    "reserving worker {} for job {} (needs {} GPUs, claimable since {})",
+                    v.offer.worker_id,
+                    job.id,
+                    job.needs.gpus,
+                    iso(Some(job.claimable_since)).unwrap_or_default()
+                );
+                reservations.insert(v.offer.worker_id, job.id);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs one round for the workers in `waiting`. `reservations` are those of
@@ -179,6 +306,11 @@ pub fn round(
             round.reservations.insert(worker, job);
         }
     }
+    round.next_ready = conn
+        .prepare_cached(
+            "SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > ?1",
+        )?
+        .query_row([now], |r| r.get(0))?;
     let any_ready: bool = conn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND run_after <= ?1)",
@@ -194,17 +326,16 @@ pub fn round(
         .filter(|v| live(v) && waiting.contains(&v.offer.worker_id))
         .map(|v| v.offer.clone())
         .collect();
-    let max_free = offers
-        .iter()
-        .filter(|o| o.free_slots() > 0)
-        .map(|o| o.gpus.len().saturating_sub(o.busy_gpus.len()) as u32)
-        .max();
-    let Some(max_free) = max_free else {
-        return Ok(round);
-    };
-    let reserved_job: HashMap<i64, i64> =
-        round.reservations.iter().map(|(w, j)| (*j, *w)).collect();
-    for job in candidates(conn, now, max_free)? {
+    let shapes = shapes(conn)?;
+    reserve(
+        conn,
+        now,
+        &shapes,
+        &views,
+        reserve_after,
+        &mut round.reservations,
+    )?;
+    for job in candidates(conn, now, &shapes, &offers)? {
         if offers.iter().all(|o| o.free_slots() == 0) {
             break;
         }
@@ -217,37 +348,6 @@ pub fn round(
             let a = grant(conn, now, worker, job.id, &gpus, lease_ttl)?;
             offers[i].take(&gpus);
             round.answers.entry(worker).or_default().0.push(a);
-            continue;
-        }
-        // Fits no waiting worker now. A multi-GPU job that has waited too
-        // long gets a worker held empty for it, so a stream of small jobs
-        // cannot starve it.
-        if job.needs.gpus > 1
-            && now - job.claimable_since > reserve_after
-            && !reserved_job.contains_key(&job.id)
-        {
-            let host = views
-                .iter()
-                .filter(|v| live(v) && !round.reservations.contains_key(&v.offer.worker_id))
-                .filter(|v| v.offer.could_host(&job.needs))
-                .max_by_key(|v| {
-                    let free = v.offer.gpus.len().saturating_sub(v.offer.busy_gpus.len());
-                    (
-                        free,
-                        std::cmp::Reverse(v.offer.running),
-                        std::cmp::Reverse(v.offer.worker_id),
-                    )
-                });
-            if let Some(v) = host {
-                log::info!(
-                    "reserving worker {} for job {} (needs {} GPUs, waiting since {})",
-                    v.offer.worker_id,
-                    job.id,
-                    job.needs.gpus,
-                    iso(Some(job.claimable_since)).unwrap_or_default()
-                );
-                round.reservations.insert(v.offer.worker_id, job.id);
-            }
         }
     }
     Ok(round)

@@ -22,12 +22,20 @@ const LOSS_BACKOFF_MS: Ms = 10_000;
 const BACKOFF_CAP_MS: Ms = 5 * 60_000;
 
 /// Exponential backoff: `base` x 2^(n-1) for the n-th retry, capped.
+/// (Retries after a failure add [`jitter`].)
 pub fn backoff(base: Ms, n: i64) -> Ms {
     if n <= 0 || base <= 0 {
         return 0;
     }
     let shift = (n - 1).min(20) as u32;
     base.saturating_mul(1 << shift).min(BACKOFF_CAP_MS)
+}
+
+/// Spreads a delay over 80-120 % of itself, so jobs that failed together
+/// do not all come back at once.
+fn jitter(delay: Ms) -> Ms {
+    let r = getrandom::u32().unwrap_or(u32::MAX / 2) as i64 % 401;
+    delay * (800 + r) / 1000
 }
 
 /// Inserts a job, or returns the one already submitted under the same
@@ -260,11 +268,11 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
                         Some(c) => format!("exit code {c}"),
                         None => "failed".into(),
                     });
-                    let next = again(attempts_used, backoff(retry_backoff, attempts_used));
+                    let next = again(attempts_used, jitter(backoff(retry_backoff, attempts_used)));
                     ("failed", req.exit_code, result, Some(msg), next)
                 }
                 Outcome::TimedOut => {
-                    let next = again(attempts_used, backoff(retry_backoff, attempts_used));
+                    let next = again(attempts_used, jitter(backoff(retry_backoff, attempts_used)));
                     (
                         "timed_out",
                         req.exit_code,
@@ -593,14 +601,6 @@ pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
     Ok(expired.len())
 }
 
-/// Queued jobs whose backoff or not_before ended in (since, now].
-pub fn count_became_ready(conn: &Connection, since: Ms, now: Ms) -> Result<usize, ApiError> {
-    let n: i64 = conn
-        .prepare_cached("SELECT count(*) FROM jobs WHERE status = 'queued' AND run_after > ?1 AND run_after <= ?2")?
-        .query_row(params![since, now], |r| r.get(0))?;
-    Ok(n as usize)
-}
-
 /// At start: every running lease gets `now + grace`; stored deadlines are
 /// not trusted across a restart.
 pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, ApiError> {
@@ -721,6 +721,58 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
         }
     }
     get(conn, now, job_id)
+}
+
+/// Re-queues a failed or cancelled job with its attempts reset.
+pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    if cur.status != "failed" && cur.status != "cancelled" {
+        return Err(ApiError::conflict(
+            "not_retryable",
+            format!(
+                "job {job_id} is {}; only failed or cancelled jobs can be retried",
+                cur.status
+            ),
+        ));
+    }
+    conn.prepare_cached(
+        "UPDATE jobs SET status = 'queued', attempts_used = 0, lease_losses = 0, cancel_requested = 0,
+         run_after = ?2, finished_at = NULL, error = NULL, exit_code = NULL, result = NULL, progress = NULL
+         WHERE id = ?1",
+    )?
+    .execute(params![job_id, now])?;
+    event(
+        conn,
+        now,
+        "job.retried",
+        Some(job_id),
+        None,
+        json!({"after": cur.status}),
+    )?;
+    log::info!("job retried job_id={job_id} after={}", cur.status);
+    get(conn, now, job_id)
+}
+
+/// Deletes jobs finished before `cutoff`, with their attempts and logs, at
+/// most a batch per call. Returns how many jobs.
+pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
+    let ids: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?1
+             ORDER BY finished_at LIMIT 200",
+        )?
+        .query_map([cutoff], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        conn.prepare_cached("DELETE FROM job_logs WHERE job_id = ?1")?
+            .execute([id])?;
+        conn.prepare_cached("DELETE FROM job_attempts WHERE job_id = ?1")?
+            .execute([id])?;
+        conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok(ids.len())
 }
 
 const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
