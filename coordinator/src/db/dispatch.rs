@@ -16,8 +16,41 @@ use drover_proto::{Assignment, GpuInfo, GpuMetrics, Order};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 
-/// Queued jobs looked at per GPU count in one round.
+/// Queued jobs looked at per shape in one round.
 const SCAN: i64 = 256;
+
+// The round's queries name their index: without statistics SQLite may pick
+// the (status, id) index and scan every queued job. The test at the bottom
+// checks each plan.
+const RUNNING_SQL: &str = "SELECT worker_id, gpu_indices FROM jobs INDEXED BY jobs_running_worker
+    WHERE status = 'running'";
+// The next shape after (gpus, tags, vram), as three prefix seeks: a row
+// value comparison would only seek on the first column and scan the rest.
+const NEXT_VRAM_SQL: &str =
+    "SELECT gpus, required_tags, min_vram_mb FROM jobs INDEXED BY jobs_queue
+    WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb > ?3
+    ORDER BY min_vram_mb LIMIT 1";
+const NEXT_TAGS_SQL: &str =
+    "SELECT gpus, required_tags, min_vram_mb FROM jobs INDEXED BY jobs_queue
+    WHERE status = 'queued' AND gpus = ?1 AND required_tags > ?2
+    ORDER BY required_tags, min_vram_mb LIMIT 1";
+const NEXT_GPUS_SQL: &str =
+    "SELECT gpus, required_tags, min_vram_mb FROM jobs INDEXED BY jobs_queue
+    WHERE status = 'queued' AND gpus > ?1
+    ORDER BY gpus, required_tags, min_vram_mb LIMIT 1";
+const HEADS_SQL: &str = "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
+    FROM jobs INDEXED BY jobs_queue
+    WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb = ?3 AND run_after <= ?4
+    ORDER BY priority DESC, id LIMIT ?5";
+const FALLBACK_SQL: &str =
+    "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
+    FROM jobs INDEXED BY jobs_queue_fallback
+    WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
+    ORDER BY priority DESC, id LIMIT ?3";
+const ANY_READY_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queued_run_after
+    WHERE status = 'queued' AND run_after <= ?1)";
+const NEXT_READY_SQL: &str = "SELECT min(run_after) FROM jobs INDEXED BY jobs_queued_run_after
+    WHERE status = 'queued' AND run_after > ?1";
 
 /// A queued job as the round sees it.
 struct Candidate {
@@ -58,8 +91,7 @@ fn needs_from(
 /// Every approved, live worker's offer (and, for explanations, the rest).
 fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, ApiError> {
     let mut running: HashMap<i64, (u32, Vec<u32>)> = HashMap::new();
-    let mut stmt =
-        conn.prepare_cached("SELECT worker_id, gpu_indices FROM jobs WHERE status = 'running'")?;
+    let mut stmt = conn.prepare_cached(RUNNING_SQL)?;
     for row in stmt.query_map([], |r| {
         Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, String>(1)?))
     })? {
@@ -128,38 +160,36 @@ struct Shape {
 /// Most shapes looked at in one round.
 const MAX_SHAPES: usize = 128;
 
-/// The distinct shapes of queued jobs, by index seeks (one per shape).
+/// The distinct shapes of queued jobs, by index seeks (a few per shape).
 fn shapes(conn: &Connection) -> Result<Vec<Shape>, ApiError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT gpus, required_tags, min_vram_mb FROM jobs
-         WHERE status = 'queued' AND (gpus, required_tags, min_vram_mb) > (?1, ?2, ?3)
-         ORDER BY gpus, required_tags, min_vram_mb LIMIT 1",
-    )?;
+    type Key = (i64, String, i64);
+    let seek = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<Option<Key>, ApiError> {
+        Ok(conn
+            .prepare_cached(sql)?
+            .query_row(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?)
+    };
     let mut out: Vec<Shape> = Vec::new();
-    let mut key: (i64, String, i64) = (-1, String::new(), -1);
-    while out.len() < MAX_SHAPES {
-        let next = stmt
-            .query_row(params![key.0, key.1, key.2], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .optional()?;
-        let Some(k) = next else { break };
+    let mut next = seek(NEXT_GPUS_SQL, &[&-1i64])?;
+    while let Some((gpus, tags, vram)) = next {
+        if out.len() >= MAX_SHAPES {
+            break;
+        }
+        next = match seek(NEXT_VRAM_SQL, &[&gpus, &tags, &vram])? {
+            Some(k) => Some(k),
+            None => match seek(NEXT_TAGS_SQL, &[&gpus, &tags])? {
+                Some(k) => Some(k),
+                None => seek(NEXT_GPUS_SQL, &[&gpus])?,
+            },
+        };
         out.push(Shape {
-            gpus: k.0.max(0) as u32,
-            tags_json: k.1.clone(),
-            min_vram_mb: k.2,
+            gpus: gpus.max(0) as u32,
+            tags_json: tags,
+            min_vram_mb: vram,
         });
-        key = k;
     }
     Ok(out)
 }
-
-const CANDIDATE_COLUMNS: &str =
-    "id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback";
 
 fn candidate(r: &rusqlite::Row) -> rusqlite::Result<Candidate> {
     Ok(Candidate {
@@ -183,11 +213,7 @@ fn heads(
     ready_by: Ms,
     limit: i64,
 ) -> Result<Vec<Candidate>, ApiError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {CANDIDATE_COLUMNS} FROM jobs
-         WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb = ?3 AND run_after <= ?4
-         ORDER BY priority DESC, id LIMIT ?5"
-    ))?;
+    let mut stmt = conn.prepare_cached(HEADS_SQL)?;
     let rows = stmt.query_map(
         params![
             shape.gpus,
@@ -222,11 +248,7 @@ fn candidates(
         .map(|o| o.gpus.len().saturating_sub(o.busy_gpus.len()) as u32)
         .max()
         .unwrap_or(0);
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {CANDIDATE_COLUMNS} FROM jobs
-         WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
-         ORDER BY priority DESC, id LIMIT ?3"
-    ))?;
+    let mut stmt = conn.prepare_cached(FALLBACK_SQL)?;
     for c in stmt.query_map(params![max_free, now, SCAN], candidate)? {
         out.push(c?);
     }
@@ -307,14 +329,10 @@ pub fn round(
         }
     }
     round.next_ready = conn
-        .prepare_cached(
-            "SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > ?1",
-        )?
+        .prepare_cached(NEXT_READY_SQL)?
         .query_row([now], |r| r.get(0))?;
     let any_ready: bool = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND run_after <= ?1)",
-        )?
+        .prepare_cached(ANY_READY_SQL)?
         .query_row([now], |r| r.get(0))?;
     if !any_ready {
         return Ok(round);
@@ -396,4 +414,47 @@ pub fn why_waiting(
         why.push_str(&format!("; worker {w} is being kept free for it"));
     }
     Ok(Some(why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every query of a dispatch round uses its index: the round's cost does
+    /// not grow with the number of queued or finished jobs.
+    #[test]
+    fn round_queries_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("plan.db");
+        super::super::create_private(&db).unwrap();
+        let mut conn = Connection::open(&db).unwrap();
+        super::super::migrate(&mut conn).unwrap();
+        let check = |sql: &str, index: &str| {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let n = stmt.parameter_count();
+            let params: Vec<i64> = vec![0; n];
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(params), |r| {
+                    r.get::<_, String>(3)
+                })
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            let plan = plan.join(" | ");
+            println!("{index}: {plan}");
+            assert!(
+                plan.contains(&format!("INDEX {index}")),
+                "{sql}\nplan: {plan}"
+            );
+            assert!(!plan.contains("TEMP B-TREE"), "{sql}\nsorts: {plan}");
+        };
+        check(NEXT_VRAM_SQL, "jobs_queue");
+        check(NEXT_TAGS_SQL, "jobs_queue");
+        check(NEXT_GPUS_SQL, "jobs_queue");
+        check(HEADS_SQL, "jobs_queue");
+        check(FALLBACK_SQL, "jobs_queue_fallback");
+        check(ANY_READY_SQL, "jobs_queued_run_after");
+        check(NEXT_READY_SQL, "jobs_queued_run_after");
+        check(RUNNING_SQL, "jobs_running_worker");
+    }
 }

@@ -590,7 +590,7 @@ pub fn release_worker_jobs(
 pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
     let expired: Vec<i64> = conn
         .prepare_cached(
-            "SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < ?1
+            "SELECT id FROM jobs INDEXED BY jobs_running_lease WHERE status = 'running' AND lease_expires_at < ?1
              ORDER BY lease_expires_at LIMIT ?2",
         )?
         .query_map(params![now, EXPIRE_BATCH], |r| r.get(0))?

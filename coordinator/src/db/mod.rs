@@ -72,6 +72,46 @@ type Finish = Box<dyn FnOnce(Option<ApiError>) + Send>;
 trait WriteOp: Send {
     fn run(self: Box<Self>, conn: &Connection, now: Ms) -> Finish;
     fn fail(self: Box<Self>, e: ApiError);
+    /// Runs on its own, outside any transaction (a checkpoint).
+    fn maintenance(&self) -> bool {
+        false
+    }
+}
+
+/// A checkpoint, run by the writer between transactions.
+struct Checkpoint {
+    reply: oneshot::Sender<Result<(i64, i64), ApiError>>,
+}
+
+impl WriteOp for Checkpoint {
+    fn run(self: Box<Self>, conn: &Connection, _now: Ms) -> Finish {
+        // TRUNCATE waits for readers; RESTART is the fallback when they stay.
+        let result = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .and_then(|(busy, log, done): (i64, i64, i64)| {
+                if busy != 0 {
+                    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+                        Ok((r.get(1)?, r.get(2)?))
+                    })
+                } else {
+                    Ok((log, done))
+                }
+            })
+            .map_err(ApiError::from);
+        Box::new(move |_| {
+            let _ = self.reply.send(result);
+        })
+    }
+
+    fn fail(self: Box<Self>, e: ApiError) {
+        let _ = self.reply.send(Err(e));
+    }
+
+    fn maintenance(&self) -> bool {
+        true
+    }
 }
 
 struct Op<F, R> {
@@ -177,6 +217,18 @@ impl Db {
             .map_err(|_| ApiError::internal("the database writer dropped a request"))?
     }
 
+    /// Checkpoints the WAL into the database file and truncates it, between
+    /// transactions. Returns (WAL frames, frames checkpointed).
+    pub async fn checkpoint(&self) -> Result<(i64, i64), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(Box::new(Checkpoint { reply }))
+            .await
+            .map_err(|_| ApiError::internal("the database writer has stopped"))?;
+        rx.await
+            .map_err(|_| ApiError::internal("the database writer dropped a request"))?
+    }
+
     /// Runs `f` on a read-only connection in the blocking pool.
     pub async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
     where
@@ -209,7 +261,7 @@ impl Db {
 
 /// Creates the database file 0600 before SQLite does (job env and metadata
 /// may hold secrets); SQLite gives `-wal` and `-shm` the same mode.
-fn create_private(path: &Path) -> Result<(), String> {
+pub(crate) fn create_private(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
         return Ok(());
@@ -278,7 +330,7 @@ pub fn schema_version() -> i64 {
     migrations().last().map(|m| m.0).unwrap_or(0)
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), String> {
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
     let app_id: i64 = conn
         .query_row("PRAGMA application_id", [], |r| r.get(0))
         .map_err(|e| e.to_string())?;
@@ -317,12 +369,20 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
 
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, clock: Clock) {
     while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(op) = next.take() {
+            if op.maintenance() {
+                op.run(&conn, clock.now())(None);
+            } else {
+                batch.push(op);
             }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let e = ApiError::from(e);

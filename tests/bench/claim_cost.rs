@@ -1,0 +1,147 @@
+//! Claim cost: one dispatch round granting one job to a waiting worker, on
+//! an empty table and with 1,000,000 finished + 100,000 queued jobs, in the
+//! same process. Prints figures and the ratio; asserts nothing about speed.
+//!
+//!   cargo bench -p coordinator --bench claim_cost
+
+use coordinator::db::{dispatch, jobs, workers, Clock, Db};
+use drover_proto::{CompleteRequest, Inventory, Outcome, RegisterRequest};
+use std::collections::HashMap;
+use std::time::Instant;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const TTL: i64 = 30_000;
+
+async fn setup(db: &Db) -> Result<i64> {
+    let req = RegisterRequest {
+        name: "bench".into(),
+        machine_id: "bench".into(),
+        inventory: Inventory {
+            hostname: "bench".into(),
+            ..Default::default()
+        },
+        tags: vec!["t0".into()],
+        slots: Some(1),
+        agent_version: String::new(),
+    };
+    let (id, _) = db
+        .write(move |c, now| workers::register(c, now, &req, "hash", true))
+        .await?;
+    Ok(id)
+}
+
+/// Bulk-inserts finished and queued jobs straight into the table.
+async fn fill(db: &Db, finished: usize, queued: usize, shapes: usize) -> Result<()> {
+    for (count, status) in [(finished, "succeeded"), (queued, "queued")] {
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(50_000);
+            left -= n;
+            db.write(move |c, now| {
+                let mut stmt = c.prepare_cached(
+                    "INSERT INTO jobs (status, command, required_tags, priority, spec_sha256, run_after, created_at, finished_at)
+                     VALUES (?1, '[\"true\"]', ?2, ?3, 'x', ?4, ?4, ?5)",
+                )?;
+                for i in 0..n {
+                    // `shapes` kinds of jobs; the worker fits one (tag t0).
+                    let tags = format!("[\"t{}\"]", i % shapes);
+                    let finished_at = (status != "queued").then_some(now);
+                    stmt.execute(rusqlite::params![status, tags, (i % 7) as i64, now - 1000, finished_at])?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Times `n` rounds that each grant one job, completing it after.
+async fn measure(db: &Db, worker: i64, n: usize) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let round = db
+            .write(move |c, now| dispatch::round(c, now, &[worker], TTL, 60_000, &HashMap::new()))
+            .await?;
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let granted = round
+            .answers
+            .get(&worker)
+            .map(|(j, _)| j.clone())
+            .unwrap_or_default();
+        if granted.len() != 1 {
+            return Err(format!("expected one grant, got {}", granted.len()).into());
+        }
+        let a = &granted[0];
+        let (job, attempt) = (a.job_id, a.attempt);
+        db.write(move |c, now| {
+            let req = CompleteRequest {
+                attempt,
+                outcome: Outcome::Succeeded,
+                exit_code: Some(0),
+                result: None,
+                error: None,
+            };
+            jobs::complete(c, now, worker, job, &req, 1000)
+        })
+        .await?;
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times)
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let empty = Db::open(&dir.path().join("empty.db"), true, Clock::new())?;
+    let w = setup(&empty).await?;
+    fill(&empty, 0, 300, 1).await?;
+    let base = measure(&empty, w, 300).await?;
+
+    let big = Db::open(&dir.path().join("big.db"), true, Clock::new())?;
+    let w = setup(&big).await?;
+    let t0 = Instant::now();
+    fill(&big, 1_000_000, 100_000, 10).await?;
+    println!(
+        "filled 1,000,000 finished + 100,000 queued jobs in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    // Start from a checkpointed WAL, as a long-running coordinator would be.
+    big.checkpoint().await?;
+    let loaded = measure(&big, w, 300).await?;
+
+    println!(
+        "dispatch round granting one job (includes its commit, synchronous=FULL), 300 rounds:"
+    );
+    for (name, v) in [
+        ("empty table", &base),
+        ("1M finished + 100k queued", &loaded),
+    ] {
+        println!(
+            "  {name:<28} p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms",
+            pct(v, 0.5),
+            pct(v, 0.9),
+            pct(v, 0.99)
+        );
+    }
+    println!(
+        "  ratio p50 loaded / empty: {:.2}x (target <= 2x)",
+        pct(&loaded, 0.5) / pct(&base, 0.5)
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
