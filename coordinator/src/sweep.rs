@@ -26,7 +26,7 @@ pub async fn run(app: std::sync::Arc<App>) {
     loop {
         tick.tick().await;
         passes = passes.wrapping_add(1);
-        if passes % CHECKPOINT_EVERY == 0 {
+        if passes.is_multiple_of(CHECKPOINT_EVERY) {
             // Keeps the WAL small even when readers (sqlite3, the dashboard)
             // kept SQLite's own checkpoints from finishing.
             match app.db.checkpoint().await {
