@@ -39,6 +39,10 @@ CREATE TABLE workers (
     gpus            TEXT    NOT NULL DEFAULT '[]',
     -- JSON array of strings.
     tags            TEXT    NOT NULL DEFAULT '[]',
+    -- 1 when an admin set the tags: the agent's --tags no longer apply.
+    tags_pinned     INTEGER NOT NULL DEFAULT 0,
+    -- 1 while drained by an admin (survives going offline and back).
+    drain           INTEGER NOT NULL DEFAULT 0,
     -- Jobs this worker runs at once.
     slots           INTEGER NOT NULL DEFAULT 1 CHECK (slots >= 1),
     agent_version   TEXT    NOT NULL DEFAULT '',

@@ -26,6 +26,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_REGISTRATION_SECRET", hide_env_values = true)]
     pub registration_secret: Option<String>,
 
+    /// Token of a worker an admin pre-registered (POST /api/v1/workers);
+    /// used instead of the registration secret.
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Directory for the agent's token, result spool and job scratch dirs.
     #[arg(
         long,
@@ -65,6 +70,7 @@ pub struct Args {
 pub struct Config {
     pub coordinator: String,
     pub registration_secret: Option<String>,
+    pub token: Option<String>,
     pub state_dir: PathBuf,
     pub name: String,
     pub tags: Vec<String>,
@@ -103,6 +109,7 @@ impl Config {
         Ok(Config {
             coordinator,
             registration_secret: args.registration_secret.filter(|s| !s.is_empty()),
+            token: args.token.filter(|s| !s.is_empty()),
             state_dir: args.state_dir,
             name,
             tags,

@@ -93,11 +93,15 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         .load_identity()
         .map_err(fail)?
         .filter(|id| id.coordinator == config.coordinator);
-    if let Some(id) = &known {
+    let token = known
+        .as_ref()
+        .map(|id| id.token.clone())
+        .or_else(|| config.token.clone());
+    if let Some(token) = &token {
         // Reports of jobs that finished while they could not be delivered go
         // first: registering again, or this process's first heartbeat,
         // releases whatever the previous process still held.
-        client.set_token(id.token.clone());
+        client.set_token(token.clone());
         for s in state.spooled() {
             log::info!(
                 "delivering a spooled report job_id={} attempt={}",
@@ -107,13 +111,15 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
             job::deliver(&client, &state, s.job_id, s.report).await;
         }
     }
-    // Register at every start when the secret is at hand, so the coordinator
-    // has this start's inventory, tags and slots; without it, the kept token
-    // carries on.
-    let identity = match known {
-        Some(id) if config.registration_secret.is_none() => id,
-        _ => register(&config, &state, &client, &gpu).await?,
-    };
+    // Register at every start, so the coordinator has this start's
+    // inventory, tags and slots: with the secret when at hand, else with the
+    // agent's own token (a pre-registered worker, or one whose secret was
+    // removed after its first start).
+    let bearer = config.registration_secret.clone().or(token).ok_or((
+        EXIT_REFUSED,
+        "this agent has no token and no --registration-secret (DROVER_REGISTRATION_SECRET) to register with".to_string(),
+    ))?;
+    let identity = register(&config, &state, &client, &gpu, bearer).await?;
     client.set_token(identity.token.clone());
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -151,11 +157,8 @@ async fn register(
     state: &StateDir,
     client: &Arc<Client>,
     gpu: &GpuSource,
+    secret: String,
 ) -> Result<Identity, (i32, String)> {
-    let secret = config.registration_secret.clone().ok_or((
-        EXIT_REFUSED,
-        "this agent has no token yet and no --registration-secret (DROVER_REGISTRATION_SECRET) to register with".to_string(),
-    ))?;
     let req = RegisterRequest {
         name: config.name.clone(),
         machine_id: state.machine_id().map_err(|e| (1, e))?,

@@ -48,15 +48,31 @@ pub async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    match auth::bearer(&headers) {
-        Some(s) if app.config.registration_secret.matches(s) => {}
-        Some(_) => return Err(ApiError::unauthorized("wrong registration secret")),
+    // The secret registers (or re-registers) a machine; an agent's own token
+    // updates its worker (a pre-registered one, or after a restart).
+    let by_token = match auth::bearer(&headers) {
+        Some(s) if app.config.registration_secret.matches(s) => None,
+        Some(t) => {
+            let hash = auth::hash_token(t);
+            match app
+                .db
+                .read(move |c, _| workers::authenticate(c, &hash))
+                .await?
+            {
+                Some(agent) => Some((agent.id, t.to_string())),
+                None => {
+                    return Err(ApiError::unauthorized(
+                        "wrong registration secret or agent token",
+                    ))
+                }
+            }
+        }
         None => {
             return Err(ApiError::unauthorized(
                 "missing bearer token: send Authorization: Bearer <registration secret>",
             ))
         }
-    }
+    };
     let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
     let mut req: RegisterRequest = parse_json(&bytes)?;
     check_name("name", &req.name)?;
@@ -73,12 +89,15 @@ pub async fn register(
         }
     }
     req.tags = spec::tags("tags", std::mem::take(&mut req.tags))?;
-    let token = auth::new_token("drv_agent_")?;
+    let (token, existing) = match by_token {
+        Some((id, token)) => (token, Some(id)),
+        None => (auth::new_token("drv_agent_")?, None),
+    };
     let hash = auth::hash_token(&token);
     let auto = app.config.auto_approve;
     let (worker_id, state) = app
         .db
-        .write(move |c, now| workers::register(c, now, &req, &hash, auto))
+        .write(move |c, now| workers::register(c, now, &req, &hash, auto, existing))
         .await?;
     // A re-registration may have released leases.
     app.wake_claimers();
@@ -145,7 +164,7 @@ pub async fn claim(
     // a job once it may run one: approval wakes parked claims.
     let incarnation = req.incarnation.clone();
     app.db
-        .write(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
+        .read(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
         .await?;
     let (ticket, mut answer) = app.dispatcher.park(agent.id);
     let deadline = tokio::time::sleep(Duration::from_secs(wait as u64));

@@ -2,7 +2,9 @@
 //! (the agent holding the lease); read logs (admin).
 
 use super::agents::authenticate;
-use super::{int_param, parse_json, path_id, query_param, read_body, require_admin, AppState};
+use super::{
+    int_param, parse_json, path_id, query_param, read_body, require_admin, streaming, AppState,
+};
 use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
 
 /// Most jobs in one batch submission.
@@ -239,6 +241,8 @@ pub async fn append_log(
     Ok(Json(json!({ "truncated": truncated })).into_response())
 }
 
+/// The output of an attempt (default: the latest) as text; with
+/// `follow=1`, streamed as it arrives until the attempt ends.
 pub async fn read_log(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -251,6 +255,16 @@ pub async fn read_log(
         None => None,
         Some(_) => Some(int_param(&query, "attempt", 1, 1, i64::MAX)?),
     };
+    let follow = matches!(query_param(&query, "follow"), Some("1" | "true"));
+    if follow {
+        // Fail here (404) rather than inside the stream.
+        app.db
+            .read(move |c, _| jobs::log_after(c, id, attempt, i64::MAX))
+            .await?;
+        return Ok(streaming("text/plain; charset=utf-8", move |tx| {
+            follow_log(app, id, attempt, tx)
+        }));
+    }
     let (attempt, bytes) = app
         .db
         .read(move |c, _| jobs::read_log(c, id, attempt))
@@ -269,4 +283,46 @@ pub async fn read_log(
         bytes,
     )
         .into_response())
+}
+
+async fn follow_log(
+    app: AppState,
+    id: i64,
+    mut attempt: Option<i64>,
+    tx: tokio::sync::mpsc::Sender<axum::body::Bytes>,
+) {
+    let mut after = 0;
+    loop {
+        let mut commits = app.db.commits();
+        commits.borrow_and_update();
+        let (a, rows, live) = match app
+            .db
+            .read(move |c, _| jobs::log_after(c, id, attempt, after))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("log follow stopped job_id={id}: {e}");
+                return;
+            }
+        };
+        attempt = Some(a);
+        for (row, data) in &rows {
+            after = *row;
+            if tx.send(data.clone().into()).await.is_err() {
+                return;
+            }
+        }
+        if !rows.is_empty() {
+            continue;
+        }
+        if !live {
+            return;
+        }
+        tokio::select! {
+            _ = commits.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            _ = tx.closed() => return,
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 mod agents;
 mod dashboard;
+mod events;
 mod jobs;
 mod workers;
 
@@ -16,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -78,10 +79,22 @@ pub fn router(app: AppState) -> Router {
             "/api/v1/jobs/{id}/logs",
             post(jobs::append_log).get(jobs::read_log),
         )
-        .route("/api/v1/workers", get(workers::list))
+        .route(
+            "/api/v1/workers",
+            get(workers::list).post(workers::preregister),
+        )
         .route("/api/v1/workers/{id}", get(workers::get))
         .route("/api/v1/workers/{id}/approve", post(workers::approve))
+        .route("/api/v1/workers/{id}/reject", post(workers::reject))
+        .route("/api/v1/workers/{id}/drain", post(workers::drain))
+        .route("/api/v1/workers/{id}/undrain", post(workers::undrain))
+        .route(
+            "/api/v1/workers/{id}/decommission",
+            post(workers::decommission),
+        )
+        .route("/api/v1/workers/{id}/tags", put(workers::set_tags))
         .route("/api/v1/stats", get(workers::stats))
+        .route("/api/v1/events", get(events::events))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))
@@ -120,6 +133,31 @@ async fn log_request(req: Request, next: Next) -> Response {
         start.elapsed().as_secs_f64() * 1000.0
     );
     resp
+}
+
+/// A response whose body a task writes as it goes (events, a log being
+/// followed). The task's sends fail once the client is gone.
+pub fn streaming<F, Fut>(content_type: &'static str, produce: F) -> Response
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(produce(tx));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// Reads a whole body of at most `limit` bytes. A declared length over the

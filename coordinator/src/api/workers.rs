@@ -1,10 +1,14 @@
-//! Worker routes (admin): list, detail, approve, fleet stats.
+//! Worker routes (admin): list, detail, pre-register, approve, reject,
+//! drain, undrain, decommission, tags; fleet stats.
 
-use super::{path_id, require_admin, AppState};
+use super::{parse_json, path_id, read_body, require_admin, AppState, JSON_LIMIT};
 use crate::db::workers;
 use crate::error::ApiError;
+use crate::{auth, spec};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -46,4 +50,143 @@ pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Re
     // Agents with a claim parked right now: ready for work.
     stats["agents_waiting"] = app.dispatcher.waiting().into();
     Ok(Json(stats).into_response())
+}
+
+/// Optional body of an admin action: `{"reason": "..."}`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Why {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn action(
+    app: AppState,
+    headers: HeaderMap,
+    id: String,
+    body: Body,
+    action: workers::Action,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("worker", &id)?;
+    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
+    let why: Why = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        Why::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    if why.reason.as_deref().is_some_and(|r| r.len() > 500) {
+        return Err(ApiError::invalid("reason", "at most 500 characters"));
+    }
+    let worker = app
+        .db
+        .write(move |c, now| workers::act(c, now, id, action, why.reason.as_deref()))
+        .await?;
+    if action == workers::Action::Decommission || action == workers::Action::Reject {
+        app.dispatcher.dismiss(id);
+    }
+    app.wake_claimers();
+    Ok(Json(worker).into_response())
+}
+
+pub async fn reject(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    action(app, headers, id, body, workers::Action::Reject).await
+}
+
+pub async fn drain(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    action(app, headers, id, body, workers::Action::Drain).await
+}
+
+pub async fn undrain(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    action(app, headers, id, body, workers::Action::Undrain).await
+}
+
+pub async fn decommission(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    action(app, headers, id, body, workers::Action::Decommission).await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsBody {
+    tags: Vec<String>,
+}
+
+pub async fn set_tags(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("worker", &id)?;
+    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
+    let tags = spec::tags("tags", parse_json::<TagsBody>(&bytes)?.tags)?;
+    let worker = app
+        .db
+        .write(move |c, now| workers::set_tags(c, now, id, &tags))
+        .await?;
+    app.wake_claimers();
+    Ok(Json(worker).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewWorker {
+    name: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    slots: Option<u32>,
+}
+
+/// Pre-registers a worker (approved): 201 with the worker and its token,
+/// shown once. Start its agent with `--token`.
+pub async fn preregister(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
+    let w: NewWorker = parse_json(&bytes)?;
+    if w.name.trim().is_empty() || w.name.len() > 128 || w.name.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid(
+            "name",
+            "must be 1 to 128 printable characters",
+        ));
+    }
+    let slots = w.slots.unwrap_or(1);
+    if !(1..=1024).contains(&slots) {
+        return Err(ApiError::invalid("slots", "must be between 1 and 1024"));
+    }
+    let tags = spec::tags("tags", w.tags)?;
+    let token = auth::new_token("drv_agent_")?;
+    let hash = auth::hash_token(&token);
+    let name = w.name.trim().to_string();
+    let mut worker = app
+        .db
+        .write(move |c, now| workers::preregister(c, now, &name, &tags, slots, &hash))
+        .await?;
+    worker["token"] = token.into();
+    Ok((StatusCode::CREATED, Json(worker)).into_response())
 }

@@ -655,6 +655,46 @@ pub fn append_log(
     Ok(take < data.len())
 }
 
+/// Log chunks of an attempt (default: the latest) after row `after`: the
+/// attempt, (row id, bytes) in order, and whether it may still write more.
+pub fn log_after(
+    conn: &Connection,
+    job_id: i64,
+    attempt: Option<i64>,
+    after: i64,
+) -> Result<(i64, Vec<(i64, Vec<u8>)>, bool), ApiError> {
+    let cur = current(conn, job_id)?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+    let attempt = attempt.unwrap_or(cur.attempt);
+    // A queued job's next attempt, or a running one, may still write.
+    let live = (cur.status == "running" && cur.attempt == attempt)
+        || (cur.status == "queued" && attempt > cur.attempt);
+    let rows = conn
+        .prepare_cached(
+            "SELECT id, data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 AND id > ?3 ORDER BY id LIMIT 256",
+        )?
+        .query_map(params![job_id, attempt, after], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok((attempt, rows, live))
+}
+
+/// Events after `after`, oldest first.
+pub fn events_after(conn: &Connection, after: i64, limit: i64) -> Result<Vec<Value>, ApiError> {
+    Ok(conn
+        .prepare_cached("SELECT id, at, kind, job_id, worker_id, data FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?
+        .query_map(params![after, limit], |r| {
+            Ok(json!({
+                "id": r.get::<_, i64>(0)?,
+                "at": iso(r.get(1)?),
+                "kind": r.get::<_, String>(2)?,
+                "job_id": r.get::<_, Option<i64>>(3)?,
+                "worker_id": r.get::<_, Option<i64>>(4)?,
+                "data": json_col(&r.get::<_, String>(5)?),
+            }))
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
 /// The log of one attempt (default: the latest), in arrival order.
 pub fn read_log(
     conn: &Connection,

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 /// The schema, applied section by section (see its header).
 const SCHEMA: &str = include_str!("../../../schema.sql");
@@ -161,6 +161,8 @@ pub struct Db {
     readers: Arc<Mutex<Vec<Connection>>>,
     reader_permits: Arc<Semaphore>,
     clock: Clock,
+    /// Bumped after every commit: followers of events and logs wait on it.
+    commits: watch::Receiver<u64>,
 }
 
 impl Db {
@@ -185,16 +187,23 @@ impl Db {
             readers.push(r);
         }
         let (tx, rx) = mpsc::channel(4096);
+        let (commits_tx, commits) = watch::channel(0u64);
         std::thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || writer_loop(conn, rx, clock))
+            .spawn(move || writer_loop(conn, rx, clock, commits_tx))
             .map_err(|e| format!("starting the database writer thread: {e}"))?;
         Ok(Db {
             writer: tx,
             readers: Arc::new(Mutex::new(readers)),
             reader_permits: Arc::new(Semaphore::new(READERS)),
             clock,
+            commits,
         })
+    }
+
+    /// Changes after every commit (subscribe, then read, then wait).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.clone()
     }
 
     pub fn clock(&self) -> Clock {
@@ -367,7 +376,12 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, clock: Clock) {
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Box<dyn WriteOp>>,
+    clock: Clock,
+    commits: watch::Sender<u64>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::new();
         let mut next = Some(first);
@@ -395,7 +409,10 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, clock
         let now = clock.now();
         let finishers: Vec<Finish> = batch.into_iter().map(|op| op.run(&conn, now)).collect();
         let commit_error = match conn.execute_batch("COMMIT") {
-            Ok(()) => None,
+            Ok(()) => {
+                commits.send_modify(|n| *n = n.wrapping_add(1));
+                None
+            }
             Err(e) => {
                 let e = ApiError::from(e);
                 log::error!(

@@ -90,8 +90,39 @@ pub fn refresh_load(
     match (state.as_str(), running) {
         ("idle", n) if n > 0 => transition(conn, now, worker_id, "busy", reason),
         ("busy", 0) => transition(conn, now, worker_id, "idle", reason),
+        ("draining", 0) => drained(conn, now, worker_id),
         _ => Ok(()),
     }
+}
+
+/// A draining worker ran its last job: say so (it stays drained).
+fn drained(conn: &Connection, now: Ms, worker_id: i64) -> Result<(), ApiError> {
+    event(
+        conn,
+        now,
+        "worker.drained",
+        None,
+        Some(worker_id),
+        json!({}),
+    )?;
+    log::info!("worker drained, running nothing worker_id={worker_id}");
+    Ok(())
+}
+
+/// An offline worker is heard from again: draining if it was drained, else
+/// idle or busy.
+fn back_online(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Result<(), ApiError> {
+    let drain: bool = conn
+        .prepare_cached("SELECT drain FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    transition(
+        conn,
+        now,
+        worker_id,
+        if drain { "draining" } else { "idle" },
+        reason,
+    )?;
+    refresh_load(conn, now, worker_id, reason)
 }
 
 /// Registers a machine, or re-registers it (same machine id and name): the
@@ -102,17 +133,24 @@ pub fn register(
     req: &RegisterRequest,
     token_hash: &str,
     auto_approve: bool,
+    by_token: Option<i64>,
 ) -> Result<(i64, String), ApiError> {
     let inv = &req.inventory;
     let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
     let tags = serde_json::to_string(&req.tags).map_err(|e| ApiError::internal(e.to_string()))?;
     let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
-    let existing: Option<(i64, String)> = conn
-        .prepare_cached("SELECT id, state FROM workers WHERE machine_id = ?1 AND name = ?2")?
-        .query_row(params![req.machine_id, req.name], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
+    // An agent presenting its own token (e.g. of a pre-registered worker)
+    // updates that worker; one presenting the secret is known by machine
+    // and name.
+    let existing: Option<(i64, String)> = match by_token {
+        Some(id) => Some((id, state_of(conn, id)?)),
+        None => conn
+            .prepare_cached("SELECT id, state FROM workers WHERE machine_id = ?1 AND name = ?2")?
+            .query_row(params![req.machine_id, req.name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?,
+    };
     match existing {
         Some((_, state)) if state == "decommissioned" => Err(ApiError::forbidden(
             "decommissioned",
@@ -124,8 +162,9 @@ pub fn register(
         Some((id, state)) => {
             conn.prepare_cached(
                 "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
-                 gpus = ?6, tags = ?7, slots = ?8, agent_version = ?9, last_seen_at = ?10,
-                 incarnation = NULL WHERE id = ?1",
+                 gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
+                 agent_version = ?9, last_seen_at = ?10, incarnation = NULL,
+                 machine_id = ?11, name = ?12 WHERE id = ?1",
             )?
             .execute(params![
                 id,
@@ -137,12 +176,14 @@ pub fn register(
                 tags,
                 slots,
                 req.agent_version,
-                now
+                now,
+                req.machine_id,
+                req.name
             ])?;
             // Whatever the old token's agent ran is gone with it.
             jobs::release_worker_jobs(conn, now, id, jobs::LostReason::AgentRestarted)?;
             if state == "offline" {
-                transition(conn, now, id, "idle", "re-registered")?;
+                back_online(conn, now, id, "re-registered")?;
             }
             refresh_load(conn, now, id, "re-registered")?;
             event(
@@ -254,8 +295,7 @@ pub fn heartbeat(
         ])?;
     }
     if state == "offline" {
-        transition(conn, now, worker_id, "idle", "heartbeat resumed")?;
-        refresh_load(conn, now, worker_id, "heartbeat resumed")?;
+        back_online(conn, now, worker_id, "heartbeat resumed")?;
     }
     let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl, req.stopping)?;
     jobs::record_progress(conn, worker_id, &req.progress)?;
@@ -349,6 +389,138 @@ pub fn approve(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiE
     }
 }
 
+/// Admin actions on a worker. `why` is the admin's reason, if given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Reject,
+    Drain,
+    Undrain,
+    Decommission,
+}
+
+pub fn act(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    action: Action,
+    why: Option<&str>,
+) -> Result<Value, ApiError> {
+    let state = state_of(conn, worker_id)?;
+    let reason = |what: &str| match why {
+        Some(w) if !w.is_empty() => format!("{what} by admin: {w}"),
+        _ => format!("{what} by admin"),
+    };
+    let conflict = |msg: String| Err(ApiError::conflict("invalid_state", msg));
+    match (action, state.as_str()) {
+        (_, "decommissioned") => return conflict(format!("worker {worker_id} is decommissioned")),
+        (Action::Reject, "pending") => {
+            conn.prepare_cached("UPDATE workers SET token_hash = NULL WHERE id = ?1")?
+                .execute([worker_id])?;
+            transition(conn, now, worker_id, "decommissioned", &reason("rejected"))?;
+        }
+        (Action::Reject, other) => {
+            return conflict(format!(
+                "worker {worker_id} is {other}, not pending: decommission it instead"
+            ))
+        }
+        (Action::Drain, _) => {
+            conn.prepare_cached("UPDATE workers SET drain = 1 WHERE id = ?1")?
+                .execute([worker_id])?;
+            if state == "idle" || state == "busy" {
+                transition(conn, now, worker_id, "draining", &reason("drained"))?;
+                refresh_load(conn, now, worker_id, "drained")?;
+            }
+        }
+        (Action::Undrain, _) => {
+            conn.prepare_cached("UPDATE workers SET drain = 0 WHERE id = ?1")?
+                .execute([worker_id])?;
+            if state == "draining" {
+                transition(conn, now, worker_id, "idle", &reason("undrained"))?;
+                refresh_load(conn, now, worker_id, "undrained")?;
+            }
+        }
+        (Action::Decommission, _) => {
+            // Its token is revoked at once; what it ran goes back to the
+            // queue without spending an attempt.
+            conn.prepare_cached("UPDATE workers SET token_hash = NULL, drain = 0 WHERE id = ?1")?
+                .execute([worker_id])?;
+            jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::Decommissioned)?;
+            transition(
+                conn,
+                now,
+                worker_id,
+                "decommissioned",
+                &reason("decommissioned"),
+            )?;
+        }
+    }
+    get(conn, now, worker_id)
+}
+
+/// Sets a worker's tags; from then on the agent's `--tags` no longer apply.
+pub fn set_tags(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    tags: &[String],
+) -> Result<Value, ApiError> {
+    state_of(conn, worker_id)?;
+    let text = serde_json::to_string(tags).map_err(|e| ApiError::internal(e.to_string()))?;
+    conn.prepare_cached("UPDATE workers SET tags = ?2, tags_pinned = 1 WHERE id = ?1")?
+        .execute(params![worker_id, text])?;
+    event(
+        conn,
+        now,
+        "worker.tags",
+        None,
+        Some(worker_id),
+        json!({"tags": tags}),
+    )?;
+    log::info!("worker tags set by admin worker_id={worker_id} tags={tags:?}");
+    get(conn, now, worker_id)
+}
+
+/// An admin registers a worker ahead of its agent: approved at once. The
+/// agent starts with the returned token (`--token`) instead of the secret.
+pub fn preregister(
+    conn: &Connection,
+    now: Ms,
+    name: &str,
+    tags: &[String],
+    slots: u32,
+    token_hash: &str,
+) -> Result<Value, ApiError> {
+    let tags_text = serde_json::to_string(tags).map_err(|e| ApiError::internal(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO workers (name, state, token_hash, tags, tags_pinned, slots, registered_at)
+         VALUES (?1, 'idle', ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        name,
+        token_hash,
+        tags_text,
+        !tags.is_empty(),
+        slots,
+        now
+    ])?;
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason)
+         VALUES (?1, ?2, NULL, 'idle', 'pre-registered by admin')",
+    )?
+    .execute(params![id, now])?;
+    event(
+        conn,
+        now,
+        "worker.registered",
+        None,
+        Some(id),
+        json!({"name": name, "pre_registered": true}),
+    )?;
+    log::info!("worker pre-registered worker_id={id} name={name:?}");
+    get(conn, now, id)
+}
+
 fn state_of(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
     conn.prepare_cached("SELECT state FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))
@@ -392,7 +564,7 @@ pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
 }
 
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
-    agent_version, gpu_metrics, registered_at, last_seen_at,
+    agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned,
     (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
 
 fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
@@ -413,7 +585,9 @@ fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
         "gpu_metrics": json_col(&metrics),
         "registered_at": iso(r.get(11)?),
         "last_seen_at": iso(r.get(12)?),
-        "running_jobs": r.get::<_, i64>(13)?,
+        "drain": r.get::<_, bool>(13)?,
+        "tags_pinned": r.get::<_, bool>(14)?,
+        "running_jobs": r.get::<_, i64>(15)?,
     }))
 }
 
