@@ -655,6 +655,9 @@ pub fn append_log(
     Ok(take < data.len())
 }
 
+/// Log chunks as (row id, bytes), in order.
+pub type LogRows = Vec<(i64, Vec<u8>)>;
+
 /// Log chunks of an attempt (default: the latest) after row `after`: the
 /// attempt, (row id, bytes) in order, and whether it may still write more.
 pub fn log_after(
@@ -662,7 +665,7 @@ pub fn log_after(
     job_id: i64,
     attempt: Option<i64>,
     after: i64,
-) -> Result<(i64, Vec<(i64, Vec<u8>)>, bool), ApiError> {
+) -> Result<(i64, LogRows, bool), ApiError> {
     let cur = current(conn, job_id)?
         .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     let attempt = attempt.unwrap_or(cur.attempt);
