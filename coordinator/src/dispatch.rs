@@ -117,10 +117,18 @@ async fn round(app: &App) -> Result<Option<crate::db::Ms>, crate::error::ApiErro
     let reservations = lock(&d.reservations).clone();
     let ttl = ms(app.config.lease_ttl);
     let reserve_after = ms(app.config.reserve_after);
+    let start = std::time::Instant::now();
     let result = app
         .db
         .write(move |c, now| dispatch::round(c, now, &waiting, ttl, reserve_after, &reservations))
         .await?;
+    let m = &app.metrics;
+    m.dispatch_round.observe(start.elapsed().as_secs_f64());
+    m.dispatched
+        .fetch_add(result.waits.len() as u64, Ordering::Relaxed);
+    for w in &result.waits {
+        m.queue_wait.observe(*w as f64 / 1000.0);
+    }
     *lock(&d.reservations) = result.reservations;
     let next_ready = result.next_ready;
     let mut undelivered = Vec::new();

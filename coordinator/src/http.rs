@@ -12,6 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// The address of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// Most bytes of request line + headers; larger heads are refused (431).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -49,7 +54,13 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Handlers learn the client's address (registration rate limits).
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                req
+            },
+        ));
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut builder = http1::Builder::new();

@@ -9,6 +9,8 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod matching;
+pub mod metrics;
+pub mod ratelimit;
 pub mod spec;
 pub mod sweep;
 

@@ -70,6 +70,9 @@ pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
             Ok(Swept { expired, offline })
         })
         .await?;
+    app.metrics
+        .leases_expired
+        .fetch_add(swept.expired as u64, std::sync::atomic::Ordering::Relaxed);
     if swept.expired > 0 {
         app.wake_claimers();
     }

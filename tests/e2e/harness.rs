@@ -19,12 +19,26 @@ pub fn coordinator_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_drover-coordinator"))
 }
 
-/// The agent is built by `cargo test --workspace` next to the coordinator.
+/// The agent is built by `cargo test --workspace` next to the coordinator
+/// (`cargo test -p coordinator` alone does not rebuild it: refuse a stale one).
 pub fn agent_bin() -> PathBuf {
     let p = coordinator_bin().with_file_name("drover-agent");
+    let built = fs::metadata(&p).and_then(|m| m.modified());
+    let Ok(built) = built else {
+        panic!(
+            "{} is missing: run the tests with `cargo test --workspace`",
+            p.display()
+        );
+    };
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
+    let newest = fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max();
     assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
+        newest.is_none_or(|n| n <= built),
+        "{} is older than agent/src: run the tests with `cargo test --workspace`",
         p.display()
     );
     p

@@ -6,5 +6,6 @@ mod agent;
 mod failover;
 mod harness;
 mod hostile;
+mod operations;
 mod queue;
 mod scheduling;

@@ -4,16 +4,19 @@ use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, MAX_WAIT_S}
 use crate::auth;
 use crate::db::{ms, workers};
 use crate::error::ApiError;
+use crate::http::ClientAddr;
 use crate::spec;
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use drover_proto::{
     ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse,
 };
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// The agent behind the request's bearer token (401 otherwise).
@@ -45,9 +48,33 @@ fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
 
 pub async fn register(
     State(app): State<AppState>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let ip = client
+        .map(|Extension(ClientAddr(a))| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if let Err(wait) = app.registrations.check(ip) {
+        app.metrics
+            .registrations_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many failed registrations from {ip}; retry in {wait}s"),
+        );
+        e.retry_after_s = Some(wait);
+        return Err(e);
+    }
+    let refused = |app: &AppState, e: ApiError| {
+        app.registrations.failed(ip);
+        app.metrics
+            .registrations_refused
+            .fetch_add(1, Ordering::Relaxed);
+        log::warn!("registration refused client={ip}: {}", e.message);
+        e
+    };
     // The secret registers (or re-registers) a machine; an agent's own token
     // updates its worker (a pre-registered one, or after a restart).
     let by_token = match auth::bearer(&headers) {
@@ -61,15 +88,19 @@ pub async fn register(
             {
                 Some(agent) => Some((agent.id, t.to_string())),
                 None => {
-                    return Err(ApiError::unauthorized(
-                        "wrong registration secret or agent token",
+                    return Err(refused(
+                        &app,
+                        ApiError::unauthorized("wrong registration secret or agent token"),
                     ))
                 }
             }
         }
         None => {
-            return Err(ApiError::unauthorized(
-                "missing bearer token: send Authorization: Bearer <registration secret>",
+            return Err(refused(
+                &app,
+                ApiError::unauthorized(
+                    "missing bearer token: send Authorization: Bearer <registration secret>",
+                ),
             ))
         }
     };

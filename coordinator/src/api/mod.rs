@@ -12,6 +12,8 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -42,6 +44,9 @@ pub struct App {
     pub config: Config,
     /// Parked claims and the dispatch loop that answers them.
     pub dispatcher: Dispatcher,
+    pub metrics: Metrics,
+    /// Failed registrations per client address.
+    pub registrations: RateLimiter,
 }
 
 impl App {
@@ -50,6 +55,8 @@ impl App {
             db,
             config,
             dispatcher: Dispatcher::default(),
+            metrics: Metrics::default(),
+            registrations: RateLimiter::registrations(),
         }
     }
 
@@ -67,6 +74,7 @@ pub fn router(app: AppState) -> Router {
         .route("/assets/dashboard.js", get(dashboard::script))
         .route("/assets/dashboard.css", get(dashboard::style))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/agents/register", post(agents::register))
         .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
         .route("/api/v1/agents/claim", post(agents::claim))
@@ -97,7 +105,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/events", get(events::events))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(app.clone(), log_request))
         .with_state(app)
 }
 
@@ -107,6 +115,57 @@ async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
         .read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?))
         .await?;
     Ok(Json(serde_json::json!({"status": "ok", "schema_version": version})).into_response())
+}
+
+/// Prometheus text: fleet gauges from the database, then the counters and
+/// histograms kept in memory.
+async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    use std::fmt::Write;
+    let stats = app.db.read(|c, _| crate::db::workers::stats(c)).await?;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, label: &str, map: &serde_json::Value| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        if let Some(m) = map.as_object() {
+            for (k, v) in m {
+                let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {}", v.as_i64().unwrap_or(0));
+            }
+        }
+    };
+    gauge(
+        "drover_workers",
+        "Workers by state.",
+        "state",
+        &stats["workers"],
+    );
+    gauge("drover_jobs", "Jobs by status.", "status", &stats["jobs"]);
+    gauge(
+        "drover_gpus",
+        "GPUs of live workers, and those held by running jobs.",
+        "kind",
+        &stats["gpus"],
+    );
+    let wal = std::fs::metadata(app.config.db.with_extension("db-wal"))
+        .or_else(|_| std::fs::metadata(format!("{}-wal", app.config.db.display())))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "# HELP drover_agents_waiting Agents with a claim parked (ready for work).\n# TYPE drover_agents_waiting gauge\ndrover_agents_waiting {}",
+        app.dispatcher.waiting()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP drover_sqlite_wal_bytes Size of the SQLite write-ahead log.\n# TYPE drover_sqlite_wal_bytes gauge\ndrover_sqlite_wal_bytes {wal}"
+    );
+    app.metrics.render(&mut out, app.db.write_seconds());
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -121,12 +180,20 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// One debug line per request; never the headers (they carry tokens).
-async fn log_request(req: Request, next: Next) -> Response {
+/// One debug line per request (never the headers: they carry tokens), and
+/// the request counted by route pattern.
+async fn log_request(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let start = Instant::now();
     let resp = next.run(req).await;
+    app.metrics
+        .http(&format!("{method} {route}"), resp.status().as_u16());
     log::debug!(
         "http method={method} path={path} status={} ms={:.1}",
         resp.status().as_u16(),

@@ -70,6 +70,8 @@ pub struct Round {
     /// When the next delayed job (retry backoff, not_before) becomes
     /// claimable, so a round runs right then.
     pub next_ready: Option<Ms>,
+    /// How long each dispatched job waited since it became claimable.
+    pub waits: Vec<Ms>,
 }
 
 fn needs_from(
@@ -364,6 +366,7 @@ pub fn round(
         if let Some((i, gpus)) = matching::best(&job.needs, &offers, allowed) {
             let worker = offers[i].worker_id;
             let a = grant(conn, now, worker, job.id, &gpus, lease_ttl)?;
+            round.waits.push(now - job.claimable_since);
             offers[i].take(&gpus);
             round.answers.entry(worker).or_default().0.push(a);
         }

@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod workers;
 
 use crate::error::ApiError;
+use crate::metrics::Histogram;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -163,6 +164,8 @@ pub struct Db {
     clock: Clock,
     /// Bumped after every commit: followers of events and logs wait on it.
     commits: watch::Receiver<u64>,
+    /// Time from a write request to its commit.
+    write_seconds: Arc<Histogram>,
 }
 
 impl Db {
@@ -198,7 +201,12 @@ impl Db {
             reader_permits: Arc::new(Semaphore::new(READERS)),
             clock,
             commits,
+            write_seconds: Arc::new(Histogram::new(crate::metrics::FAST)),
         })
+    }
+
+    pub fn write_seconds(&self) -> &Histogram {
+        &self.write_seconds
     }
 
     /// Changes after every commit (subscribe, then read, then wait).
@@ -218,12 +226,16 @@ impl Db {
         R: Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
+        let start = std::time::Instant::now();
         self.writer
             .send(Box::new(Op { f, reply }))
             .await
             .map_err(|_| ApiError::internal("the database writer has stopped"))?;
-        rx.await
-            .map_err(|_| ApiError::internal("the database writer dropped a request"))?
+        let r = rx
+            .await
+            .map_err(|_| ApiError::internal("the database writer dropped a request"))?;
+        self.write_seconds.observe(start.elapsed().as_secs_f64());
+        r
     }
 
     /// Checkpoints the WAL into the database file and truncates it, between

@@ -1,0 +1,426 @@
+//! What an operator does every day: approve, drain, decommission,
+//! pre-register; tokens and secrets; events, log follow, metrics.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn state(api: &Api, worker: i64) -> TestResult<String> {
+    let w = api.admin("GET", &format!("/api/v1/workers/{worker}"), None)?;
+    Ok(w.body["state"].as_str().unwrap_or("").to_string())
+}
+
+fn wait_status(api: &Api, job: i64, want: &str) -> TestResult<Value> {
+    wait_for(
+        &format!("job {job} to be {want}"),
+        Duration::from_secs(30),
+        || {
+            let j = api.job(job)?;
+            Ok((j["status"] == want).then_some(j))
+        },
+    )
+}
+
+#[test]
+fn approval_drain_and_decommission() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--lease-ttl", "3"])?;
+    let api = coord.api();
+    let mut a = Agent::start(&coord.url, dir.path(), "a", &["--slots", "2"])?;
+    let wa = wait_for("a to register", Duration::from_secs(20), || {
+        Ok(a.worker_id().ok())
+    })?;
+    assert_eq!(state(&api, wa)?, "pending");
+
+    // Pending: the job waits, and says why.
+    let job = api.submit(&json!({"command": ["true"]}))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let j = api.job(job)?;
+    assert_eq!(j["status"], "queued");
+    assert!(
+        j["waiting_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("a is pending"),
+        "{j}"
+    );
+    let r = api.admin("POST", &format!("/api/v1/workers/{wa}/approve"), None)?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    wait_status(&api, job, "succeeded")?;
+
+    // Drain: running jobs finish, nothing new starts; it says when it is empty.
+    let long = api.submit(&json!({"command": ["sleep", "60"]}))?;
+    wait_status(&api, long, "running")?;
+    let r = api.admin(
+        "POST",
+        &format!("/api/v1/workers/{wa}/drain"),
+        Some(&json!({"reason": "kernel update"})),
+    )?;
+    assert_eq!(r.body["state"], "draining", "{}", r.text);
+    let waiting = api.submit(&json!({"command": ["true"]}))?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        api.job(waiting)?["status"],
+        "queued",
+        "a draining worker takes nothing new"
+    );
+    api.admin("POST", &format!("/api/v1/jobs/{long}/cancel"), None)?;
+    wait_status(&api, long, "cancelled")?;
+    let events = api.admin("GET", "/api/v1/events?after=0&limit=1000", None)?;
+    let drained = events.body["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .any(|e| e["kind"] == "worker.drained" && e["worker_id"] == wa)
+        })
+        .unwrap_or(false);
+    assert!(drained, "a worker.drained event once empty");
+    let w = api.admin("GET", &format!("/api/v1/workers/{wa}"), None)?;
+    let log = w.body["health_log"].to_string();
+    assert!(log.contains("drained by admin: kernel update"), "{log}");
+    api.admin("POST", &format!("/api/v1/workers/{wa}/undrain"), None)?;
+    wait_status(&api, waiting, "succeeded")?;
+
+    // Decommission mid-job: the job goes elsewhere without spending an
+    // attempt, the token is revoked, the machine may not register again.
+    let b = Agent::start(&coord.url, dir.path(), "b", &[])?;
+    let wb = wait_for("b to register", Duration::from_secs(20), || {
+        Ok(b.worker_id().ok())
+    })?;
+    api.admin("POST", &format!("/api/v1/workers/{wb}/approve"), None)?;
+    api.admin("POST", &format!("/api/v1/workers/{wb}/drain"), None)?;
+    let moved = api.submit(&json!({"command": ["sh", "-c", "[ \"$DROVER_ATTEMPT\" != 1 ] || exec sleep 60"], "max_attempts": 1}))?;
+    let j = wait_status(&api, moved, "running")?;
+    assert_eq!(j["worker_id"], wa);
+    let token = a.token()?;
+    api.admin("POST", &format!("/api/v1/workers/{wb}/undrain"), None)?;
+    let r = api.admin("POST", &format!("/api/v1/workers/{wa}/decommission"), None)?;
+    assert_eq!(r.body["state"], "decommissioned", "{}", r.text);
+    let j = wait_status(&api, moved, "succeeded")?;
+    assert_eq!(j["worker_id"], wb);
+    assert_eq!(j["attempts"][0]["outcome"], "decommissioned");
+    let hb = json!({"incarnation": "x"}).to_string();
+    let r = api.call(
+        "POST",
+        "/api/v1/agents/heartbeat",
+        Some(&token),
+        Some(hb.as_bytes()),
+    )?;
+    assert_eq!(r.status, 401, "the decommissioned agent's token is revoked");
+    let status = a.wait_exit(Duration::from_secs(20))?;
+    assert!(!status.success(), "the decommissioned agent stops");
+    let again = Agent::start(&coord.url, dir.path(), "a", &[])?;
+    let mut again = again;
+    let status = again.wait_exit(Duration::from_secs(20))?;
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "registering again is refused for good"
+    );
+    assert_eq!(state(&api, wa)?, "decommissioned");
+    Ok(())
+}
+
+#[test]
+fn pre_registered_worker_runs_with_its_token() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let api = coord.api();
+    let r = api.admin(
+        "POST",
+        "/api/v1/workers",
+        Some(&json!({"name": "pre", "tags": ["gpu-room-2"]})),
+    )?;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(
+        r.body["state"], "idle",
+        "pre-registered workers are approved"
+    );
+    let token = r.body["token"].as_str().ok_or("no token")?.to_string();
+    let id = r.body["id"].as_i64().ok_or("no id")?;
+    // The agent has no secret, only the token.
+    let state_dir = dir.path().join("agent-pre");
+    let log = std::fs::File::create(dir.path().join("agent-pre.log"))?;
+    let mut child = std::process::Command::new(agent_bin())
+        .args([
+            "--coordinator",
+            &coord.url,
+            "--token",
+            &token,
+            "--name",
+            "pre",
+            "--tags",
+            "ignored",
+        ])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .env("RUST_LOG", "info")
+        .stderr(log)
+        .spawn()?;
+    let job = api.submit(&json!({"command": ["true"], "required_tags": ["gpu-room-2"]}))?;
+    let j = wait_status(&api, job, "succeeded");
+    if j.is_err() {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(dir.path().join("agent-pre.log"))?
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(j?["worker_id"], id);
+    let w = api.admin("GET", &format!("/api/v1/workers/{id}"), None)?;
+    assert!(
+        w.body["cpu_cores"].as_i64().unwrap_or(0) > 0,
+        "the agent filled in its inventory: {}",
+        w.text
+    );
+    assert_eq!(
+        w.body["tags"],
+        json!(["gpu-room-2"]),
+        "the admin's tags win over --tags"
+    );
+    Ok(())
+}
+
+#[test]
+fn admin_routes_refuse_every_other_credential_and_secrets_stay_secret() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let agent = Agent::start(&coord.url, dir.path(), "s", &[])?;
+    wait_for("the agent to register", Duration::from_secs(20), || {
+        Ok(agent.worker_id().ok())
+    })?;
+    let agent_token = agent.token()?;
+    let id = api.submit(&json!({"command": ["echo", "hello"]}))?;
+    wait_status(&api, id, "succeeded")?;
+    let routes = [
+        ("POST", "/api/v1/jobs".to_string()),
+        ("GET", "/api/v1/jobs".to_string()),
+        ("GET", format!("/api/v1/jobs/{id}")),
+        ("POST", format!("/api/v1/jobs/{id}/cancel")),
+        ("POST", format!("/api/v1/jobs/{id}/retry")),
+        ("GET", format!("/api/v1/jobs/{id}/logs")),
+        ("GET", "/api/v1/workers".to_string()),
+        ("POST", "/api/v1/workers".to_string()),
+        ("GET", "/api/v1/workers/1".to_string()),
+        ("POST", "/api/v1/workers/1/approve".to_string()),
+        ("POST", "/api/v1/workers/1/reject".to_string()),
+        ("POST", "/api/v1/workers/1/drain".to_string()),
+        ("POST", "/api/v1/workers/1/undrain".to_string()),
+        ("POST", "/api/v1/workers/1/decommission".to_string()),
+        ("PUT", "/api/v1/workers/1/tags".to_string()),
+        ("GET", "/api/v1/stats".to_string()),
+        ("GET", "/api/v1/events".to_string()),
+    ];
+    for (method, path) in &routes {
+        for token in [
+            None,
+            Some("wrong-token-123456"),
+            Some(SECRET),
+            Some(agent_token.as_str()),
+        ] {
+            let r = api.call(method, path, token, Some(b"{}"))?;
+            assert_eq!(
+                r.status,
+                401,
+                "{method} {path} with {:?}: {}",
+                token.map(|t| &t[..4]),
+                r.text
+            );
+        }
+    }
+    // Nothing changed: the worker is still idle and the job still succeeded.
+    assert_eq!(api.job(id)?["status"], "succeeded");
+
+    // The secrets are nowhere on disk in the clear but where they belong.
+    drop(agent);
+    let mut files = vec![coord.db_path(), dir.path().join("drover.db-wal")];
+    files.extend(
+        std::fs::read_dir(dir.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log")),
+    );
+    for f in &files {
+        let Ok(bytes) = std::fs::read(f) else {
+            continue;
+        };
+        for secret in [ADMIN, SECRET, agent_token.as_str()] {
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+            assert!(!found, "{} holds a secret", f.display());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_registrations_are_rate_limited() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let api = coord.api();
+    let body = json!({"name": "x", "machine_id": "m", "inventory": {"hostname": "h"}}).to_string();
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        let r = api.call(
+            "POST",
+            "/api/v1/agents/register",
+            Some("not-the-secret"),
+            Some(body.as_bytes()),
+        )?;
+        statuses.push(r.status);
+    }
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    println!(
+        "60 bad registrations: {} x 401, {limited} x 429",
+        statuses.iter().filter(|s| **s == 401).count()
+    );
+    assert_eq!(&statuses[..5], &[401; 5], "the first tries are answered");
+    assert_eq!(statuses[59], 429);
+    // Limited even with the right secret, with a Retry-After.
+    let r = api.call(
+        "POST",
+        "/api/v1/agents/register",
+        Some(SECRET),
+        Some(body.as_bytes()),
+    )?;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.code(), "rate_limited");
+    assert!(api.healthy());
+    Ok(())
+}
+
+#[test]
+fn events_in_order_resume_sse_log_follow_and_metrics() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let _agent = Agent::start(&coord.url, dir.path(), "e", &[])?;
+    let first = api.submit(&json!({"command": ["true"]}))?;
+    wait_status(&api, first, "succeeded")?;
+    let all = api.admin("GET", "/api/v1/events?after=0", None)?;
+    let events = all.body["events"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap_or(0))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ordered: {ids:?}");
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e["job_id"] == first)
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["job.submitted", "job.claimed", "job.succeeded"]);
+    let last = all.body["last_id"].as_i64().ok_or("no last_id")?;
+
+    // Long-poll resumes after the last id and returns as soon as there is news.
+    let url = coord.url.clone();
+    let poll = std::thread::spawn(move || {
+        Api::new(&url)
+            .admin("GET", &format!("/api/v1/events?after={last}&wait=20"), None)
+            .map_err(|e| e.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let second = api.submit(
+        &json!({"command": ["sh", "-c", "for i in 1 2 3 4; do echo line $i; sleep 0.4; done"]}),
+    )?;
+    let r = poll.join().map_err(|_| "poll thread")??;
+    let got = r.body["events"].as_array().cloned().unwrap_or_default();
+    assert!(!got.is_empty(), "{}", r.text);
+    assert!(got.iter().all(|e| e["id"].as_i64().unwrap_or(0) > last));
+    assert_eq!(got[0]["kind"], "job.submitted");
+    assert_eq!(got[0]["job_id"], second);
+
+    // Log follow streams the output as it comes, and ends with the job.
+    wait_status(&api, second, "running")?;
+    let follow = api.admin("GET", &format!("/api/v1/jobs/{second}/logs?follow=1"), None)?;
+    assert_eq!(follow.text, "line 1\nline 2\nline 3\nline 4\n");
+    assert_eq!(api.job(second)?["status"], "succeeded");
+
+    // Server-sent events, resumable with Last-Event-ID.
+    let addr = coord.url.trim_start_matches("http://");
+    let sse = |resume: i64| -> TestResult<Vec<(i64, String)>> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nAccept: text/event-stream\r\nLast-Event-ID: {resume}\r\n\r\n"
+        )?;
+        let mut reader = BufReader::new(s);
+        let mut out = Vec::new();
+        let mut id = 0;
+        let mut line = String::new();
+        while out.len() < 3 {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                break;
+            }
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = v.trim().parse()?;
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                out.push((id, v.trim().to_string()));
+            }
+        }
+        Ok(out)
+    };
+    let head = sse(0)?;
+    assert_eq!(
+        head.iter().map(|e| e.0).collect::<Vec<_>>(),
+        ids[..3].to_vec()
+    );
+    let resumed = sse(head[1].0)?;
+    assert_eq!(resumed[0].0, head[2].0, "resumes right after Last-Event-ID");
+
+    // /metrics is Prometheus text.
+    let mut s = TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text.split("\r\n\r\n").nth(1).ok_or("no body")?;
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Err("unexpected chunked /metrics".into());
+    } else {
+        body
+    };
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').ok_or(format!("bad line {line:?}"))?;
+        value
+            .parse::<f64>()
+            .map_err(|_| format!("bad value in {line:?}"))?;
+        let metric = name.split('{').next().unwrap_or("");
+        assert!(
+            !metric.is_empty()
+                && metric
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad name in {line:?}"
+        );
+        if name.contains('{') {
+            assert!(name.ends_with('}'), "bad labels in {line:?}");
+        }
+    }
+    for want in [
+        "drover_workers{state=\"idle\"}",
+        "drover_jobs{status=\"succeeded\"} 2",
+        "drover_jobs_dispatched_total 2",
+        "drover_http_requests_total{route=\"POST /api/v1/jobs\",code=\"201\"} 2",
+        "drover_dispatch_round_seconds_count",
+        "drover_queue_wait_seconds_bucket{le=\"+Inf\"} 2",
+        "drover_sqlite_write_seconds_count",
+        "drover_sqlite_wal_bytes",
+    ] {
+        assert!(body.contains(want), "/metrics lacks {want}:\n{body}");
+    }
+    Ok(())
+}
