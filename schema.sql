@@ -191,3 +191,45 @@ CREATE TABLE events (
     -- JSON object with the details.
     data       TEXT    NOT NULL DEFAULT '{}'
 );
+
+-- Views for the questions people ask with sqlite3 (see the README,
+-- "Inspecting with sqlite3"). Times are shown in UTC.
+
+-- The fleet: every worker, its state, GPUs, running jobs, last heartbeat.
+CREATE VIEW fleet AS
+SELECT w.id, w.name, w.state, w.hostname,
+       json_array_length(w.gpus) AS gpus,
+       (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.status = 'running') AS running,
+       w.slots, w.tags,
+       datetime(w.last_seen_at / 1000, 'unixepoch') AS last_seen
+FROM workers w
+ORDER BY w.id;
+
+-- The queue in dispatch order, with how long each job has waited.
+CREATE VIEW queue AS
+SELECT id, priority, gpus, min_vram_mb, required_tags, attempt, attempts_used, max_attempts,
+       round((strftime('%s', 'now') * 1000 - created_at) / 1000.0) AS waited_s,
+       CASE WHEN run_after > strftime('%s', 'now') * 1000
+            THEN datetime(run_after / 1000, 'unixepoch') END AS not_until,
+       json_extract(command, '$') AS command
+FROM jobs
+WHERE status = 'queued'
+ORDER BY priority DESC, id;
+
+-- Running jobs with their worker and GPUs.
+CREATE VIEW running_jobs AS
+SELECT j.id, j.attempt, w.name AS worker, j.gpu_indices,
+       round((strftime('%s', 'now') * 1000 - j.started_at) / 1000.0) AS running_s,
+       json_extract(j.progress, '$.progress') AS progress,
+       json_extract(j.command, '$') AS command
+FROM jobs j JOIN workers w ON w.id = j.worker_id
+WHERE j.status = 'running'
+ORDER BY j.started_at;
+
+-- Failures of the last 24 hours, newest first.
+CREATE VIEW recent_failures AS
+SELECT j.id, datetime(j.finished_at / 1000, 'unixepoch') AS finished, j.attempt, w.name AS worker,
+       j.exit_code, j.error, json_extract(j.command, '$') AS command
+FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id
+WHERE j.status = 'failed' AND j.finished_at > (strftime('%s', 'now') - 86400) * 1000
+ORDER BY j.finished_at DESC;

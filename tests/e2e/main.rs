@@ -3,6 +3,7 @@
 //! free ports, real child processes.
 
 mod agent;
+mod browser;
 mod failover;
 mod harness;
 mod hostile;

@@ -693,10 +693,14 @@ pub fn stats(conn: &Connection) -> Result<Value, ApiError> {
                (SELECT coalesce(sum(json_array_length(gpu_indices)), 0) FROM jobs WHERE status = 'running')"
         ))?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let last_event_id: i64 = conn
+        .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
+        .query_row([], |r| r.get(0))?;
     Ok(json!({
         "workers": workers,
         "jobs": jobs,
         "gpus": {"total": gpus_total, "busy": gpus_busy},
+        "last_event_id": last_event_id,
     }))
 }
 

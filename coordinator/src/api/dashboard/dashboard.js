@@ -7,6 +7,7 @@ const KEY = "drover-admin-token";
 let token = null;
 let selected = null;
 let statusFilter = "";
+let lastEventId = null;
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -66,8 +67,16 @@ function renderWorkers(workers) {
         h("span", { class: "muted" }, `${util}% ${Math.round(g.vram_mb / 1024)}G`));
     });
     const actions = [];
-    if (w.state === "pending") actions.push(h("button", { onclick: () => act("POST", `/api/v1/workers/${w.id}/approve`) }, "Approve"));
-    return h("div", { class: `card worker ${w.state}` },
+    const post = (what, label, cls) => h("button", { class: cls || "", "data-action": what,
+      onclick: (e) => { e.stopPropagation(); act("POST", `/api/v1/workers/${w.id}/${what}`); } }, label);
+    if (w.state === "pending") actions.push(post("approve", "Approve"), post("reject", "Reject", "ghost"));
+    if (w.state === "idle" || w.state === "busy") actions.push(post("drain", "Drain", "ghost"));
+    if (w.state === "draining") actions.push(post("undrain", "Undrain"));
+    if (w.state !== "pending" && w.state !== "decommissioned") {
+      actions.push(h("button", { class: "ghost", onclick: (e) => { e.stopPropagation(); editTags(w); } }, "Tags"));
+      actions.push(post("decommission", "Decommission", "ghost danger-text"));
+    }
+    return h("div", { class: `card worker ${w.state}`, "data-worker": w.id, onclick: () => { selected = { worker: w.id }; refresh(); } },
       h("div", { class: "top" }, h("span", { class: "name", title: w.name }, w.name), h("span", { class: `pill ${w.state}` }, w.state)),
       h("div", { class: "meta" }, `#${w.id} · ${w.hostname} · ${w.cpu_cores} cores · ${Math.round(w.memory_mb / 1024)} GiB · ${w.running_jobs}/${w.slots} slots · seen ${ago(w.last_seen_at)}`),
       w.tags.length ? h("div", { class: "tags" }, w.tags.map((t) => h("span", { class: "tag" }, t))) : null,
@@ -77,8 +86,18 @@ function renderWorkers(workers) {
   document.getElementById("workers").replaceChildren(...(cards.length ? cards : [h("p", { class: "muted" }, "No workers yet. Start drover-agent on a machine.")]));
 }
 
+function editTags(w) {
+  const value = prompt(`Tags of ${w.name} (comma separated; replaces the agent's --tags):`, w.tags.join(","));
+  if (value === null) return;
+  const tags = value.split(",").map((t) => t.trim()).filter((t) => t);
+  fetch(`/api/v1/workers/${w.id}/tags`, {
+    method: "PUT", headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
+    body: JSON.stringify({ tags }),
+  }).then(async (r) => { if (!r.ok) alert((await r.json()).error.message); refresh(); });
+}
+
 function renderJobs(jobs) {
-  const rows = jobs.map((j) => h("tr", { class: j.id === selected ? "sel" : "", onclick: () => { selected = j.id; refresh(); } },
+  const rows = jobs.map((j) => h("tr", { class: selected && selected.job === j.id ? "sel" : "", onclick: () => { selected = { job: j.id }; refresh(); } },
     h("td", {}, j.id), h("td", {}, h("span", { class: `pill ${j.status}` }, j.status)),
     h("td", { class: "cmd", title: j.command.join(" ") }, j.command.join(" ")),
     h("td", {}, `${j.attempt}/${j.max_attempts}`), h("td", {}, j.worker_id ?? "—"),
@@ -86,23 +105,57 @@ function renderJobs(jobs) {
   document.querySelector("#jobs tbody").replaceChildren(...rows);
 }
 
+async function renderWorker(id) {
+  const box = document.getElementById("detail");
+  const w = await api("GET", `/api/v1/workers/${id}`);
+  const rows = (list, cols) => h("table", {}, h("thead", {}, h("tr", {}, cols.map((c) => h("th", {}, c[0])))),
+    h("tbody", {}, list.map((r) => h("tr", {}, cols.map((c) => h("td", {}, c[1](r)))))));
+  const util = new Map();
+  for (const s of w.gpu_history || []) {
+    const u = util.get(s.gpu) || [];
+    u.push(s.utilization_pct);
+    util.set(s.gpu, u);
+  }
+  box.replaceChildren(
+    h("h3", {}, `Worker ${w.name} `, h("span", { class: `pill ${w.state}` }, w.state)),
+    h("div", { class: "kv" },
+      h("div", {}, "host"), h("div", {}, `${w.hostname} · ${w.cpu_cores} cores · ${Math.round(w.memory_mb / 1024)} GiB`),
+      h("div", {}, "agent"), h("div", {}, w.agent_version || "—"),
+      h("div", {}, "tags"), h("div", {}, w.tags.join(", ") + (w.tags_pinned ? " (set by admin)" : "")),
+      h("div", {}, "GPU util, 1 h"), h("div", {}, [...util.entries()].map(([g, u]) =>
+        `#${g}: avg ${Math.round(u.reduce((a, b) => a + b, 0) / u.length)}%, max ${Math.round(Math.max(...u))}%`).join(" · ") || "—")),
+    h("h3", {}, "Health log"),
+    rows(w.health_log.slice(0, 20), [["when", (r) => ago(r.at)], ["from", (r) => r.from || "—"], ["to", (r) => r.to], ["why", (r) => r.reason]]),
+    h("h3", {}, "Recent jobs"),
+    rows(w.recent_jobs.slice(0, 20), [["job", (r) => r.job_id], ["attempt", (r) => r.attempt], ["outcome", (r) => r.outcome || "running"], ["started", (r) => ago(r.started_at)]]));
+}
+
 async function renderDetail() {
   const box = document.getElementById("detail");
   if (selected === null) return;
-  const j = await api("GET", `/api/v1/jobs/${selected}`);
+  if (selected.worker) return renderWorker(selected.worker);
+  const id = selected.job;
+  const j = await api("GET", `/api/v1/jobs/${id}`);
   let log = "";
-  try { log = await api("GET", `/api/v1/jobs/${selected}/logs`); } catch (_) { log = ""; }
+  try { log = await api("GET", `/api/v1/jobs/${id}/logs`); } catch (_) { log = ""; }
   const kv = (k, v) => [h("div", {}, k), h("div", {}, v ?? "—")];
   const actions = [];
   if (j.status === "queued" || j.status === "running") {
     actions.push(h("button", { class: "danger", disabled: j.cancel_requested, onclick: () => act("POST", `/api/v1/jobs/${j.id}/cancel`) },
       j.cancel_requested ? "Cancelling…" : "Cancel"));
   }
+  if (j.status === "failed" || j.status === "cancelled") {
+    actions.push(h("button", { onclick: () => act("POST", `/api/v1/jobs/${j.id}/retry`) }, "Retry"));
+  }
+  const progress = j.progress && typeof j.progress.progress === "number" ? Math.max(0, Math.min(1, j.progress.progress)) : null;
   box.replaceChildren(
     h("h3", {}, `Job ${j.id} `, h("span", { class: `pill ${j.status}` }, j.status)),
     h("div", { class: "kv" },
       kv("command", h("code", {}, j.command.join(" "))), kv("attempt", `${j.attempt} (${j.attempts_used}/${j.max_attempts} used)`),
       kv("worker", j.worker_id), kv("GPUs", j.gpus ? `${j.gpus} → [${j.gpu_indices.join(", ")}]` : "none"),
+      j.waiting_reason ? kv("waiting", j.waiting_reason) : null,
+      progress !== null ? kv("progress", h("div", { class: "bar wide" }, h("i", { style: `width:${Math.round(progress * 100)}%` }))) : null,
+      j.progress ? kv("progress doc", h("code", {}, JSON.stringify(j.progress))) : null,
       kv("priority", j.priority), kv("exit code", j.exit_code), kv("error", j.error),
       kv("result", j.result ? h("code", {}, JSON.stringify(j.result)) : null),
       kv("created", ago(j.created_at)), kv("finished", ago(j.finished_at)),
@@ -128,6 +181,7 @@ async function refresh() {
     const [stats, workers, jobs] = await Promise.all([
       api("GET", "/api/v1/stats"), api("GET", "/api/v1/workers"), api("GET", "/api/v1/jobs" + q)]);
     renderSummary(stats);
+    if (lastEventId === null) lastEventId = stats.last_event_id;
     renderWorkers(workers.workers);
     renderJobs(jobs.jobs);
     await renderDetail();
@@ -168,7 +222,46 @@ function start() {
   document.getElementById("status-filter").addEventListener("change", (e) => { statusFilter = e.target.value; refresh(); });
   show(!!token);
   refresh();
-  setInterval(refresh, 2000);
+  // Live: refresh on every event (coalesced); a slow poll for heartbeat
+  // metrics, which are not events.
+  follow();
+  setInterval(refresh, 5000);
+}
+
+let pending = null;
+function soon() {
+  if (pending) return;
+  pending = setTimeout(() => { pending = null; refresh(); }, 250);
+}
+
+// Server-sent events through fetch (EventSource cannot send the token).
+async function follow() {
+  let last = null;
+  for (;;) {
+    if (!token || lastEventId === null) { await new Promise((r) => setTimeout(r, 500)); continue; }
+    if (last === null) last = lastEventId;
+    try {
+      const resp = await fetch("/api/v1/events?after=" + last, {
+        headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" } });
+      if (!resp.ok) throw new Error(resp.statusText);
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const frame = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          const id = frame.match(/^id: (\d+)/m);
+          if (id) { last = Number(id[1]); soon(); }
+        }
+      }
+    } catch (_) { /* reconnect below */ }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
 }
 
 document.addEventListener("DOMContentLoaded", start);
