@@ -153,6 +153,7 @@ CREATE TABLE job_attempts (
     PRIMARY KEY (job_id, attempt)
 ) WITHOUT ROWID;
 CREATE INDEX job_attempts_by_worker ON job_attempts (worker_id, started_at);
+CREATE INDEX job_attempts_by_start ON job_attempts (started_at);
 
 -- Output of each attempt, in order, as the agent sent it.
 CREATE TABLE job_logs (
@@ -178,6 +179,15 @@ CREATE TABLE gpu_metrics (
 );
 CREATE INDEX gpu_metrics_by_worker ON gpu_metrics (worker_id, at);
 CREATE INDEX gpu_metrics_by_time ON gpu_metrics (at);
+
+-- The last 500 log lines of each worker's agent, sent with its heartbeats.
+CREATE TABLE agent_log (
+    id         INTEGER PRIMARY KEY,
+    worker_id  INTEGER NOT NULL REFERENCES workers(id),
+    at         INTEGER NOT NULL,
+    line       TEXT    NOT NULL
+);
+CREATE INDEX agent_log_by_worker ON agent_log (worker_id, id);
 
 -- One ordered stream of job and worker events.
 CREATE TABLE events (

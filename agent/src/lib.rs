@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod inventory;
 pub mod job;
+pub mod logring;
 pub mod state;
 pub mod supervisor;
 

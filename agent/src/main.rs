@@ -3,7 +3,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    agent::logring::init();
     let config = match Config::from_args(Args::parse()) {
         Ok(c) => c,
         Err(e) => {

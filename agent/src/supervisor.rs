@@ -229,6 +229,7 @@ impl Supervisor {
             gpus: Vec::new(),
             stopping: true,
             progress: Vec::new(),
+            log_lines: crate::logring::take(100),
         };
         let client = self.ctx.client.clone();
         match blocking(move || client.heartbeat(&req)).await {
@@ -339,10 +340,19 @@ async fn heartbeat_loop(
             gpus: gpu.metrics(&busy),
             stopping: stopping.load(Ordering::SeqCst),
             progress,
+            log_lines: crate::logring::take(100),
         };
         let client = ctx.client.clone();
         let sent = crate::now_ms();
-        let wait = match blocking(move || client.heartbeat(&req)).await {
+        let (result, req) = blocking_keep(move || {
+            let r = client.heartbeat(&req);
+            (r, req)
+        })
+        .await;
+        if result.is_err() {
+            crate::logring::put_back(req.log_lines);
+        }
+        let wait = match result {
             Ok(resp) => {
                 failures = 0;
                 errors.recovered("heartbeats go through again");
@@ -380,6 +390,14 @@ fn released(attempt: i64) -> drover_proto::CompleteRequest {
         exit_code: None,
         result: None,
         error: None,
+    }
+}
+
+/// Runs a blocking call that also hands its request back.
+async fn blocking_keep<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

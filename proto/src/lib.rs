@@ -112,6 +112,9 @@ pub struct HeartbeatRequest {
     /// Latest `DROVER_PROGRESS_FILE` document of running jobs.
     #[serde(default)]
     pub progress: Vec<Progress>,
+    /// The agent's own log lines since the last heartbeat.
+    #[serde(default)]
+    pub log_lines: Vec<String>,
 }
 
 /// What a running job last wrote to its progress file.

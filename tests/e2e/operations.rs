@@ -373,6 +373,26 @@ fn events_in_order_resume_sse_log_follow_and_metrics() -> TestResult {
     let resumed = sse(head[1].0)?;
     assert_eq!(resumed[0].0, head[2].0, "resumes right after Last-Event-ID");
 
+    // Stats: the queue wait of the last hour.
+    let stats = api.admin("GET", "/api/v1/stats", None)?;
+    assert_eq!(
+        stats.body["queue_wait_s_last_hour"]["dispatched"], 2,
+        "{}",
+        stats.text
+    );
+    assert!(stats.body["queue_wait_s_last_hour"]["p95"]
+        .as_f64()
+        .is_some());
+
+    // The agent's own log lines, read from the coordinator.
+    let w = api.admin("GET", "/api/v1/workers", None)?;
+    let wid = w.body["workers"][0]["id"].as_i64().ok_or("no worker")?;
+    let lines = wait_for("the agent's log lines", Duration::from_secs(20), || {
+        let r = api.admin("GET", &format!("/api/v1/workers/{wid}/logs"), None)?;
+        Ok(r.text.contains("job ended").then_some(r.text))
+    })?;
+    assert!(lines.contains("INFO agent running worker_id="), "{lines}");
+
     // /metrics is Prometheus text.
     let mut s = TcpStream::connect(addr)?;
     write!(

@@ -154,6 +154,12 @@ pub async fn heartbeat(
     if req.leases.len() > 1024 {
         return Err(ApiError::invalid("leases", "at most 1024 leases"));
     }
+    if req.log_lines.len() > 200 || req.log_lines.iter().any(|l| l.len() > 2000) {
+        return Err(ApiError::invalid(
+            "log_lines",
+            "at most 200 lines of 2000 bytes each",
+        ));
+    }
     let ttl = ms(app.config.lease_ttl);
     let stopping = req.stopping;
     let beat = app

@@ -101,6 +101,7 @@ pub fn router(app: AppState) -> Router {
             post(workers::decommission),
         )
         .route("/api/v1/workers/{id}/tags", put(workers::set_tags))
+        .route("/api/v1/workers/{id}/logs", get(workers::agent_log))
         .route("/api/v1/stats", get(workers::stats))
         .route("/api/v1/events", get(events::events))
         .fallback(not_found)
@@ -121,7 +122,7 @@ async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
 /// histograms kept in memory.
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
     use std::fmt::Write;
-    let stats = app.db.read(|c, _| crate::db::workers::stats(c)).await?;
+    let stats = app.db.read(crate::db::workers::stats).await?;
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, label: &str, map: &serde_json::Value| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

@@ -46,7 +46,7 @@ pub async fn approve(
 
 pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let mut stats = app.db.read(|c, _| workers::stats(c)).await?;
+    let mut stats = app.db.read(workers::stats).await?;
     // Agents with a claim parked right now: ready for work.
     stats["agents_waiting"] = app.dispatcher.waiting().into();
     Ok(Json(stats).into_response())
@@ -189,4 +189,23 @@ pub async fn preregister(
         .await?;
     worker["token"] = token.into();
     Ok((StatusCode::CREATED, Json(worker)).into_response())
+}
+
+/// The last 500 lines the worker's agent logged (text).
+pub async fn agent_log(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("worker", &id)?;
+    let text = app.db.read(move |c, _| workers::agent_log(c, id)).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }

@@ -914,7 +914,36 @@ pub fn list(
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
+    use super::*;
+
+    #[test]
+    fn retention_prunes_old_finished_jobs_with_their_attempts_and_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        super::super::create_private(&path).unwrap();
+        let mut conn = Connection::open(&path).unwrap();
+        super::super::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'w', 'idle', 0);
+             INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, finished_at)
+               VALUES (1, 'succeeded', '[]', 'x', 0, 0, 1000), (2, 'failed', '[]', 'x', 0, 0, 9000),
+                      (3, 'queued', '[]', 'x', 0, 0, NULL);
+             INSERT INTO job_attempts (job_id, attempt, worker_id, started_at) VALUES (1, 1, 1, 0), (2, 1, 1, 0);
+             INSERT INTO job_logs (job_id, attempt, stream, at, data) VALUES (1, 1, 'stdout', 0, x'00'), (2, 1, 'stdout', 0, x'00');",
+        )
+        .unwrap();
+        assert_eq!(prune_finished(&conn, 5000).unwrap(), 1);
+        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM jobs"),
+            2,
+            "the old finished job is gone, the rest kept"
+        );
+        assert_eq!(count("SELECT count(*) FROM jobs WHERE id = 1"), 0);
+        assert_eq!(count("SELECT count(*) FROM job_attempts"), 1);
+        assert_eq!(count("SELECT count(*) FROM job_logs"), 1);
+        assert_eq!(prune_finished(&conn, 5000).unwrap(), 0);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

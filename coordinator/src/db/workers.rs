@@ -9,6 +9,22 @@ use serde_json::{json, Value};
 /// States in which a worker is approved and alive.
 pub const LIVE_STATES: &str = "('idle', 'busy', 'draining')";
 
+/// Agent log lines kept per worker.
+const AGENT_LOG_KEEP: i64 = 500;
+
+/// The last lines a worker's agent logged, oldest first.
+pub fn agent_log(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
+    state_of(conn, worker_id)?;
+    let lines: Vec<(Ms, String)> = conn
+        .prepare_cached("SELECT at, line FROM agent_log WHERE worker_id = ?1 ORDER BY id")?
+        .query_map([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(lines
+        .into_iter()
+        .map(|(at, line)| format!("{} {line}\n", iso(Some(at)).unwrap_or_default()))
+        .collect())
+}
+
 /// Marks the incarnation of an agent process that said it is exiting.
 const STOPPED: &str = "stopped:";
 
@@ -296,6 +312,17 @@ pub fn heartbeat(
     }
     if state == "offline" {
         back_online(conn, now, worker_id, "heartbeat resumed")?;
+    }
+    for line in &req.log_lines {
+        conn.prepare_cached("INSERT INTO agent_log (worker_id, at, line) VALUES (?1, ?2, ?3)")?
+            .execute(params![worker_id, now, line])?;
+    }
+    if !req.log_lines.is_empty() {
+        conn.prepare_cached(
+            "DELETE FROM agent_log WHERE worker_id = ?1 AND id <= (
+               SELECT id FROM agent_log WHERE worker_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )?
+        .execute(params![worker_id, AGENT_LOG_KEEP])?;
     }
     let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl, req.stopping)?;
     jobs::record_progress(conn, worker_id, &req.progress)?;
@@ -660,7 +687,7 @@ pub fn get(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError
 }
 
 /// Fleet summary: workers by state, GPUs, jobs by status.
-pub fn stats(conn: &Connection) -> Result<Value, ApiError> {
+pub fn stats(conn: &Connection, now: Ms) -> Result<Value, ApiError> {
     let mut workers = serde_json::Map::new();
     for state in [
         "pending",
@@ -693,6 +720,19 @@ pub fn stats(conn: &Connection) -> Result<Value, ApiError> {
                (SELECT coalesce(sum(json_array_length(gpu_indices)), 0) FROM jobs WHERE status = 'running')"
         ))?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    // Queue wait of jobs dispatched in the last hour: first claim - submit.
+    let mut waits: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT a.started_at - j.created_at FROM job_attempts a INDEXED BY job_attempts_by_start
+             JOIN jobs j ON j.id = a.job_id WHERE a.started_at > ?1 AND a.attempt = 1",
+        )?
+        .query_map([now - 3_600_000], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    waits.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        let i = ((waits.len() as f64 - 1.0) * p).round() as usize;
+        waits.get(i).map(|w| *w as f64 / 1000.0)
+    };
     let last_event_id: i64 = conn
         .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
         .query_row([], |r| r.get(0))?;
@@ -701,6 +741,7 @@ pub fn stats(conn: &Connection) -> Result<Value, ApiError> {
         "jobs": jobs,
         "gpus": {"total": gpus_total, "busy": gpus_busy},
         "last_event_id": last_event_id,
+        "queue_wait_s_last_hour": {"p50": pct(0.5), "p95": pct(0.95), "dispatched": waits.len()},
     }))
 }
 
