@@ -59,6 +59,14 @@ impl ClientError {
     /// What the operator should try.
     pub fn hint(&self) -> Option<String> {
         match self {
+            ClientError::Unreachable { reason, .. }
+                if reason.to_ascii_lowercase().contains("certificate") || reason.contains("UnknownIssuer") =>
+            {
+                Some(
+                    "the coordinator's TLS certificate is not trusted: pass the CA that signed it with --ca-cert (DROVER_CA_CERT)"
+                        .into(),
+                )
+            }
             ClientError::Unreachable { url, .. } => Some(format!(
                 "check that drover-coordinator runs and listens on the address in {url} (its --listen defaults to 127.0.0.1:8700, \
                  which other machines cannot reach), and that no firewall blocks the port: try curl {url}/healthz"
@@ -104,16 +112,20 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Client {
-        let http = ureq::AgentBuilder::new()
+    /// A client for `base`; `ca` is a PEM file of the CA that signed an
+    /// HTTPS coordinator's certificate (else the public web roots apply).
+    pub fn new(base: &str, ca: Option<&std::path::Path>) -> Result<Client, String> {
+        let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
-            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
-        Client {
-            base: base.to_string(),
-            http,
-            token: RwLock::new(None),
+            .user_agent(concat!("drover-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = ca {
+            builder = builder.tls_config(tls_config(ca)?);
         }
+        Ok(Client {
+            base: base.to_string(),
+            http: builder.build(),
+            token: RwLock::new(None),
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -254,6 +266,38 @@ impl Client {
         let path = format!("/api/v1/jobs/{job_id}/complete");
         Self::some(&path, self.json(&path, self.bearer(), TIMEOUT, req)?)
     }
+}
+
+/// TLS trusting only the CA certificates in `ca` (like curl's --cacert).
+fn tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("reading --ca-cert {}: {e}", ca.display()))?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "--ca-cert {}: not a usable CA certificate: {e}",
+                ca.display()
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "--ca-cert {} holds no PEM certificate",
+            ca.display()
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 enum Body<'a> {

@@ -31,6 +31,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// PEM file of the CA that signed an https:// coordinator's certificate
+    /// (a self-signed one, say); without it the public web roots apply.
+    #[arg(long, env = "DROVER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
     /// Directory for the agent's token, result spool and job scratch dirs.
     #[arg(
         long,
@@ -71,6 +76,7 @@ pub struct Config {
     pub coordinator: String,
     pub registration_secret: Option<String>,
     pub token: Option<String>,
+    pub ca_cert: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub name: String,
     pub tags: Vec<String>,
@@ -110,6 +116,7 @@ impl Config {
             coordinator,
             registration_secret: args.registration_secret.filter(|s| !s.is_empty()),
             token: args.token.filter(|s| !s.is_empty()),
+            ca_cert: args.ca_cert,
             state_dir: args.state_dir,
             name,
             tags,

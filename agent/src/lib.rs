@@ -89,7 +89,8 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
     let fail = |e: String| (1, e);
     let state = Arc::new(StateDir::open(&config.state_dir).map_err(fail)?);
     let gpu = GpuSource::detect(config.fake_gpus.clone());
-    let client = Arc::new(Client::new(&config.coordinator));
+    let client =
+        Arc::new(Client::new(&config.coordinator, config.ca_cert.as_deref()).map_err(|e| (2, e))?);
     let known = state
         .load_identity()
         .map_err(fail)?

@@ -76,6 +76,14 @@ pub struct Args {
     #[arg(long, env = "DROVER_GPU_HISTORY_HOURS", default_value_t = 24)]
     pub gpu_history_hours: u64,
 
+    /// PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key).
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// `full` (default: an acknowledged write survives power loss) or
     /// `normal` (never corrupts, may lose the last commits on power loss).
     #[arg(long, env = "DROVER_SQLITE_SYNCHRONOUS", default_value = "full")]
@@ -100,6 +108,8 @@ pub struct Config {
     pub gpu_history: Duration,
     pub retention: Option<Duration>,
     pub synchronous_full: bool,
+    /// Certificate and key files, when serving HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -162,6 +172,7 @@ impl Config {
             retention: (args.retention_days > 0)
                 .then(|| Duration::from_secs(args.retention_days * 86_400)),
             synchronous_full,
+            tls: args.tls_cert.zip(args.tls_key),
         })
     }
 }

@@ -21,6 +21,10 @@ use std::sync::Arc;
 
 /// Runs the coordinator until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), String> {
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(http::tls_acceptor(cert, key)?),
+        None => None,
+    };
     let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
     let grace = ms(config.restart_grace);
     let (leases, live) = db
@@ -45,7 +49,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("reading the listening address: {e}"))?;
     log::info!(
-        "listening on http://{addr} db={} lease_ttl={}s auto_approve={}",
+        "listening on {}://{addr} db={} lease_ttl={}s auto_approve={}",
+        if tls.is_some() { "https" } else { "http" },
         config.db.display(),
         config.lease_ttl.as_secs(),
         config.auto_approve
@@ -58,6 +63,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         listener,
         api::router(app),
         max_connections,
+        tls,
         shutdown_signal(),
     )
     .await;

@@ -126,14 +126,14 @@ impl Coordinator {
             }
             let text = fs::read_to_string(&log_path)?;
             Ok(text.lines().find_map(|l| {
-                l.split("listening on http://")
+                l.split("listening on ")
                     .nth(1)
                     .and_then(|rest| rest.split_whitespace().next())
                     .map(str::to_string)
             }))
         })?;
         self.port = addr.rsplit(':').next().ok_or("no port")?.parse()?;
-        self.url = format!("http://{addr}");
+        self.url = addr;
         Ok(())
     }
 
@@ -277,6 +277,17 @@ impl Api {
             base: base.to_string(),
             http: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    /// A client that trusts `config`'s roots (for an HTTPS coordinator).
+    pub fn with_tls(base: &str, config: std::sync::Arc<rustls::ClientConfig>) -> Api {
+        Api {
+            base: base.to_string(),
+            http: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .tls_config(config)
                 .build(),
         }
     }

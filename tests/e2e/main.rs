@@ -10,3 +10,4 @@ mod hostile;
 mod operations;
 mod queue;
 mod scheduling;
+mod tls;
