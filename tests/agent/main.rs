@@ -1,7 +1,6 @@
 //! The real agent binary against a scriptable fake coordinator (tiny_http:
 //! fine here, no network reaches it) that answers what a test wants.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
