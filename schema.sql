@@ -189,7 +189,7 @@ CREATE TABLE agent_log (
 );
 CREATE INDEX agent_log_by_worker ON agent_log (worker_id, id);
 
--- One ordered stream of job and worker events.
+-- One ordered stream of job and worker events (kept --retention-days).
 CREATE TABLE events (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     at         INTEGER NOT NULL,
@@ -201,6 +201,7 @@ CREATE TABLE events (
     -- JSON object with the details.
     data       TEXT    NOT NULL DEFAULT '{}'
 );
+CREATE INDEX events_by_time ON events (at);
 
 -- Views for the questions people ask with sqlite3 (see the README,
 -- "Inspecting with sqlite3"). Times are shown in UTC.

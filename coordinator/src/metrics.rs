@@ -113,6 +113,12 @@ impl Metrics {
         );
         counter(
             out,
+            "drover_jobs_requeued_total",
+            "Attempts that ended with their job back in the queue (lease lost, retry, hand-back).",
+            crate::db::jobs::REQUEUES.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
             "drover_registrations_refused_total",
             "Registrations refused (wrong secret or rate limited).",
             self.registrations_refused.load(Ordering::Relaxed),

@@ -66,6 +66,7 @@ pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
             workers::prune_gpu_history(c, now - ms(history))?;
             if let Some(keep) = retention {
                 jobs::prune_finished(c, now - ms(keep))?;
+                jobs::prune_events(c, now - ms(keep))?;
             }
             Ok(Swept { expired, offline })
         })

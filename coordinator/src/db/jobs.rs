@@ -15,6 +15,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 
+/// Attempts that ended with their job back in the queue (for /metrics; a
+/// transaction that fails to commit after deciding one still counts it).
+pub static REQUEUES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Expired leases handled per sweep transaction.
 const EXPIRE_BATCH: i64 = 500;
 /// Backoff after the second and later lease losses: 10 s x 2^n, capped.
@@ -311,6 +315,9 @@ fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static 
         }
     };
     let terminal = status != "queued";
+    if !terminal {
+        REQUEUES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET status = ?3, run_after = ?4, attempts_used = ?5, lease_losses = ?6,
@@ -795,6 +802,13 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError>
     )?;
     log::info!("job retried job_id={job_id} after={}", cur.status);
     get(conn, now, job_id)
+}
+
+/// Deletes events older than `cutoff`, at most a batch per call.
+pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 ORDER BY at LIMIT 5000)")?
+        .execute([cutoff])?)
 }
 
 /// Deletes jobs finished before `cutoff`, with their attempts and logs, at

@@ -491,10 +491,14 @@ pub fn set_tags(
     worker_id: i64,
     tags: &[String],
 ) -> Result<Value, ApiError> {
-    state_of(conn, worker_id)?;
+    let state = state_of(conn, worker_id)?;
     let text = serde_json::to_string(tags).map_err(|e| ApiError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET tags = ?2, tags_pinned = 1 WHERE id = ?1")?
         .execute(params![worker_id, text])?;
+    conn.prepare_cached(
+        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason) VALUES (?1, ?2, ?3, ?3, ?4)",
+    )?
+    .execute(params![worker_id, now, state, format!("tags set by admin: {}", tags.join(", "))])?;
     event(
         conn,
         now,
