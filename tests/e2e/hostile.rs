@@ -374,6 +374,21 @@ fn hostile_connections_do_not_take_the_coordinator_down() -> TestResult {
     drop(s);
     assert!(api.healthy(), "alive after a huge Content-Length");
 
+    // A refused request whose body is not read says the connection closes,
+    // so a client does not reuse it and read EOF.
+    let mut s = TcpStream::connect(&addr)?;
+    s.set_read_timeout(timeout)?;
+    write!(
+        s,
+        "POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
+    )?;
+    let mut head = [0u8; 1024];
+    let n = s.read(&mut head)?;
+    let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    drop(s);
+
     // A 256 MiB request line with no line break: the connection is refused
     // long before that much is read.
     let mut s = TcpStream::connect(&addr)?;

@@ -191,10 +191,23 @@ async fn log_request(State(app): State<AppState>, req: Request, next: Next) -> R
         .get::<axum::extract::MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
     let start = Instant::now();
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
     app.metrics
         .http(&format!("{method} {route}"), resp.status().as_u16());
+    // A refused request's body may be left unread, and then the connection
+    // cannot carry another request: say so, or a client reusing it reads EOF.
+    if has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     log::debug!(
         "http method={method} path={path} status={} ms={:.1}",
         resp.status().as_u16(),
