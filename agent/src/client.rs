@@ -104,6 +104,13 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+/// What `/healthz` says.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Health {
+    #[serde(default)]
+    pub time_ms: i64,
+}
+
 /// The agent's connection to its coordinator.
 pub struct Client {
     base: String,
@@ -207,6 +214,46 @@ impl Client {
 
     fn some<R>(path: &str, r: Option<R>) -> Result<R, ClientError> {
         r.ok_or_else(|| ClientError::Protocol(format!("{path}: empty answer")))
+    }
+
+    /// `GET /healthz`: the coordinator answers, and its clock.
+    pub fn health(&self) -> Result<Health, ClientError> {
+        let url = format!("{}/healthz", self.base);
+        match self.http.get(&url).timeout(Duration::from_secs(5)).call() {
+            Ok(resp) => resp
+                .into_json()
+                .map_err(|e| ClientError::Protocol(format!("/healthz: {e}"))),
+            Err(ureq::Error::Status(status, _)) => Err(ClientError::Status {
+                status,
+                error: ErrorDetail {
+                    code: "http".into(),
+                    message: format!("/healthz answered {status}"),
+                    field: None,
+                },
+            }),
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: t.to_string(),
+            }),
+        }
+    }
+
+    /// Whether the coordinator accepts `secret`, without registering: an
+    /// empty registration is refused 422 past the secret check, 401 before.
+    pub fn probe_secret(&self, secret: &str) -> Result<(), ClientError> {
+        let path = "/api/v1/agents/register";
+        match self.json::<_, serde_json::Value>(
+            path,
+            format!("Bearer {secret}"),
+            TIMEOUT,
+            &serde_json::json!({}),
+        ) {
+            Err(e) if e.status() == Some(422) => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(ClientError::Protocol(
+                "an empty registration was accepted".into(),
+            )),
+        }
     }
 
     pub fn register(

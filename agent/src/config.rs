@@ -7,12 +7,59 @@ use drover_proto::GpuInfo;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `drover-agent [FLAGS]` runs the agent; the subcommands set it up.
 #[derive(Debug, Parser)]
 #[command(
     name = "drover-agent",
     version,
-    about = "Drover agent: runs jobs from a Drover coordinator on this machine"
+    about = "Drover agent: runs jobs from a Drover coordinator on this machine",
+    args_conflicts_with_subcommands = true
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Install this binary and its service on this machine (as root), with the
+    /// flags given; run again to change settings or upgrade.
+    Install {
+        /// Root of the install: PREFIX/bin, PREFIX/etc/drover, and (when given)
+        /// PREFIX/etc/systemd/system and PREFIX/var/lib/drover-agent.
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Do not use systemd: start the agent detached (pid and log files in
+        /// its state dir).
+        #[arg(long)]
+        no_systemd: bool,
+        #[command(flatten)]
+        agent: Args,
+    },
+    /// Stop and remove what `install` put in place (the state dir stays
+    /// unless --purge).
+    Uninstall {
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        #[arg(long)]
+        no_systemd: bool,
+        /// Also delete the state dir (token, spool).
+        #[arg(long)]
+        purge: bool,
+        #[command(flatten)]
+        agent: Args,
+    },
+    /// Preflight: can this machine run an agent for that coordinator?
+    /// Exit status 0 only when everything needed passes.
+    Check {
+        #[command(flatten)]
+        agent: Args,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Coordinator base URL, e.g. http://10.0.0.5:8700
     #[arg(

@@ -97,57 +97,61 @@ const MIB: u64 = 1024 * 1024;
 impl GpuSource {
     /// The fixture when given; otherwise NVML, loaded at run time. Without
     /// it the agent is a CPU worker and says why, once.
-    pub fn detect(fake: Option<Vec<GpuInfo>>) -> GpuSource {
+    /// The GPUs here, quietly: the fixture, NVML's GPUs, `None` when NVML
+    /// loads but sees none, or NVML's error.
+    pub fn probe(fake: Option<Vec<GpuInfo>>) -> Result<GpuSource, String> {
         if let Some(gpus) = fake {
-            log::info!("using {} fake GPUs from --fake-gpus", gpus.len());
-            return GpuSource::Fake(gpus);
+            return Ok(GpuSource::Fake(gpus));
         }
+        let nvml = Nvml::init().map_err(|e| e.to_string())?;
+        let count = nvml.device_count().map_err(|e| e.to_string())?;
+        let gpus: Vec<GpuInfo> = (0..count)
+            .filter_map(|index| {
+                let d = nvml.device_by_index(index).ok()?;
+                Some(GpuInfo {
+                    index,
+                    uuid: d.uuid().ok()?,
+                    model: d.name().ok()?,
+                    vram_mb: d.memory_info().ok()?.total / MIB,
+                })
+            })
+            .collect();
+        Ok(if gpus.is_empty() {
+            GpuSource::None
+        } else {
+            GpuSource::Nvml(Arc::new(nvml), gpus)
+        })
+    }
+
+    pub fn detect(fake: Option<Vec<GpuInfo>>) -> GpuSource {
         let has_devices = std::path::Path::new("/dev/nvidiactl").exists();
-        let nvml = match Nvml::init() {
-            Ok(n) => n,
+        match GpuSource::probe(fake) {
+            Ok(GpuSource::Fake(gpus)) => {
+                log::info!("using {} fake GPUs from --fake-gpus", gpus.len());
+                GpuSource::Fake(gpus)
+            }
+            Ok(GpuSource::Nvml(nvml, gpus)) => {
+                for g in &gpus {
+                    log::info!("GPU {} {} {} MiB {}", g.index, g.model, g.vram_mb, g.uuid);
+                }
+                GpuSource::Nvml(nvml, gpus)
+            }
+            Ok(GpuSource::None) => {
+                log::info!("NVML sees no usable GPU: running as a CPU worker");
+                GpuSource::None
+            }
             Err(e) if has_devices => {
                 log::warn!(
-                    "NVML did not load ({e}) although /dev/nvidiactl exists: running as a CPU worker. \
-                     Try: install the NVIDIA driver's libnvidia-ml.so.1 (in a container, mount the driver libraries), \
-                     then check with nvidia-smi"
+                    "NVML did not load ({e}) although /dev/nvidiactl exists: running as a CPU worker. Try: {}",
+                    crate::suggest::NVML
                 );
-                return GpuSource::None;
+                GpuSource::None
             }
             Err(e) => {
                 log::info!("no NVIDIA GPUs here (NVML: {e}): running as a CPU worker");
-                return GpuSource::None;
-            }
-        };
-        let count = match nvml.device_count() {
-            Ok(n) => n,
-            Err(e) => {
-                log::warn!("NVML loaded but cannot count GPUs ({e}): running as a CPU worker");
-                return GpuSource::None;
-            }
-        };
-        let mut gpus = Vec::new();
-        for index in 0..count {
-            let info = nvml.device_by_index(index).and_then(|d| {
-                Ok(GpuInfo {
-                    index,
-                    uuid: d.uuid()?,
-                    model: d.name()?,
-                    vram_mb: d.memory_info()?.total / MIB,
-                })
-            });
-            match info {
-                Ok(g) => gpus.push(g),
-                Err(e) => log::warn!("GPU {index} is not usable ({e}); leaving it out"),
+                GpuSource::None
             }
         }
-        if gpus.is_empty() {
-            log::info!("NVML sees no usable GPU: running as a CPU worker");
-            return GpuSource::None;
-        }
-        for g in &gpus {
-            log::info!("GPU {} {} {} MiB {}", g.index, g.model, g.vram_mb, g.uuid);
-        }
-        GpuSource::Nvml(Arc::new(nvml), gpus)
     }
 
     pub fn gpus(&self) -> Vec<GpuInfo> {

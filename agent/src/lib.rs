@@ -7,7 +7,9 @@ pub mod config;
 pub mod inventory;
 pub mod job;
 pub mod logring;
+pub mod setup;
 pub mod state;
+pub mod suggest;
 pub mod supervisor;
 
 use client::{backoff, Client, ClientError};

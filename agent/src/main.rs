@@ -1,10 +1,50 @@
-use agent::config::{Args, Config};
+use agent::config::{Cli, Command, Config};
+use agent::setup;
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     agent::logring::init();
-    let config = match Config::from_args(Args::parse()) {
+    let cli = Cli::parse();
+    let done = |r: Result<(), String>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let fix = agent::suggest::suggest(&e)
+                .map(|s| format!("\n  → {s}"))
+                .unwrap_or_default();
+            eprintln!("drover-agent: {e}{fix}");
+            ExitCode::FAILURE
+        }
+    };
+    let args = match cli.command {
+        None => cli.run,
+        Some(Command::Install {
+            prefix,
+            no_systemd,
+            agent,
+        }) => return done(setup::install(prefix.as_deref(), no_systemd, agent)),
+        Some(Command::Uninstall {
+            prefix,
+            no_systemd,
+            purge,
+            agent,
+        }) => {
+            return done(setup::uninstall(
+                prefix.as_deref(),
+                no_systemd,
+                purge,
+                &agent,
+            ))
+        }
+        Some(Command::Check { agent }) => {
+            return match setup::check(agent) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => done(Err(e)),
+            }
+        }
+    };
+    let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("drover-agent: {e}");

@@ -10,4 +10,5 @@ mod hostile;
 mod operations;
 mod queue;
 mod scheduling;
+mod setup;
 mod tls;

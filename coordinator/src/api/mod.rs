@@ -115,7 +115,13 @@ async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
         .db
         .read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?))
         .await?;
-    Ok(Json(serde_json::json!({"status": "ok", "schema_version": version})).into_response())
+    Ok(Json(serde_json::json!({
+        "status": "ok",
+        "schema_version": version,
+        // Lets agents (drover-agent check) measure clock skew.
+        "time_ms": app.db.clock().now(),
+    }))
+    .into_response())
 }
 
 /// Prometheus text: fleet gauges from the database, then the counters and

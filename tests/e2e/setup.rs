@@ -1,0 +1,228 @@
+//! `drover-agent check`, `install` and `uninstall` on this machine, with a
+//! prefix (no root paths touched).
+
+use crate::harness::*;
+use serde_json::json;
+use std::process::Command;
+use std::time::Duration;
+
+fn agent_cmd(args: &[&str]) -> TestResult<(i32, String)> {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+#[test]
+fn check_says_what_is_ready_and_what_to_fix() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let state = dir.path().join("state").to_string_lossy().to_string();
+    let (code, out) = agent_cmd(&[
+        "check",
+        "--coordinator",
+        &coord.url,
+        "--registration-secret",
+        SECRET,
+        "--state-dir",
+        &state,
+    ])?;
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "✓ state dir",
+        "✓ coordinator",
+        "✓ clock within",
+        "✓ registration secret accepted",
+        "GPU",
+        "x86_64",
+    ] {
+        assert!(
+            out.contains(want) || (want == "x86_64" && out.contains(std::env::consts::ARCH)),
+            "{want}: {out}"
+        );
+    }
+    let (code, out) = agent_cmd(&[
+        "check",
+        "--coordinator",
+        &coord.url,
+        "--registration-secret",
+        "wrong-secret",
+        "--state-dir",
+        &state,
+    ])?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("✗ registration secret refused"), "{out}");
+    assert!(
+        out.contains("→ the registration secret does not match"),
+        "{out}"
+    );
+    let (code, out) = agent_cmd(&[
+        "check",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--registration-secret",
+        SECRET,
+        "--state-dir",
+        &state,
+    ])?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✗ coordinator http://127.0.0.1:9 is not reachable"),
+        "{out}"
+    );
+    assert!(
+        out.contains("DROVER_LISTEN=0.0.0.0:8700"),
+        "names the line to change: {out}"
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x")?;
+    let bad_state = file.join("state").to_string_lossy().to_string();
+    let (code, out) = agent_cmd(&[
+        "check",
+        "--coordinator",
+        &coord.url,
+        "--registration-secret",
+        SECRET,
+        "--state-dir",
+        &bad_state,
+    ])?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✗ state dir") && out.contains("--state-dir"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn install_upgrade_and_uninstall_without_systemd() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let prefix = dir.path().join("prefix");
+    let p = prefix.to_string_lossy().to_string();
+    let flags = |tags: &str| -> Vec<String> {
+        [
+            "install",
+            "--prefix",
+            &p,
+            "--no-systemd",
+            "--coordinator",
+            &coord.url,
+            "--registration-secret",
+            SECRET,
+            "--name",
+            "installed",
+            "--tags",
+            tags,
+            "--shutdown-grace",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = flags("a,b");
+    let (code, out) = agent_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(code, 0, "{out}");
+    let env = prefix.join("etc/drover/agent.env");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&env)?.permissions().mode() & 0o777,
+        0o600,
+        "the env file holds the secret"
+    );
+    let worker = wait_for(
+        "the installed agent to register",
+        Duration::from_secs(20),
+        || {
+            let w = api.admin("GET", "/api/v1/workers", None)?;
+            Ok(w.body["workers"]
+                .as_array()
+                .and_then(|a| a.first().cloned()))
+        },
+    )?;
+    assert_eq!(worker["tags"], json!(["a", "b"]));
+    let id = worker["id"].as_i64().ok_or("no id")?;
+    let job = api.submit(&json!({"command": ["true"]}))?;
+    wait_for(
+        "a job on the installed agent",
+        Duration::from_secs(20),
+        || Ok((api.job(job)?["status"] == "succeeded").then_some(())),
+    )?;
+
+    // Again with new tags: an upgrade in place, same worker.
+    let args = flags("a,c");
+    let (code, out) = agent_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("stopping the running agent"), "{out}");
+    wait_for("the new tags", Duration::from_secs(20), || {
+        let w = api.admin("GET", &format!("/api/v1/workers/{id}"), None)?;
+        Ok((w.body["tags"] == json!(["a", "c"])).then_some(()))
+    })?;
+    let all = api.admin("GET", "/api/v1/workers", None)?;
+    assert_eq!(
+        all.body["workers"].as_array().map(|a| a.len()),
+        Some(1),
+        "same worker, not a new one"
+    );
+
+    let pid: i32 = std::fs::read_to_string(prefix.join("var/lib/drover-agent/agent.pid"))?
+        .trim()
+        .parse()?;
+    let (code, out) = agent_cmd(&["uninstall", "--prefix", &p, "--no-systemd"])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(!prefix.join("bin/drover-agent").exists() && !env.exists());
+    assert!(
+        prefix.join("var/lib/drover-agent/identity.json").exists(),
+        "the state dir is kept"
+    );
+    // SAFETY: kill(pid, 0) only probes.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z");
+    assert!(!alive, "the agent is stopped");
+    Ok(())
+}
+
+#[test]
+fn installed_units_pass_systemd_analyze() -> TestResult {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        println!("skipped: systemd-analyze is not installed");
+        return Ok(());
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir()?;
+    let prefix = dir.path().join("p");
+    let p = prefix.to_string_lossy().to_string();
+    // With a prefix and without --no-systemd the install is staged: files
+    // only, systemd is not touched.
+    let (code, text) = agent_cmd(&[
+        "install",
+        "--prefix",
+        &p,
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--registration-secret",
+        SECRET,
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    let unit = prefix.join("etc/systemd/system/drover-agent.service");
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()?;
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    Ok(())
+}
