@@ -216,18 +216,26 @@ impl Client {
         r.ok_or_else(|| ClientError::Protocol(format!("{path}: empty answer")))
     }
 
-    /// `GET /healthz`: the coordinator answers, and its clock.
-    pub fn health(&self) -> Result<Health, ClientError> {
-        let url = format!("{}/healthz", self.base);
-        match self.http.get(&url).timeout(Duration::from_secs(5)).call() {
+    /// A GET returning JSON, with the admin token when given.
+    fn get_json(
+        &self,
+        path: &str,
+        admin_token: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url).timeout(Duration::from_secs(5));
+        if let Some(t) = admin_token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
             Ok(resp) => resp
                 .into_json()
-                .map_err(|e| ClientError::Protocol(format!("/healthz: {e}"))),
+                .map_err(|e| ClientError::Protocol(format!("{path}: {e}"))),
             Err(ureq::Error::Status(status, _)) => Err(ClientError::Status {
                 status,
                 error: ErrorDetail {
                     code: "http".into(),
-                    message: format!("/healthz answered {status}"),
+                    message: format!("{path} answered {status}"),
                     field: None,
                 },
             }),
@@ -236,6 +244,21 @@ impl Client {
                 reason: t.to_string(),
             }),
         }
+    }
+
+    /// `GET /healthz`: the coordinator answers, and its clock.
+    pub fn health(&self) -> Result<Health, ClientError> {
+        serde_json::from_value(self.get_json("/healthz", None)?)
+            .map_err(|e| ClientError::Protocol(format!("/healthz: {e}")))
+    }
+
+    /// An admin GET (deploy watches workers register).
+    pub fn admin_get(
+        &self,
+        path: &str,
+        admin_token: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.get_json(path, Some(admin_token))
     }
 
     /// Whether the coordinator accepts `secret`, without registering: an

@@ -51,6 +51,37 @@ pub enum Command {
         #[command(flatten)]
         agent: Args,
     },
+    /// Put this agent on other machines over SSH: copy the binary, check,
+    /// install, and wait for each worker to show up at the coordinator.
+    Deploy {
+        /// Targets: [USER@]HOST[:PORT]
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Private key for ssh (else ssh's own configuration and agent).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// An ssh -o option, repeatable (e.g. UserKnownHostsFile=/path).
+        #[arg(long = "ssh-option")]
+        ssh_options: Vec<String>,
+        /// Hosts deployed at once.
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        /// Install root on the targets (see `install --prefix`).
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Install without systemd on the targets.
+        #[arg(long)]
+        no_systemd: bool,
+        /// One JSON object per host instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Admin token, to watch each worker register (and say if it waits
+        /// for approval).
+        #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        #[command(flatten)]
+        agent: Args,
+    },
     /// Preflight: can this machine run an agent for that coordinator?
     /// Exit status 0 only when everything needed passes.
     Check {

@@ -1,5 +1,5 @@
 use agent::config::{Cli, Command, Config};
-use agent::setup;
+use agent::{deploy, setup};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -35,6 +35,42 @@ fn main() -> ExitCode {
                 purge,
                 &agent,
             ))
+        }
+        Some(Command::Deploy {
+            targets,
+            identity,
+            ssh_options,
+            jobs,
+            prefix,
+            no_systemd,
+            json,
+            admin_token,
+            agent,
+        }) => {
+            let targets = match targets
+                .iter()
+                .map(|t| deploy::Target::parse(t))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(t) => t,
+                Err(e) => return done(Err(e)),
+            };
+            let opts = deploy::Options {
+                identity,
+                ssh_options,
+                prefix,
+                no_systemd,
+                jobs,
+                json,
+                admin_token,
+            };
+            let outcomes = deploy::deploy(targets, opts, agent);
+            deploy::report(&outcomes, json);
+            return if outcomes.iter().all(|o| o.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
         Some(Command::Check { agent }) => {
             return match setup::check(agent) {

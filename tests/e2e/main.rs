@@ -4,6 +4,7 @@
 
 mod agent;
 mod browser;
+mod deploy;
 mod failover;
 mod harness;
 mod hostile;
