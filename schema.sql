@@ -33,6 +33,8 @@ CREATE TABLE workers (
     -- SHA-256 (hex) of the agent's bearer token; NULL once revoked.
     token_hash      TEXT UNIQUE,
     hostname        TEXT    NOT NULL DEFAULT '',
+    -- Address the agent last registered from (for the restore hint).
+    address         TEXT,
     cpu_cores       INTEGER NOT NULL DEFAULT 0,
     memory_mb       INTEGER NOT NULL DEFAULT 0,
     -- JSON array of {"index", "uuid", "model", "vram_mb"}.

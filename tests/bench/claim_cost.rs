@@ -26,7 +26,7 @@ async fn setup(db: &Db) -> Result<i64> {
         agent_version: String::new(),
     };
     let (id, _) = db
-        .write(move |c, now| workers::register(c, now, &req, "hash", true, None))
+        .write(move |c, now| workers::register(c, now, &req, "hash", true, None, "127.0.0.1"))
         .await?;
     Ok(id)
 }

@@ -84,16 +84,20 @@ fn killed_agent_job_runs_again_elsewhere_and_old_lease_is_refused() -> TestResul
     assert_eq!(after["result"], json!({"attempt": 2}));
     assert_eq!(after["attempt"], 2);
     assert_eq!(read_lines(&runs), vec!["1", "2"]);
-    let w = api.admin("GET", &format!("/api/v1/workers/{a_id}"), None)?;
-    wait_for(
+    let offline = wait_for(
         "agent a to be marked offline",
         Duration::from_secs(ttl + 10),
         || {
             let w = api.admin("GET", &format!("/api/v1/workers/{a_id}"), None)?;
-            Ok((w.body["state"] == "offline").then_some(()))
+            Ok((w.body["state"] == "offline").then_some(w.body))
         },
     )?;
-    drop(w);
+    // ...with how to bring it back from the address it registered from.
+    let restore = offline["restore"].as_str().unwrap_or("");
+    assert!(
+        restore.starts_with("drover-agent deploy root@127.0.0.1 --name 'a'"),
+        "{offline}"
+    );
     Ok(())
 }
 

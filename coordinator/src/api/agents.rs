@@ -126,9 +126,10 @@ pub async fn register(
     };
     let hash = auth::hash_token(&token);
     let auto = app.config.auto_approve;
+    let address = ip.to_string();
     let (worker_id, state) = app
         .db
-        .write(move |c, now| workers::register(c, now, &req, &hash, auto, existing))
+        .write(move |c, now| workers::register(c, now, &req, &hash, auto, existing, &address))
         .await?;
     // A re-registration may have released leases.
     app.wake_claimers();

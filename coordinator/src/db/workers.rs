@@ -150,6 +150,7 @@ pub fn register(
     token_hash: &str,
     auto_approve: bool,
     by_token: Option<i64>,
+    address: &str,
 ) -> Result<(i64, String), ApiError> {
     let inv = &req.inventory;
     let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -180,7 +181,7 @@ pub fn register(
                 "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
                  gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
                  agent_version = ?9, last_seen_at = ?10, incarnation = NULL,
-                 machine_id = ?11, name = ?12 WHERE id = ?1",
+                 machine_id = ?11, name = ?12, address = ?13 WHERE id = ?1",
             )?
             .execute(params![
                 id,
@@ -194,7 +195,8 @@ pub fn register(
                 req.agent_version,
                 now,
                 req.machine_id,
-                req.name
+                req.name,
+                address
             ])?;
             // Whatever the old token's agent ran is gone with it.
             jobs::release_worker_jobs(conn, now, id, jobs::LostReason::AgentRestarted)?;
@@ -223,8 +225,8 @@ pub fn register(
             let state = if auto_approve { "idle" } else { "pending" };
             conn.prepare_cached(
                 "INSERT INTO workers (name, machine_id, state, token_hash, hostname, cpu_cores,
-                 memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                 memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at, address)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
             )?
             .execute(params![
                 req.name,
@@ -238,7 +240,8 @@ pub fn register(
                 tags,
                 slots,
                 req.agent_version,
-                now
+                now,
+                address
             ])?;
             let id = conn.last_insert_rowid();
             let reason = if auto_approve {
@@ -595,8 +598,20 @@ pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
 }
 
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
-    agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned,
+    agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
     (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
+
+fn restore_hint(state: &str, name: &str, address: Option<String>) -> Option<String> {
+    let address = address.filter(|_| state == "offline")?;
+    let host = if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address
+    };
+    Some(format!(
+        "drover-agent deploy root@{host} --name '{name}' --coordinator $DROVER_COORDINATOR --registration-secret $DROVER_REGISTRATION_SECRET"
+    ))
+}
 
 fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
     let gpus: String = r.get(6)?;
@@ -618,7 +633,10 @@ fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
         "last_seen_at": iso(r.get(12)?),
         "drain": r.get::<_, bool>(13)?,
         "tags_pinned": r.get::<_, bool>(14)?,
-        "running_jobs": r.get::<_, i64>(15)?,
+        "address": r.get::<_, Option<String>>(15)?,
+        // How to bring an offline worker back, without SSH keys here.
+        "restore": restore_hint(&r.get::<_, String>(2)?, &r.get::<_, String>(1)?, r.get::<_, Option<String>>(15)?),
+        "running_jobs": r.get::<_, i64>(16)?,
     }))
 }
 

@@ -81,6 +81,7 @@ function renderWorkers(workers) {
       h("div", { class: "meta" }, `#${w.id} · ${w.hostname} · ${w.cpu_cores} cores · ${Math.round(w.memory_mb / 1024)} GiB · ${w.running_jobs}/${w.slots} slots · seen ${ago(w.last_seen_at)}`),
       w.tags.length ? h("div", { class: "tags" }, w.tags.map((t) => h("span", { class: "tag" }, t))) : null,
       gpus.length ? gpus : h("div", { class: "muted" }, "CPU worker"),
+      w.restore ? h("div", { class: "restore", title: "run this where you keep your SSH keys" }, "Bring it back: ", h("code", {}, w.restore)) : null,
       actions.length ? h("div", { class: "actions" }, actions) : null);
   });
   document.getElementById("workers").replaceChildren(...(cards.length ? cards : [h("p", { class: "muted" }, "No workers yet. Start drover-agent on a machine.")]));
