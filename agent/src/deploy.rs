@@ -363,7 +363,7 @@ pub fn deploy(targets: Vec<Target>, opts: Options, agent: Args) -> Vec<Outcome> 
     let json = opts.json;
     let progress = move |host: &str, step: &str| {
         if !json {
-            println!("[{host}] {step}");
+            say!("[{host}] {step}");
         }
     };
     std::thread::scope(|s| {
@@ -376,8 +376,8 @@ pub fn deploy(targets: Vec<Target>, opts: Options, agent: Args) -> Vec<Outcome> 
                 let outcome = deploy_one(&target, opts, agent, progress);
                 if !opts.json {
                     match &outcome.error {
-                        None => println!("[{}] ✓ done", outcome.host),
-                        Some(e) => println!(
+                        None => say!("[{}] ✓ done", outcome.host),
+                        Some(e) => say!(
                             "[{}] ✗ {}: {}",
                             outcome.host,
                             outcome.step,
@@ -397,14 +397,18 @@ pub fn deploy(targets: Vec<Target>, opts: Options, agent: Args) -> Vec<Outcome> 
 pub fn report(outcomes: &[Outcome], json: bool) {
     if json {
         for o in outcomes {
-            println!("{}", serde_json::to_string(o).unwrap_or_default());
+            say!("{}", serde_json::to_string(o).unwrap_or_default());
         }
         return;
     }
-    println!();
-    println!(
+    say!();
+    say!(
         "{:<28} {:<7} {:<9} {:<8} {:<10} NOTE",
-        "HOST", "RESULT", "STEP", "WORKER", "STATE"
+        "HOST",
+        "RESULT",
+        "STEP",
+        "WORKER",
+        "STATE"
     );
     for o in outcomes {
         let note = o
@@ -412,7 +416,7 @@ pub fn report(outcomes: &[Outcome], json: bool) {
             .clone()
             .map(|s| format!("→ {s}"))
             .unwrap_or_default();
-        println!(
+        say!(
             "{:<28} {:<7} {:<9} {:<8} {:<10} {note}",
             o.host,
             if o.ok { "ok" } else { "FAILED" },

@@ -2,12 +2,22 @@
 //! claims the jobs it can run, runs them, and reports. `main.rs` parses
 //! flags and calls [`run`].
 
+/// `println!` that ignores a closed stdout (output piped into `head`, say):
+/// an install must not stop half way because nobody reads its report.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod inventory;
 pub mod job;
 pub mod logring;
+pub mod service;
 pub mod setup;
 pub mod state;
 pub mod suggest;

@@ -5,12 +5,13 @@
 
 use crate::config::{Args, Config};
 use crate::inventory::GpuSource;
+use crate::service::{
+    env_file_text, install_self, systemctl, systemd_running, write_file, Detached,
+};
 use std::collections::BTreeMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const UNIT: &str = include_str!("../../systemd/drover-agent.service");
 const DEFAULT_STATE_DIR: &str = "/var/lib/drover-agent";
@@ -48,12 +49,12 @@ impl Layout {
         }
     }
 
-    fn pid_file(&self) -> PathBuf {
-        self.state_dir.join("agent.pid")
-    }
-
-    fn log_file(&self) -> PathBuf {
-        self.state_dir.join("agent.log")
+    fn detached(&self) -> Detached {
+        Detached {
+            bin: self.bin.clone(),
+            dir: self.state_dir.clone(),
+            stem: "agent",
+        }
     }
 }
 
@@ -90,17 +91,6 @@ fn settings(args: &Args, layout: &Layout) -> BTreeMap<&'static str, String> {
     env
 }
 
-/// One `KEY="value"` line per setting, quoted for systemd's EnvironmentFile.
-fn env_file_text(env: &BTreeMap<&'static str, String>) -> String {
-    let mut out =
-        String::from("# Written by `drover-agent install`; run it again to change these.\n");
-    for (k, v) in env {
-        let v = v.replace('\\', "\\\\").replace('"', "\\\"");
-        out.push_str(&format!("{k}=\"{v}\"\n"));
-    }
-    out
-}
-
 /// The unit from `systemd/`, pointed at this layout.
 pub fn unit_text(layout: &Layout) -> String {
     UNIT.replace(
@@ -120,134 +110,6 @@ pub fn unit_text(layout: &Layout) -> String {
     )
 }
 
-fn write_file(path: &Path, text: &[u8], mode: u32) -> Result<(), String> {
-    let ctx = |e: std::io::Error| format!("writing {}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(ctx)?;
-    }
-    let tmp = path.with_extension("drover-tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(ctx)?;
-    std::io::Write::write_all(&mut f, text)
-        .and_then(|_| f.sync_all())
-        .map_err(ctx)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(ctx)?;
-    std::fs::rename(&tmp, path).map_err(ctx)
-}
-
-/// Is systemd the init system here?
-pub fn systemd_running() -> bool {
-    Path::new("/run/systemd/system").is_dir()
-}
-
-fn systemctl(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("systemctl")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running systemctl {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "systemctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// The pid in the pid file, if that process is a live drover-agent.
-fn running_pid(layout: &Layout) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(layout.pid_file())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|r| r.trim_start().starts_with('Z'));
-    (String::from_utf8_lossy(&cmdline).contains("drover-agent") && !zombie).then_some(pid)
-}
-
-/// Stops a detached agent gracefully (it hands its jobs back), waiting up to
-/// `patience`, then kills it.
-fn stop_detached(layout: &Layout, patience: Duration) {
-    let Some(pid) = running_pid(layout) else {
-        return;
-    };
-    println!("stopping the running agent (pid {pid}); it hands its jobs back");
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-    }
-    let start = Instant::now();
-    while running_pid(layout).is_some() && start.elapsed() < patience {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if running_pid(layout).is_some() {
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
-    let _ = std::fs::remove_file(layout.pid_file());
-}
-
-fn start_detached(layout: &Layout, env: &BTreeMap<&'static str, String>) -> Result<u32, String> {
-    std::fs::create_dir_all(&layout.state_dir)
-        .map_err(|e| format!("creating the state dir {}: {e}", layout.state_dir.display()))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(layout.log_file())
-        .map_err(|e| format!("opening {}: {e}", layout.log_file().display()))?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(&layout.bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("DROVER_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", layout.bin.display()))?;
-    let pid = child.id();
-    write_file(&layout.pid_file(), format!("{pid}\n").as_bytes(), 0o600)?;
-    // A moment to fail at start (wrong flags, refused secret) and say why.
-    std::thread::sleep(Duration::from_millis(700));
-    if let Ok(Some(status)) = child.try_wait() {
-        let tail = std::fs::read_to_string(layout.log_file()).unwrap_or_default();
-        let last: Vec<&str> = tail.lines().rev().take(3).collect();
-        return Err(format!(
-            "the agent exited at once ({status}): {}",
-            last.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        ));
-    }
-    Ok(pid)
-}
-
 /// `drover-agent install`.
 pub fn install(prefix: Option<&Path>, no_systemd: bool, args: Args) -> Result<(), String> {
     // Same validation as running: fail here, not in the service.
@@ -262,42 +124,42 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, args: Args) -> Result<()
     let env = settings(&args, &layout);
     let patience = Duration::from_secs(args.shutdown_grace + args.kill_grace + 5);
     if !layout.systemd {
-        stop_detached(&layout, patience);
+        layout.detached().stop(patience);
     }
-    let me = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
-    let same = std::fs::canonicalize(&me).ok() == std::fs::canonicalize(&layout.bin).ok();
-    if !same {
-        let bytes = std::fs::read(&me).map_err(|e| format!("reading {}: {e}", me.display()))?;
-        write_file(&layout.bin, &bytes, 0o755)?;
-    }
-    println!("✓ binary      {}", layout.bin.display());
-    write_file(&layout.env_file, env_file_text(&env).as_bytes(), 0o600)?;
-    println!("✓ settings    {} (0600)", layout.env_file.display());
+    install_self(&layout.bin)?;
+    say!("✓ binary      {}", layout.bin.display());
+    write_file(
+        &layout.env_file,
+        env_file_text("drover-agent", &env).as_bytes(),
+        0o600,
+    )?;
+    say!("✓ settings    {} (0600)", layout.env_file.display());
     std::fs::create_dir_all(&layout.state_dir)
         .and_then(|_| {
             std::fs::set_permissions(&layout.state_dir, std::fs::Permissions::from_mode(0o700))
         })
         .map_err(|e| format!("creating the state dir {}: {e}", layout.state_dir.display()))?;
-    println!("✓ state dir   {}", layout.state_dir.display());
+    say!("✓ state dir   {}", layout.state_dir.display());
     if layout.systemd {
         write_file(&layout.unit, unit_text(&layout).as_bytes(), 0o644)?;
-        println!("✓ unit        {}", layout.unit.display());
+        say!("✓ unit        {}", layout.unit.display());
         if layout.staged {
-            println!("  staged under a prefix: systemd is not told; link the unit into /etc/systemd/system to use it");
+            say!("  staged under a prefix: systemd is not told; link the unit into /etc/systemd/system to use it");
             return Ok(());
         }
         systemctl(&["daemon-reload"])?;
         systemctl(&["enable", "drover-agent"])?;
         // restart = graceful stop (jobs handed back) + start on the new binary.
         systemctl(&["restart", "drover-agent"])?;
-        println!(
+        say!(
             "✓ service     drover-agent enabled and (re)started; logs: journalctl -u drover-agent"
         );
     } else {
-        let pid = start_detached(&layout, &env)?;
-        println!(
+        let d = layout.detached();
+        let pid = d.start(&env)?;
+        say!(
             "✓ running     pid {pid} (no systemd), log {}",
-            layout.log_file().display()
+            d.log_file().display()
         );
     }
     Ok(())
@@ -313,15 +175,14 @@ pub fn uninstall(
     let layout = Layout::new(prefix, &args.state_dir, no_systemd);
     if layout.systemd && !layout.staged && systemd_running() && layout.unit.exists() {
         systemctl(&["disable", "--now", "drover-agent"])?;
-        println!("✓ service stopped and disabled");
+        say!("✓ service stopped and disabled");
     }
-    stop_detached(
-        &layout,
-        Duration::from_secs(args.shutdown_grace + args.kill_grace + 5),
-    );
+    layout.detached().stop(Duration::from_secs(
+        args.shutdown_grace + args.kill_grace + 5,
+    ));
     for path in [&layout.unit, &layout.env_file, &layout.bin] {
         match std::fs::remove_file(path) {
-            Ok(()) => println!("✓ removed     {}", path.display()),
+            Ok(()) => say!("✓ removed     {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("removing {}: {e}", path.display())),
         }
@@ -331,12 +192,12 @@ pub fn uninstall(
     }
     if purge {
         match std::fs::remove_dir_all(&layout.state_dir) {
-            Ok(()) => println!("✓ removed     {} (state)", layout.state_dir.display()),
+            Ok(()) => say!("✓ removed     {} (state)", layout.state_dir.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("removing {}: {e}", layout.state_dir.display())),
         }
     } else {
-        println!(
+        say!(
             "  kept        {} (token, spool); --purge removes it",
             layout.state_dir.display()
         );
@@ -407,9 +268,9 @@ pub fn check(args: Args) -> Result<bool, String> {
         } else {
             "!"
         };
-        println!("{mark} {}", c.what);
+        say!("{mark} {}", c.what);
         if let Some(s) = &c.suggestion {
-            println!("    → {s}");
+            say!("    → {s}");
         }
         ready &= c.ok || !c.required;
     }
@@ -569,7 +430,7 @@ mod tests {
     fn env_file_quotes_values() {
         let mut env = BTreeMap::new();
         env.insert("DROVER_NAME", "a \"b\" \\c".to_string());
-        let text = env_file_text(&env);
+        let text = env_file_text("drover-agent", &env);
         assert!(text.contains(r#"DROVER_NAME="a \"b\" \\c""#), "{text}");
     }
 }

@@ -7,12 +7,40 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `drover-coordinator [FLAGS]` runs the coordinator; `install` sets it up.
 #[derive(Debug, Parser)]
 #[command(
     name = "drover-coordinator",
     version,
-    about = "Drover coordinator: the worker registry and job queue of a Drover fleet"
+    about = "Drover coordinator: the worker registry and job queue of a Drover fleet",
+    args_conflicts_with_subcommands = true
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Install this binary and its service on this machine (as root), with the
+    /// flags given (the admin token and registration secret are generated
+    /// when not given); prints the command that adds workers.
+    Install {
+        /// Root of the install: PREFIX/bin, PREFIX/etc/drover, and (when given)
+        /// PREFIX/etc/systemd/system and PREFIX/var/lib/drover.
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Do not use systemd: start the coordinator detached.
+        #[arg(long)]
+        no_systemd: bool,
+        #[command(flatten)]
+        args: Args,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// SQLite database file (created if missing; keep it on a local disk).
     #[arg(long, env = "DROVER_DB", default_value = "drover.db")]

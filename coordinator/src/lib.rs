@@ -1,6 +1,15 @@
 //! Drover coordinator: the worker registry and the job queue in one SQLite
 //! file behind an HTTP+JSON API. `main.rs` parses flags and calls [`run`].
 
+/// `println!` that ignores a closed stdout (output piped into `head`, say):
+/// an install must not stop half way because nobody reads its report.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -8,9 +17,12 @@ pub mod db;
 pub mod dispatch;
 pub mod error;
 pub mod http;
+pub mod install;
 pub mod matching;
 pub mod metrics;
 pub mod ratelimit;
+#[path = "../../agent/src/service.rs"]
+mod service;
 pub mod spec;
 pub mod sweep;
 

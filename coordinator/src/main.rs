@@ -1,10 +1,30 @@
 use clap::Parser;
-use coordinator::config::{Args, Config};
+use coordinator::config::{Cli, Command, Config};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match Config::from_args(Args::parse()) {
+    let args = match Cli::parse() {
+        Cli {
+            command:
+                Some(Command::Install {
+                    prefix,
+                    no_systemd,
+                    args,
+                }),
+            ..
+        } => {
+            return match coordinator::install::install(prefix.as_deref(), no_systemd, args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("drover-coordinator: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Cli { run, .. } => run,
+    };
+    let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("drover-coordinator: {e}");

@@ -214,15 +214,92 @@ fn installed_units_pass_systemd_analyze() -> TestResult {
         SECRET,
     ])?;
     assert_eq!(code, 0, "{text}");
+    let out = Command::new(coordinator_bin())
+        .args(["install", "--prefix", &p, "--registration-secret", SECRET])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let unit = prefix.join("etc/systemd/system/drover-agent.service");
+    let coordinator_unit = prefix.join("etc/systemd/system/drover-coordinator.service");
     let verify = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit)
+        .arg(&coordinator_unit)
         .output()?;
     assert!(
         verify.status.success() && verify.stderr.is_empty(),
         "systemd-analyze verify: {}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    Ok(())
+}
+
+#[test]
+fn coordinator_install_generates_secrets_and_runs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let prefix = dir.path().join("c");
+    let p = prefix.to_string_lossy().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let install = || -> TestResult<String> {
+        let out = Command::new(coordinator_bin())
+            .args([
+                "install",
+                "--prefix",
+                &p,
+                "--no-systemd",
+                "--listen",
+                &listen,
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(text)
+    };
+    let out = install()?;
+    assert!(
+        out.contains("drover-agent deploy root@WORKER"),
+        "prints the next step: {out}"
+    );
+    let env = std::fs::read_to_string(prefix.join("etc/drover/coordinator.env"))?;
+    let value = |key: &str| -> Option<String> {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    let token = value("DROVER_ADMIN_TOKEN").ok_or("no admin token")?;
+    let secret = value("DROVER_REGISTRATION_SECRET").ok_or("no secret")?;
+    assert!(token.starts_with("drv_admin_") && secret.len() >= 32);
+    assert!(out.contains(&secret), "the deploy line carries the secret");
+    let url = format!("http://{listen}");
+    let api = Api::new(&url);
+    wait_for("the installed coordinator", Duration::from_secs(20), || {
+        Ok(api.healthy().then_some(()))
+    })?;
+    let r = api.call("GET", "/api/v1/stats", Some(&token), None)?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Again: an upgrade keeps the secrets (agents keep working).
+    install()?;
+    let env2 = std::fs::read_to_string(prefix.join("etc/drover/coordinator.env"))?;
+    assert_eq!(env, env2);
+    wait_for("the restarted coordinator", Duration::from_secs(20), || {
+        Ok(api.healthy().then_some(()))
+    })?;
+    let pid: i32 = std::fs::read_to_string(prefix.join("var/lib/drover/coordinator.pid"))?
+        .trim()
+        .parse()?;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
     Ok(())
 }

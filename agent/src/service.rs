@@ -1,0 +1,182 @@
+//! Installing a Drover program as a service: files written atomically with
+//! their mode, systemd when it runs, else a detached process with pid and log
+//! files. Shared by `drover-agent install` and `drover-coordinator install`
+//! (the coordinator includes this file).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Writes a file through a temp file and a rename, with `mode`.
+pub fn write_file(path: &Path, text: &[u8], mode: u32) -> Result<(), String> {
+    let ctx = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(ctx)?;
+    }
+    let tmp = path.with_extension("drover-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(ctx)?;
+    std::io::Write::write_all(&mut f, text)
+        .and_then(|_| f.sync_all())
+        .map_err(ctx)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(ctx)?;
+    std::fs::rename(&tmp, path).map_err(ctx)
+}
+
+/// Copies the running executable to `dest` (0755) unless it is that file.
+pub fn install_self(dest: &Path) -> Result<(), String> {
+    let me = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
+    if std::fs::canonicalize(&me).ok() == std::fs::canonicalize(dest).ok() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(&me).map_err(|e| format!("reading {}: {e}", me.display()))?;
+    write_file(dest, &bytes, 0o755)
+}
+
+/// One `KEY="value"` line per setting, quoted for systemd's EnvironmentFile.
+pub fn env_file_text(program: &str, env: &BTreeMap<&'static str, String>) -> String {
+    let mut out = format!("# Written by `{program} install`; run it again to change these.\n");
+    for (k, v) in env {
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"");
+        out.push_str(&format!("{k}=\"{v}\"\n"));
+    }
+    out
+}
+
+/// Is systemd the init system here?
+pub fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+pub fn systemctl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("systemctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running systemctl {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "systemctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A program run without systemd: detached, with `STEM.pid` and `STEM.log`
+/// in `dir`.
+pub struct Detached {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub stem: &'static str,
+}
+
+impl Detached {
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join(format!("{}.pid", self.stem))
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.stem))
+    }
+
+    /// The pid in the pid file, if that process is alive and runs our binary.
+    pub fn running_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        let name = self.bin.file_name()?.to_string_lossy().to_string();
+        (String::from_utf8_lossy(&cmdline).contains(&name) && !zombie).then_some(pid)
+    }
+
+    /// SIGTERM, up to `patience` to exit (an agent hands its jobs back),
+    /// then SIGKILL.
+    pub fn stop(&self, patience: Duration) {
+        let Some(pid) = self.running_pid() else {
+            return;
+        };
+        say!("stopping the running {} (pid {pid})", self.stem);
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while self.running_pid().is_some() && start.elapsed() < patience {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.running_pid().is_some() {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_file(self.pid_file());
+    }
+
+    /// Starts the binary in its own session with `env` (and no other
+    /// `DROVER_*`), output to the log file. Fails if it exits at once.
+    pub fn start(&self, env: &BTreeMap<&'static str, String>) -> Result<u32, String> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.log_file())
+            .map_err(|e| format!("opening {}: {e}", self.log_file().display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.bin);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("DROVER_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.bin.display()))?;
+        let pid = child.id();
+        write_file(&self.pid_file(), format!("{pid}\n").as_bytes(), 0o600)?;
+        // A moment to fail at start (bad flags, refused secret) and say why.
+        std::thread::sleep(Duration::from_millis(700));
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+            let last: Vec<&str> = tail.lines().rev().take(3).collect();
+            return Err(format!(
+                "{} exited at once ({status}): {}",
+                self.stem,
+                last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ));
+        }
+        Ok(pid)
+    }
+}

@@ -1,0 +1,161 @@
+//! `drover-coordinator install`: the binary, an env file (0600) with the
+//! settings and the generated admin token and registration secret, the unit
+//! from `systemd/` pointed at them, then systemd (or a detached process).
+
+use crate::auth;
+use crate::config::{Args, Config};
+use crate::service::{
+    env_file_text, install_self, systemctl, systemd_running, write_file, Detached,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const UNIT: &str = include_str!("../../systemd/drover-coordinator.service");
+const DEFAULT_DB: &str = "/var/lib/drover/drover.db";
+
+pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Result<(), String> {
+    let root = prefix.unwrap_or(Path::new("/usr/local"));
+    let bin = root.join("bin/drover-coordinator");
+    let env_file = root.join("etc/drover/coordinator.env");
+    let unit = match prefix {
+        Some(p) => p.join("etc/systemd/system/drover-coordinator.service"),
+        None => PathBuf::from("/etc/systemd/system/drover-coordinator.service"),
+    };
+    // The run default (drover.db in the working dir) means "the standard place" here.
+    if args.db == Path::new("drover.db") {
+        args.db = match prefix {
+            Some(p) => p.join("var/lib/drover/drover.db"),
+            None => PathBuf::from(DEFAULT_DB),
+        };
+    }
+    // Keep the secrets of an earlier install unless new ones are given.
+    let earlier = std::fs::read_to_string(&env_file).unwrap_or_default();
+    let earlier_value = |key: &str| {
+        earlier
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    if args.admin_token.is_none() && args.admin_token_file.is_none() {
+        args.admin_token = Some(match earlier_value("DROVER_ADMIN_TOKEN") {
+            Some(t) => t,
+            None => auth::new_token("drv_admin_").map_err(|e| e.to_string())?,
+        });
+    }
+    if args.registration_secret.is_none() {
+        args.registration_secret = Some(match earlier_value("DROVER_REGISTRATION_SECRET") {
+            Some(s) => s,
+            None => auth::new_token("drv_reg_").map_err(|e| e.to_string())?,
+        });
+    }
+    let config = Config::from_args(args.clone())?;
+    let systemd = !no_systemd;
+    if systemd && prefix.is_none() && !systemd_running() {
+        return Err(
+            "systemd is not running on this machine: run install again with --no-systemd".into(),
+        );
+    }
+    let mut env: BTreeMap<&'static str, String> = BTreeMap::new();
+    env.insert("DROVER_LISTEN", config.listen.to_string());
+    env.insert("DROVER_DB", config.db.display().to_string());
+    env.insert("DROVER_LEASE_TTL", config.lease_ttl.as_secs().to_string());
+    if let Some(t) = &args.admin_token {
+        env.insert("DROVER_ADMIN_TOKEN", t.clone());
+    }
+    if let Some(f) = &args.admin_token_file {
+        env.insert("DROVER_ADMIN_TOKEN_FILE", f.display().to_string());
+    }
+    if let Some(s) = &args.registration_secret {
+        env.insert("DROVER_REGISTRATION_SECRET", s.clone());
+    }
+    if config.auto_approve {
+        env.insert("DROVER_AUTO_APPROVE", "true".into());
+    }
+    if let Some((cert, key)) = &config.tls {
+        env.insert("DROVER_TLS_CERT", cert.display().to_string());
+        env.insert("DROVER_TLS_KEY", key.display().to_string());
+    }
+    let db_dir = config
+        .db
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let detached = Detached {
+        bin: bin.clone(),
+        dir: db_dir.clone(),
+        stem: "coordinator",
+    };
+    if !systemd {
+        detached.stop(Duration::from_secs(15));
+    }
+    install_self(&bin)?;
+    say!("✓ binary      {}", bin.display());
+    write_file(
+        &env_file,
+        env_file_text("drover-coordinator", &env).as_bytes(),
+        0o600,
+    )?;
+    say!(
+        "✓ settings    {} (0600: holds the admin token and the registration secret)",
+        env_file.display()
+    );
+    std::fs::create_dir_all(&db_dir).map_err(|e| format!("creating {}: {e}", db_dir.display()))?;
+    if systemd {
+        let text = UNIT
+            .replace(
+                "/usr/local/bin/drover-coordinator",
+                &bin.display().to_string(),
+            )
+            .replace(
+                "/etc/drover/coordinator.env",
+                &env_file.display().to_string(),
+            )
+            .replace(
+                &format!("Environment=DROVER_DB={DEFAULT_DB}"),
+                &format!("Environment=DROVER_DB={}", config.db.display()),
+            );
+        write_file(&unit, text.as_bytes(), 0o644)?;
+        say!("✓ unit        {}", unit.display());
+        if prefix.is_some() {
+            say!("  staged under a prefix: systemd is not told; link the unit into /etc/systemd/system to use it");
+        } else {
+            systemctl(&["daemon-reload"])?;
+            systemctl(&["enable", "drover-coordinator"])?;
+            systemctl(&["restart", "drover-coordinator"])?;
+            say!("✓ service     drover-coordinator enabled and (re)started; logs: journalctl -u drover-coordinator");
+        }
+    } else {
+        let pid = detached.start(&env)?;
+        say!(
+            "✓ running     pid {pid} (no systemd), log {}",
+            detached.log_file().display()
+        );
+    }
+    let port = config.listen.port();
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    if config.listen.ip().is_loopback() {
+        say!(
+            "! it listens on {}: only this machine can reach it. For a fleet, install with --listen 0.0.0.0:{port}",
+            config.listen
+        );
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "THIS-HOST".into());
+    say!(
+        "\nDashboard: {scheme}://{host}:{port}/#token=<DROVER_ADMIN_TOKEN from {}>",
+        env_file.display()
+    );
+    say!("Next, add workers (from a machine with SSH access to them):");
+    say!(
+        "  drover-agent deploy root@WORKER --coordinator {scheme}://{host}:{port} --registration-secret {} --admin-token \"$(sudo sed -n 's/^DROVER_ADMIN_TOKEN=\"\\(.*\\)\"/\\1/p' {})\"",
+        args.registration_secret.unwrap_or_default(),
+        env_file.display()
+    );
+    Ok(())
+}
