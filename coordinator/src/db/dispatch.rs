@@ -317,11 +317,9 @@ pub fn round(
     reservations: &HashMap<i64, i64>,
 ) -> Result<Round, ApiError> {
     let mut round = Round::default();
-    for &w in waiting {
-        let orders = take_orders(conn, w)?;
-        if !orders.is_empty() {
-            round.answers.entry(w).or_default().1 = orders;
-        }
+    let waiting_set: std::collections::HashSet<i64> = waiting.iter().copied().collect();
+    for (w, orders) in take_orders(conn, &waiting_set)? {
+        round.answers.entry(w).or_default().1 = orders;
     }
     // Reservations end when their job left the queue.
     let mut still = conn.prepare_cached("SELECT status = 'queued' FROM jobs WHERE id = ?1")?;

@@ -522,27 +522,33 @@ pub fn renew_leases(
     })
 }
 
-/// Cancel orders the worker's agent has not been given yet (marks them
-/// given). Heartbeats keep repeating them until the job ends.
-pub fn take_orders(conn: &Connection, worker_id: i64) -> Result<Vec<Order>, ApiError> {
-    let orders: Vec<Order> = conn
+/// Cancel orders not given to their agents yet, for the workers in
+/// `waiting` (marks them given): worker -> orders. One scan of the running
+/// jobs, whatever the number of waiting workers. Heartbeats keep repeating
+/// the orders until the job ends.
+pub fn take_orders(
+    conn: &Connection,
+    waiting: &HashSet<i64>,
+) -> Result<std::collections::HashMap<i64, Vec<Order>>, ApiError> {
+    let mut out: std::collections::HashMap<i64, Vec<Order>> = std::collections::HashMap::new();
+    let pending: Vec<(i64, i64, i64)> = conn
         .prepare_cached(
-            "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND cancel_requested = 1",
+            "SELECT id, attempt, worker_id FROM jobs INDEXED BY jobs_running_worker
+             WHERE status = 'running' AND cancel_requested = 1",
         )?
-        .query_map([worker_id], |r| {
-            Ok(Order {
-                kind: "cancel".into(),
-                job_id: r.get(0)?,
-                attempt: r.get(1)?,
-                reason: "cancelled".into(),
-            })
-        })?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
-    for o in &orders {
+    for (job_id, attempt, worker) in pending.into_iter().filter(|p| waiting.contains(&p.2)) {
         conn.prepare_cached("UPDATE jobs SET cancel_requested = 2 WHERE id = ?1")?
-            .execute([o.job_id])?;
+            .execute([job_id])?;
+        out.entry(worker).or_default().push(Order {
+            kind: "cancel".into(),
+            job_id,
+            attempt,
+            reason: "cancelled".into(),
+        });
     }
-    Ok(orders)
+    Ok(out)
 }
 
 /// Stores what running jobs last wrote to their progress file (fenced:
