@@ -82,6 +82,21 @@ pub enum Command {
         #[command(flatten)]
         agent: Args,
     },
+    /// A fleet of virtual agents in this process, speaking the real protocol
+    /// (load tests, capacity planning). Stops by itself after --duration.
+    Simulate {
+        /// Virtual agents.
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// What their jobs do.
+        #[arg(long, value_enum, default_value = "noop")]
+        job_mode: crate::simulate::JobMode,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        #[command(flatten)]
+        agent: Args,
+    },
     /// Preflight: can this machine run an agent for that coordinator?
     /// Exit status 0 only when everything needed passes.
     Check {

@@ -247,6 +247,16 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn fake_gpu_parser_never_panics(spec in "[ -~]{0,40}") {
+            if let Ok(gpus) = parse_fake_gpus(&spec) {
+                proptest::prop_assert!(!gpus.is_empty() && gpus.len() <= 64);
+                proptest::prop_assert!(gpus.iter().all(|g| g.vram_mb > 0 && !g.model.is_empty()));
+            }
+        }
+    }
+
     #[test]
     fn fake_metrics_follow_use() {
         let src = GpuSource::Fake(parse_fake_gpus("2xT4:16384").unwrap());

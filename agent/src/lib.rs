@@ -19,6 +19,7 @@ pub mod job;
 pub mod logring;
 pub mod service;
 pub mod setup;
+pub mod simulate;
 pub mod state;
 pub mod suggest;
 pub mod supervisor;

@@ -72,6 +72,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             };
         }
+        Some(Command::Simulate {
+            agents,
+            job_mode,
+            duration,
+            agent,
+        }) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return done(Err(format!("starting the async runtime: {e}"))),
+            };
+            return done(rt.block_on(agent::simulate::run(
+                agent,
+                agents,
+                job_mode,
+                std::time::Duration::from_secs(duration),
+            )));
+        }
         Some(Command::Check { agent }) => {
             return match setup::check(agent) {
                 Ok(true) => ExitCode::SUCCESS,

@@ -4,6 +4,8 @@
 mod agents;
 mod dashboard;
 mod events;
+#[cfg(test)]
+mod fuzz;
 mod jobs;
 mod workers;
 
