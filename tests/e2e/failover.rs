@@ -147,3 +147,110 @@ fn coordinator_kill9_loses_nothing_and_runs_nothing_twice() -> TestResult {
     assert_eq!(counts.len(), 300);
     Ok(())
 }
+
+#[test]
+fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let a = Agent::start(&coord.url, dir.path(), "paused", &["--kill-grace", "1"])?;
+    wait_for("agent a", Duration::from_secs(20), || {
+        Ok(a.worker_id().ok())
+    })?;
+    // Attempt 1 runs long (and records its pid); attempt 2 is quick.
+    let id = api.submit(&json!({
+        "command": ["sh", "-c", "echo \"$DROVER_ATTEMPT $$\" >> \"$RUNS\"; if [ \"$DROVER_ATTEMPT\" = 1 ]; then exec sleep 600; fi"],
+        "env": {"RUNS": runs.to_string_lossy()},
+    }))?;
+    let first = wait_for("attempt 1 to run", Duration::from_secs(20), || {
+        Ok(read_lines(&runs).first().cloned())
+    })?;
+    let stale_pid: i32 = first.split_whitespace().nth(1).ok_or("no pid")?.parse()?;
+    let b = Agent::start(&coord.url, dir.path(), "awake", &[])?;
+    wait_for("agent b", Duration::from_secs(20), || {
+        Ok(b.worker_id().ok())
+    })?;
+
+    // A GC-like pause longer than the lease.
+    a.signal(libc::SIGSTOP);
+    let job = wait_for("the job to run elsewhere", Duration::from_secs(20), || {
+        let j = api.job(id)?;
+        Ok((j["status"] == "succeeded").then_some(j))
+    })?;
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["worker_id"], b.worker_id()?);
+    assert_eq!(job["attempts"][0]["outcome"], "lease_lost");
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false)
+    };
+    assert!(
+        alive(stale_pid),
+        "the paused agent's job still runs during the pause"
+    );
+    a.signal(libc::SIGCONT);
+    let resumed = std::time::Instant::now();
+    // A learns at its next heartbeat that the lease is gone and stops the
+    // stale process; its report is refused, the stored result stays B's.
+    wait_for(
+        "the stale process to be stopped",
+        Duration::from_secs(15),
+        || Ok((!alive(stale_pid)).then_some(())),
+    )?;
+    println!(
+        "stale process gone {:.1}s after the pause ended",
+        resumed.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let after = api.job(id)?;
+    assert_eq!(after["attempt"], 2);
+    assert_eq!(after["status"], "succeeded");
+    assert_eq!(
+        after["attempts"].as_array().map(|a| a.len()),
+        Some(2),
+        "no third attempt: {after}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_database_locked_from_outside_answers_503_then_recovers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let api = coord.api();
+    let before = api.submit(&json!({"command": ["true"]}))?;
+    // An operator's sqlite3 holding the write lock past busy_timeout (5 s).
+    let db = coord.db_path();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || -> Result<(), String> {
+        let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| e.to_string())?;
+        let _ = locked_tx.send(());
+        std::thread::sleep(Duration::from_secs(7));
+        conn.execute_batch("ROLLBACK").map_err(|e| e.to_string())
+    });
+    locked_rx.recv_timeout(Duration::from_secs(10))?;
+    let r = api.admin("POST", "/api/v1/jobs", Some(&json!({"command": ["true"]})))?;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.code(), "database_busy");
+    // Reads keep working meanwhile (WAL).
+    assert!(api.healthy());
+    assert_eq!(api.job(before)?["status"], "queued");
+    holder.join().map_err(|_| "holder panicked")??;
+    let after = api.submit(&json!({"command": ["true"]}))?;
+    assert_eq!(
+        api.job(after)?["status"],
+        "queued",
+        "writes resume once the lock is gone"
+    );
+    let all = api.admin("GET", "/api/v1/jobs", None)?;
+    assert_eq!(
+        all.body["jobs"].as_array().map(|a| a.len()),
+        Some(2),
+        "the refused submission left nothing"
+    );
+    Ok(())
+}

@@ -217,6 +217,16 @@ impl Agent {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// A signal to the agent process alone.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     /// SIGTERM to the agent alone (as systemd's KillMode=mixed does).
     pub fn terminate(&self) {
         if let Some(c) = &self.child {
