@@ -38,6 +38,50 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Agent tokens already checked against the database (hash -> worker id),
+/// so agent calls skip a database read. Any revocation (re-registration,
+/// reject, decommission) drops the worker's entries and bumps an epoch: a
+/// lookup that raced with it does not re-insert a stale entry.
+#[derive(Default)]
+pub struct TokenCache {
+    map: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+/// Entries kept before the cache starts over.
+const TOKEN_CACHE_MAX: usize = 100_000;
+
+impl TokenCache {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, i64>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, hash: &str) -> Option<i64> {
+        self.map().get(hash).copied()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Remembers a lookup made at `epoch`, unless a revocation came since.
+    pub fn insert(&self, epoch: u64, hash: String, worker_id: i64) {
+        let mut map = self.map();
+        if self.epoch() == epoch {
+            if map.len() >= TOKEN_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(hash, worker_id);
+        }
+    }
+
+    pub fn revoke_worker(&self, worker_id: i64) {
+        let mut map = self.map();
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        map.retain(|_, id| *id != worker_id);
+    }
+}
+
 /// SHA-256 of a token, hex: what the database stores.
 pub fn hash_token(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
@@ -158,6 +202,24 @@ mod tests {
         check(Some("Basic abc"), None);
         check(Some("Bearer "), None);
         check(Some("abc"), None);
+    }
+
+    #[test]
+    fn token_cache_forgets_revoked_workers_and_stale_lookups() {
+        let c = TokenCache::default();
+        let e = c.epoch();
+        c.insert(e, "h1".into(), 1);
+        c.insert(e, "h2".into(), 2);
+        assert_eq!(c.get("h1"), Some(1));
+        // A lookup that started before a revocation does not come back.
+        let stale = c.epoch();
+        c.revoke_worker(1);
+        assert_eq!(c.get("h1"), None);
+        assert_eq!(c.get("h2"), Some(2));
+        c.insert(stale, "h1".into(), 1);
+        assert_eq!(c.get("h1"), None);
+        c.insert(c.epoch(), "h1".into(), 1);
+        assert_eq!(c.get("h1"), Some(1));
     }
 
     #[test]

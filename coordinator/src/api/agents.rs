@@ -25,12 +25,20 @@ pub async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<workers
         ApiError::unauthorized("missing bearer token: send Authorization: Bearer <agent token>")
     })?;
     let hash = auth::hash_token(token);
-    app.db
-        .read(move |c, _| workers::authenticate(c, &hash))
+    if let Some(id) = app.tokens.get(&hash) {
+        return Ok(workers::Agent { id });
+    }
+    let epoch = app.tokens.epoch();
+    let key = hash.clone();
+    let agent = app
+        .db
+        .read(move |c, _| workers::authenticate(c, &key))
         .await?
         .ok_or_else(|| {
             ApiError::unauthorized("unknown or revoked agent token; the agent must register again")
-        })
+        })?;
+    app.tokens.insert(epoch, hash, agent.id);
+    Ok(agent)
 }
 
 fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
@@ -131,7 +139,9 @@ pub async fn register(
         .db
         .write(move |c, now| workers::register(c, now, &req, &hash, auto, existing, &address))
         .await?;
-    // A re-registration may have released leases.
+    // A re-registration replaced the worker's token and may have released
+    // leases.
+    app.tokens.revoke_worker(worker_id);
     app.wake_claimers();
     Ok(Json(RegisterResponse {
         worker_id,

@@ -49,6 +49,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Failed registrations per client address.
     pub registrations: RateLimiter,
+    /// Agent tokens already checked.
+    pub tokens: crate::auth::TokenCache,
 }
 
 impl App {
@@ -59,6 +61,7 @@ impl App {
             dispatcher: Dispatcher::default(),
             metrics: Metrics::default(),
             registrations: RateLimiter::registrations(),
+            tokens: Default::default(),
         }
     }
 

@@ -83,6 +83,7 @@ async fn action(
         .write(move |c, now| workers::act(c, now, id, action, why.reason.as_deref()))
         .await?;
     if action == workers::Action::Decommission || action == workers::Action::Reject {
+        app.tokens.revoke_worker(id);
         app.dispatcher.dismiss(id);
     }
     app.wake_claimers();

@@ -32,18 +32,12 @@ const STOPPED: &str = "stopped:";
 #[derive(Debug, Clone)]
 pub struct Agent {
     pub id: i64,
-    pub state: String,
 }
 
 pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>, ApiError> {
     Ok(conn
-        .prepare_cached("SELECT id, state FROM workers WHERE token_hash = ?1")?
-        .query_row([token_hash], |r| {
-            Ok(Agent {
-                id: r.get(0)?,
-                state: r.get(1)?,
-            })
-        })
+        .prepare_cached("SELECT id FROM workers WHERE token_hash = ?1")?
+        .query_row([token_hash], |r| Ok(Agent { id: r.get(0)? }))
         .optional()?)
 }
 
