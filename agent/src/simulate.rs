@@ -123,8 +123,13 @@ struct Stats {
     registered: AtomicU64,
     completed: AtomicU64,
     errors: AtomicU64,
-    heartbeat_ms: Mutex<Vec<f64>>,
+    /// (seconds since the start, latency ms) of every heartbeat.
+    heartbeat_ms: Mutex<Vec<(f64, f64)>>,
 }
+
+/// Heartbeats in the first seconds meet the registration storm; the summary
+/// also gives the figures after it.
+const WARM_UP_S: f64 = 30.0;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -157,7 +162,8 @@ pub async fn run(
     };
     let run_id = format!("{:08x}", crate::random_u64() as u32);
     let stats = Arc::new(Stats::default());
-    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let deadline = started + duration;
     let mut tasks = Vec::with_capacity(agents);
     for i in 0..agents {
         let (addr, secret, stats, gpus, args, run_id) = (
@@ -179,7 +185,7 @@ pub async fn run(
                 gpus,
                 &args,
                 mode,
-                deadline,
+                (started, deadline),
                 stats.clone(),
             )
             .await
@@ -189,7 +195,6 @@ pub async fn run(
             }
         }));
     }
-    let started = Instant::now();
     let mut last = 0;
     while Instant::now() < deadline {
         tokio::time::sleep(
@@ -197,11 +202,13 @@ pub async fn run(
         )
         .await;
         let done = stats.completed.load(Ordering::Relaxed);
-        let mut hb = stats
+        let mut hb: Vec<f64> = stats
             .heartbeat_ms
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .iter()
+            .map(|(_, ms)| *ms)
+            .collect();
         log::info!(
             "simulate t={:.0}s agents={} jobs_done={done} (+{}) heartbeat p50={:.1}ms p99={:.1}ms errors={}",
             started.elapsed().as_secs_f64(),
@@ -216,11 +223,17 @@ pub async fn run(
     for t in tasks {
         t.abort();
     }
-    let mut hb = stats
+    let samples = stats
         .heartbeat_ms
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let mut hb: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
+    let mut steady: Vec<f64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= WARM_UP_S)
+        .map(|(_, ms)| *ms)
+        .collect();
     let summary = json!({
         "agents": stats.registered.load(Ordering::Relaxed),
         "jobs_completed": stats.completed.load(Ordering::Relaxed),
@@ -229,6 +242,10 @@ pub async fn run(
         "heartbeat_p50_ms": pct(&mut hb, 0.5),
         "heartbeat_p99_ms": pct(&mut hb, 0.99),
         "heartbeat_max_ms": hb.last().copied().unwrap_or(0.0),
+        "steady_heartbeats": steady.len(),
+        "steady_heartbeat_p50_ms": pct(&mut steady, 0.5),
+        "steady_heartbeat_p99_ms": pct(&mut steady, 0.99),
+        "steady_heartbeat_max_ms": steady.last().copied().unwrap_or(0.0),
         "seconds": started.elapsed().as_secs_f64(),
     });
     say!("{summary}");
@@ -244,7 +261,7 @@ async fn agent(
     gpus: Vec<drover_proto::GpuInfo>,
     args: &Args,
     mode: JobMode,
-    deadline: Instant,
+    (started, deadline): (Instant, Instant),
     stats: Arc<Stats>,
 ) -> Result<(), String> {
     let mut http = Http::new(addr);
@@ -292,11 +309,12 @@ async fn agent(
                 if let Ok(r) = beat(&mut http, &token, &incarnation, &leases).await {
                     interval = Duration::from_secs(r.heartbeat_interval_s.max(1));
                     let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                    let at = started.elapsed().as_secs_f64();
                     stats
                         .heartbeat_ms
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push(ms);
+                        .push((at, ms));
                 }
             }
         }
