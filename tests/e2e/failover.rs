@@ -254,3 +254,54 @@ fn a_database_locked_from_outside_answers_503_then_recovers() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn a_job_that_kills_its_agent_is_failed_after_max_attempts() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    // The poison pill: kills the agent that runs it.
+    let id = api.submit(&json!({
+        "command": ["sh", "-c", "echo \"$DROVER_ATTEMPT\" >> \"$RUNS\"; kill -9 $PPID; sleep 60"],
+        "env": {"RUNS": runs.to_string_lossy()}, "max_attempts": 3,
+    }))?;
+    let job = wait_for(
+        "the poison pill to be failed",
+        Duration::from_secs(90),
+        || {
+            let j = api.job(id)?;
+            if j["status"] == "failed" {
+                return Ok(Some(j));
+            }
+            // Like systemd's Restart=: bring the agent back whenever it died.
+            let mut agent = Agent::start(&coord.url, dir.path(), "victim", &[])?;
+            wait_for(
+                "the agent to die or the job to fail",
+                Duration::from_secs(30),
+                || Ok((agent.exited()? || api.job(id)?["status"] == "failed").then_some(())),
+            )?;
+            Ok(None)
+        },
+    )?;
+    assert_eq!(job["error"], "agent_restarted", "{job}");
+    assert_eq!(job["attempts_used"], 3);
+    // Grants that never reached a live agent (a dead agent's parked claim)
+    // are released without spending an attempt; three attempts ran.
+    let charged = job["attempts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|x| x["outcome"] == "agent_restarted")
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(charged, 3, "{job}");
+    assert_eq!(read_lines(&runs).len(), 3, "exactly three attempts ran");
+    // Nothing runs it again.
+    let _agent = Agent::start(&coord.url, dir.path(), "victim", &[])?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(read_lines(&runs).len(), 3);
+    assert_eq!(api.job(id)?["status"], "failed");
+    Ok(())
+}

@@ -237,6 +237,14 @@ impl Agent {
         }
     }
 
+    /// Whether the agent process has exited.
+    pub fn exited(&mut self) -> TestResult<bool> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?.is_some()),
+            None => Ok(true),
+        }
+    }
+
     /// Waits for the agent to exit by itself.
     pub fn wait_exit(&mut self, limit: Duration) -> TestResult<std::process::ExitStatus> {
         let child = self.child.as_mut().ok_or("agent not running")?;

@@ -142,6 +142,8 @@ pub async fn register(
     // A re-registration replaced the worker's token and may have released
     // leases.
     app.tokens.revoke_worker(worker_id);
+    // A claim the previous agent process left parked must not get work.
+    app.dispatcher.dismiss(worker_id);
     app.wake_claimers();
     Ok(Json(RegisterResponse {
         worker_id,
