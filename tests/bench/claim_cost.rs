@@ -136,6 +136,46 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
+/// Durable writes per second, one at a time (a commit each) and 64 at a
+/// time (group commit), with synchronous=FULL and NORMAL.
+async fn commits(dir: &std::path::Path) -> Result<()> {
+    println!("commits: one job insert per write request, 2,000 requests:");
+    for full in [true, false] {
+        let db = Db::open(&dir.join(format!("commits-{full}.db")), full, Clock::new())?;
+        let insert = |db: &Db| {
+            let db = db.clone();
+            async move {
+                db.write(|c, now| {
+                    c.execute(
+                        "INSERT INTO jobs (status, command, spec_sha256, run_after, created_at) VALUES ('queued', '[\"true\"]', 'x', ?1, ?1)",
+                        [now],
+                    )?;
+                    Ok(())
+                })
+                .await
+            }
+        };
+        let t0 = Instant::now();
+        for _ in 0..2000 {
+            insert(&db).await?;
+        }
+        let sequential = 2000.0 / t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        for _ in 0..(2000 / 64) {
+            let batch: Vec<_> = (0..64).map(|_| tokio::spawn(insert(&db))).collect();
+            for b in batch {
+                b.await??;
+            }
+        }
+        let grouped = (2000 / 64 * 64) as f64 / t0.elapsed().as_secs_f64();
+        println!(
+            "  synchronous={:<6} sequential {sequential:>8.0} writes/s   64 in flight (group commit) {grouped:>8.0} writes/s",
+            if full { "FULL" } else { "NORMAL" }
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
@@ -143,5 +183,9 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run())
+    rt.block_on(async {
+        run().await?;
+        let dir = tempfile::tempdir()?;
+        commits(dir.path()).await
+    })
 }
