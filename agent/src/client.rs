@@ -177,7 +177,15 @@ impl Client {
         match result {
             Ok(resp) if resp.status() == 204 => Ok(None),
             Ok(resp) => Ok(Some(resp)),
-            Err(ureq::Error::Status(status, resp)) => {
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// A ureq failure as a ClientError: the coordinator's JSON error when it
+    /// answered, else unreachable.
+    fn error(&self, e: ureq::Error) -> ClientError {
+        match e {
+            ureq::Error::Status(status, resp) => {
                 let text = resp.into_string().unwrap_or_default();
                 let error = serde_json::from_str::<ErrorBody>(&text)
                     .map(|b| b.error)
@@ -186,12 +194,12 @@ impl Client {
                         message: text.chars().take(200).collect(),
                         field: None,
                     });
-                Err(ClientError::Status { status, error })
+                ClientError::Status { status, error }
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
+            ureq::Error::Transport(t) => ClientError::Unreachable {
                 url: self.base.clone(),
                 reason: t.to_string(),
-            }),
+            },
         }
     }
 
@@ -231,18 +239,7 @@ impl Client {
             Ok(resp) => resp
                 .into_json()
                 .map_err(|e| ClientError::Protocol(format!("{path}: {e}"))),
-            Err(ureq::Error::Status(status, _)) => Err(ClientError::Status {
-                status,
-                error: ErrorDetail {
-                    code: "http".into(),
-                    message: format!("{path} answered {status}"),
-                    field: None,
-                },
-            }),
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: t.to_string(),
-            }),
+            Err(e) => Err(self.error(e)),
         }
     }
 

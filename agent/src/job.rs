@@ -52,7 +52,13 @@ enum Stop {
 pub async fn run(ctx: Arc<Ctx>, a: Assignment, control: mpsc::UnboundedReceiver<Control>) {
     let dir = ctx.state.job_dir(a.job_id, a.attempt);
     if let Some(report) = supervise(&ctx, &a, control, &dir).await {
-        deliver(&ctx.client, &ctx.state, a.job_id, report).await;
+        // A process that ran was spooled as it ended; one that never
+        // started was not.
+        if ctx.state.is_spooled(a.job_id, a.attempt) {
+            deliver(&ctx.client, &ctx.state, a.job_id, report).await;
+        } else {
+            spool_and_deliver(&ctx.client, &ctx.state, a.job_id, report).await;
+        }
     }
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         log::debug!("removing {}: {e}", dir.display());
@@ -564,16 +570,27 @@ pub async fn blocking<R: Send + 'static>(
         .unwrap_or_else(|e| Err(ClientError::Protocol(format!("client task failed: {e}"))))
 }
 
-/// Spools the report, then sends it until the coordinator takes it (200) or
-/// refuses it for good (409 stale, 404 gone). Never gives up on a transient
-/// failure: the spool survives an agent restart too.
-pub async fn deliver(client: &Arc<Client>, state: &StateDir, job_id: i64, report: CompleteRequest) {
+/// Spools a report (fsync, rename), then delivers it.
+pub async fn spool_and_deliver(
+    client: &Arc<Client>,
+    state: &StateDir,
+    job_id: i64,
+    report: CompleteRequest,
+) {
     let spooled = Spooled { job_id, report };
     if let Err(e) = state.spool(&spooled) {
         log::error!("could not spool the report of job {job_id} (delivering it anyway): {e}");
     }
-    let attempt = spooled.report.attempt;
-    let report = Arc::new(spooled.report);
+    deliver(client, state, job_id, spooled.report).await;
+}
+
+/// Sends a report that is already in the spool until the coordinator takes
+/// it (200) or refuses it for good (409 stale, 404 gone), then drops it from
+/// the spool. Never gives up on a transient failure: the spool survives an
+/// agent restart too.
+pub async fn deliver(client: &Arc<Client>, state: &StateDir, job_id: i64, report: CompleteRequest) {
+    let attempt = report.attempt;
+    let report = Arc::new(report);
     let mut failures = 0;
     loop {
         let (c, r) = (client.clone(), report.clone());

@@ -115,6 +115,10 @@ impl StateDir {
         write_durably(&self.spool_path(s.job_id, s.report.attempt), &bytes)
     }
 
+    pub fn is_spooled(&self, job_id: i64, attempt: i64) -> bool {
+        self.spool_path(job_id, attempt).exists()
+    }
+
     pub fn unspool(&self, job_id: i64, attempt: i64) {
         let path = self.spool_path(job_id, attempt);
         if let Err(e) = fs::remove_file(&path) {

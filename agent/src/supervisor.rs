@@ -133,8 +133,13 @@ impl Supervisor {
                             );
                             let (ctx, done) = (self.ctx.clone(), tx.clone());
                             tokio::spawn(async move {
-                                job::deliver(&ctx.client, &ctx.state, job_id, released(a.attempt))
-                                    .await;
+                                job::spool_and_deliver(
+                                    &ctx.client,
+                                    &ctx.state,
+                                    job_id,
+                                    released(a.attempt),
+                                )
+                                .await;
                                 let _ = done.send(Event::JobDone { job_id }).await;
                             });
                             continue;
@@ -295,7 +300,7 @@ async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Se
     if let Err(mpsc::error::SendError(Event::Claimed(jobs, _))) = tx.send(event).await {
         // The supervisor is gone (shutting down): hand the jobs back.
         for a in jobs {
-            job::deliver(&ctx.client, &ctx.state, a.job_id, released(a.attempt)).await;
+            job::spool_and_deliver(&ctx.client, &ctx.state, a.job_id, released(a.attempt)).await;
         }
     }
 }

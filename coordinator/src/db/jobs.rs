@@ -467,30 +467,27 @@ pub fn renew_leases(
 ) -> Result<Renewal, ApiError> {
     let mut orders = Vec::new();
     for lease in leases {
-        let renewed = conn
+        // One statement renews the lease and says whether a cancel is pending.
+        let renewed: Option<bool> = conn
             .prepare_cached(
                 "UPDATE jobs SET lease_expires_at = ?4
-                 WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
+                 WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'
+                 RETURNING cancel_requested",
             )?
-            .execute(params![
-                lease.job_id,
-                lease.attempt,
-                worker_id,
-                now + lease_ttl
-            ])?;
-        let reason = if renewed == 1 {
-            let cancel: bool = conn
-                .prepare_cached("SELECT cancel_requested FROM jobs WHERE id = ?1")?
-                .query_row([lease.job_id], |r| r.get(0))?;
-            cancel.then(|| "cancelled".to_string())
-        } else {
-            Some(match current(conn, lease.job_id)? {
+            .query_row(
+                params![lease.job_id, lease.attempt, worker_id, now + lease_ttl],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let reason = match renewed {
+            Some(cancel) => cancel.then(|| "cancelled".to_string()),
+            None => Some(match current(conn, lease.job_id)? {
                 None => "job does not exist".to_string(),
                 Some(cur) => format!(
                     "lease lost: the job is {} at attempt {}",
                     cur.status, cur.attempt
                 ),
-            })
+            }),
         };
         if let Some(reason) = reason {
             orders.push(Order {

@@ -41,6 +41,23 @@ pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>
         .optional()?)
 }
 
+/// Appends a line to a worker's health log (a state change, or an admin
+/// action that keeps the state: then `from` = `to`).
+fn health_log(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    from: Option<&str>,
+    to: &str,
+    reason: &str,
+) -> Result<(), ApiError> {
+    conn.prepare_cached(
+        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![worker_id, now, from, to, reason])?;
+    Ok(())
+}
+
 /// Changes a worker's state and appends the change to its health log.
 /// No-op when the state is already `to`.
 pub fn transition(
@@ -58,11 +75,7 @@ pub fn transition(
     }
     conn.prepare_cached("UPDATE workers SET state = ?2 WHERE id = ?1")?
         .execute(params![worker_id, to])?;
-    conn.prepare_cached(
-        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![worker_id, now, from, to, reason])?;
+    health_log(conn, now, worker_id, Some(&from), to, reason)?;
     event(
         conn,
         now,
@@ -243,11 +256,7 @@ pub fn register(
             } else {
                 "registered, waiting for approval"
             };
-            conn.prepare_cached(
-                "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason)
-                 VALUES (?1, ?2, NULL, ?3, ?4)",
-            )?
-            .execute(params![id, now, state, reason])?;
+            health_log(conn, now, id, None, state, reason)?;
             event(
                 conn,
                 now,
@@ -492,10 +501,8 @@ pub fn set_tags(
     let text = serde_json::to_string(tags).map_err(|e| ApiError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET tags = ?2, tags_pinned = 1 WHERE id = ?1")?
         .execute(params![worker_id, text])?;
-    conn.prepare_cached(
-        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason) VALUES (?1, ?2, ?3, ?3, ?4)",
-    )?
-    .execute(params![worker_id, now, state, format!("tags set by admin: {}", tags.join(", "))])?;
+    let reason = format!("tags set by admin: {}", tags.join(", "));
+    health_log(conn, now, worker_id, Some(&state), &state, &reason)?;
     event(
         conn,
         now,
@@ -532,11 +539,7 @@ pub fn preregister(
         now
     ])?;
     let id = conn.last_insert_rowid();
-    conn.prepare_cached(
-        "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason)
-         VALUES (?1, ?2, NULL, 'idle', 'pre-registered by admin')",
-    )?
-    .execute(params![id, now])?;
+    health_log(conn, now, id, None, "idle", "pre-registered by admin")?;
     event(
         conn,
         now,
