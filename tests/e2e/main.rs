@@ -8,6 +8,7 @@ mod deploy;
 mod failover;
 mod harness;
 mod hostile;
+mod openapi;
 mod operations;
 mod queue;
 mod scheduling;

@@ -80,6 +80,7 @@ pub fn router(app: AppState) -> Router {
         .route("/assets/dashboard.css", get(dashboard::style))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agents/register", post(agents::register))
         .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
         .route("/api/v1/agents/claim", post(agents::claim))
@@ -178,6 +179,14 @@ async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
         out,
     )
         .into_response())
+}
+
+/// The API described for tools (OpenAPI 3.1): `coordinator/openapi.json`,
+/// kept true by a test that checks every route against it.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
