@@ -4,6 +4,8 @@
 
 mod agent;
 mod browser;
+mod chaos;
+mod checker;
 mod deploy;
 mod failover;
 mod harness;

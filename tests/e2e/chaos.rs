@@ -1,0 +1,293 @@
+//! The chaos run: jobs of random length on several real agents while a
+//! driver SIGKILLs and restarts agents every few seconds, SIGSTOPs one for
+//! longer than its lease, and SIGKILLs the coordinator twice. Then the
+//! checker reads every job's history: lost, double-complete, stale-accepted,
+//! overlap, ran after completion must all be 0. Failover times are printed.
+//!
+//! Short by default (CI). The long run:
+//!   DROVER_CHAOS_JOBS=2000 DROVER_CHAOS_AGENTS=8 \
+//!     cargo test --workspace --test e2e chaos -- --nocapture
+//! DROVER_CHAOS_SEED replays a run's choices (the seed is printed);
+//! DROVER_CHAOS_KEEP=1 keeps the run's database and logs (the path is printed).
+
+use crate::checker;
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// xorshift64*: enough randomness for choosing victims, replayable by seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % n.max(1)
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn chaos_run_loses_nothing_and_completes_nothing_twice() -> TestResult {
+    let n_jobs = env_or("DROVER_CHAOS_JOBS", 300) as usize;
+    let n_agents = env_or("DROVER_CHAOS_AGENTS", 4) as usize;
+    let seed = env_or(
+        "DROVER_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64
+            | 1,
+    );
+    let mut rng = Rng(seed);
+    println!("chaos: {n_jobs} jobs, {n_agents} agents x 2 slots, seed {seed}");
+    let ttl = 3;
+    let dir = tempfile::tempdir()?;
+    let history = dir.path().join("history.txt");
+    let mut coord = Coordinator::start(
+        dir.path(),
+        &[
+            "--auto-approve",
+            "--lease-ttl",
+            "3",
+            "--restart-grace",
+            "10",
+            "--retry-backoff",
+            "0",
+        ],
+    )?;
+    let agent_flags = ["--slots", "2", "--kill-grace", "1"];
+    let names: Vec<String> = (0..n_agents).map(|i| format!("c{i}")).collect();
+    let mut agents: Vec<Agent> = names
+        .iter()
+        .map(|n| Agent::start(&coord.url, dir.path(), n, &agent_flags))
+        .collect::<TestResult<_>>()?;
+
+    // Jobs of 0-800 ms; enough attempts that agent deaths do not fail them.
+    let specs: Vec<Value> = (0..n_jobs)
+        .map(|_| {
+            let ms = rng.below(800);
+            json!({
+                "command": checker::recorded(&history, &format!("sleep {}.{:03}", ms / 1000, ms % 1000)),
+                "max_attempts": 50,
+            })
+        })
+        .collect();
+    let mut submitted = BTreeSet::new();
+    for chunk in specs.chunks(500) {
+        let r = coord
+            .api()
+            .admin("POST", "/api/v1/jobs", Some(&json!(chunk)))?;
+        assert_eq!(r.status, 201, "{}", r.text);
+        for j in r.body["jobs"].as_array().ok_or("no jobs")? {
+            submitted.insert(j["id"].as_i64().ok_or("no id")?);
+        }
+    }
+    let started = Instant::now();
+
+    // The driver. Victims are chosen at random; the coordinator dies at a
+    // third and at two thirds of the work; one agent is stopped past its
+    // lease once a tenth is done.
+    let mut kills: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    let mut stops: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    let mut coordinator_kills = 0;
+    let mut stopped: Option<(usize, Instant)> = None;
+    let mut stop_done = false;
+    let mut next_kill = Instant::now() + Duration::from_secs(2);
+    let limit = Duration::from_secs(120 + n_jobs as u64 / 5);
+    let mut restarts = Vec::new();
+    loop {
+        let done = match coord.api().admin("GET", "/api/v1/stats", None) {
+            Ok(r) if r.status == 200 => {
+                let j = &r.body["jobs"];
+                ["succeeded", "failed", "cancelled"]
+                    .iter()
+                    .map(|s| j[s].as_u64().unwrap_or(0))
+                    .sum::<u64>() as usize
+            }
+            _ => 0,
+        };
+        if done >= n_jobs && stopped.is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "chaos run did not finish in {limit:?}: {done} of {n_jobs} done"
+        );
+        let frac = done as f64 / n_jobs as f64;
+        // Not while an agent is stopped: the restart grace would renew its
+        // lease and hide the expiry this run is to show.
+        if coordinator_kills < 2
+            && stopped.is_none()
+            && frac >= (coordinator_kills + 1) as f64 / 3.0
+        {
+            coord.kill9();
+            let down = Instant::now();
+            std::thread::sleep(Duration::from_millis(500));
+            coord.restart()?;
+            restarts.push(down.elapsed());
+            coordinator_kills += 1;
+            println!("chaos: coordinator killed and restarted at {done}/{n_jobs}");
+        }
+        if !stop_done && frac >= 0.1 {
+            let i = rng.below(n_agents as u64) as usize;
+            agents[i].signal(libc::SIGSTOP);
+            stopped = Some((i, Instant::now()));
+            stops.insert(names[i].clone(), vec![Instant::now()]);
+            stop_done = true;
+            println!("chaos: agent {} stopped at {done}/{n_jobs}", names[i]);
+        }
+        if let Some((i, at)) = stopped {
+            if at.elapsed() > Duration::from_secs(ttl + 3) {
+                agents[i].signal(libc::SIGCONT);
+                stopped = None;
+            }
+        }
+        if Instant::now() >= next_kill {
+            let i = rng.below(n_agents as u64) as usize;
+            if stopped.map(|(s, _)| s) != Some(i) {
+                agents[i].kill9();
+                kills
+                    .entry(names[i].clone())
+                    .or_default()
+                    .push(Instant::now());
+                // systemd would restart it after RestartSec; sooner here.
+                std::thread::sleep(Duration::from_millis(200));
+                agents[i] = Agent::start(&coord.url, dir.path(), &names[i], &agent_flags)?;
+            }
+            next_kill = Instant::now() + Duration::from_millis(1500 + rng.below(2000));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let elapsed = started.elapsed();
+    // Let late reports (and refusals) land, then stop everything.
+    std::thread::sleep(Duration::from_millis(500));
+    let workers = coord.api().admin("GET", "/api/v1/workers", None)?;
+    drop(agents);
+    coord.kill9();
+
+    if std::env::var_os("DROVER_CHAOS_KEEP").is_some() {
+        println!("chaos: files kept in {}", dir.path().display());
+    }
+    let report = checker::check(&coord.db_path(), &history, &submitted)?;
+    println!("chaos: finished in {:.1}s\n{report}", elapsed.as_secs_f64());
+
+    // Failover: from an agent's SIGKILL to its jobs running elsewhere (or
+    // on its restarted self), read from the attempts the kill cut short.
+    let name_of: BTreeMap<i64, String> = workers.body["workers"]
+        .as_array()
+        .ok_or("no workers")?
+        .iter()
+        .filter_map(|w| Some((w["id"].as_i64()?, w["name"].as_str()?.to_string())))
+        .collect();
+    let (kill_ends, kill_reruns) =
+        failover_seconds(&coord.db_path(), &name_of, &kills, "agent_restarted")?;
+    let (stop_ends, stop_reruns) =
+        failover_seconds(&coord.db_path(), &name_of, &stops, "lease_lost")?;
+    let show = |v: &[f64]| {
+        format!(
+            "p50 {:.2}s p90 {:.2}s max {:.2}s",
+            pct(v, 0.5),
+            pct(v, 0.9),
+            v.last().copied().unwrap_or(f64::NAN)
+        )
+    };
+    println!(
+        "chaos: {} agent kills, {} coordinator kills (down {restarts:?})",
+        kills.values().map(Vec::len).sum::<usize>(),
+        coordinator_kills,
+    );
+    println!(
+        "chaos: agent SIGKILL -> its {} attempts released (the restarted agent re-registers): {}; -> running again: {}",
+        kill_ends.len(),
+        show(&kill_ends),
+        show(&kill_reruns)
+    );
+    println!(
+        "chaos: agent SIGSTOP -> its {} leases expired (TTL {ttl}s + sweep 1s): {}; -> running again: {} (a job's second lease loss waits the 10 s loss backoff)",
+        stop_ends.len(),
+        show(&stop_ends),
+        show(&stop_reruns)
+    );
+    // Stale reports the coordinator refused (409), as the agents logged them.
+    let refused: usize = names
+        .iter()
+        .map(|n| {
+            read_lines(&dir.path().join(format!("agent-{n}.log")))
+                .iter()
+                .filter(|l| l.contains("report refused job_id="))
+                .count()
+        })
+        .sum();
+    println!("chaos: stale reports refused with 409: {refused}");
+    if std::env::var_os("DROVER_CHAOS_KEEP").is_some() {
+        let _ = dir.keep();
+    }
+    report.assert_valid();
+    assert_eq!(report.succeeded, n_jobs, "every job succeeds: {report}");
+    assert_eq!(coordinator_kills, 2, "the coordinator was killed twice");
+    Ok(())
+}
+
+/// For every attempt of an agent that ended with `outcome` after a fault
+/// of that agent (a kill, a stop): seconds from the fault to the attempt's
+/// end, and to the job's next attempt starting; each sorted.
+fn failover_seconds(
+    db: &std::path::Path,
+    name_of: &BTreeMap<i64, String>,
+    faults: &BTreeMap<String, Vec<Instant>>,
+    outcome: &str,
+) -> TestResult<(Vec<f64>, Vec<f64>)> {
+    // Attempts carry wall-clock ms; faults were taken on the monotonic
+    // clock: put both on the wall clock through "now".
+    let now_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let now_mono = Instant::now();
+    let wall = |t: Instant| now_wall - now_mono.duration_since(t).as_millis() as i64;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = conn.prepare(
+        "SELECT a.worker_id, a.started_at, a.ended_at, n.started_at FROM job_attempts a
+         JOIN job_attempts n ON n.job_id = a.job_id AND n.attempt = a.attempt + 1
+         WHERE a.outcome = ?1",
+    )?;
+    let (mut ends, mut reruns) = (Vec::new(), Vec::new());
+    for row in stmt.query_map([outcome], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })? {
+        let (worker, began, ended, next) = row?;
+        let Some(times) = name_of.get(&worker).and_then(|n| faults.get(n)) else {
+            continue;
+        };
+        // The first fault of that agent after the attempt began.
+        if let Some(k) = times.iter().map(|t| wall(*t)).find(|k| *k >= began) {
+            if k <= ended {
+                ends.push((ended - k) as f64 / 1000.0);
+                reruns.push((next - k) as f64 / 1000.0);
+            }
+        }
+    }
+    ends.sort_by(f64::total_cmp);
+    reruns.sort_by(f64::total_cmp);
+    Ok((ends, reruns))
+}
