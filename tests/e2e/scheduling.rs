@@ -375,3 +375,54 @@ fn idempotency_batches_not_before_retry_and_explanations() -> TestResult {
 fn humantime_fmt(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+/// RELIABILITY D2b: many clients racing with one idempotency key each get
+/// the same job; the database holds one row per key; nothing is a 5xx.
+#[test]
+fn racing_submissions_with_one_key_make_one_job() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let (keys, racers) = (20, 25);
+    let url = coord.url.clone();
+    let answers = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..racers)
+            .map(|_| {
+                let url = url.clone();
+                s.spawn(move || -> Result<Vec<(usize, u16, i64)>, String> {
+                    let api = Api::new(&url);
+                    let mut out = Vec::new();
+                    for k in 0..keys {
+                        let spec = json!({"command": ["true"], "idempotency_key": format!("race-{k}"),
+                                          "required_tags": ["nowhere"]});
+                        let r = api.admin("POST", "/api/v1/jobs", Some(&spec)).map_err(|e| e.to_string())?;
+                        out.push((k, r.status, r.body["id"].as_i64().unwrap_or(-1)));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| "a racer panicked".to_string())?)
+            .collect::<Result<Vec<_>, String>>()
+    })?;
+    let mut ids: std::collections::BTreeMap<usize, std::collections::BTreeSet<i64>> =
+        Default::default();
+    let mut created = 0;
+    for (k, status, id) in answers.into_iter().flatten() {
+        assert!(status == 200 || status == 201, "key {k}: status {status}");
+        created += usize::from(status == 201);
+        ids.entry(k).or_default().insert(id);
+    }
+    assert_eq!(created, keys, "exactly one 201 per key");
+    for (k, set) in &ids {
+        assert_eq!(set.len(), 1, "key {k} answered with several jobs: {set:?}");
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        coord.db_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let rows: i64 = conn.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))?;
+    assert_eq!(rows, keys as i64, "one row per key");
+    Ok(())
+}
