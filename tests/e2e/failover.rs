@@ -309,3 +309,118 @@ fn a_job_that_kills_its_agent_is_failed_after_max_attempts() -> TestResult {
     assert_eq!(api.job(id)?["status"], "failed");
     Ok(())
 }
+
+/// RELIABILITY C5: 200 agents holding 1,000 leases vanish at once. The
+/// sweep ends the leases in batches (500 per transaction) and every job is
+/// queued again within a few sweeps of the expiry; claims are still served.
+#[test]
+fn mass_expiry_requeues_every_lease_in_batches() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ttl = 3;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let (agents, slots) = (200, 5);
+    let batch: Vec<_> = (0..agents * slots)
+        .map(|_| json!({"command": ["true"]}))
+        .collect();
+    let r = api.admin("POST", "/api/v1/jobs", Some(&json!(batch)))?;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // Stand-in agents: register, heartbeat once, claim, then fall silent.
+    let url = coord.url.clone();
+    let granted: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..agents)
+            .map(|i| {
+                let url = url.clone();
+                s.spawn(move || -> Result<usize, String> {
+                    let api = Api::new(&url);
+                    let reg = json!({"name": format!("m{i}"), "machine_id": format!("m{i}"),
+                                     "inventory": {"hostname": format!("m{i}")}, "slots": slots});
+                    let body = reg.to_string();
+                    let r = api
+                        .call(
+                            "POST",
+                            "/api/v1/agents/register",
+                            Some(SECRET),
+                            Some(body.as_bytes()),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    let token = r.body["token"]
+                        .as_str()
+                        .ok_or(format!("register: {}", r.text))?
+                        .to_string();
+                    let inc = json!({"incarnation": format!("inc-{i}")}).to_string();
+                    let r = api
+                        .call(
+                            "POST",
+                            "/api/v1/agents/heartbeat",
+                            Some(&token),
+                            Some(inc.as_bytes()),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    if r.status != 200 {
+                        return Err(format!("heartbeat: {}", r.text));
+                    }
+                    let mut jobs = 0;
+                    while jobs < slots {
+                        let r = api
+                            .call(
+                                "POST",
+                                "/api/v1/agents/claim?wait=5",
+                                Some(&token),
+                                Some(inc.as_bytes()),
+                            )
+                            .map_err(|e| e.to_string())?;
+                        match r.status {
+                            200 => jobs += r.body["jobs"].as_array().map_or(0, Vec::len),
+                            204 => break,
+                            _ => return Err(format!("claim: {}", r.text)),
+                        }
+                    }
+                    Ok(jobs)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a stand-in agent panicked".to_string())?
+            })
+            .sum::<Result<usize, String>>()
+    })?;
+    assert_eq!(granted, agents * slots, "every job leased");
+    let silent = Instant::now();
+    // All leases lapse together; the sweep re-queues them in batches.
+    let requeued = wait_for(
+        "every lease to be re-queued",
+        Duration::from_secs(3 * (ttl + 3)),
+        || {
+            let r = api.admin("GET", "/api/v1/stats", None)?;
+            Ok(
+                (r.body["jobs"]["queued"].as_u64() == Some((agents * slots) as u64))
+                    .then(|| silent.elapsed()),
+            )
+        },
+    )?;
+    // Claims and submissions are served meanwhile and after.
+    assert_eq!(api.admin("GET", "/healthz", None)?.status, 200);
+    let sweeps: Vec<String> = read_lines(&dir.path().join("coordinator-1.log"))
+        .into_iter()
+        .filter(|l| l.contains("sweep expired_leases="))
+        .collect();
+    println!(
+        "mass expiry: {} leases of {agents} silent agents re-queued {:.2}s after their last heartbeat (TTL {ttl}s), in {} sweeps: {:?}",
+        agents * slots,
+        requeued.as_secs_f64(),
+        sweeps.len(),
+        sweeps
+            .iter()
+            .filter_map(|l| l.split("sweep ").nth(1))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        sweeps.len() >= 2,
+        "1,000 leases take at least two sweeps of 500"
+    );
+    Ok(())
+}
