@@ -35,13 +35,6 @@ impl Rng {
     }
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 #[test]
 fn chaos_run_loses_nothing_and_completes_nothing_twice() -> TestResult {
     let n_jobs = env_or("DROVER_CHAOS_JOBS", 300) as usize;

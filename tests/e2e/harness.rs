@@ -384,6 +384,15 @@ pub fn read_lines(path: &Path) -> Vec<String> {
     }
 }
 
+/// The `p` quantile (0..=1) of sorted figures; NaN when there are none.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// Peak resident memory of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
