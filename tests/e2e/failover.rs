@@ -136,19 +136,35 @@ fn coordinator_kill9_loses_nothing_and_runs_nothing_twice() -> TestResult {
     let report = crate::checker::check(&coord.db_path(), &runs, &ids.iter().copied().collect())?;
     println!("{report}");
     report.assert_valid();
-    // No agent died: every job ran exactly once.
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for l in read_lines(&runs).iter().filter(|l| l.starts_with("start ")) {
-        *counts.entry(l.clone()).or_default() += 1;
+    // No agent died: every job's process started exactly once. Usually as
+    // attempt 1; a later attempt only where the kill fell between a claim's
+    // commit and its reply (F4): that lease was never run, the next
+    // heartbeat's reconciliation released it, and it counts as lost.
+    let mut starts: HashMap<i64, Vec<i64>> = HashMap::new();
+    for l in read_lines(&runs) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let ["start", job, attempt] = f[..] {
+            starts
+                .entry(job.parse()?)
+                .or_default()
+                .push(attempt.parse()?);
+        }
     }
+    let mut retried = 0;
     for id in &ids {
+        let attempts = starts.get(id).map(Vec::as_slice).unwrap_or_default();
         assert_eq!(
-            counts.get(&format!("start {id} 1")),
-            Some(&1),
-            "job {id} ran exactly once, as attempt 1"
+            attempts.len(),
+            1,
+            "job {id} started once, got attempts {attempts:?}"
         );
+        retried += usize::from(attempts[0] != 1);
     }
-    assert_eq!(counts.len(), 300);
+    assert!(
+        retried <= report.lost_leases,
+        "{retried} jobs first ran after attempt 1, but only {} leases were lost",
+        report.lost_leases
+    );
     Ok(())
 }
 

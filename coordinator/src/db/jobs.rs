@@ -499,14 +499,16 @@ pub fn renew_leases(
         }
     }
     let reported: HashSet<(i64, i64)> = leases.iter().map(|l| (l.job_id, l.attempt)).collect();
-    let unreported: Vec<i64> = conn
+    let held: Vec<(i64, i64)> = conn
         .prepare_cached(
             "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND started_at < ?2",
         )?
         .query_map(params![worker_id, if stopping { Ms::MAX } else { now - lease_ttl }], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?
-        .filter_map(|r| r.ok())
+        .collect::<Result<_, _>>()?;
+    let unreported: Vec<i64> = held
+        .into_iter()
         .filter(|key| !reported.contains(key))
         .map(|(id, _)| id)
         .collect();
