@@ -1,14 +1,16 @@
 //! `drover-agent simulate --agents N`: N virtual agents in one process,
 //! speaking the real protocol (register, heartbeat on schedule, parked
 //! claims, complete), so one machine stands in for a large fleet. Each
-//! virtual agent holds one keep-alive connection for its claims; heartbeats
-//! use their own. A tiny HTTP/1.1 client on tokio (plain http only) keeps
+//! virtual agent holds one keep-alive connection for its claims, which carry
+//! the reports of its no-op jobs (one round trip per batch); heartbeats and
+//! the reports of sleeping jobs, which run side by side, use their own. A tiny HTTP/1.1 client on tokio (plain http only) keeps
 //! thousands of parked claims at a few KB each. Runs for `--duration` and
 //! stops by itself, printing figures (and a JSON summary line at the end).
 
 use crate::config::Args;
 use drover_proto::{
-    ClaimResponse, CompleteRequest, HeartbeatResponse, LeaseRef, Outcome, RegisterResponse,
+    ClaimResponse, CompleteRequest, Completion, HeartbeatResponse, LeaseRef, Outcome,
+    RegisterResponse,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -320,14 +322,40 @@ async fn agent(
         }
     };
     let hb_task = tokio::spawn(hb);
-    let mut completions = Http::new(addr);
+    // Sleeping jobs report on their own connection as they end; no-op jobs
+    // are reported with the next claim (one round trip per batch).
+    let (ended, mut reports) = tokio::sync::mpsc::unbounded_channel::<Completion>();
+    let reporter = {
+        let (addr, token, leases, stats) = (
+            addr.to_string(),
+            token.clone(),
+            leases.clone(),
+            stats.clone(),
+        );
+        tokio::spawn(async move {
+            let mut http = Http::new(&addr);
+            while let Some(done) = reports.recv().await {
+                let body = serde_json::to_value(&done.report).unwrap_or_default();
+                let path = format!("/api/v1/jobs/{}/complete", done.job_id);
+                match http.post(&path, &token, &body).await {
+                    Ok((200, _)) => stats.completed.fetch_add(1, Ordering::Relaxed),
+                    _ => stats.errors.fetch_add(1, Ordering::Relaxed),
+                };
+                leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&LeaseRef {
+                        job_id: done.job_id,
+                        attempt: done.report.attempt,
+                    });
+            }
+        })
+    };
+    let mut done: Vec<Completion> = Vec::new();
     while Instant::now() < deadline {
+        let body = json!({"incarnation": incarnation, "completed": done});
         let (status, body) = match http
-            .post(
-                "/api/v1/agents/claim?wait=30",
-                &token,
-                &json!({"incarnation": incarnation}),
-            )
+            .post("/api/v1/agents/claim?wait=30", &token, &body)
             .await
         {
             Ok(r) => r,
@@ -337,46 +365,61 @@ async fn agent(
                 continue;
             }
         };
+        if status == 204 {
+            continue;
+        }
         if status != 200 {
+            // Refused (its reports, if any, are sent again: a replay).
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
         let resp: ClaimResponse = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        {
+            let mut held = leases.lock().unwrap_or_else(|e| e.into_inner());
+            for r in &resp.completed {
+                let counter = if r.error.is_none() {
+                    &stats.completed
+                } else {
+                    &stats.errors
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                held.remove(&LeaseRef {
+                    job_id: r.job_id,
+                    attempt: r.attempt,
+                });
+            }
+            held.extend(resp.jobs.iter().map(|j| LeaseRef {
+                job_id: j.job_id,
+                attempt: j.attempt,
+            }));
+        }
+        done.clear();
         for job in resp.jobs {
-            let lease = LeaseRef {
+            let report = Completion {
                 job_id: job.job_id,
-                attempt: job.attempt,
+                report: CompleteRequest {
+                    attempt: job.attempt,
+                    outcome: Outcome::Succeeded,
+                    exit_code: Some(0),
+                    result: None,
+                    error: None,
+                },
             };
-            leases
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(lease);
-            if mode == JobMode::Sleep {
-                tokio::time::sleep(Duration::from_millis(crate::random_below(2000))).await;
-            }
-            let report = CompleteRequest {
-                attempt: job.attempt,
-                outcome: Outcome::Succeeded,
-                exit_code: Some(0),
-                result: None,
-                error: None,
-            };
-            let body = serde_json::to_value(&report).map_err(|e| e.to_string())?;
-            let path = format!("/api/v1/jobs/{}/complete", job.job_id);
-            match completions.post(&path, &token, &body).await {
-                Ok((200, _)) | Ok((409, _)) => {
-                    stats.completed.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
+            match mode {
+                JobMode::Noop => done.push(report),
+                JobMode::Sleep => {
+                    let ended = ended.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(crate::random_below(2000))).await;
+                        let _ = ended.send(report);
+                    });
                 }
             }
-            leases
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&lease);
         }
     }
     hb_task.abort();
+    reporter.abort();
     Ok(())
 }
 

@@ -291,7 +291,10 @@ fn publish(tx: &watch::Sender<Leases>, running: &HashMap<i64, Running>) {
 async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Sender<Event>) {
     tokio::time::sleep(delay).await;
     let client = ctx.client.clone();
-    let req = ClaimRequest { incarnation };
+    let req = ClaimRequest {
+        incarnation,
+        completed: Vec::new(),
+    };
     let event = match blocking(move || client.claim(&req, CLAIM_WAIT)).await {
         Ok(Some(resp)) => Event::Claimed(resp.jobs, resp.orders),
         Ok(None) => Event::ClaimEnded(None),

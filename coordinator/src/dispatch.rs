@@ -144,7 +144,14 @@ async fn round(app: &App) -> Result<Option<crate::db::Ms>, crate::error::ApiErro
             );
         }
         let sent = match parked {
-            Some(p) => p.reply.send(ClaimResponse { jobs, orders }).is_ok(),
+            Some(p) => p
+                .reply
+                .send(ClaimResponse {
+                    jobs,
+                    orders,
+                    completed: Vec::new(),
+                })
+                .is_ok(),
             None => false,
         };
         if !sent {

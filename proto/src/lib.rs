@@ -152,6 +152,35 @@ pub struct HeartbeatResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimRequest {
     pub incarnation: String,
+    /// Attempts that ended since the last claim. Reporting them with the
+    /// claim makes "done, give me more" one round trip and one transaction;
+    /// the reply answers each in `completed`, in order.
+    #[serde(default)]
+    pub completed: Vec<Completion>,
+}
+
+/// One attempt's end, reported with a claim (the body of
+/// `POST /jobs/{id}/complete` plus the job's id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub job_id: i64,
+    #[serde(flatten)]
+    pub report: CompleteRequest,
+}
+
+/// The answer to one reported completion: what `POST /jobs/{id}/complete`
+/// would have answered, the status on success or the error otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionResult {
+    pub job_id: i64,
+    pub attempt: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// True when this exact report had already been accepted (a retry).
+    #[serde(default)]
+    pub replay: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
 }
 
 /// A job handed to an agent with its lease.
@@ -183,6 +212,9 @@ pub struct ClaimResponse {
     pub jobs: Vec<Assignment>,
     #[serde(default)]
     pub orders: Vec<Order>,
+    /// The answers to the claim's `completed` reports, in order.
+    #[serde(default)]
+    pub completed: Vec<CompletionResult>,
 }
 
 /// How an attempt ended, as the agent saw it.
@@ -240,7 +272,7 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,

@@ -107,7 +107,16 @@ impl FakeAgent {
     }
 
     fn claim(&self, api: &Api, wait: u64) -> TestResult<Reply> {
-        let body = json!({"incarnation": self.incarnation});
+        self.claim_with(api, wait, json!({"incarnation": self.incarnation}))
+    }
+
+    /// A claim that reports attempts that ended.
+    fn claim_reporting(&self, api: &Api, wait: u64, completed: Value) -> TestResult<Reply> {
+        let body = json!({"incarnation": self.incarnation, "completed": completed});
+        self.claim_with(api, wait, body)
+    }
+
+    fn claim_with(&self, api: &Api, wait: u64, body: Value) -> TestResult<Reply> {
         api.call(
             "POST",
             &format!("/api/v1/agents/claim?wait={wait}"),
@@ -125,6 +134,69 @@ impl FakeAgent {
             Some(body.to_string().as_bytes()),
         )
     }
+}
+
+#[test]
+fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let agent = FakeAgent::register(&api, "batch")?;
+    let ok =
+        |job: i64| json!({"job_id": job, "attempt": 1, "outcome": "succeeded", "exit_code": 0});
+    let a = api.submit(&json!({"command": ["true"]}))?;
+    let r = agent.claim(&api, 5)?;
+    assert_eq!(r.body["jobs"][0]["job_id"], a, "{}", r.text);
+    let b = api.submit(&json!({"command": ["true"]}))?;
+    // Done with a, and b comes back in the same reply (one slot: the report
+    // freed it). A stale and an unknown report each get their own refusal.
+    let r = agent.claim_reporting(
+        &api,
+        5,
+        json!([ok(a), {"job_id": a, "attempt": 7, "outcome": "failed"}, ok(999_999)]),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let answers = &r.body["completed"];
+    assert_eq!(answers[0]["status"], "succeeded", "{}", r.text);
+    assert_eq!(answers[0]["replay"], false);
+    assert_eq!(answers[1]["error"]["code"], "stale_lease", "{}", r.text);
+    assert_eq!(answers[2]["error"]["code"], "not_found", "{}", r.text);
+    assert_eq!(r.body["jobs"][0]["job_id"], b, "{}", r.text);
+    assert_eq!(api.job(a)?["status"], "succeeded");
+    // One bad report refuses the whole claim, naming it; nothing is recorded.
+    let bad = json!([ok(b), {"job_id": b, "attempt": 0, "outcome": "succeeded"}]);
+    let r = agent.claim_reporting(&api, 0, bad)?;
+    assert_eq!(
+        (r.status, r.field()),
+        (422, "completed[1].attempt"),
+        "{}",
+        r.text
+    );
+    assert_eq!(api.job(b)?["status"], "running");
+    // Nothing to hand out: the answers still come (200, not 204).
+    let r = agent.claim_reporting(&api, 1, json!([ok(b)]))?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["jobs"], json!([]));
+    assert_eq!(r.body["completed"][0]["status"], "succeeded");
+    // The same report again (its reply was lost): a replay.
+    let r = agent.claim_reporting(&api, 0, json!([ok(b)]))?;
+    assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);
+    // From a process the coordinator does not know: the claim is refused,
+    // the report is kept, and sending it again replays.
+    let c = api.submit(&json!({"command": ["true"]}))?;
+    assert_eq!(agent.claim(&api, 5)?.body["jobs"][0]["job_id"], c);
+    let stranger = json!({"incarnation": "not-this-one", "completed": [ok(c)]});
+    let r = agent.claim_with(&api, 0, stranger)?;
+    assert_eq!(
+        (r.status, r.code()),
+        (409, "unknown_incarnation"),
+        "{}",
+        r.text
+    );
+    assert_eq!(api.job(c)?["status"], "succeeded");
+    let r = agent.claim_reporting(&api, 0, json!([ok(c)]))?;
+    assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);
+    Ok(())
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! Agent routes: register, heartbeat, claim (long-poll).
 
-use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, MAX_WAIT_S};
+use super::jobs::check_report;
+use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, JSON_LIMIT, MAX_WAIT_S};
 use crate::auth;
-use crate::db::{ms, workers};
+use crate::db::{jobs, ms, workers};
 use crate::error::ApiError;
 use crate::http::ClientAddr;
 use crate::spec;
@@ -13,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use drover_proto::{
-    ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse,
+    ClaimRequest, ClaimResponse, Completion, CompletionResult, HeartbeatRequest, HeartbeatResponse,
+    RegisterRequest, RegisterResponse,
 };
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -199,6 +200,11 @@ pub async fn heartbeat(
 /// queued (now or while parked), 200 with orders as soon as one of its jobs
 /// is cancelled, or 204 after `wait` seconds. Parked claims are futures
 /// waiting on the queue's change signal, not threads.
+///
+/// A claim may carry the attempts that ended since the last one
+/// (`completed`): they are recorded first, in one transaction, each answered
+/// in the reply's `completed` as `POST /jobs/{id}/complete` would answer it,
+/// and the reply is then 200 even when no job came.
 pub async fn claim(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -207,33 +213,121 @@ pub async fn claim(
 ) -> Result<Response, ApiError> {
     let agent = authenticate(&app, &headers).await?;
     let wait = int_param(&query, "wait", MAX_WAIT_S as i64, 0, i64::MAX)?.min(MAX_WAIT_S as i64);
-    let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
+    let bytes = read_body(&headers, body, JSON_LIMIT + AGENT_LIMIT).await?;
     let req: ClaimRequest = parse_json(&bytes)?;
     check_name("incarnation", &req.incarnation)?;
+    if req.completed.len() > MAX_COMPLETED {
+        return Err(ApiError::invalid(
+            "completed",
+            format!("at most {MAX_COMPLETED} reports per claim"),
+        ));
+    }
+    for (i, done) in req.completed.iter().enumerate() {
+        check_report(&done.report, &format!("completed[{i}]."))?;
+    }
     // A pending (or draining) worker's claim parks like any other and gets
     // a job once it may run one: approval wakes parked claims.
-    let incarnation = req.incarnation.clone();
-    app.db
-        .read(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
-        .await?;
+    let ClaimRequest {
+        incarnation,
+        completed,
+    } = req;
+    let completed = if completed.is_empty() {
+        app.db
+            .read(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
+            .await?;
+        Vec::new()
+    } else {
+        let backoff = ms(app.config.retry_backoff);
+        // The reports stand on their own (an agent's spool may hold some
+        // from before a restart): they are recorded even when the
+        // incarnation check then refuses the claim, and a resend replays.
+        let (results, checked) = app
+            .db
+            .write(move |c, now| {
+                let results = completed
+                    .iter()
+                    .map(|done| report(c, now, agent.id, done, backoff))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((
+                    results,
+                    workers::check_incarnation(c, agent.id, &incarnation),
+                ))
+            })
+            .await?;
+        let fresh: Vec<&CompletionResult> = results
+            .iter()
+            .filter(|r| r.error.is_none() && !r.replay)
+            .collect();
+        for r in &fresh {
+            log::info!(
+                "job reported job_id={} worker_id={} status={}",
+                r.job_id,
+                agent.id,
+                r.status.as_deref().unwrap_or("")
+            );
+        }
+        // Freed slots need a dispatch round: parking below asks for one, a
+        // refused claim asks here.
+        if let Err(e) = checked {
+            if !fresh.is_empty() {
+                app.wake_claimers();
+            }
+            return Err(e);
+        }
+        results
+    };
     let (ticket, mut answer) = app.dispatcher.park(agent.id);
     let deadline = tokio::time::sleep(Duration::from_secs(wait as u64));
-    tokio::select! {
-        r = &mut answer => Ok(claim_reply(r)),
+    let granted = tokio::select! {
+        r = &mut answer => r.ok(),
         _ = deadline => {
             if app.dispatcher.unpark(agent.id, ticket) {
-                return Ok(StatusCode::NO_CONTENT.into_response());
+                None
+            } else {
+                // A round took this claim just now: its answer is on the way.
+                answer.await.ok()
             }
-            // A round took this claim just now: its answer is on the way.
-            Ok(claim_reply(answer.await))
         }
-    }
+    };
+    // None: the wait ran out, or a newer claim of the same worker replaced
+    // this one.
+    Ok(match granted {
+        Some(resp) => Json(ClaimResponse { completed, ..resp }).into_response(),
+        None if completed.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        None => Json(ClaimResponse {
+            jobs: Vec::new(),
+            orders: Vec::new(),
+            completed,
+        })
+        .into_response(),
+    })
 }
 
-fn claim_reply(r: Result<ClaimResponse, tokio::sync::oneshot::error::RecvError>) -> Response {
-    match r {
-        Ok(resp) => Json(resp).into_response(),
-        // Replaced by a newer claim of the same worker, or nothing to give.
-        Err(_) => StatusCode::NO_CONTENT.into_response(),
-    }
+/// Reports sent with one claim, at most.
+const MAX_COMPLETED: usize = 1024;
+
+/// Records one report of a claim's `completed`: a refusal (stale lease,
+/// unknown job) is that report's answer; a database failure fails the whole
+/// claim, whose transaction then rolls back. A refusal is decided before
+/// anything is written.
+fn report(
+    c: &rusqlite::Connection,
+    now: crate::db::Ms,
+    worker_id: i64,
+    done: &Completion,
+    backoff: crate::db::Ms,
+) -> Result<CompletionResult, ApiError> {
+    let (status, replay, error) =
+        match jobs::complete(c, now, worker_id, done.job_id, &done.report, backoff) {
+            Ok(r) => (Some(r.status), r.replay, None),
+            Err(e) if e.status.is_client_error() => (None, false, Some(e.detail())),
+            Err(e) => return Err(e),
+        };
+    Ok(CompletionResult {
+        job_id: done.job_id,
+        attempt: done.report.attempt,
+        status,
+        replay,
+        error,
+    })
 }

@@ -2,7 +2,9 @@
 //! the bytes, parsing and validation answer Ok or a 4xx naming the problem,
 //! and never panic.
 
+use super::jobs::check_report;
 use super::parse_json;
+use crate::error::ApiError;
 use crate::spec::JobSpec;
 use drover_proto::{ClaimRequest, CompleteRequest, HeartbeatRequest, RegisterRequest};
 use proptest::prelude::*;
@@ -54,6 +56,8 @@ fn json() -> impl Strategy<Value = Value> {
             "attempt",
             "outcome",
             "exit_code",
+            "completed",
+            "job_id",
             "x",
         ]);
         prop_oneof![
@@ -85,8 +89,18 @@ fn all(bytes: &[u8]) {
     let _ = check::<Vec<JobSpec>>(bytes);
     let _ = check::<RegisterRequest>(bytes);
     let _ = check::<HeartbeatRequest>(bytes);
-    let _ = check::<ClaimRequest>(bytes);
-    let _ = check::<CompleteRequest>(bytes);
+    let reports = |e: ApiError| {
+        assert_eq!(e.status.as_u16(), 422, "{e}");
+        assert!(e.field.is_some(), "a validation error names its field: {e}");
+    };
+    if let Some(claim) = check::<ClaimRequest>(bytes) {
+        for (i, done) in claim.completed.iter().enumerate() {
+            let _ = check_report(&done.report, &format!("completed[{i}].")).map_err(reports);
+        }
+    }
+    if let Some(report) = check::<CompleteRequest>(bytes) {
+        let _ = check_report(&report, "").map_err(reports);
+    }
 }
 
 proptest! {

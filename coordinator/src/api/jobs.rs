@@ -181,14 +181,7 @@ pub async fn complete(
     let id = path_id("job", &id)?;
     let bytes = read_body(&headers, body, JSON_LIMIT + AGENT_LIMIT).await?;
     let req: CompleteRequest = parse_json(&bytes)?;
-    if req.attempt < 1 {
-        return Err(ApiError::invalid("attempt", "must be 1 or more"));
-    }
-    if let Some(e) = &req.error {
-        if e.len() > 4096 {
-            return Err(ApiError::invalid("error", "at most 4096 bytes"));
-        }
-    }
+    check_report(&req, "")?;
     let backoff = ms(app.config.retry_backoff);
     let resp = app
         .db
@@ -203,6 +196,24 @@ pub async fn complete(
         );
     }
     Ok(Json(resp).into_response())
+}
+
+/// Checks an agent's report of an attempt's end; `at` prefixes the field
+/// names (a report inside a claim's `completed` list).
+pub fn check_report(req: &CompleteRequest, at: &str) -> Result<(), ApiError> {
+    if req.attempt < 1 {
+        return Err(ApiError::invalid(
+            &format!("{at}attempt"),
+            "must be 1 or more",
+        ));
+    }
+    if req.error.as_ref().is_some_and(|e| e.len() > 4096) {
+        return Err(ApiError::invalid(
+            &format!("{at}error"),
+            "at most 4096 bytes",
+        ));
+    }
+    Ok(())
 }
 
 pub async fn append_log(

@@ -17,8 +17,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 
 /// Queued jobs looked at per shape in one round.
-const SCAN: i64 = 256;
+const SCAN: usize = 256;
 
+// No `LIMIT ?` in the round's queries: SQLite re-prepares a statement with a
+// bound LIMIT on every run (a twentieth of the writer's time); the index
+// order streams the rows, and the reader stops taking them.
 // The round's queries name their index: without statistics SQLite may pick
 // the (status, id) index and scan every queued job. The test at the bottom
 // checks each plan.
@@ -41,12 +44,12 @@ const NEXT_GPUS_SQL: &str =
 const HEADS_SQL: &str = "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
     FROM jobs INDEXED BY jobs_queue
     WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb = ?3 AND run_after <= ?4
-    ORDER BY priority DESC, id LIMIT ?5";
+    ORDER BY priority DESC, id";
 const FALLBACK_SQL: &str =
     "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
     FROM jobs INDEXED BY jobs_queue_fallback
     WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
-    ORDER BY priority DESC, id LIMIT ?3";
+    ORDER BY priority DESC, id";
 const ANY_READY_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queued_run_after
     WHERE status = 'queued' AND run_after <= ?1)";
 const NEXT_READY_SQL: &str = "SELECT min(run_after) FROM jobs INDEXED BY jobs_queued_run_after
@@ -213,20 +216,14 @@ fn heads(
     conn: &Connection,
     shape: &Shape,
     ready_by: Ms,
-    limit: i64,
+    limit: usize,
 ) -> Result<Vec<Candidate>, ApiError> {
     let mut stmt = conn.prepare_cached(HEADS_SQL)?;
     let rows = stmt.query_map(
-        params![
-            shape.gpus,
-            shape.tags_json,
-            shape.min_vram_mb,
-            ready_by,
-            limit
-        ],
+        params![shape.gpus, shape.tags_json, shape.min_vram_mb, ready_by],
         candidate,
     )?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    Ok(rows.take(limit).collect::<Result<_, _>>()?)
 }
 
 /// The heads of the queue the waiting offers could take now: per shape that
@@ -251,7 +248,10 @@ fn candidates(
         .max()
         .unwrap_or(0);
     let mut stmt = conn.prepare_cached(FALLBACK_SQL)?;
-    for c in stmt.query_map(params![max_free, now, SCAN], candidate)? {
+    for c in stmt
+        .query_map(params![max_free, now], candidate)?
+        .take(SCAN)
+    {
         out.push(c?);
     }
     out.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));
@@ -457,5 +457,25 @@ mod tests {
         check(ANY_READY_SQL, "jobs_queued_run_after");
         check(NEXT_READY_SQL, "jobs_queued_run_after");
         check(RUNNING_SQL, "jobs_running_worker");
+        // Each round runs these again with new values: none may need
+        // parsing again (as a bound LIMIT would).
+        for sql in [
+            HEADS_SQL,
+            FALLBACK_SQL,
+            ANY_READY_SQL,
+            NEXT_READY_SQL,
+            NEXT_GPUS_SQL,
+        ] {
+            let mut stmt = conn.prepare(sql).unwrap();
+            for round in 0..3i64 {
+                let params = vec![round; stmt.parameter_count()];
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(params), |_| Ok(()))
+                    .unwrap();
+                assert!(rows.count() <= 1);
+            }
+            let reprepared = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+            assert_eq!(reprepared, 0, "{sql}");
+        }
     }
 }
