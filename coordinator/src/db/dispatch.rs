@@ -233,13 +233,23 @@ fn candidates(
     now: Ms,
     shapes: &[Shape],
     offers: &[Offer],
+    reserved: bool,
 ) -> Result<Vec<Candidate>, ApiError> {
     let open: Vec<&Offer> = offers.iter().filter(|o| o.free_slots() > 0).collect();
+    // Jobs of one shape fit the same offers, and each one granted takes a
+    // slot: the free slots bound what a shape can use. A held worker only
+    // takes its own job, which may lie deeper: then the full scan.
+    let per_shape = if reserved {
+        SCAN
+    } else {
+        let free: usize = open.iter().map(|o| o.free_slots() as usize).sum();
+        free.min(SCAN)
+    };
     let mut out: Vec<Candidate> = Vec::new();
     for shape in shapes {
         let needs = needs_from(shape.gpus, shape.min_vram_mb, &shape.tags_json, "[]", false);
         if open.iter().any(|o| matching::place(&needs, o).is_some()) {
-            out.extend(heads(conn, shape, now, SCAN)?);
+            out.extend(heads(conn, shape, now, per_shape)?);
         }
     }
     let max_free = open
@@ -353,7 +363,8 @@ pub fn round(
         reserve_after,
         &mut round.reservations,
     )?;
-    for job in candidates(conn, now, &shapes, &offers)? {
+    let reserved = !round.reservations.is_empty();
+    for job in candidates(conn, now, &shapes, &offers, reserved)? {
         if offers.iter().all(|o| o.free_slots() == 0) {
             break;
         }

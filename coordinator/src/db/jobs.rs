@@ -114,30 +114,21 @@ pub(super) fn grant(
     lease_ttl: Ms,
 ) -> Result<Assignment, ApiError> {
     let gpus = serde_json::to_string(gpu_indices).map_err(|e| ApiError::internal(e.to_string()))?;
-    let changed = conn
+    let granted: Option<(i64, String, String, Option<String>, Option<i64>)> = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1,
              attempts_used = attempts_used + 1, worker_id = ?2, gpu_indices = ?3,
              lease_expires_at = ?4, started_at = ?5, cancel_requested = 0, progress = NULL
-             WHERE id = ?1 AND status = 'queued'",
+             WHERE id = ?1 AND status = 'queued'
+             RETURNING attempt, command, env, cwd, timeout_s",
         )?
-        .execute(params![job_id, worker_id, gpus, now + lease_ttl, now])?;
-    if changed != 1 {
-        return Err(ApiError::internal(format!(
-            "job {job_id} was not queued when granted"
-        )));
-    }
-    let (attempt, command, env, cwd, timeout_s): (
-        i64,
-        String,
-        String,
-        Option<String>,
-        Option<i64>,
-    ) = conn
-        .prepare_cached("SELECT attempt, command, env, cwd, timeout_s FROM jobs WHERE id = ?1")?
-        .query_row([job_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?;
+        .query_row(
+            params![job_id, worker_id, gpus, now + lease_ttl, now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let (attempt, command, env, cwd, timeout_s) = granted
+        .ok_or_else(|| ApiError::internal(format!("job {job_id} was not queued when granted")))?;
     conn.prepare_cached(
         "INSERT INTO job_attempts (job_id, attempt, worker_id, gpu_indices, started_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -104,16 +104,18 @@ pub fn refresh_load(
     worker_id: i64,
     reason: &str,
 ) -> Result<(), ApiError> {
-    let (state, running): (String, i64) = conn
+    // EXISTS, not count(*): this runs for every grant and every end, and a
+    // count would walk all of a many-slot worker's running jobs each time.
+    let (state, running): (String, bool) = conn
         .prepare_cached(
-            "SELECT state, (SELECT count(*) FROM jobs WHERE worker_id = ?1 AND status = 'running')
+            "SELECT state, EXISTS (SELECT 1 FROM jobs WHERE worker_id = ?1 AND status = 'running')
              FROM workers WHERE id = ?1",
         )?
         .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     match (state.as_str(), running) {
-        ("idle", n) if n > 0 => transition(conn, now, worker_id, "busy", reason),
-        ("busy", 0) => transition(conn, now, worker_id, "idle", reason),
-        ("draining", 0) => drained(conn, now, worker_id),
+        ("idle", true) => transition(conn, now, worker_id, "busy", reason),
+        ("busy", false) => transition(conn, now, worker_id, "idle", reason),
+        ("draining", false) => drained(conn, now, worker_id),
         _ => Ok(()),
     }
 }
