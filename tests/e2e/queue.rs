@@ -199,6 +199,56 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
     Ok(())
 }
 
+/// F4: the coordinator granted a lease, but its claim reply never reached
+/// the agent. The agent's heartbeats do not list it; one heartbeat interval
+/// after the grant the coordinator releases it (reconciliation), well before
+/// the lease would have expired, without spending an attempt.
+#[test]
+fn a_lease_whose_claim_reply_was_lost_is_released_by_the_next_heartbeats() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ttl = 9;
+    let coord = Coordinator::start(
+        dir.path(),
+        &["--auto-approve", "--lease-ttl", &ttl.to_string()],
+    )?;
+    let api = coord.api();
+    let agent = FakeAgent::register(&api, "deaf")?;
+    let id = api.submit(&json!({"command": ["true"], "max_attempts": 1}))?;
+    let r = agent.claim(&api, 5)?;
+    assert_eq!(r.body["jobs"][0]["job_id"], id, "{}", r.text);
+    let granted = std::time::Instant::now();
+    // The reply is "lost": the agent keeps heartbeating without the lease.
+    let released = wait_for(
+        "the unreported lease to be released",
+        Duration::from_secs(3 * ttl),
+        || {
+            let hb = agent.heartbeat(&api, &[])?;
+            assert_eq!(hb.status, 200, "{}", hb.text);
+            std::thread::sleep(Duration::from_millis(250));
+            let job = api.job(id)?;
+            Ok((job["status"] == "queued").then_some(job))
+        },
+    )?;
+    let after = granted.elapsed().as_secs_f64();
+    println!(
+        "released {after:.1}s after the grant (heartbeat interval {}s, TTL {ttl}s)",
+        ttl / 3
+    );
+    let attempt = &released["attempts"][0];
+    assert_eq!(attempt["outcome"], "not_reported", "{released}");
+    // By reconciliation, not by waiting out the lease (3 s against 9 s).
+    assert!(after < ttl as f64, "released {after:.1}s after the grant");
+    // Not the lease's expiry (that would say lease_lost), and not spent:
+    // with max_attempts 1 it runs again, and succeeds.
+    assert_eq!(released["attempts_used"], 0, "{released}");
+    let r = agent.claim(&api, 5)?;
+    assert_eq!(r.body["jobs"][0]["attempt"], 2, "{}", r.text);
+    let c = agent.complete(&api, id, 2, "succeeded")?;
+    assert_eq!(c.status, 200, "{}", c.text);
+    assert_eq!(api.job(id)?["status"], "succeeded");
+    Ok(())
+}
+
 #[test]
 fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -174,11 +174,11 @@ pub async fn heartbeat(
             "at most 200 lines of 2000 bytes each",
         ));
     }
-    let ttl = ms(app.config.lease_ttl);
+    let times = (ms(app.config.lease_ttl), ms(app.config.heartbeat_interval));
     let stopping = req.stopping;
     let beat = app
         .db
-        .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, ttl))
+        .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, times))
         .await?;
     if stopping {
         app.dispatcher.dismiss(agent.id);

@@ -114,7 +114,7 @@ pub(super) fn grant(
     lease_ttl: Ms,
 ) -> Result<Assignment, ApiError> {
     let gpus = serde_json::to_string(gpu_indices).map_err(|e| ApiError::internal(e.to_string()))?;
-    let granted: Option<(i64, String, String, Option<String>, Option<i64>)> = conn
+    let granted: Option<Assignment> = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1,
              attempts_used = attempts_used + 1, worker_id = ?2, gpu_indices = ?3,
@@ -124,16 +124,27 @@ pub(super) fn grant(
         )?
         .query_row(
             params![job_id, worker_id, gpus, now + lease_ttl, now],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| {
+                Ok(Assignment {
+                    job_id,
+                    attempt: r.get(0)?,
+                    command: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                    env: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+                    cwd: r.get(3)?,
+                    gpu_indices: gpu_indices.to_vec(),
+                    timeout_s: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                    lease_ttl_s: (lease_ttl / 1000).max(0) as u64,
+                })
+            },
         )
         .optional()?;
-    let (attempt, command, env, cwd, timeout_s) = granted
+    let a = granted
         .ok_or_else(|| ApiError::internal(format!("job {job_id} was not queued when granted")))?;
     conn.prepare_cached(
         "INSERT INTO job_attempts (job_id, attempt, worker_id, gpu_indices, started_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![job_id, attempt, worker_id, gpus, now])?;
+    .execute(params![job_id, a.attempt, worker_id, gpus, now])?;
     workers::refresh_load(conn, now, worker_id, &format!("claimed job {job_id}"))?;
     event(
         conn,
@@ -141,19 +152,13 @@ pub(super) fn grant(
         "job.claimed",
         Some(job_id),
         Some(worker_id),
-        json!({"attempt": attempt, "gpus": gpu_indices}),
+        json!({"attempt": a.attempt, "gpus": gpu_indices}),
     )?;
-    log::debug!("job claimed job_id={job_id} attempt={attempt} worker_id={worker_id}");
-    Ok(Assignment {
-        job_id,
-        attempt,
-        command: serde_json::from_str(&command).unwrap_or_default(),
-        env: serde_json::from_str(&env).unwrap_or_default(),
-        cwd,
-        gpu_indices: gpu_indices.to_vec(),
-        timeout_s: timeout_s.map(|t| t.max(0) as u64),
-        lease_ttl_s: (lease_ttl / 1000).max(0) as u64,
-    })
+    log::debug!(
+        "job claimed job_id={job_id} attempt={} worker_id={worker_id}",
+        a.attempt
+    );
+    Ok(a)
 }
 
 /// Why a lease ended without a report.
@@ -445,15 +450,18 @@ pub struct Renewal {
 
 /// Renews the leases an agent reports. A reported lease it no longer holds,
 /// or whose job was cancelled, gets a `cancel` order. A lease the agent does
-/// not report and that is older than a TTL (its claim reply was lost), or
-/// any it does not report when it says it is stopping, is released without
-/// spending an attempt.
+/// not report although granted more than `report_grace` ago (its claim
+/// reply was lost: the agent never heard of it), or any it does not report
+/// when it says it is stopping, is released without spending an attempt.
+/// The grace is one heartbeat interval: a heartbeat built while the claim
+/// reply was still on its way cannot list the lease, one built an interval
+/// later can.
 pub fn renew_leases(
     conn: &Connection,
     now: Ms,
     worker_id: i64,
     leases: &[LeaseRef],
-    lease_ttl: Ms,
+    (lease_ttl, report_grace): (Ms, Ms),
     stopping: bool,
 ) -> Result<Renewal, ApiError> {
     let mut orders = Vec::new();
@@ -494,7 +502,7 @@ pub fn renew_leases(
         .prepare_cached(
             "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND started_at < ?2",
         )?
-        .query_map(params![worker_id, if stopping { Ms::MAX } else { now - lease_ttl }], |r| {
+        .query_map(params![worker_id, if stopping { Ms::MAX } else { now - report_grace }], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?
         .collect::<Result<_, _>>()?;

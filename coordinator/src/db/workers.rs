@@ -287,13 +287,14 @@ pub struct Beat {
 
 /// Records a heartbeat: liveness, metrics, the agent's process identity, and
 /// renewal of every lease it reports. Returns cancel orders for leases it
-/// reports but no longer holds.
+/// reports but no longer holds; releases those it holds but has not
+/// reported although granted more than `report_grace` ago.
 pub fn heartbeat(
     conn: &Connection,
     now: Ms,
     worker_id: i64,
     req: &HeartbeatRequest,
-    lease_ttl: Ms,
+    (lease_ttl, report_grace): (Ms, Ms),
 ) -> Result<Beat, ApiError> {
     let state: String = conn
         .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
@@ -332,7 +333,14 @@ pub fn heartbeat(
         )?
         .execute(params![worker_id, AGENT_LOG_KEEP])?;
     }
-    let renewal = jobs::renew_leases(conn, now, worker_id, &req.leases, lease_ttl, req.stopping)?;
+    let renewal = jobs::renew_leases(
+        conn,
+        now,
+        worker_id,
+        &req.leases,
+        (lease_ttl, report_grace),
+        req.stopping,
+    )?;
     jobs::record_progress(conn, worker_id, &req.progress)?;
     released |= renewal.released;
     if req.stopping {
