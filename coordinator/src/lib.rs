@@ -67,6 +67,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.lease_ttl.as_secs(),
         config.auto_approve
     );
+    if let Some(warning) = cleartext_warning(addr, tls.is_some()) {
+        log::warn!("{warning}");
+    }
     let max_connections = config.max_connections;
     let app = Arc::new(App::new(db, config));
     let sweeper = tokio::spawn(sweep::run(app.clone()));
@@ -85,6 +88,16 @@ pub async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Plain HTTP beyond loopback sends every token in the clear: say so.
+fn cleartext_warning(addr: std::net::SocketAddr, tls: bool) -> Option<String> {
+    (!tls && !addr.ip().is_loopback()).then(|| {
+        format!(
+            "serving plain HTTP on {addr}: agent and admin tokens cross the network in cleartext; \
+             use --tls-cert/--tls-key, a TLS proxy, or a private network (WireGuard)"
+        )
+    })
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
@@ -98,5 +111,19 @@ async fn shutdown_signal() {
             log::warn!("cannot listen for SIGTERM ({e}); stop with SIGINT");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plain_http_beyond_loopback_is_warned_about() {
+        let warn = |a: &str, tls| super::cleartext_warning(a.parse().unwrap(), tls);
+        assert!(warn("0.0.0.0:8700", false).is_some_and(|w| w.contains("cleartext")));
+        assert!(warn("10.1.2.3:8700", false).is_some());
+        assert!(warn("[::]:8700", false).is_some());
+        assert_eq!(warn("127.0.0.1:8700", false), None);
+        assert_eq!(warn("[::1]:8700", false), None);
+        assert_eq!(warn("0.0.0.0:8700", true), None);
     }
 }

@@ -234,6 +234,30 @@ fn installed_units_pass_systemd_analyze() -> TestResult {
         "systemd-analyze verify: {}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    // S8: the coordinator's sandbox scores <= 3.0. The agent runs the
+    // users' jobs, which need the machine (GPUs, containers, their home
+    // dirs), so its sandbox stays light; its score is printed.
+    let exposure = |unit: &std::path::Path| -> TestResult<f64> {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(unit)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .ok_or(format!("no exposure level in: {text}"))?;
+        let score = line
+            .rsplit(':')
+            .next()
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or(format!("cannot read {line:?}"))?;
+        Ok(score)
+    };
+    let (coordinator, agent) = (exposure(&coordinator_unit)?, exposure(&unit)?);
+    println!("systemd-analyze security: coordinator {coordinator}, agent {agent}");
+    assert!(coordinator <= 3.0, "coordinator exposure {coordinator}");
     Ok(())
 }
 
