@@ -168,6 +168,152 @@ fn coordinator_kill9_loses_nothing_and_runs_nothing_twice() -> TestResult {
     Ok(())
 }
 
+/// D1: the coordinator is SIGKILLed at random moments (0-500 ms after it is
+/// back) while 4 clients submit and 4 stand-in agents claim and report
+/// (with their claims). Every submission answered 201 exists afterwards;
+/// every report answered without error left its job terminal with that
+/// outcome; integrity_check is ok. `DROVER_D1_KILLS` (5) sets the number of
+/// kills (100 for the nightly scale); `DROVER_D1_SEED` replays the moments.
+#[test]
+fn coordinator_killed_at_random_moments_keeps_every_acknowledged_write() -> TestResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let kills = env_or("DROVER_D1_KILLS", 5);
+    let seed = env_or(
+        "DROVER_D1_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64
+            | 1,
+    );
+    println!("D1: {kills} kills, seed {seed}");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir()?;
+    let mut coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let url = coord.url.clone();
+    let stop = AtomicBool::new(false);
+    let submitted: Mutex<Vec<i64>> = Mutex::default();
+    let reported: Mutex<Vec<(i64, &'static str)>> = Mutex::default();
+    let agents: Vec<FakeAgent> = (0..4)
+        .map(|i| FakeAgent::register(&coord.api(), &format!("d1-{i}")))
+        .collect::<TestResult<_>>()?;
+    let mut back_in = Vec::new();
+    std::thread::scope(|s| -> TestResult {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let api = Api::new(&url);
+                while !stop.load(Ordering::Relaxed) {
+                    let spec = json!({"command": ["true"], "max_attempts": 1});
+                    match api.admin("POST", "/api/v1/jobs", Some(&spec)) {
+                        Ok(r) if r.status == 201 => {
+                            if let (Some(id), Ok(mut v)) = (r.body["id"].as_i64(), submitted.lock())
+                            {
+                                v.push(id);
+                            }
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            });
+        }
+        for agent in &agents {
+            let (stop, reported, url) = (&stop, &reported, &url);
+            s.spawn(move || {
+                let api = Api::new(url);
+                let outcome = |job: i64| if job % 2 == 0 { "succeeded" } else { "failed" };
+                // Claimed and not yet answered; reports ride on the next claim.
+                let mut held: Vec<(i64, i64)> = Vec::new();
+                let mut beat = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if beat.elapsed() > Duration::from_millis(500) {
+                        let _ = agent.heartbeat(&api, &held);
+                        beat = Instant::now();
+                    }
+                    let reports: Vec<_> = held
+                        .iter()
+                        .map(|&(j, a)| json!({"job_id": j, "attempt": a, "outcome": outcome(j),
+                                              "exit_code": if outcome(j) == "failed" { 1 } else { 0 }}))
+                        .collect();
+                    match agent.claim_reporting(&api, 1, json!(reports)) {
+                        Ok(r) if r.status == 200 => {
+                            for answer in r.body["completed"].as_array().into_iter().flatten() {
+                                let job = answer["job_id"].as_i64().unwrap_or(0);
+                                if answer["error"].is_null() {
+                                    if let Ok(mut v) = reported.lock() {
+                                        v.push((job, outcome(job)));
+                                    }
+                                }
+                            }
+                            held.clear();
+                            for j in r.body["jobs"].as_array().into_iter().flatten() {
+                                held.push((
+                                    j["job_id"].as_i64().unwrap_or(0),
+                                    j["attempt"].as_i64().unwrap_or(0),
+                                ));
+                            }
+                        }
+                        Ok(r) if r.status == 204 => {}
+                        // Down, restarting, or refused: keep the reports.
+                        _ => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            });
+        }
+        let result = (|| -> TestResult {
+            for _ in 0..kills {
+                std::thread::sleep(Duration::from_millis(rng.below(500)));
+                coord.kill9();
+                let t = Instant::now();
+                coord.restart()?;
+                wait_for("/healthz", Duration::from_secs(20), || {
+                    Ok(coord.api().healthy().then_some(()))
+                })?;
+                back_in.push(t.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    coord.kill9();
+    let submitted = submitted.into_inner().map_err(|e| e.to_string())?;
+    let reported = reported.into_inner().map_err(|e| e.to_string())?;
+    let conn = rusqlite::Connection::open(coord.db_path())?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    let mut status = conn.prepare("SELECT status FROM jobs WHERE id = ?1")?;
+    let mut status_of = |id: i64| -> Option<String> { status.query_row([id], |r| r.get(0)).ok() };
+    let lost: Vec<i64> = submitted
+        .iter()
+        .copied()
+        .filter(|&id| status_of(id).is_none())
+        .collect();
+    let wrong: Vec<(i64, &str, Option<String>)> = reported
+        .iter()
+        .map(|&(id, outcome)| (id, outcome, status_of(id)))
+        .filter(|(_, outcome, now)| now.as_deref() != Some(*outcome))
+        .collect();
+    back_in.sort_by(f64::total_cmp);
+    println!(
+        "{} submissions acknowledged, {} reports acknowledged; kill -> /healthz again p50 {:.2} s, max {:.2} s; \
+         lost {}, reports not standing {}, integrity {integrity}",
+        submitted.len(),
+        reported.len(),
+        pct(&back_in, 0.5),
+        pct(&back_in, 1.0),
+        lost.len(),
+        wrong.len()
+    );
+    assert!(lost.is_empty(), "acknowledged submissions lost: {lost:?}");
+    assert!(
+        wrong.is_empty(),
+        "acknowledged reports not standing: {wrong:?}"
+    );
+    assert_eq!(integrity, "ok");
+    assert!(!reported.is_empty(), "the agents reported jobs");
+    Ok(())
+}
+
 #[test]
 fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -271,6 +417,94 @@ fn a_database_locked_from_outside_answers_503_then_recovers() -> TestResult {
         all.body["jobs"].as_array().map(|a| a.len()),
         Some(2),
         "the refused submission left nothing"
+    );
+    Ok(())
+}
+
+/// D6: an online backup (`VACUUM INTO`, as an operator's sqlite3 would run
+/// it) taken while jobs are submitted and run holds every job acknowledged
+/// before it began, passes integrity_check, and a fresh coordinator started
+/// on it re-queues the jobs it finds running once the restart grace is over.
+#[test]
+fn an_online_backup_under_load_holds_every_acknowledged_job_and_restores() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let _agent = Agent::start(&coord.url, dir.path(), "b", &["--slots", "4"])?;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let submitter = {
+        let (acked, stop, url) = (acked.clone(), stop.clone(), coord.url.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let api = Api::new(&url);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = api
+                    .submit(&json!({"command": ["sleep", "0.3"]}))
+                    .map_err(|e| e.to_string())?;
+                acked.lock().map_err(|e| e.to_string())?.push(id);
+            }
+            Ok(())
+        })
+    };
+    let api = coord.api();
+    wait_for("jobs running", Duration::from_secs(20), || {
+        Ok((api.jobs("running")?.len() >= 2).then_some(()))
+    })?;
+    let before: Vec<i64> = acked.lock().map_err(|e| e.to_string())?.clone();
+    let restored = dir.path().join("restored");
+    std::fs::create_dir(&restored)?;
+    let backup = restored.join("drover.db");
+    let t = Instant::now();
+    rusqlite::Connection::open(coord.db_path())?
+        .execute("VACUUM INTO ?1", [backup.to_string_lossy()])?;
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    submitter.join().map_err(|_| "submitter panicked")??;
+    let total = acked.lock().map_err(|e| e.to_string())?.len();
+    let conn = rusqlite::Connection::open(&backup)?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    assert_eq!(integrity, "ok");
+    let mut stmt = conn.prepare("SELECT count(*) FROM jobs WHERE id = ?1")?;
+    let missing: Vec<i64> = before
+        .iter()
+        .copied()
+        .filter(|id| stmt.query_row([id], |r| r.get::<_, i64>(0)).ok() != Some(1))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged before the backup, missing: {missing:?}"
+    );
+    let running: i64 = conn.query_row(
+        "SELECT count(*) FROM jobs WHERE status = 'running'",
+        [],
+        |r| r.get(0),
+    )?;
+    drop(stmt);
+    drop(conn);
+    println!(
+        "backup in {:.0} ms under load: {} jobs acknowledged before it, {total} in all; {running} running in the copy",
+        took.as_secs_f64() * 1000.0,
+        before.len()
+    );
+    assert!(running > 0, "the backup was taken while jobs ran");
+    // The restored coordinator has no agent: after its grace, the jobs it
+    // found running are queued again, nothing is lost.
+    let second = Coordinator::start(&restored, &["--lease-ttl", "3", "--restart-grace", "1"])?;
+    let api2 = second.api();
+    wait_for("running jobs re-queued", Duration::from_secs(20), || {
+        Ok(api2.jobs("running")?.is_empty().then_some(()))
+    })?;
+    let stats = api2.admin("GET", "/api/v1/stats", None)?;
+    let jobs = &stats.body["jobs"];
+    let sum: u64 = ["queued", "running", "succeeded", "failed", "cancelled"]
+        .iter()
+        .filter_map(|s| jobs[*s].as_u64())
+        .sum();
+    assert!(sum as usize >= before.len(), "{}", stats.text);
+    assert!(
+        jobs["queued"].as_u64().unwrap_or(0) >= running as u64,
+        "{}",
+        stats.text
     );
     Ok(())
 }

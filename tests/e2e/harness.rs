@@ -402,3 +402,99 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A number from the environment (a test's scale knob), or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// xorshift64*: enough randomness for choosing victims, replayable by seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % n.max(1)
+    }
+}
+
+/// A fake agent speaking the HTTP protocol, for races a real agent
+/// cannot be made to run on cue.
+pub struct FakeAgent {
+    pub token: String,
+    pub incarnation: String,
+}
+
+impl FakeAgent {
+    pub fn register(api: &Api, name: &str) -> TestResult<FakeAgent> {
+        let body = serde_json::json!({"name": name, "machine_id": format!("fake-{name}"),
+                          "inventory": {"hostname": name, "cpu_cores": 1, "memory_mb": 1024}});
+        let r = api.call(
+            "POST",
+            "/api/v1/agents/register",
+            Some(SECRET),
+            Some(body.to_string().as_bytes()),
+        )?;
+        if r.status != 200 {
+            return Err(format!("register answered {}: {}", r.status, r.text).into());
+        }
+        let agent = FakeAgent {
+            token: r.body["token"].as_str().ok_or("no token")?.to_string(),
+            incarnation: format!("inc-{name}"),
+        };
+        agent.heartbeat(api, &[])?;
+        Ok(agent)
+    }
+
+    pub fn heartbeat(&self, api: &Api, leases: &[(i64, i64)]) -> TestResult<Reply> {
+        let leases: Vec<Value> = leases
+            .iter()
+            .map(|(j, a)| serde_json::json!({"job_id": j, "attempt": a}))
+            .collect();
+        let body = serde_json::json!({"incarnation": self.incarnation, "leases": leases});
+        api.call(
+            "POST",
+            "/api/v1/agents/heartbeat",
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
+    }
+
+    pub fn claim(&self, api: &Api, wait: u64) -> TestResult<Reply> {
+        self.claim_with(
+            api,
+            wait,
+            serde_json::json!({"incarnation": self.incarnation}),
+        )
+    }
+
+    /// A claim that reports attempts that ended.
+    pub fn claim_reporting(&self, api: &Api, wait: u64, completed: Value) -> TestResult<Reply> {
+        let body = serde_json::json!({"incarnation": self.incarnation, "completed": completed});
+        self.claim_with(api, wait, body)
+    }
+
+    pub fn claim_with(&self, api: &Api, wait: u64, body: Value) -> TestResult<Reply> {
+        api.call(
+            "POST",
+            &format!("/api/v1/agents/claim?wait={wait}"),
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
+    }
+
+    pub fn complete(&self, api: &Api, job: i64, attempt: i64, outcome: &str) -> TestResult<Reply> {
+        let body = serde_json::json!({"attempt": attempt, "outcome": outcome, "exit_code": 0});
+        api.call(
+            "POST",
+            &format!("/api/v1/jobs/{job}/complete"),
+            Some(&self.token),
+            Some(body.to_string().as_bytes()),
+        )
+    }
+}

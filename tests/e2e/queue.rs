@@ -1,7 +1,7 @@
 //! Jobs flow through real agents; claims never hand one job out twice.
 
 use crate::harness::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,78 +62,6 @@ fn three_agents_run_200_jobs_exactly_once() -> TestResult {
     assert_eq!(log.status, 200);
     assert_eq!(log.text, "out-7\n");
     Ok(())
-}
-
-/// A fake agent speaking the HTTP protocol, for races a real agent
-/// cannot be made to run on cue.
-struct FakeAgent {
-    token: String,
-    incarnation: String,
-}
-
-impl FakeAgent {
-    fn register(api: &Api, name: &str) -> TestResult<FakeAgent> {
-        let body = json!({"name": name, "machine_id": format!("fake-{name}"),
-                          "inventory": {"hostname": name, "cpu_cores": 1, "memory_mb": 1024}});
-        let r = api.call(
-            "POST",
-            "/api/v1/agents/register",
-            Some(SECRET),
-            Some(body.to_string().as_bytes()),
-        )?;
-        if r.status != 200 {
-            return Err(format!("register answered {}: {}", r.status, r.text).into());
-        }
-        let agent = FakeAgent {
-            token: r.body["token"].as_str().ok_or("no token")?.to_string(),
-            incarnation: format!("inc-{name}"),
-        };
-        agent.heartbeat(api, &[])?;
-        Ok(agent)
-    }
-
-    fn heartbeat(&self, api: &Api, leases: &[(i64, i64)]) -> TestResult<Reply> {
-        let leases: Vec<Value> = leases
-            .iter()
-            .map(|(j, a)| json!({"job_id": j, "attempt": a}))
-            .collect();
-        let body = json!({"incarnation": self.incarnation, "leases": leases});
-        api.call(
-            "POST",
-            "/api/v1/agents/heartbeat",
-            Some(&self.token),
-            Some(body.to_string().as_bytes()),
-        )
-    }
-
-    fn claim(&self, api: &Api, wait: u64) -> TestResult<Reply> {
-        self.claim_with(api, wait, json!({"incarnation": self.incarnation}))
-    }
-
-    /// A claim that reports attempts that ended.
-    fn claim_reporting(&self, api: &Api, wait: u64, completed: Value) -> TestResult<Reply> {
-        let body = json!({"incarnation": self.incarnation, "completed": completed});
-        self.claim_with(api, wait, body)
-    }
-
-    fn claim_with(&self, api: &Api, wait: u64, body: Value) -> TestResult<Reply> {
-        api.call(
-            "POST",
-            &format!("/api/v1/agents/claim?wait={wait}"),
-            Some(&self.token),
-            Some(body.to_string().as_bytes()),
-        )
-    }
-
-    fn complete(&self, api: &Api, job: i64, attempt: i64, outcome: &str) -> TestResult<Reply> {
-        let body = json!({"attempt": attempt, "outcome": outcome, "exit_code": 0});
-        api.call(
-            "POST",
-            &format!("/api/v1/jobs/{job}/complete"),
-            Some(&self.token),
-            Some(body.to_string().as_bytes()),
-        )
-    }
 }
 
 #[test]
