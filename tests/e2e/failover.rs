@@ -314,6 +314,93 @@ fn coordinator_killed_at_random_moments_keeps_every_acknowledged_write() -> Test
     Ok(())
 }
 
+/// U1: the coordinator is SIGKILLed with 10 jobs running on 5 agents, and 2
+/// of the agents die with it for good. At start every lease is re-based to
+/// now + grace: the 3 live agents re-attach and none of their jobs is
+/// re-queued; the dead agents' jobs are re-queued once the grace is over,
+/// not before, and run again on the live ones.
+#[test]
+fn a_restarted_coordinator_keeps_live_agents_jobs_and_requeues_dead_ones_after_grace() -> TestResult
+{
+    let dir = tempfile::tempdir()?;
+    let grace = 6.0;
+    let mut coord = Coordinator::start(
+        dir.path(),
+        &["--auto-approve", "--lease-ttl", "3", "--restart-grace", "6"],
+    )?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let mut agents: Vec<Agent> = (0..5)
+        .map(|i| Agent::start(&coord.url, dir.path(), &format!("u{i}"), &["--slots", "2"]))
+        .collect::<TestResult<_>>()?;
+    let ids: Vec<i64> = (0..10)
+        .map(|_| api.submit(&json!({"command": crate::checker::recorded(&runs, "sleep 8")})))
+        .collect::<TestResult<_>>()?;
+    let running = wait_for("10 jobs running", Duration::from_secs(30), || {
+        let r = api.jobs("running")?;
+        Ok((r.len() == 10).then_some(r))
+    })?;
+    let dead: Vec<i64> = agents[3..]
+        .iter()
+        .map(|a| a.worker_id())
+        .collect::<TestResult<_>>()?;
+    let on_dead: Vec<i64> = running
+        .iter()
+        .filter(|j| dead.contains(&j["worker_id"].as_i64().unwrap_or(0)))
+        .filter_map(|j| j["id"].as_i64())
+        .collect();
+    assert_eq!(on_dead.len(), 4, "2 slots on each dead agent");
+    agents[3].kill9();
+    agents[4].kill9();
+    coord.kill9();
+    coord.restart()?;
+    let restarted = Instant::now();
+    let api = coord.api();
+    // When each dead agent's job is given up (its attempt 1 ends).
+    let mut released: HashMap<i64, f64> = HashMap::new();
+    wait_for("all 10 jobs to succeed", Duration::from_secs(60), || {
+        for id in &on_dead {
+            let job = api.job(*id)?;
+            if !released.contains_key(id)
+                && (job["status"] == "queued" || job["attempt"].as_i64() != Some(1))
+            {
+                released.insert(*id, restarted.elapsed().as_secs_f64());
+            }
+        }
+        let failed = api.jobs("failed")?;
+        if !failed.is_empty() {
+            return Err(format!("a job failed: {}", failed[0]).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        Ok((api.jobs("succeeded")?.len() == 10).then_some(()))
+    })?;
+    coord.kill9();
+    let report = crate::checker::check(&coord.db_path(), &runs, &ids.iter().copied().collect())?;
+    println!("{report}");
+    report.assert_valid();
+    let times: Vec<f64> = on_dead
+        .iter()
+        .filter_map(|id| released.get(id))
+        .copied()
+        .collect();
+    println!("dead agents' jobs re-queued {times:.1?} s after the restart (grace {grace} s)");
+    assert_eq!(times.len(), 4);
+    assert!(
+        times.iter().all(|t| *t >= grace - 0.5),
+        "re-queued before the grace ended: {times:?}"
+    );
+    // The live agents' jobs ran once, as attempt 1: nothing spurious.
+    let starts = read_lines(&runs);
+    for id in ids.iter().filter(|id| !on_dead.contains(id)) {
+        let theirs: Vec<&String> = starts
+            .iter()
+            .filter(|l| l.starts_with(&format!("start {id} ")))
+            .collect();
+        assert_eq!(theirs, vec![&format!("start {id} 1")], "job {id}");
+    }
+    Ok(())
+}
+
 #[test]
 fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
