@@ -327,7 +327,8 @@ fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {sync};
          PRAGMA foreign_keys = ON;
-         PRAGMA journal_size_limit = 67108864;"
+         PRAGMA journal_size_limit = 67108864;
+         PRAGMA temp_store = MEMORY;"
     ))
     .map_err(|e| format!("setting pragmas: {e}"))?;
     let check: String = conn
