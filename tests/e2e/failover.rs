@@ -4,6 +4,7 @@
 use crate::harness::*;
 use serde_json::json;
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -593,6 +594,69 @@ fn an_online_backup_under_load_holds_every_acknowledged_job_and_restores() -> Te
         "{}",
         stats.text
     );
+    Ok(())
+}
+
+/// D4: the disk holding the database fills up. A failpoint preloaded into
+/// the coordinator (`tests/e2e/fixtures/enospc.c`) fails every write to the
+/// database files with ENOSPC while a flag file exists. Writes answer 503
+/// `storage_full`, nothing is half-written, reads keep working, and the first
+/// write after space is back succeeds, without a restart.
+#[test]
+fn a_full_disk_answers_503_keeps_reads_and_recovers_without_a_restart() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let lib = dir.path().join("libenospc.so");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/fixtures/enospc.c");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-ldl")
+        .output();
+    if !built.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("skipped: no C compiler to build the ENOSPC failpoint: {built:?}");
+        return Ok(());
+    }
+    let flag = dir.path().join("disk-full");
+    let db = dir.path().join("drover.db");
+    let coord = Coordinator::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("LD_PRELOAD", &lib.to_string_lossy()),
+            ("DROVER_ENOSPC_FLAG", &flag.to_string_lossy()),
+            ("DROVER_ENOSPC_PATH", &db.to_string_lossy()),
+        ],
+    )?;
+    let api = coord.api();
+    let before = api.submit(&json!({"command": ["true"]}))?;
+    std::fs::write(&flag, "")?;
+    let one = api.admin("POST", "/api/v1/jobs", Some(&json!({"command": ["true"]})))?;
+    assert_eq!(
+        (one.status, one.code()),
+        (503, "storage_full"),
+        "{}",
+        one.text
+    );
+    let batch: Vec<_> = (0..50).map(|_| json!({"command": ["true"]})).collect();
+    let many = api.admin("POST", "/api/v1/jobs", Some(&json!(batch)))?;
+    assert_eq!(
+        (many.status, many.code()),
+        (503, "storage_full"),
+        "{}",
+        many.text
+    );
+    // Reads keep working, and the refused writes left nothing.
+    assert!(api.healthy());
+    assert_eq!(api.job(before)?["status"], "queued");
+    assert_eq!(api.jobs("queued")?.len(), 1, "nothing half-written");
+    std::fs::remove_file(&flag)?;
+    let after = api.submit(&json!({"command": ["true"]}))?;
+    assert_eq!(api.job(after)?["status"], "queued");
+    assert_eq!(api.jobs("queued")?.len(), 2);
+    let conn = rusqlite::Connection::open(&db)?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    assert_eq!(integrity, "ok");
     Ok(())
 }
 

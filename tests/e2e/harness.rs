@@ -77,18 +77,32 @@ pub struct Coordinator {
     pub port: u16,
     pub url: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     starts: usize,
 }
 
 impl Coordinator {
     /// Starts a coordinator with a fresh database in `dir`, auto-approving.
     pub fn start(dir: &Path, extra: &[&str]) -> TestResult<Coordinator> {
+        Coordinator::start_with_env(dir, extra, &[])
+    }
+
+    /// The same, with extra environment variables for the process.
+    pub fn start_with_env(
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestResult<Coordinator> {
         let mut c = Coordinator {
             child: None,
             dir: dir.to_path_buf(),
             port: 0,
             url: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
         };
         c.spawn()?;
@@ -110,6 +124,7 @@ impl Coordinator {
             .arg(format!("127.0.0.1:{}", self.port))
             .args(["--admin-token", ADMIN, "--registration-secret", SECRET])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
