@@ -5,7 +5,7 @@ use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn three_agents_run_200_jobs_exactly_once() -> TestResult {
@@ -177,17 +177,24 @@ fn a_lease_whose_claim_reply_was_lost_is_released_by_the_next_heartbeats() -> Te
     Ok(())
 }
 
+/// C2: many agents long-poll, one job at a time is submitted: exactly one
+/// agent gets each job, as attempt 1. 100 agents and 100 jobs by default
+/// (`DROVER_C2_AGENTS`, `DROVER_C2_JOBS` for the nightly 200); prints the
+/// submit -> claim reply latency.
 #[test]
-fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
+fn parked_agents_race_for_each_job_and_one_wins() -> TestResult {
+    let n_agents = env_or("DROVER_C2_AGENTS", 100) as usize;
+    let n_jobs = env_or("DROVER_C2_JOBS", 100) as usize;
     let dir = tempfile::tempdir()?;
     let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
     let api = coord.api();
-    let racers = [
-        FakeAgent::register(&api, "r1")?,
-        FakeAgent::register(&api, "r2")?,
-    ];
+    let racers: Vec<FakeAgent> = (0..n_agents)
+        .map(|i| FakeAgent::register(&api, &format!("r{i}")))
+        .collect::<TestResult<_>>()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let grants: Arc<Mutex<Vec<(usize, i64, i64)>>> = Arc::default();
+    // (agent, job, attempt, when the claim reply arrived)
+    let grants: Arc<Mutex<Vec<(usize, i64, i64, Instant)>>> = Arc::default();
+    let mut submitted: HashMap<i64, Instant> = HashMap::new();
     std::thread::scope(|s| -> TestResult {
         let mut handles = Vec::new();
         for (n, agent) in racers.iter().enumerate() {
@@ -196,6 +203,7 @@ fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
                 let api = Api::new(&url);
                 while !stop.load(Ordering::Relaxed) {
                     let r = agent.claim(&api, 2).map_err(|e| e.to_string())?;
+                    let at = Instant::now();
                     match r.status {
                         204 => continue,
                         200 => {
@@ -208,7 +216,7 @@ fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
                             grants
                                 .lock()
                                 .map_err(|e| e.to_string())?
-                                .push((n, job, attempt));
+                                .push((n, job, attempt, at));
                             let c = agent
                                 .complete(&api, job, attempt, "succeeded")
                                 .map_err(|e| e.to_string())?;
@@ -223,8 +231,20 @@ fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
             }));
         }
         let result = (|| -> TestResult {
-            for _ in 0..100 {
+            // Every racer parked before the first job.
+            wait_for("all racers parked", Duration::from_secs(30), || {
+                let m = api.call("GET", "/metrics", None, None)?;
+                let waiting = m
+                    .text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("drover_agents_waiting "))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                Ok((waiting == Some(n_agents)).then_some(()))
+            })?;
+            for _ in 0..n_jobs {
+                let t = Instant::now();
                 let id = api.submit(&json!({"command": ["true"]}))?;
+                submitted.insert(id, t);
                 wait_for(
                     "the job to be taken and finished",
                     Duration::from_secs(10),
@@ -240,16 +260,28 @@ fn two_parked_agents_race_for_each_job_and_one_wins() -> TestResult {
         result
     })?;
     let grants = grants.lock().map_err(|e| e.to_string())?;
-    assert_eq!(grants.len(), 100, "one grant per job");
+    assert_eq!(grants.len(), n_jobs, "one grant per job");
     let jobs: HashSet<i64> = grants.iter().map(|g| g.1).collect();
-    assert_eq!(jobs.len(), 100, "no job granted twice");
+    assert_eq!(jobs.len(), n_jobs, "no job granted twice");
     assert!(
         grants.iter().all(|g| g.2 == 1),
         "every grant is the first attempt"
     );
-    let wins: Vec<usize> = (0..2)
-        .map(|n| grants.iter().filter(|g| g.0 == n).count())
+    let mut waits: Vec<f64> = grants
+        .iter()
+        .filter_map(|g| {
+            submitted
+                .get(&g.1)
+                .map(|t| (g.3 - *t).as_secs_f64() * 1000.0)
+        })
         .collect();
-    println!("race wins per agent: {wins:?}");
+    waits.sort_by(f64::total_cmp);
+    let winners: HashSet<usize> = grants.iter().map(|g| g.0).collect();
+    println!(
+        "{n_agents} parked agents, {n_jobs} jobs: {} distinct winners; submit -> claim reply p50 {:.1} ms, p99 {:.1} ms",
+        winners.len(),
+        pct(&waits, 0.5),
+        pct(&waits, 0.99)
+    );
     Ok(())
 }
