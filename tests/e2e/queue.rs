@@ -193,7 +193,8 @@ fn parked_agents_race_for_each_job_and_one_wins() -> TestResult {
         .collect::<TestResult<_>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     // (agent, job, attempt, when the claim reply arrived)
-    let grants: Arc<Mutex<Vec<(usize, i64, i64, Instant)>>> = Arc::default();
+    type Grant = (usize, i64, i64, Instant);
+    let grants: Arc<Mutex<Vec<Grant>>> = Arc::default();
     let mut submitted: HashMap<i64, Instant> = HashMap::new();
     std::thread::scope(|s| -> TestResult {
         let mut handles = Vec::new();
