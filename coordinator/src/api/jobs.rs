@@ -59,8 +59,7 @@ pub async fn submit(
         vec![parse_json::<JobSpec>(&bytes)?.validate()?]
     };
     let results = app
-        .db
-        .write(move |c, now| {
+        .write_waking(move |c, now| {
             specs
                 .iter()
                 .enumerate()
@@ -76,9 +75,6 @@ pub async fn submit(
         })
         .await?;
     let created = results.iter().any(|(c, _)| *c);
-    if created {
-        app.wake_claimers();
-    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -184,11 +180,9 @@ pub async fn complete(
     check_report(&req, "")?;
     let backoff = ms(app.config.retry_backoff);
     let resp = app
-        .db
-        .write(move |c, now| jobs::complete(c, now, agent.id, id, &req, backoff))
+        .write_waking(move |c, now| jobs::complete(c, now, agent.id, id, &req, backoff))
         .await?;
     if !resp.replay {
-        app.wake_claimers();
         log::info!(
             "job reported job_id={id} worker_id={} status={}",
             agent.id,

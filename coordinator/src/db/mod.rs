@@ -164,6 +164,26 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
+/// A write handed to the writer, not yet committed.
+pub struct Queued<R> {
+    rx: oneshot::Receiver<Result<R, ApiError>>,
+    start: std::time::Instant,
+    write_seconds: Arc<Histogram>,
+}
+
+impl<R> Queued<R> {
+    /// The write's result, once committed (or refused).
+    pub async fn done(self) -> Result<R, ApiError> {
+        let r = self
+            .rx
+            .await
+            .map_err(|_| ApiError::internal("the database writer dropped a request"))?;
+        self.write_seconds
+            .observe(self.start.elapsed().as_secs_f64());
+        r
+    }
+}
+
 /// Handle to the database, cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -235,17 +255,28 @@ impl Db {
         F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
         R: Send + 'static,
     {
+        self.queue(f).await?.done().await
+    }
+
+    /// Hands `f` to the writer and returns once it is queued; `done` waits
+    /// for its commit. Between the two a caller can ask for follow-up work
+    /// that then usually joins the same transaction.
+    pub async fn queue<R, F>(&self, f: F) -> Result<Queued<R>, ApiError>
+    where
+        F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+        R: Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
         let start = std::time::Instant::now();
         self.writer
             .send(Box::new(Op { f, reply }))
             .await
             .map_err(|_| ApiError::internal("the database writer has stopped"))?;
-        let r = rx
-            .await
-            .map_err(|_| ApiError::internal("the database writer dropped a request"))?;
-        self.write_seconds.observe(start.elapsed().as_secs_f64());
-        r
+        Ok(Queued {
+            rx,
+            start,
+            write_seconds: self.write_seconds.clone(),
+        })
     }
 
     /// Checkpoints the WAL into the database file and truncates it, between
@@ -431,7 +462,17 @@ fn writer_loop(
             continue;
         }
         let now = clock.now();
-        let finishers: Vec<Finish> = batch.into_iter().map(|op| op.run(&conn, now)).collect();
+        let mut finishers: Vec<Finish> = batch.into_iter().map(|op| op.run(&conn, now)).collect();
+        // Requests that arrived meanwhile join this transaction (a dispatch
+        // round kicked by a submission, say): one commit for both.
+        let mut maintenance = None;
+        while finishers.len() < MAX_BATCH && maintenance.is_none() {
+            match rx.try_recv() {
+                Ok(op) if op.maintenance() => maintenance = Some(op),
+                Ok(op) => finishers.push(op.run(&conn, clock.now())),
+                Err(_) => break,
+            }
+        }
         let commit_error = match exec(&conn, "COMMIT") {
             Ok(()) => {
                 commits.send_modify(|n| *n = n.wrapping_add(1));
@@ -449,6 +490,9 @@ fn writer_loop(
         };
         for finish in finishers {
             finish(commit_error.clone());
+        }
+        if let Some(op) = maintenance {
+            op.run(&conn, clock.now())(None);
         }
     }
     log::debug!("database writer stopped");
@@ -491,6 +535,28 @@ pub fn json_col(text: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request queued while a transaction runs joins it: one commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_queued_during_a_transaction_shares_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db"), true, Clock::new()).unwrap();
+        let commits = db.commits();
+        let before = *commits.borrow();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let first = db
+            .queue(move |_, _| {
+                let _ = started_tx.send(());
+                std::thread::sleep(Duration::from_millis(100));
+                Ok(1)
+            })
+            .await
+            .unwrap();
+        started_rx.recv().unwrap();
+        let second = db.queue(|_, _| Ok(2)).await.unwrap();
+        assert_eq!((first.done().await.unwrap(), second.done().await.unwrap()), (1, 2));
+        assert_eq!(*commits.borrow() - before, 1, "both in one commit");
+    }
 
     #[test]
     fn schema_has_ordered_migrations() {
