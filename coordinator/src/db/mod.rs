@@ -554,7 +554,10 @@ mod tests {
             .unwrap();
         started_rx.recv().unwrap();
         let second = db.queue(|_, _| Ok(2)).await.unwrap();
-        assert_eq!((first.done().await.unwrap(), second.done().await.unwrap()), (1, 2));
+        assert_eq!(
+            (first.done().await.unwrap(), second.done().await.unwrap()),
+            (1, 2)
+        );
         assert_eq!(*commits.borrow() - before, 1, "both in one commit");
     }
 
