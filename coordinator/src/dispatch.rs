@@ -158,20 +158,31 @@ async fn round(app: &App) -> Result<Option<crate::db::Ms>, crate::error::ApiErro
             undelivered.extend(granted.into_iter().map(|(j, a)| (worker, j, a)));
         }
     }
-    if !undelivered.is_empty() {
-        log::info!(
-            "{} grants could not be delivered (claim gone); re-queued",
-            undelivered.len()
-        );
-        app.db
-            .write(move |c, now| {
-                for (worker, job, attempt) in &undelivered {
-                    jobs::release_undelivered(c, now, *worker, *job, *attempt)?;
-                }
-                Ok(())
-            })
-            .await?;
-        d.kick();
-    }
+    release(app, undelivered).await?;
     Ok(next_ready)
+}
+
+/// Puts back grants whose claim could not take them (it was gone, or it
+/// failed after being answered): (worker, job, attempt).
+pub async fn release(
+    app: &App,
+    grants: Vec<(i64, i64, i64)>,
+) -> Result<(), crate::error::ApiError> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    log::info!(
+        "{} grants could not be delivered (claim gone); re-queued",
+        grants.len()
+    );
+    app.db
+        .write(move |c, now| {
+            for (worker, job, attempt) in &grants {
+                jobs::release_undelivered(c, now, *worker, *job, *attempt)?;
+            }
+            Ok(())
+        })
+        .await?;
+    app.dispatcher.kick();
+    Ok(())
 }

@@ -110,9 +110,11 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
     let r = agent.claim_reporting(&api, 0, json!([ok(b)]))?;
     assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);
     // From a process the coordinator does not know: the claim is refused,
-    // the report is kept, and sending it again replays.
+    // the report is kept, and sending it again replays. A job the freed
+    // slot could take meanwhile goes back to the queue.
     let c = api.submit(&json!({"command": ["true"]}))?;
     assert_eq!(agent.claim(&api, 5)?.body["jobs"][0]["job_id"], c);
+    let d = api.submit(&json!({"command": ["true"]}))?;
     let stranger = json!({"incarnation": "not-this-one", "completed": [ok(c)]});
     let r = agent.claim_with(&api, 0, stranger)?;
     assert_eq!(
@@ -122,8 +124,10 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
         r.text
     );
     assert_eq!(api.job(c)?["status"], "succeeded");
-    let r = agent.claim_reporting(&api, 0, json!([ok(c)]))?;
+    assert_eq!(api.job(d)?["status"], "queued");
+    let r = agent.claim_reporting(&api, 5, json!([ok(c)]))?;
     assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);
+    assert_eq!(r.body["jobs"][0]["job_id"], d, "{}", r.text);
     Ok(())
 }
 

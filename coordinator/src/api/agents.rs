@@ -231,19 +231,19 @@ pub async fn claim(
         incarnation,
         completed,
     } = req;
-    let completed = if completed.is_empty() {
+    let (completed, (ticket, mut answer)) = if completed.is_empty() {
         app.db
             .read(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
             .await?;
-        Vec::new()
+        (Vec::new(), app.dispatcher.park(agent.id))
     } else {
         let backoff = ms(app.config.retry_backoff);
         // The reports stand on their own (an agent's spool may hold some
         // from before a restart): they are recorded even when the
         // incarnation check then refuses the claim, and a resend replays.
-        let (results, checked) = app
+        let queued = app
             .db
-            .write(move |c, now| {
+            .queue(move |c, now| {
                 let results = completed
                     .iter()
                     .map(|done| report(c, now, agent.id, done, backoff))
@@ -254,29 +254,39 @@ pub async fn claim(
                 ))
             })
             .await?;
-        let fresh: Vec<&CompletionResult> = results
-            .iter()
-            .filter(|r| r.error.is_none() && !r.replay)
-            .collect();
-        for r in &fresh {
-            log::info!(
-                "job reported job_id={} worker_id={} status={}",
-                r.job_id,
-                agent.id,
-                r.status.as_deref().unwrap_or("")
-            );
-        }
-        // Freed slots need a dispatch round: parking below asks for one, a
-        // refused claim asks here.
-        if let Err(e) = checked {
-            if !fresh.is_empty() {
-                app.wake_claimers();
+        // Parked before the reports commit: the round this asks for runs
+        // after them in the writer, usually in their transaction, and sees
+        // the slots they freed. One commit for "done, give me more".
+        let (ticket, answer) = app.dispatcher.park(agent.id);
+        let outcome = match queued.done().await {
+            Ok((results, Ok(()))) => Ok(results),
+            Ok((_, Err(e))) | Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(results) => {
+                for r in results.iter().filter(|r| r.error.is_none() && !r.replay) {
+                    log::info!(
+                        "job reported job_id={} worker_id={} status={}",
+                        r.job_id,
+                        agent.id,
+                        r.status.as_deref().unwrap_or("")
+                    );
+                }
+                (results, (ticket, answer))
             }
-            return Err(e);
+            Err(e) => {
+                // Refused after parking: whatever a round granted meanwhile
+                // goes back to the queue.
+                if !app.dispatcher.unpark(agent.id, ticket) {
+                    if let Ok(resp) = answer.await {
+                        let grants = resp.jobs.iter().map(|a| (agent.id, a.job_id, a.attempt));
+                        crate::dispatch::release(&app, grants.collect()).await?;
+                    }
+                }
+                return Err(e);
+            }
         }
-        results
     };
-    let (ticket, mut answer) = app.dispatcher.park(agent.id);
     let deadline = tokio::time::sleep(Duration::from_secs(wait as u64));
     let granted = tokio::select! {
         r = &mut answer => r.ok(),
