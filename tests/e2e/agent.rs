@@ -223,6 +223,58 @@ fn result_survives_a_coordinator_outage() -> TestResult {
     Ok(())
 }
 
+/// U2: the coordinator is down while jobs finish on two agents, and one
+/// agent is SIGKILLed during the outage and restarted while it lasts. When
+/// the coordinator is back every result arrives: each job succeeded as
+/// attempt 1, ran once, and both spools are empty.
+#[test]
+fn results_survive_an_outage_and_an_agent_killed_during_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let _stays = Agent::start(&coord.url, dir.path(), "stays", &["--slots", "3"])?;
+    let mut killed = Agent::start(&coord.url, dir.path(), "killed", &["--slots", "3"])?;
+    let ids: Vec<i64> = (0..6)
+        .map(|_| api.submit(&json!({"command": crate::checker::recorded(&runs, "sleep 1")})))
+        .collect::<TestResult<_>>()?;
+    wait_for("6 jobs running", Duration::from_secs(30), || {
+        Ok((api.jobs("running")?.len() == 6).then_some(()))
+    })?;
+    coord.kill9();
+    // The jobs end during the outage; their reports wait in the spools.
+    let spool = |name: &str| dir.path().join(format!("agent-{name}")).join("spool");
+    wait_for("3 reports in the spool", Duration::from_secs(20), || {
+        Ok((std::fs::read_dir(spool("killed"))?.count() == 3).then_some(()))
+    })?;
+    killed.kill9();
+    let _restarted = Agent::start(&coord.url, dir.path(), "killed", &["--slots", "3"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    coord.restart()?;
+    let api = coord.api();
+    wait_for("all 6 results", Duration::from_secs(30), || {
+        Ok((api.jobs("succeeded")?.len() == 6).then_some(()))
+    })?;
+    for id in &ids {
+        assert_eq!(api.job(*id)?["attempt"], 1, "job {id}");
+    }
+    wait_for("both spools empty", Duration::from_secs(10), || {
+        let left = std::fs::read_dir(spool("killed"))?.count()
+            + std::fs::read_dir(spool("stays"))?.count();
+        Ok((left == 0).then_some(()))
+    })?;
+    coord.kill9();
+    let report = crate::checker::check(&coord.db_path(), &runs, &ids.iter().copied().collect())?;
+    println!("{report}");
+    report.assert_valid();
+    let starts = read_lines(&runs)
+        .iter()
+        .filter(|l| l.starts_with("start "))
+        .count();
+    assert_eq!(starts, 6, "every job ran once");
+    Ok(())
+}
+
 #[test]
 fn sigterm_hands_running_jobs_back_without_spending_an_attempt() -> TestResult {
     let dir = tempfile::tempdir()?;
