@@ -234,6 +234,17 @@ fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> 
 fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static str, ApiError> {
     let cur = current(conn, job_id)?
         .ok_or_else(|| ApiError::internal(format!("job {job_id} vanished while finishing")))?;
+    finish_from(conn, now, job_id, cur, end)
+}
+
+/// `finish`, for a caller that has just read the job's state.
+fn finish_from(
+    conn: &Connection,
+    now: Ms,
+    job_id: i64,
+    cur: Current,
+    end: End,
+) -> Result<&'static str, ApiError> {
     let worker_id = cur.worker_id.unwrap_or_default();
     let mut attempts_used = cur.attempts_used;
     let mut lease_losses = cur.lease_losses;
@@ -398,7 +409,7 @@ pub fn complete(
     let cur = current(conn, job_id)?
         .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     if cur.status == "running" && cur.attempt == req.attempt && cur.worker_id == Some(worker_id) {
-        let status = finish(conn, now, job_id, End::Reported { req, retry_backoff })?;
+        let status = finish_from(conn, now, job_id, cur, End::Reported { req, retry_backoff })?;
         return Ok(CompleteResponse {
             status: status.to_string(),
             replay: false,
