@@ -70,6 +70,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     if let Some(warning) = cleartext_warning(addr, tls.is_some()) {
         log::warn!("{warning}");
     }
+    let files = raise_open_files_limit();
+    if let Some(n) = files.filter(|n| *n < config.max_connections as u64 + 64) {
+        log::warn!(
+            "the open-file limit is {n}, below --max-connections {} + 64: connections past it will fail; raise it (LimitNOFILE=, ulimit -n)",
+            config.max_connections
+        );
+    }
     let max_connections = config.max_connections;
     let app = Arc::new(App::new(db, config));
     let sweeper = tokio::spawn(sweep::run(app.clone()));
@@ -86,6 +93,32 @@ pub async fn run(config: Config) -> Result<(), String> {
     dispatcher.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())
+}
+
+/// Every connection is an open file, and many shells start processes with
+/// a soft limit of 1,024: raise it to the hard limit (as nginx and Go's
+/// runtime do). Returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    Some(lim.rlim_cur as u64)
 }
 
 /// Plain HTTP beyond loopback sends every token in the clear: say so.

@@ -1,7 +1,7 @@
 //! Jobs flow through real agents; claims never hand one job out twice.
 
 use crate::harness::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -288,5 +288,80 @@ fn parked_agents_race_for_each_job_and_one_wins() -> TestResult {
         pct(&waits, 0.5),
         pct(&waits, 0.99)
     );
+    Ok(())
+}
+
+/// C4: 1,000 simulated agents (`drover-agent simulate`) keep claims parked
+/// and heartbeat while an admin reads and submits: long-polls starve
+/// nothing and nothing answers 5xx. `DROVER_C4_AGENTS` sets the count.
+#[test]
+fn a_thousand_parked_claims_starve_nothing() -> TestResult {
+    let n = env_or("DROVER_C4_AGENTS", 1000);
+    // Two connections per agent in the simulator: more files than the usual
+    // soft limit of 1,024 (the coordinator raises its own).
+    coordinator::raise_open_files_limit();
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--max-connections", "8000"])?;
+    let api = coord.api();
+    let sim = std::process::Command::new(agent_bin())
+        .args(["simulate", "--agents", &n.to_string(), "--duration", "20"])
+        .args(["--coordinator", &coord.url, "--registration-secret", SECRET])
+        .arg("--state-dir")
+        .arg(dir.path().join("sim"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_for(
+        "every simulated agent parked",
+        Duration::from_secs(60),
+        || {
+            let m = api.call("GET", "/metrics", None, None)?;
+            let waiting = m
+                .text
+                .lines()
+                .find_map(|l| l.strip_prefix("drover_agents_waiting "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            Ok((waiting >= Some(n)).then_some(()))
+        },
+    )?;
+    let mut latency: Vec<f64> = Vec::new();
+    let mut server_errors = Vec::new();
+    let job = json!({"command": ["true"]});
+    for _ in 0..100 {
+        for (method, path, body) in [
+            ("GET", "/healthz", None),
+            ("GET", "/api/v1/jobs?limit=20", None),
+            ("GET", "/api/v1/stats", None),
+            ("POST", "/api/v1/jobs", Some(&job)),
+        ] {
+            let t = Instant::now();
+            let r = api.admin(method, path, body)?;
+            latency.push(t.elapsed().as_secs_f64() * 1000.0);
+            if r.status >= 500 {
+                server_errors.push(format!("{method} {path}: {} {}", r.status, r.text));
+            }
+        }
+    }
+    let out = sim.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or(format!("no summary from simulate: {stdout}"))?;
+    latency.sort_by(f64::total_cmp);
+    println!(
+        "{n} parked claims: admin requests p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; heartbeats {} p99 {:.1} ms; simulator errors {}",
+        pct(&latency, 0.5),
+        pct(&latency, 0.99),
+        pct(&latency, 1.0),
+        summary["heartbeats"],
+        summary["heartbeat_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        summary["errors"]
+    );
+    assert!(server_errors.is_empty(), "{server_errors:?}");
+    assert_eq!(summary["agents"], n, "{summary}");
+    assert_eq!(summary["errors"], 0, "{summary}");
     Ok(())
 }
