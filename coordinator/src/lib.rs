@@ -118,7 +118,7 @@ pub fn raise_open_files_limit() -> Option<u64> {
             }
         }
     }
-    Some(lim.rlim_cur as u64)
+    Some(lim.rlim_cur)
 }
 
 /// Plain HTTP beyond loopback sends every token in the clear: say so.
