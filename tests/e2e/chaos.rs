@@ -20,13 +20,7 @@ use std::time::{Duration, Instant};
 fn chaos_run_loses_nothing_and_completes_nothing_twice() -> TestResult {
     let n_jobs = env_or("DROVER_CHAOS_JOBS", 300) as usize;
     let n_agents = env_or("DROVER_CHAOS_AGENTS", 4) as usize;
-    let seed = env_or(
-        "DROVER_CHAOS_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos() as u64
-            | 1,
-    );
+    let seed = seed_from("DROVER_CHAOS_SEED");
     let mut rng = Rng(seed);
     println!("chaos: {n_jobs} jobs, {n_agents} agents x 2 slots, seed {seed}");
     let ttl = 3;

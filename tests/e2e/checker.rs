@@ -79,6 +79,15 @@ impl Report {
     }
 }
 
+/// Checks the history of the jobs `ids`, prints the report and asserts it
+/// is clean.
+pub fn assert_clean(db: &Path, history: &Path, ids: &[i64]) -> TestResult<Report> {
+    let report = check(db, history, &ids.iter().copied().collect())?;
+    println!("{report}");
+    report.assert_valid();
+    Ok(report)
+}
+
 fn first<T: fmt::Debug>(v: &[T]) -> String {
     if v.is_empty() {
         String::new()

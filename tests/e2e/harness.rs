@@ -426,6 +426,16 @@ pub fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A run's random seed: `name` from the environment (to replay a run), else
+/// the clock. Print it.
+pub fn seed_from(name: &str) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    env_or(name, now | 1)
+}
+
 /// xorshift64*: enough randomness for choosing victims, replayable by seed.
 pub struct Rng(pub u64);
 
