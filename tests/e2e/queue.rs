@@ -131,6 +131,89 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
     Ok(())
 }
 
+/// F5: duplicate, conflicting, late and handed-back reports in random
+/// orders (`DROVER_F5_TRIALS`, 200; the nightly 1,000): a repeat of an
+/// accepted report replays, a different one is 409, a report for an attempt
+/// handed back and claimed again is 409 whenever it comes; every job ends
+/// once, with the outcome of the one report that was accepted.
+#[test]
+fn duplicate_late_and_handed_back_reports_in_random_orders() -> TestResult {
+    let trials = env_or("DROVER_F5_TRIALS", 200);
+    let seed = seed_from("DROVER_F5_SEED");
+    println!("F5: {trials} trials, seed {seed}");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let (a, b) = (
+        FakeAgent::register(&api, "a")?,
+        FakeAgent::register(&api, "b")?,
+    );
+    let outcomes = ["succeeded", "failed"];
+    let mut ended: Vec<(i64, &str)> = Vec::new();
+    for _ in 0..trials {
+        let id = api.submit(&json!({"command": ["true"], "max_attempts": 1}))?;
+        assert_eq!(a.claim(&api, 5)?.body["jobs"][0]["job_id"], id);
+        let x = outcomes[rng.below(2) as usize];
+        let y = outcomes[1 - rng.below(2) as usize];
+        match rng.below(3) {
+            // The same report several times: one acceptance, then replays.
+            0 => {
+                for n in 0..2 + rng.below(3) {
+                    let r = a.complete(&api, id, 1, x)?;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    assert_eq!(r.body["replay"], n > 0, "{}", r.text);
+                }
+                ended.push((id, x));
+            }
+            // A second, different report for the same attempt.
+            1 => {
+                assert_eq!(a.complete(&api, id, 1, x)?.status, 200);
+                let r = a.complete(
+                    &api,
+                    id,
+                    1,
+                    if x == "failed" { "succeeded" } else { "failed" },
+                )?;
+                assert_eq!(r.status, 409, "{}", r.text);
+                ended.push((id, x));
+            }
+            // Handed back, claimed by b; a's late reports and b's report in
+            // a random order.
+            _ => {
+                assert_eq!(a.complete(&api, id, 1, "released")?.status, 200);
+                let r = b.claim(&api, 5)?;
+                assert_eq!(r.body["jobs"][0]["attempt"], 2, "{}", r.text);
+                let mut steps = vec![0, 1, 2];
+                for i in (1..steps.len()).rev() {
+                    steps.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+                for step in steps {
+                    let (r, want) = match step {
+                        0 => (a.complete(&api, id, 1, x)?, 409),
+                        1 => (a.complete(&api, id, 1, "released")?, 200),
+                        _ => (b.complete(&api, id, 2, y)?, 200),
+                    };
+                    assert_eq!(r.status, want, "step {step}: {}", r.text);
+                }
+                ended.push((id, y));
+            }
+        }
+    }
+    let conn = rusqlite::Connection::open(coord.db_path())?;
+    let mut endings = conn.prepare(
+        "SELECT count(*) FROM events WHERE job_id = ?1 AND kind IN ('job.succeeded', 'job.failed', 'job.cancelled')",
+    )?;
+    let mut status = conn.prepare("SELECT status FROM jobs WHERE id = ?1")?;
+    for (id, outcome) in &ended {
+        let n: i64 = endings.query_row([id], |r| r.get(0))?;
+        assert_eq!(n, 1, "job {id} ended {n} times");
+        let now: String = status.query_row([id], |r| r.get(0))?;
+        assert_eq!(&now, outcome, "job {id}");
+    }
+    Ok(())
+}
+
 /// F4: the coordinator granted a lease, but its claim reply never reached
 /// the agent. The agent's heartbeats do not list it; one heartbeat interval
 /// after the grant the coordinator releases it (reconciliation), well before
