@@ -214,6 +214,66 @@ fn duplicate_late_and_handed_back_reports_in_random_orders() -> TestResult {
     Ok(())
 }
 
+/// F7c: an admin's cancel races the agent's report of a natural exit, 200
+/// times (`DROVER_F7_RACES`): every cancel and report is answered without a
+/// 5xx, and every job reaches exactly one terminal state.
+#[test]
+fn cancel_racing_a_natural_exit_ends_each_job_once() -> TestResult {
+    let races = env_or("DROVER_F7_RACES", 200);
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let agent = FakeAgent::register(&api, "racer")?;
+    let mut ids = Vec::new();
+    for _ in 0..races {
+        let id = api.submit(&json!({"command": ["true"], "max_attempts": 1}))?;
+        assert_eq!(agent.claim(&api, 5)?.body["jobs"][0]["job_id"], id);
+        let (cancel, report) = std::thread::scope(|s| {
+            let url = coord.url.clone();
+            let cancel = s.spawn(move || {
+                Api::new(&url)
+                    .admin("POST", &format!("/api/v1/jobs/{id}/cancel"), None)
+                    .map_err(|e| e.to_string())
+            });
+            let report = agent.complete(&api, id, 1, "succeeded");
+            (cancel.join(), report)
+        });
+        let cancel = cancel.map_err(|_| "cancel thread panicked")??;
+        let report = report?;
+        assert!(
+            cancel.status < 500 && report.status < 500,
+            "{} / {}",
+            cancel.text,
+            report.text
+        );
+        assert_eq!(
+            report.status, 200,
+            "a report of the live lease is accepted: {}",
+            report.text
+        );
+        ids.push((id, cancel.status));
+    }
+    let conn = rusqlite::Connection::open(coord.db_path())?;
+    let mut endings = conn.prepare(
+        "SELECT count(*) FROM events WHERE job_id = ?1 AND kind IN ('job.succeeded', 'job.failed', 'job.cancelled')",
+    )?;
+    let mut states: HashMap<String, usize> = HashMap::new();
+    for (id, cancel) in &ids {
+        let n: i64 = endings.query_row([id], |r| r.get(0))?;
+        assert_eq!(n, 1, "job {id} ended {n} times");
+        let status = api.job(*id)?["status"].as_str().unwrap_or("").to_string();
+        assert!(
+            status == "succeeded" || status == "cancelled",
+            "job {id}: {status}"
+        );
+        *states
+            .entry(format!("{status}, cancel answered {cancel}"))
+            .or_default() += 1;
+    }
+    println!("{races} cancel/exit races: {states:?}");
+    Ok(())
+}
+
 /// F4: the coordinator granted a lease, but its claim reply never reached
 /// the agent. The agent's heartbeats do not list it; one heartbeat interval
 /// after the grant the coordinator releases it (reconciliation), well before
