@@ -172,7 +172,7 @@ pub async fn release(
         return Ok(());
     }
     log::info!(
-        "{} grants could not be delivered (claim gone); re-queued",
+        "{} grants could not be delivered (claim gone or refused); re-queued",
         grants.len()
     );
     app.db

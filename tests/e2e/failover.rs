@@ -724,43 +724,12 @@ fn mass_expiry_requeues_every_lease_in_batches() -> TestResult {
                 let url = url.clone();
                 s.spawn(move || -> Result<usize, String> {
                     let api = Api::new(&url);
-                    let reg = json!({"name": format!("m{i}"), "machine_id": format!("m{i}"),
-                                     "inventory": {"hostname": format!("m{i}")}, "slots": slots});
-                    let body = reg.to_string();
-                    let r = api
-                        .call(
-                            "POST",
-                            "/api/v1/agents/register",
-                            Some(SECRET),
-                            Some(body.as_bytes()),
-                        )
-                        .map_err(|e| e.to_string())?;
-                    let token = r.body["token"]
-                        .as_str()
-                        .ok_or(format!("register: {}", r.text))?
-                        .to_string();
-                    let inc = json!({"incarnation": format!("inc-{i}")}).to_string();
-                    let r = api
-                        .call(
-                            "POST",
-                            "/api/v1/agents/heartbeat",
-                            Some(&token),
-                            Some(inc.as_bytes()),
-                        )
-                        .map_err(|e| e.to_string())?;
-                    if r.status != 200 {
-                        return Err(format!("heartbeat: {}", r.text));
-                    }
+                    let agent =
+                        FakeAgent::register_with_slots(&api, &format!("m{i}"), Some(slots as u32))
+                            .map_err(|e| e.to_string())?;
                     let mut jobs = 0;
                     while jobs < slots {
-                        let r = api
-                            .call(
-                                "POST",
-                                "/api/v1/agents/claim?wait=5",
-                                Some(&token),
-                                Some(inc.as_bytes()),
-                            )
-                            .map_err(|e| e.to_string())?;
+                        let r = agent.claim(&api, 5).map_err(|e| e.to_string())?;
                         match r.status {
                             200 => jobs += r.body["jobs"].as_array().map_or(0, Vec::len),
                             204 => break,

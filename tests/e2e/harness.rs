@@ -384,6 +384,15 @@ impl Api {
         Ok(r.body["jobs"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Agents with a claim parked, from `/metrics`.
+    pub fn agents_waiting(&self) -> TestResult<Option<u64>> {
+        let m = self.call("GET", "/metrics", None, None)?;
+        Ok(m.text
+            .lines()
+            .find_map(|l| l.strip_prefix("drover_agents_waiting "))
+            .and_then(|v| v.trim().parse().ok()))
+    }
+
     pub fn healthy(&self) -> bool {
         self.call("GET", "/healthz", None, None)
             .map(|r| r.status == 200)
@@ -457,8 +466,14 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     pub fn register(api: &Api, name: &str) -> TestResult<FakeAgent> {
+        FakeAgent::register_with_slots(api, name, None)
+    }
+
+    /// Registers (and heartbeats once); `slots` as the agent would say.
+    pub fn register_with_slots(api: &Api, name: &str, slots: Option<u32>) -> TestResult<FakeAgent> {
         let body = serde_json::json!({"name": name, "machine_id": format!("fake-{name}"),
-                          "inventory": {"hostname": name, "cpu_cores": 1, "memory_mb": 1024}});
+                          "inventory": {"hostname": name, "cpu_cores": 1, "memory_mb": 1024},
+                          "slots": slots});
         let r = api.call(
             "POST",
             "/api/v1/agents/register",

@@ -200,15 +200,8 @@ fn duplicate_late_and_handed_back_reports_in_random_orders() -> TestResult {
             }
         }
     }
-    let conn = rusqlite::Connection::open(coord.db_path())?;
-    let mut endings = conn.prepare(
-        "SELECT count(*) FROM events WHERE job_id = ?1 AND kind IN ('job.succeeded', 'job.failed', 'job.cancelled')",
-    )?;
-    let mut status = conn.prepare("SELECT status FROM jobs WHERE id = ?1")?;
-    for (id, outcome) in &ended {
-        let n: i64 = endings.query_row([id], |r| r.get(0))?;
-        assert_eq!(n, 1, "job {id} ended {n} times");
-        let now: String = status.query_row([id], |r| r.get(0))?;
+    let ids: Vec<i64> = ended.iter().map(|(id, _)| *id).collect();
+    for ((id, outcome), now) in ended.iter().zip(ended_once(&coord, &ids)?) {
         assert_eq!(&now, outcome, "job {id}");
     }
     Ok(())
@@ -253,15 +246,9 @@ fn cancel_racing_a_natural_exit_ends_each_job_once() -> TestResult {
         );
         ids.push((id, cancel.status));
     }
-    let conn = rusqlite::Connection::open(coord.db_path())?;
-    let mut endings = conn.prepare(
-        "SELECT count(*) FROM events WHERE job_id = ?1 AND kind IN ('job.succeeded', 'job.failed', 'job.cancelled')",
-    )?;
     let mut states: HashMap<String, usize> = HashMap::new();
-    for (id, cancel) in &ids {
-        let n: i64 = endings.query_row([id], |r| r.get(0))?;
-        assert_eq!(n, 1, "job {id} ended {n} times");
-        let status = api.job(*id)?["status"].as_str().unwrap_or("").to_string();
+    let jobs: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
+    for ((id, cancel), status) in ids.iter().zip(ended_once(&coord, &jobs)?) {
         assert!(
             status == "succeeded" || status == "cancelled",
             "job {id}: {status}"
@@ -381,13 +368,8 @@ fn parked_agents_race_for_each_job_and_one_wins() -> TestResult {
         let result = (|| -> TestResult {
             // Every racer parked before the first job.
             wait_for("all racers parked", Duration::from_secs(30), || {
-                let m = api.call("GET", "/metrics", None, None)?;
-                let waiting = m
-                    .text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("drover_agents_waiting "))
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                Ok((waiting == Some(n_agents)).then_some(()))
+                let waiting = api.agents_waiting()?;
+                Ok((waiting == Some(n_agents as u64)).then_some(()))
             })?;
             for _ in 0..n_jobs {
                 let t = Instant::now();
@@ -459,12 +441,7 @@ fn a_thousand_parked_claims_starve_nothing() -> TestResult {
         "every simulated agent parked",
         Duration::from_secs(60),
         || {
-            let m = api.call("GET", "/metrics", None, None)?;
-            let waiting = m
-                .text
-                .lines()
-                .find_map(|l| l.strip_prefix("drover_agents_waiting "))
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            let waiting = api.agents_waiting()?;
             Ok((waiting >= Some(n)).then_some(()))
         },
     )?;
@@ -507,4 +484,21 @@ fn a_thousand_parked_claims_starve_nothing() -> TestResult {
     assert_eq!(summary["agents"], n, "{summary}");
     assert_eq!(summary["errors"], 0, "{summary}");
     Ok(())
+}
+
+/// Asserts that each job reached exactly one terminal state (one ending
+/// event); returns their statuses, in order.
+fn ended_once(coord: &Coordinator, ids: &[i64]) -> TestResult<Vec<String>> {
+    let conn = rusqlite::Connection::open(coord.db_path())?;
+    let mut endings = conn.prepare(
+        "SELECT count(*) FROM events WHERE job_id = ?1 AND kind IN ('job.succeeded', 'job.failed', 'job.cancelled')",
+    )?;
+    let mut status = conn.prepare("SELECT status FROM jobs WHERE id = ?1")?;
+    ids.iter()
+        .map(|id| {
+            let n: i64 = endings.query_row([id], |r| r.get(0))?;
+            assert_eq!(n, 1, "job {id} ended {n} times");
+            Ok(status.query_row([id], |r| r.get(0))?)
+        })
+        .collect()
 }
