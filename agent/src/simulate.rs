@@ -2,9 +2,10 @@
 //! speaking the real protocol (register, heartbeat on schedule, parked
 //! claims, complete), so one machine stands in for a large fleet. Each
 //! virtual agent holds one keep-alive connection for its claims, which carry
-//! the reports of its no-op jobs (one round trip per batch); heartbeats and
-//! the reports of sleeping jobs, which run side by side, use their own. A tiny HTTP/1.1 client on tokio (plain http only) keeps
-//! thousands of parked claims at a few KB each. Runs for `--duration` and
+//! its heartbeats (as the real agent's do) and the reports of its no-op jobs
+//! (one round trip per batch); the reports of sleeping jobs, which run side
+//! by side, use a second one. A tiny HTTP/1.1 client on tokio (plain http
+//! only) keeps thousands of parked claims at a few KB each. Runs for `--duration` and
 //! stops by itself, printing figures (and a JSON summary line at the end).
 
 use crate::config::Args;
@@ -287,41 +288,11 @@ async fn agent(
     let incarnation = format!("sim-{run_id}-{i}");
     let leases: Arc<Mutex<HashSet<LeaseRef>>> = Arc::default();
 
-    // Heartbeats on their own connection, on schedule, with jitter.
-    let hb = {
-        let (addr, token, incarnation, leases, stats) = (
-            addr.to_string(),
-            token.clone(),
-            incarnation.clone(),
-            leases.clone(),
-            stats.clone(),
-        );
-        let first = beat(&mut Http::new(&addr), &token, &incarnation, &leases).await?;
-        let mut interval = Duration::from_secs(first.heartbeat_interval_s.max(1));
-        async move {
-            let mut http = Http::new(&addr);
-            loop {
-                let spread = interval.as_millis() as u64 / 5;
-                tokio::time::sleep(
-                    interval - Duration::from_millis(spread / 2)
-                        + Duration::from_millis(crate::random_below(spread + 1)),
-                )
-                .await;
-                let t0 = Instant::now();
-                if let Ok(r) = beat(&mut http, &token, &incarnation, &leases).await {
-                    interval = Duration::from_secs(r.heartbeat_interval_s.max(1));
-                    let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                    let at = started.elapsed().as_secs_f64();
-                    stats
-                        .heartbeat_ms
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((at, ms));
-                }
-            }
-        }
-    };
-    let hb_task = tokio::spawn(hb);
+    // The first heartbeat introduces the process; the later ones ride on
+    // claims, as the real agent's do.
+    let first = beat(&mut http, &token, &incarnation, &leases).await?;
+    let mut interval = Duration::from_secs(first.heartbeat_interval_s.max(1));
+    let mut due = jittered(interval);
     // Sleeping jobs report on their own connection as they end; no-op jobs
     // are reported with the next claim (one round trip per batch).
     let (ended, mut reports) = tokio::sync::mpsc::unbounded_channel::<Completion>();
@@ -353,14 +324,27 @@ async fn agent(
     };
     let mut done: Vec<Completion> = Vec::new();
     while Instant::now() < deadline {
-        let body = json!({"incarnation": incarnation, "completed": done});
+        let carry = due.saturating_duration_since(Instant::now()) <= Duration::from_secs(1);
+        let mut body = json!({"incarnation": incarnation, "completed": done});
+        if carry {
+            body["beat"] = json!({"incarnation": incarnation, "leases": held(&leases)});
+            due = jittered(interval);
+        }
+        let wait = due
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            .clamp(1, 30);
+        let sent_ms = crate::now_ms();
         let (status, body) = match http
-            .post("/api/v1/agents/claim?wait=30", &token, &body)
+            .post(&format!("/api/v1/agents/claim?wait={wait}"), &token, &body)
             .await
         {
             Ok(r) => r,
             Err(_) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                if carry {
+                    due = Instant::now();
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -375,6 +359,18 @@ async fn agent(
             continue;
         }
         let resp: ClaimResponse = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        if let Some(answer) = &resp.beat {
+            // Recorded when the claim arrived (the coordinator's clock in the
+            // answer; the same machine's clock as ours, 1 ms resolution).
+            interval = Duration::from_secs(answer.heartbeat_interval_s.max(1));
+            let ms = (answer.now_ms - sent_ms).max(0) as f64;
+            let at = started.elapsed().as_secs_f64();
+            stats
+                .heartbeat_ms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((at, ms));
+        }
         {
             let mut held = leases.lock().unwrap_or_else(|e| e.into_inner());
             for r in &resp.completed {
@@ -418,9 +414,24 @@ async fn agent(
             }
         }
     }
-    hb_task.abort();
     reporter.abort();
     Ok(())
+}
+
+/// An instant one interval from now, +-10 %.
+fn jittered(interval: Duration) -> Instant {
+    let spread = interval.as_millis() as u64 / 5;
+    Instant::now() + interval - Duration::from_millis(spread / 2)
+        + Duration::from_millis(crate::random_below(spread + 1))
+}
+
+fn held(leases: &Mutex<HashSet<LeaseRef>>) -> Vec<LeaseRef> {
+    leases
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect()
 }
 
 async fn beat(
@@ -429,17 +440,11 @@ async fn beat(
     incarnation: &str,
     leases: &Mutex<HashSet<LeaseRef>>,
 ) -> Result<HeartbeatResponse, String> {
-    let held: Vec<LeaseRef> = leases
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .copied()
-        .collect();
     let (status, body) = http
         .post(
             "/api/v1/agents/heartbeat",
             token,
-            &json!({"incarnation": incarnation, "leases": held}),
+            &json!({"incarnation": incarnation, "leases": held(leases)}),
         )
         .await?;
     if status != 200 {

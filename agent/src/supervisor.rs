@@ -1,6 +1,7 @@
 //! The agent's main loop. It owns the agent's state (running jobs, whether
 //! it may claim, whether it is stopping) and changes it only in response to
 //! one `Event` at a time; the heartbeat, claim and job tasks send events.
+//! Heartbeats ride on claims (`Beats`): an idle agent holds one connection.
 
 use crate::client::{backoff, ClientError};
 use crate::inventory::GpuSource;
@@ -12,8 +13,8 @@ use drover_proto::{
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 
 /// Longest claim long-poll.
@@ -41,7 +42,7 @@ struct Running {
     control: Option<mpsc::UnboundedSender<Control>>,
 }
 
-/// Leases held now, with their GPUs; read by the heartbeat task.
+/// Leases held now, with their GPUs; read for every heartbeat.
 pub type Leases = Vec<(LeaseRef, Vec<u32>)>;
 
 pub struct Supervisor {
@@ -71,15 +72,17 @@ impl Supervisor {
         let mut claim_errors = Explainer::default();
         let mut stopping = false;
 
-        tokio::spawn(heartbeat_loop(
-            self.ctx.clone(),
-            self.incarnation.clone(),
-            leases_rx,
-            tx.clone(),
-            self.gpu.clone(),
-            heartbeat_interval,
-            (self.stopping.clone(), self.beat_now.clone()),
-        ));
+        let beats = Arc::new(Beats {
+            ctx: self.ctx.clone(),
+            incarnation: self.incarnation.clone(),
+            leases: leases_rx,
+            tx: tx.clone(),
+            gpu: self.gpu.clone(),
+            stopping: self.stopping.clone(),
+            schedule: Mutex::new((Instant::now(), heartbeat_interval)),
+            skew_warned: AtomicBool::new(false),
+        });
+        tokio::spawn(heartbeat_loop(beats.clone(), self.beat_now.clone()));
         tokio::spawn(signals(tx.clone()));
 
         loop {
@@ -97,12 +100,7 @@ impl Supervisor {
                 } else {
                     Duration::ZERO
                 };
-                tokio::spawn(claim(
-                    self.ctx.clone(),
-                    self.incarnation.clone(),
-                    delay,
-                    tx.clone(),
-                ));
+                tokio::spawn(claim(beats.clone(), delay));
             }
             let Some(event) = rx.recv().await else { break };
             match event {
@@ -288,41 +286,51 @@ fn publish(tx: &watch::Sender<Leases>, running: &HashMap<i64, Running>) {
     tx.send_replace(leases);
 }
 
-async fn claim(ctx: Arc<Ctx>, incarnation: String, delay: Duration, tx: mpsc::Sender<Event>) {
-    tokio::time::sleep(delay).await;
-    let client = ctx.client.clone();
-    let req = ClaimRequest {
-        incarnation,
-        completed: Vec::new(),
-    };
-    let event = match blocking(move || client.claim(&req, CLAIM_WAIT)).await {
-        Ok(Some(resp)) => Event::Claimed(resp.jobs, resp.orders),
-        Ok(None) => Event::ClaimEnded(None),
-        Err(e) => Event::ClaimEnded(Some(e)),
-    };
-    if let Err(mpsc::error::SendError(Event::Claimed(jobs, _))) = tx.send(event).await {
-        // The supervisor is gone (shutting down): hand the jobs back.
-        for a in jobs {
-            job::spool_and_deliver(&ctx.client, &ctx.state, a.job_id, released(a.attempt)).await;
-        }
-    }
-}
+/// How long before a heartbeat is due a claim takes it along.
+const CARRY_SLACK: Duration = Duration::from_secs(1);
+/// How long past due the heartbeat task waits for a claim to carry the beat
+/// before it sends one on its own.
+const CARRY_GRACE: Duration = Duration::from_secs(2);
 
-async fn heartbeat_loop(
+/// The agent's heartbeats. They normally ride on its claims (one connection,
+/// one request per interval); the heartbeat task sends one on its own only
+/// when no claim carried it: the first (it introduces the process), while
+/// claims back off, and when stopping.
+struct Beats {
     ctx: Arc<Ctx>,
     incarnation: String,
     leases: watch::Receiver<Leases>,
     tx: mpsc::Sender<Event>,
     gpu: GpuSource,
-    mut interval: Duration,
-    (stopping, beat_now): (Arc<AtomicBool>, Arc<Notify>),
-) {
-    let mut failures = 0u32;
-    let mut errors = Explainer::default();
-    let mut skew_warned = false;
-    loop {
+    stopping: Arc<AtomicBool>,
+    /// When the next heartbeat is due, and the interval the coordinator asks for.
+    schedule: Mutex<(Instant, Duration)>,
+    skew_warned: AtomicBool,
+}
+
+impl Beats {
+    fn schedule(&self) -> (Instant, Duration) {
+        *self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_due(&self, due: Instant) {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner()).0 = due;
+    }
+
+    /// The next heartbeat is due one interval from now, +-10 % (jitter keeps
+    /// a restarted fleet from beating in step).
+    fn schedule_next(&self) -> Instant {
+        let mut s = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        let spread = s.1.as_millis() as u64 / 5;
+        s.0 = Instant::now() + s.1 - Duration::from_millis(spread / 2)
+            + Duration::from_millis(crate::random_below(spread + 1));
+        s.0
+    }
+
+    /// A heartbeat of what the agent holds and sees now.
+    fn request(&self) -> HeartbeatRequest {
         let (held, busy): (Vec<LeaseRef>, Vec<u32>) = {
-            let l = leases.borrow();
+            let l = self.leases.borrow();
             (
                 l.iter().map(|(r, _)| *r).collect(),
                 l.iter().flat_map(|(_, g)| g.clone()).collect(),
@@ -332,7 +340,11 @@ async fn heartbeat_loop(
             .iter()
             .filter_map(|l| {
                 let doc = job::read_json_file(
-                    &ctx.state.job_dir(l.job_id, l.attempt).join("progress.json"),
+                    &self
+                        .ctx
+                        .state
+                        .job_dir(l.job_id, l.attempt)
+                        .join("progress.json"),
                     64 * 1024,
                 );
                 doc.ok().flatten().map(|progress| Progress {
@@ -342,51 +354,142 @@ async fn heartbeat_loop(
                 })
             })
             .collect();
-        let req = HeartbeatRequest {
-            incarnation: incarnation.clone(),
+        HeartbeatRequest {
+            incarnation: self.incarnation.clone(),
             leases: held,
-            gpus: gpu.metrics(&busy),
-            stopping: stopping.load(Ordering::SeqCst),
+            gpus: self.gpu.metrics(&busy),
+            stopping: self.stopping.load(Ordering::SeqCst),
             progress,
             log_lines: crate::logring::take(100),
-        };
-        let client = ctx.client.clone();
+        }
+    }
+
+    /// A heartbeat went through (`sent` and `received`: this machine's clock
+    /// around it); `reschedule`: the next one is due an interval from now.
+    /// False when the supervisor is gone.
+    async fn answered(
+        &self,
+        resp: HeartbeatResponse,
+        (sent, received): (i64, i64),
+        reschedule: bool,
+    ) -> bool {
+        if !self.skew_warned.load(Ordering::Relaxed) && check_skew(sent, received, resp.now_ms) {
+            self.skew_warned.store(true, Ordering::Relaxed);
+        }
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner()).1 =
+            Duration::from_secs(resp.heartbeat_interval_s.max(1));
+        if reschedule {
+            self.schedule_next();
+        }
+        self.tx.send(Event::Beat(resp)).await.is_ok()
+    }
+}
+
+async fn claim(beats: Arc<Beats>, delay: Duration) {
+    tokio::time::sleep(delay).await;
+    let (due, interval) = beats.schedule();
+    // Take the heartbeat along when it is (nearly) due, and come back by the
+    // time the next one is.
+    let beat = (due.saturating_duration_since(Instant::now()) <= CARRY_SLACK
+        && !beats.stopping.load(Ordering::SeqCst))
+    .then(|| beats.request());
+    let until = match beat {
+        Some(_) => beats.schedule_next(),
+        None => due,
+    }
+    .saturating_duration_since(Instant::now());
+    let wait = until.min(CLAIM_WAIT).max(CARRY_SLACK.min(interval));
+    let client = beats.ctx.client.clone();
+    let req = ClaimRequest {
+        incarnation: beats.incarnation.clone(),
+        completed: Vec::new(),
+        beat,
+    };
+    let sent = crate::now_ms();
+    let (result, req) = blocking_keep(move || {
+        let r = client.claim(&req, wait);
+        (r, req)
+    })
+    .await;
+    let event = match result {
+        Ok(Some(mut resp)) => {
+            if let Some(answer) = resp.beat.take() {
+                // Recorded when the claim arrived, not when it returned.
+                if !beats.answered(answer, (sent, sent), false).await {
+                    return;
+                }
+            }
+            Event::Claimed(resp.jobs, resp.orders)
+        }
+        Ok(None) => Event::ClaimEnded(None),
+        Err(e) => {
+            if let Some(beat) = req.beat {
+                // The heartbeat did not go through: it is due again now.
+                crate::logring::put_back(beat.log_lines);
+                beats.set_due(Instant::now());
+            }
+            Event::ClaimEnded(Some(e))
+        }
+    };
+    if let Err(mpsc::error::SendError(Event::Claimed(jobs, _))) = beats.tx.send(event).await {
+        // The supervisor is gone (shutting down): hand the jobs back.
+        for a in jobs {
+            job::spool_and_deliver(
+                &beats.ctx.client,
+                &beats.ctx.state,
+                a.job_id,
+                released(a.attempt),
+            )
+            .await;
+        }
+    }
+}
+
+/// Sends a heartbeat on its own whenever one is due and no claim took it
+/// along within `CARRY_GRACE`, or at once when woken (stopping).
+async fn heartbeat_loop(beats: Arc<Beats>, beat_now: Arc<Notify>) {
+    let mut failures = 0u32;
+    let mut errors = Explainer::default();
+    loop {
+        let req = beats.request();
+        let client = beats.ctx.client.clone();
         let sent = crate::now_ms();
         let (result, req) = blocking_keep(move || {
             let r = client.heartbeat(&req);
             (r, req)
         })
         .await;
-        if result.is_err() {
-            crate::logring::put_back(req.log_lines);
-        }
-        let wait = match result {
+        match result {
             Ok(resp) => {
                 failures = 0;
                 errors.recovered("heartbeats go through again");
-                check_skew(&mut skew_warned, sent, crate::now_ms(), resp.now_ms);
-                interval = Duration::from_secs(resp.heartbeat_interval_s.max(1));
-                if tx.send(Event::Beat(resp)).await.is_err() {
+                if !beats.answered(resp, (sent, crate::now_ms()), true).await {
                     return;
                 }
-                // +-10 % jitter keeps a restarted fleet from beating in step.
-                let spread = interval.as_millis() as u64 / 5;
-                interval - Duration::from_millis(spread / 2)
-                    + Duration::from_millis(crate::random_below(spread + 1))
             }
             Err(e) if e.status() == Some(401) => {
-                let _ = tx.send(Event::Revoked(e)).await;
+                let _ = beats.tx.send(Event::Revoked(e)).await;
                 return;
             }
             Err(e) => {
+                crate::logring::put_back(req.log_lines);
                 failures += 1;
                 errors.explain("heartbeat", &e);
-                backoff(failures).min(interval)
+                let (_, interval) = beats.schedule();
+                beats.set_due(Instant::now() + backoff(failures).min(interval));
             }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = beat_now.notified() => {}
+        }
+        // Wait until a beat is overdue: each one a claim carries moves `due`.
+        loop {
+            let (due, _) = beats.schedule();
+            let late = due + CARRY_GRACE;
+            if Instant::now() >= late {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(late.into()) => {}
+                _ = beat_now.notified() => break,
+            }
         }
     }
 }
@@ -409,22 +512,23 @@ async fn blocking_keep<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static
     }
 }
 
-/// Warns once when this machine's clock and the coordinator's disagree by
-/// more than 5 s (leases do not depend on it, but timestamps in job output
-/// and the coordinator's records will not line up).
-fn check_skew(warned: &mut bool, sent: i64, received: i64, server: i64) {
-    if server <= 0 || *warned {
-        return;
+/// Warns when this machine's clock and the coordinator's disagree by more
+/// than 5 s (leases do not depend on it, but timestamps in job output and
+/// the coordinator's records will not line up); true if it did.
+fn check_skew(sent: i64, received: i64, server: i64) -> bool {
+    if server <= 0 {
+        return false;
     }
     let skew = (sent + received) / 2 - server;
-    if skew.abs() > 5_000 {
-        log::warn!(
-            "clock skew: this machine's clock is {:.1}s {} the coordinator's. Try: enable time sync (timedatectl set-ntp true, or chrony)",
-            skew.abs() as f64 / 1000.0,
-            if skew > 0 { "ahead of" } else { "behind" }
-        );
-        *warned = true;
+    if skew.abs() <= 5_000 {
+        return false;
     }
+    log::warn!(
+        "clock skew: this machine's clock is {:.1}s {} the coordinator's. Try: enable time sync (timedatectl set-ntp true, or chrony)",
+        skew.abs() as f64 / 1000.0,
+        if skew > 0 { "ahead of" } else { "behind" }
+    );
+    true
 }
 
 async fn signals(tx: mpsc::Sender<Event>) {

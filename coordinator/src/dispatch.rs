@@ -150,6 +150,7 @@ async fn round(app: &App) -> Result<Option<crate::db::Ms>, crate::error::ApiErro
                     jobs,
                     orders,
                     completed: Vec::new(),
+                    beat: None,
                 })
                 .is_ok(),
             None => false,

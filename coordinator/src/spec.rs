@@ -83,6 +83,10 @@ fn no_nul(field: &str, s: &str) -> Result<(), ApiError> {
 
 /// Validates and de-duplicates a list of tags.
 pub fn tags(field: &str, tags: Vec<String>) -> Result<Vec<String>, ApiError> {
+    // Counted as sent, duplicates included (as the OpenAPI document says).
+    if tags.len() > 64 {
+        return Err(ApiError::invalid(field, "at most 64 tags"));
+    }
     let mut out = Vec::with_capacity(tags.len());
     for (i, t) in tags.into_iter().enumerate() {
         let f = format!("{field}[{i}]");
@@ -101,9 +105,6 @@ pub fn tags(field: &str, tags: Vec<String>) -> Result<Vec<String>, ApiError> {
         if !out.contains(&t) {
             out.push(t);
         }
-    }
-    if out.len() > 64 {
-        return Err(ApiError::invalid(field, "at most 64 tags"));
     }
     Ok(out)
 }

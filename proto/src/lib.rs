@@ -157,6 +157,11 @@ pub struct ClaimRequest {
     /// the reply answers each in `completed`, in order.
     #[serde(default)]
     pub completed: Vec<Completion>,
+    /// A heartbeat riding on the claim (recorded before the claim parks,
+    /// answered in `beat`), so an agent needs one connection and one request
+    /// per heartbeat interval, not two. Its `incarnation` must be the claim's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat: Option<HeartbeatRequest>,
 }
 
 /// One attempt's end, reported with a claim (the body of
@@ -215,6 +220,9 @@ pub struct ClaimResponse {
     /// The answers to the claim's `completed` reports, in order.
     #[serde(default)]
     pub completed: Vec<CompletionResult>,
+    /// The answer to the claim's `beat`, as of when it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat: Option<HeartbeatResponse>,
 }
 
 /// How an attempt ended, as the agent saw it.

@@ -4,6 +4,7 @@
 
 use crate::harness::*;
 use serde_json::json;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,47 @@ fn alive(pid: i32) -> bool {
             .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// The agent's heartbeats ride on its parked claims: an idle agent holds
+/// one connection to the coordinator, and a job that outlives its lease
+/// several times over runs once, renewed through the claims.
+#[test]
+fn heartbeats_ride_on_claims_over_one_connection() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let agent = Agent::start(&coord.url, dir.path(), "one-conn", &[])?;
+    let job = api.submit(&json!({"command": ["sleep", "5"]}))?;
+    wait_for("the long job to succeed", Duration::from_secs(30), || {
+        Ok((api.job(job)?["status"] == "succeeded").then_some(()))
+    })?;
+    assert_eq!(api.job(job)?["attempt"], 1, "renewed, never expired");
+    let worker = agent.worker_id()?;
+    let seen = |api: &Api| -> TestResult<Value> {
+        Ok(api
+            .admin("GET", &format!("/api/v1/workers/{worker}"), None)?
+            .body["last_seen_at"]
+            .clone())
+    };
+    let before = seen(&api)?;
+    // Idle for more than three heartbeat intervals (1 s each): at most one
+    // connection at any moment.
+    let (mut most, mut samples) = (0, 0);
+    let end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < end {
+        most = most.max(connections_to(agent.pid(), coord.port));
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        most, 1,
+        "connections from the idle agent over {samples} samples"
+    );
+    assert_ne!(seen(&api)?, before, "heartbeats kept coming");
+    let w = api.admin("GET", &format!("/api/v1/workers/{worker}"), None)?;
+    assert_eq!(w.body["state"], "idle", "{}", w.text);
+    Ok(())
 }
 
 #[test]

@@ -457,6 +457,38 @@ impl Rng {
     }
 }
 
+/// Established TCP connections the process `pid` holds to `port` on this
+/// machine (its socket fds matched against /proc/net/tcp{,6}).
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let sockets: std::collections::HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // remote address, state (01: established), inode
+            f.len() > 9 && f[2].ends_with(&port) && f[3] == "01" && sockets.contains(f[9])
+        })
+        .count()
+}
+
 /// A fake agent speaking the HTTP protocol, for races a real agent
 /// cannot be made to run on cue.
 pub struct FakeAgent {

@@ -137,6 +137,74 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
 /// handed back and claimed again is 409 whenever it comes; every job ends
 /// once, with the outcome of the one report that was accepted.
 #[test]
+fn a_heartbeat_rides_on_the_claim_and_is_answered_in_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "30"])?;
+    let api = coord.api();
+    let agent = FakeAgent::register(&api, "rider")?;
+    let inc = agent.incarnation.clone();
+    let beat = |leases: Value| json!({"incarnation": inc, "leases": leases});
+    let job = api.submit(&json!({"command": ["true"]}))?;
+    assert_eq!(agent.claim(&api, 5)?.body["jobs"][0]["job_id"], job);
+    std::thread::sleep(Duration::from_millis(2500));
+    let left = |api: &Api| -> TestResult<f64> {
+        Ok(api.job(job)?["lease_expires_in_s"]
+            .as_f64()
+            .ok_or("no lease")?)
+    };
+    let before = left(&api)?;
+    // Nothing to hand out: 200 (not 204) with the heartbeat's answer, and
+    // the lease it lists is renewed.
+    let leases = json!([{"job_id": job, "attempt": 1}]);
+    let r = agent.claim_with(
+        &api,
+        1,
+        json!({"incarnation": inc, "beat": beat(leases.clone())}),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["jobs"], json!([]));
+    assert_eq!(r.body["beat"]["heartbeat_interval_s"], 10, "{}", r.text);
+    assert_eq!(r.body["beat"]["orders"], json!([]));
+    assert!(r.body["beat"]["now_ms"].as_i64() > Some(0), "{}", r.text);
+    assert!(
+        left(&api)? > before + 1.0,
+        "the lease was renewed: {before} s left before"
+    );
+    // Its incarnation must be the claim's, and a stopping agent claims nothing.
+    let mut other = beat(leases.clone());
+    other["incarnation"] = json!("another-process");
+    let r = agent.claim_with(&api, 0, json!({"incarnation": inc, "beat": other}))?;
+    assert_eq!(
+        (r.status, r.field()),
+        (422, "beat.incarnation"),
+        "{}",
+        r.text
+    );
+    let mut stopping = beat(leases.clone());
+    stopping["stopping"] = json!(true);
+    let r = agent.claim_with(&api, 0, json!({"incarnation": inc, "beat": stopping}))?;
+    assert_eq!((r.status, r.field()), (422, "beat.stopping"), "{}", r.text);
+    // A cancel in the heartbeat's answer does not wait out the park.
+    let r = api.admin("POST", &format!("/api/v1/jobs/{job}/cancel"), None)?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let t0 = Instant::now();
+    let r = agent.claim_with(&api, 30, json!({"incarnation": inc, "beat": beat(leases)}))?;
+    assert_eq!(r.body["beat"]["orders"][0]["kind"], "cancel", "{}", r.text);
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "answered at once, not after the 30 s wait: {:?}",
+        t0.elapsed()
+    );
+    // A new process introduces itself with the heartbeat on its first claim
+    // (no separate heartbeat first); the old process's lease is released.
+    let fresh = json!({"incarnation": "rider-2", "beat": {"incarnation": "rider-2"}});
+    let r = agent.claim_with(&api, 0, fresh)?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(api.job(job)?["status"], "cancelled");
+    Ok(())
+}
+
+#[test]
 fn duplicate_late_and_handed_back_reports_in_random_orders() -> TestResult {
     let trials = env_or("DROVER_F5_TRIALS", 200);
     let seed = seed_from("DROVER_F5_SEED");

@@ -164,17 +164,8 @@ pub async fn heartbeat(
     let agent = authenticate(&app, &headers).await?;
     let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
     let req: HeartbeatRequest = parse_json(&bytes)?;
-    check_name("incarnation", &req.incarnation)?;
-    if req.leases.len() > 1024 {
-        return Err(ApiError::invalid("leases", "at most 1024 leases"));
-    }
-    if req.log_lines.len() > 200 || req.log_lines.iter().any(|l| l.len() > 2000) {
-        return Err(ApiError::invalid(
-            "log_lines",
-            "at most 200 lines of 2000 bytes each",
-        ));
-    }
-    let times = (ms(app.config.lease_ttl), ms(app.config.heartbeat_interval));
+    check_beat(&req, "")?;
+    let times = beat_times(&app);
     let stopping = req.stopping;
     let beat = app
         .db
@@ -183,17 +174,44 @@ pub async fn heartbeat(
     if stopping {
         app.dispatcher.dismiss(agent.id);
     }
+    Ok(Json(answer_beat(&app, beat)).into_response())
+}
+
+/// Checks a heartbeat's sizes (`prefix` names where it sits in the body).
+pub(super) fn check_beat(req: &HeartbeatRequest, prefix: &str) -> Result<(), ApiError> {
+    check_name(&format!("{prefix}incarnation"), &req.incarnation)?;
+    if req.leases.len() > 1024 {
+        return Err(ApiError::invalid(
+            &format!("{prefix}leases"),
+            "at most 1024 leases",
+        ));
+    }
+    if req.log_lines.len() > 200 || req.log_lines.iter().any(|l| l.len() > 2000) {
+        return Err(ApiError::invalid(
+            &format!("{prefix}log_lines"),
+            "at most 200 lines of 2000 bytes each",
+        ));
+    }
+    Ok(())
+}
+
+fn beat_times(app: &AppState) -> (crate::db::Ms, crate::db::Ms) {
+    (ms(app.config.lease_ttl), ms(app.config.heartbeat_interval))
+}
+
+/// The reply to a recorded heartbeat; wakes parked claims when it released
+/// leases (an agent restart).
+fn answer_beat(app: &AppState, beat: workers::Beat) -> HeartbeatResponse {
     if beat.released {
         app.wake_claimers();
     }
-    Ok(Json(HeartbeatResponse {
+    HeartbeatResponse {
         state: beat.state,
         heartbeat_interval_s: app.config.heartbeat_interval.as_secs(),
         lease_ttl_s: app.config.lease_ttl.as_secs(),
         orders: beat.orders,
         now_ms: app.db.clock().now(),
-    })
-    .into_response())
+    }
 }
 
 /// Long-poll: answers 200 with a job as soon as one this worker can run is
@@ -202,9 +220,11 @@ pub async fn heartbeat(
 /// waiting on the queue's change signal, not threads.
 ///
 /// A claim may carry the attempts that ended since the last one
-/// (`completed`): they are recorded first, in one transaction, each answered
-/// in the reply's `completed` as `POST /jobs/{id}/complete` would answer it,
-/// and the reply is then 200 even when no job came.
+/// (`completed`) and a heartbeat (`beat`): they are recorded first, in one
+/// transaction (reports, then the heartbeat), each report answered in the
+/// reply's `completed` as `POST /jobs/{id}/complete` would answer it and the
+/// heartbeat in `beat`, and the reply is then 200 even when no job came. A
+/// heartbeat that carries orders is answered at once.
 pub async fn claim(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -213,8 +233,14 @@ pub async fn claim(
 ) -> Result<Response, ApiError> {
     let agent = authenticate(&app, &headers).await?;
     let wait = int_param(&query, "wait", MAX_WAIT_S as i64, 0, i64::MAX)?.min(MAX_WAIT_S as i64);
-    let bytes = read_body(&headers, body, JSON_LIMIT + AGENT_LIMIT).await?;
-    let req: ClaimRequest = parse_json(&bytes)?;
+    let req: ClaimRequest = {
+        let bytes = read_body(&headers, body, JSON_LIMIT + AGENT_LIMIT).await?;
+        parse_json(&bytes)?
+    };
+    // The head and body are slices of the connection's read buffer: kept
+    // through the park, they would pin it while hyper reads into a new one
+    // (8 KB per parked agent).
+    drop(headers);
     check_name("incarnation", &req.incarnation)?;
     if req.completed.len() > MAX_COMPLETED {
         return Err(ApiError::invalid(
@@ -225,22 +251,41 @@ pub async fn claim(
     for (i, done) in req.completed.iter().enumerate() {
         check_report(&done.report, &format!("completed[{i}]."))?;
     }
+    if let Some(beat) = &req.beat {
+        check_beat(beat, "beat.")?;
+        if beat.incarnation != req.incarnation {
+            return Err(ApiError::invalid(
+                "beat.incarnation",
+                "must be the claim's incarnation",
+            ));
+        }
+        if beat.stopping {
+            return Err(ApiError::invalid(
+                "beat.stopping",
+                "a stopping agent claims nothing: send its heartbeat to /agents/heartbeat",
+            ));
+        }
+    }
     // A pending (or draining) worker's claim parks like any other and gets
     // a job once it may run one: approval wakes parked claims.
     let ClaimRequest {
         incarnation,
         completed,
+        beat,
     } = req;
-    let (completed, (ticket, mut answer)) = if completed.is_empty() {
+    let (completed, beat, (ticket, mut answer)) = if completed.is_empty() && beat.is_none() {
         app.db
             .read(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
             .await?;
-        (Vec::new(), app.dispatcher.park(agent.id))
+        (Vec::new(), None, app.dispatcher.park(agent.id))
     } else {
         let backoff = ms(app.config.retry_backoff);
+        let times = beat_times(&app);
         // The reports stand on their own (an agent's spool may hold some
         // from before a restart): they are recorded even when the
         // incarnation check then refuses the claim, and a resend replays.
+        // They go before the heartbeat, whose new incarnation would release
+        // the leases they report on.
         let queued = app
             .db
             .queue(move |c, now| {
@@ -248,8 +293,12 @@ pub async fn claim(
                     .iter()
                     .map(|done| report(c, now, agent.id, done, backoff))
                     .collect::<Result<Vec<_>, _>>()?;
+                let beat = beat
+                    .map(|b| workers::heartbeat(c, now, agent.id, &b, times))
+                    .transpose()?;
                 Ok((
                     results,
+                    beat,
                     workers::check_incarnation(c, agent.id, &incarnation),
                 ))
             })
@@ -259,11 +308,11 @@ pub async fn claim(
         // the slots they freed. One commit for "done, give me more".
         let (ticket, answer) = app.dispatcher.park(agent.id);
         let outcome = match queued.done().await {
-            Ok((results, Ok(()))) => Ok(results),
-            Ok((_, Err(e))) | Err(e) => Err(e),
+            Ok((results, beat, Ok(()))) => Ok((results, beat)),
+            Ok((_, _, Err(e))) | Err(e) => Err(e),
         };
         match outcome {
-            Ok(results) => {
+            Ok((results, beat)) => {
                 for r in results.iter().filter(|r| r.error.is_none() && !r.replay) {
                     log::info!(
                         "job reported job_id={} worker_id={} status={}",
@@ -272,7 +321,8 @@ pub async fn claim(
                         r.status.as_deref().unwrap_or("")
                     );
                 }
-                (results, (ticket, answer))
+                let beat = beat.map(|b| answer_beat(&app, b));
+                (results, beat, (ticket, answer))
             }
             Err(e) => {
                 // Refused after parking: whatever a round granted meanwhile
@@ -286,6 +336,11 @@ pub async fn claim(
                 return Err(e);
             }
         }
+    };
+    // Orders in the heartbeat's answer (cancels) must not wait for the park.
+    let wait = match &beat {
+        Some(b) if !b.orders.is_empty() => 0,
+        _ => wait,
     };
     let deadline = tokio::time::sleep(Duration::from_secs(wait as u64));
     let granted = tokio::select! {
@@ -302,12 +357,18 @@ pub async fn claim(
     // None: the wait ran out, or a newer claim of the same worker replaced
     // this one.
     Ok(match granted {
-        Some(resp) => Json(ClaimResponse { completed, ..resp }).into_response(),
-        None if completed.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        Some(resp) => Json(ClaimResponse {
+            completed,
+            beat,
+            ..resp
+        })
+        .into_response(),
+        None if completed.is_empty() && beat.is_none() => StatusCode::NO_CONTENT.into_response(),
         None => Json(ClaimResponse {
             jobs: Vec::new(),
             orders: Vec::new(),
             completed,
+            beat,
         })
         .into_response(),
     })

@@ -2,6 +2,7 @@
 //! the bytes, parsing and validation answer Ok or a 4xx naming the problem,
 //! and never panic.
 
+use super::agents::check_beat;
 use super::jobs::check_report;
 use super::parse_json;
 use crate::error::ApiError;
@@ -88,18 +89,23 @@ fn all(bytes: &[u8]) {
     }
     let _ = check::<Vec<JobSpec>>(bytes);
     let _ = check::<RegisterRequest>(bytes);
-    let _ = check::<HeartbeatRequest>(bytes);
-    let reports = |e: ApiError| {
+    let invalid = |e: ApiError| {
         assert_eq!(e.status.as_u16(), 422, "{e}");
         assert!(e.field.is_some(), "a validation error names its field: {e}");
     };
     if let Some(claim) = check::<ClaimRequest>(bytes) {
         for (i, done) in claim.completed.iter().enumerate() {
-            let _ = check_report(&done.report, &format!("completed[{i}].")).map_err(reports);
+            let _ = check_report(&done.report, &format!("completed[{i}].")).map_err(invalid);
+        }
+        if let Some(beat) = &claim.beat {
+            let _ = check_beat(beat, "beat.").map_err(invalid);
         }
     }
+    if let Some(beat) = check::<HeartbeatRequest>(bytes) {
+        let _ = check_beat(&beat, "").map_err(invalid);
+    }
     if let Some(report) = check::<CompleteRequest>(bytes) {
-        let _ = check_report(&report, "").map_err(reports);
+        let _ = check_report(&report, "").map_err(invalid);
     }
 }
 
