@@ -40,6 +40,10 @@ fn heartbeats_ride_on_claims_over_one_connection() -> TestResult {
             .body["last_seen_at"]
             .clone())
     };
+    // The report went over a second connection while the claim was parked;
+    // the next claim's return retires one of the two (ureq keeps one idle
+    // connection per host).
+    std::thread::sleep(Duration::from_millis(2500));
     let before = seen(&api)?;
     // Idle for more than three heartbeat intervals (1 s each): at most one
     // connection at any moment.

@@ -784,3 +784,108 @@ fn mass_expiry_requeues_every_lease_in_batches() -> TestResult {
     );
     Ok(())
 }
+
+/// A TCP proxy that can blackhole its connections: while `blocked`, no
+/// byte moves either way (they wait in the kernel's buffers, as across a
+/// partition) and new connections are accepted but go nowhere; when it
+/// heals, everything flows on.
+struct Partition {
+    url: String,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Partition {
+    fn to(upstream: u16) -> TestResult<Partition> {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let blocked = Arc::new(AtomicBool::new(false));
+        let flag = blocked.clone();
+        let wait = move |f: &AtomicBool| {
+            while f.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            wait(&flag);
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            wait(&flag);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(Partition { url, blocked })
+    }
+
+    fn set(&self, blocked: bool) {
+        self.blocked
+            .store(blocked, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// F3b: the network between an agent and the coordinator blackholes for
+/// less than the lease TTL while a job runs: nothing is re-queued, the job
+/// completes on its agent as attempt 1 (DROVER_F3_TRIALS, 2 in CI).
+#[test]
+fn a_partition_shorter_than_the_lease_requeues_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // TTL 9 s: heartbeats every 3 s; the partition lasts 5 s.
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "9"])?;
+    let api = coord.api();
+    let net = Partition::to(coord.port)?;
+    let _agent = Agent::start(&net.url, dir.path(), "behind", &[])?;
+    let trials = env_or("DROVER_F3_TRIALS", 2);
+    for trial in 0..trials {
+        let id = api.submit(&json!({"command": ["sleep", "7"]}))?;
+        wait_for("the job to start", Duration::from_secs(20), || {
+            Ok((api.job(id)?["status"] == "running").then_some(()))
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        net.set(true);
+        std::thread::sleep(Duration::from_secs(5));
+        net.set(false);
+        let j = wait_for("the job to end", Duration::from_secs(40), || {
+            let j = api.job(id)?;
+            Ok(matches!(
+                j["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(j))
+        })?;
+        assert_eq!(j["status"], "succeeded", "trial {trial}: {j}");
+        assert_eq!(
+            j["attempts"].as_array().map(Vec::len),
+            Some(1),
+            "trial {trial}: one attempt, no lease lost: {j}"
+        );
+    }
+    println!("{trials} partitions of 5 s under a 9 s lease: 0 re-queues");
+    Ok(())
+}

@@ -111,7 +111,9 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
     assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);
     // From a process the coordinator does not know: the claim is refused,
     // the report is kept, and sending it again replays. A job the freed
-    // slot could take meanwhile goes back to the queue.
+    // slot could take meanwhile goes back to the queue: at once when the
+    // claim saw the grant, else as soon as the round finds the claim gone
+    // (well before the next heartbeat could release it).
     let c = api.submit(&json!({"command": ["true"]}))?;
     assert_eq!(agent.claim(&api, 5)?.body["jobs"][0]["job_id"], c);
     let d = api.submit(&json!({"command": ["true"]}))?;
@@ -124,7 +126,11 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
         r.text
     );
     assert_eq!(api.job(c)?["status"], "succeeded");
-    assert_eq!(api.job(d)?["status"], "queued");
+    wait_for(
+        "the refused claim's grant to be re-queued",
+        Duration::from_secs(3),
+        || Ok((api.job(d)?["status"] == "queued").then_some(())),
+    )?;
     let r = agent.claim_reporting(&api, 5, json!([ok(c)]))?;
     assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);
     assert_eq!(r.body["jobs"][0]["job_id"], d, "{}", r.text);

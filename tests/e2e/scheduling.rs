@@ -233,7 +233,7 @@ fn retries_back_off_and_succeed_on_the_third_attempt() -> TestResult {
     let j = finished(&api, id)?;
     assert_eq!(j["status"], "succeeded", "{j}");
     let attempts = j["attempts"].as_array().cloned().unwrap_or_default();
-    assert_eq!(attempts.len(), 3);
+    assert_eq!(attempts.len(), 3, "{j}");
     assert_eq!(attempts[0]["outcome"], "failed");
     assert_eq!(attempts[0]["exit_code"], 1);
     assert_eq!(attempts[2]["outcome"], "succeeded");

@@ -327,8 +327,18 @@ pub fn round(
     reservations: &HashMap<i64, i64>,
 ) -> Result<Round, ApiError> {
     let mut round = Round::default();
-    let waiting_set: std::collections::HashSet<i64> = waiting.iter().copied().collect();
-    for (w, orders) in take_orders(conn, &waiting_set)? {
+    // Built only when needed (orders pending, jobs ready): with 10,000
+    // agents re-parking every heartbeat interval, most rounds find neither.
+    let set = std::cell::OnceCell::new();
+    let waiting_set = || {
+        set.get_or_init(|| {
+            waiting
+                .iter()
+                .copied()
+                .collect::<std::collections::HashSet<i64>>()
+        })
+    };
+    for (w, orders) in take_orders(conn, |w| waiting_set().contains(&w))? {
         round.answers.entry(w).or_default().1 = orders;
     }
     // Reservations end when their job left the queue.
@@ -351,7 +361,7 @@ pub fn round(
     let live = |v: &WorkerView| v.state == "idle" || v.state == "busy";
     let mut offers: Vec<Offer> = views
         .iter()
-        .filter(|v| live(v) && waiting.contains(&v.offer.worker_id))
+        .filter(|v| live(v) && waiting_set().contains(&v.offer.worker_id))
         .map(|v| v.offer.clone())
         .collect();
     let shapes = shapes(conn)?;

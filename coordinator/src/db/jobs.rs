@@ -537,7 +537,7 @@ pub fn renew_leases(
 /// the orders until the job ends.
 pub fn take_orders(
     conn: &Connection,
-    waiting: &HashSet<i64>,
+    waiting: impl Fn(i64) -> bool,
 ) -> Result<std::collections::HashMap<i64, Vec<Order>>, ApiError> {
     let mut out: std::collections::HashMap<i64, Vec<Order>> = std::collections::HashMap::new();
     let pending: Vec<(i64, i64, i64)> = conn
@@ -547,7 +547,7 @@ pub fn take_orders(
         )?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
-    for (job_id, attempt, worker) in pending.into_iter().filter(|p| waiting.contains(&p.2)) {
+    for (job_id, attempt, worker) in pending.into_iter().filter(|p| waiting(p.2)) {
         conn.prepare_cached("UPDATE jobs SET cancel_requested = 2 WHERE id = ?1")?
             .execute([job_id])?;
         out.entry(worker).or_default().push(Order {
