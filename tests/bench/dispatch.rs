@@ -7,6 +7,9 @@
 //!    submit -> the job's own process running, and submit -> success visible
 //!    to a client. Baseline in the same process: spawning the same job
 //!    program directly.
+//!    Once with this binary as the job (`--stamp`), once with a small C
+//!    program (when `cc` is at hand); then the coordinator's share alone: a
+//!    stand-in agent's parked claim, submit -> claim reply.
 //! 2. throughput: N no-op (`true`) jobs queued, then 4 agents drain them;
 //!    jobs/s from the first claim to the last completion.
 //! 3. the coordinator's own throughput: 20,000 no-op jobs queued, then
@@ -143,6 +146,47 @@ fn latency(n: usize, label: &str, me: &std::path::Path) -> TestResult {
     Ok(())
 }
 
+/// The coordinator's share of dispatch: a stand-in agent (plain HTTP, no
+/// process) parked on a claim; submit -> the claim's reply read, and
+/// submit -> its 201.
+fn coordinator_share(n: usize) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let agent = FakeAgent::register(&api, "share")?;
+    let claims = Api::new(&coord.url);
+    let (mut to_reply, mut to_created) = (Vec::new(), Vec::new());
+    let mut done = json!([]);
+    for _ in 0..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| -> TestResult {
+            let (agent, claims, report) = (&agent, &claims, done.clone());
+            s.spawn(move || {
+                let r = agent.claim_reporting(claims, 10, report);
+                let _ = tx.send((Instant::now(), r.map_err(|e| e.to_string())));
+            });
+            // Let the claim park (and its report commit) first.
+            std::thread::sleep(Duration::from_millis(3));
+            let t0 = Instant::now();
+            api.submit(&json!({"command": ["true"]}))?;
+            to_created.push(t0.elapsed().as_secs_f64() * 1000.0);
+            let (at, r) = rx.recv()?;
+            let r = r?;
+            let job = &r.body["jobs"][0];
+            if job.is_null() {
+                return Err(format!("the claim got no job: {}", r.text).into());
+            }
+            to_reply.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+            done = json!([{"job_id": job["job_id"], "attempt": job["attempt"], "outcome": "succeeded", "exit_code": 0}]);
+            Ok(())
+        })?;
+    }
+    println!("the coordinator's share, a stand-in agent parked on a claim, {n} sequential jobs:");
+    summary("submit -> claim reply read", to_reply);
+    summary("submit -> 201 read", to_created);
+    Ok(())
+}
+
 fn throughput(n: usize, agents: usize) -> TestResult {
     let dir = tempfile::tempdir()?;
     let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
@@ -248,6 +292,7 @@ fn main() -> TestResult {
         Some(c) => latency(500, "a C stamp program", &c)?,
         None => println!("(no C compiler: the C stamp run is skipped)"),
     }
+    coordinator_share(500)?;
     throughput(5000, 4)?;
     println!("coordinator throughput, 20,000 no-op jobs queued, simulated agents:");
     let mut best_four = 0.0f64;
