@@ -8,17 +8,6 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-fn alive(pid: i32) -> bool {
-    // A zombie is gone for our purposes: it runs nothing.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 /// The agent's heartbeats ride on its parked claims: an idle agent holds
 /// one connection to the coordinator, and a job that outlives its lease
 /// several times over runs once, renewed through the claims.

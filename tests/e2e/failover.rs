@@ -396,9 +396,46 @@ fn a_restarted_coordinator_keeps_live_agents_jobs_and_requeues_dead_ones_after_g
 fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    cut_off_agent_loses_its_lease(
+        &coord,
+        dir.path(),
+        &coord.url,
+        |a| a.signal(libc::SIGSTOP),
+        |a| a.signal(libc::SIGCONT),
+    )
+}
+
+/// F3a: the network between an agent and the coordinator blackholes for
+/// longer than the lease (its requests wait in the partition, as TCP
+/// retransmits would): as a pause.
+#[test]
+fn a_partition_longer_than_the_lease_moves_the_job_and_stops_the_stale_copy() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let net = Partition::to(coord.port)?;
+    cut_off_agent_loses_its_lease(
+        &coord,
+        dir.path(),
+        &net.url,
+        |_| net.set(true),
+        |_| net.set(false),
+    )
+}
+
+/// Agent A, reached at `a_url`, is cut off (`cut`) longer than its lease
+/// while it runs a job: the job runs again on B; once A is back (`heal`) it
+/// learns the lease is gone and stops its stale copy, and its late report
+/// is refused.
+fn cut_off_agent_loses_its_lease(
+    coord: &Coordinator,
+    dir: &Path,
+    a_url: &str,
+    cut: impl Fn(&Agent),
+    heal: impl Fn(&Agent),
+) -> TestResult {
     let api = coord.api();
-    let runs = dir.path().join("runs.txt");
-    let a = Agent::start(&coord.url, dir.path(), "paused", &["--kill-grace", "1"])?;
+    let runs = dir.join("runs.txt");
+    let a = Agent::start(a_url, dir, "cut-off", &["--kill-grace", "1"])?;
     wait_for("agent a", Duration::from_secs(20), || {
         Ok(a.worker_id().ok())
     })?;
@@ -411,13 +448,13 @@ fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult
         Ok(read_lines(&runs).first().cloned())
     })?;
     let stale_pid: i32 = first.split_whitespace().nth(1).ok_or("no pid")?.parse()?;
-    let b = Agent::start(&coord.url, dir.path(), "awake", &[])?;
+    let b = Agent::start(&coord.url, dir, "awake", &[])?;
     wait_for("agent b", Duration::from_secs(20), || {
         Ok(b.worker_id().ok())
     })?;
 
-    // A GC-like pause longer than the lease.
-    a.signal(libc::SIGSTOP);
+    // A GC-like pause, or a partition, longer than the lease.
+    cut(&a);
     let job = wait_for("the job to run elsewhere", Duration::from_secs(20), || {
         let j = api.job(id)?;
         Ok((j["status"] == "succeeded").then_some(j))
@@ -425,16 +462,11 @@ fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult
     assert_eq!(job["attempt"], 2);
     assert_eq!(job["worker_id"], b.worker_id()?);
     assert_eq!(job["attempts"][0]["outcome"], "lease_lost");
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z"))
-            .unwrap_or(false)
-    };
     assert!(
         alive(stale_pid),
-        "the paused agent's job still runs during the pause"
+        "the cut-off agent's job still runs while it is cut off"
     );
-    a.signal(libc::SIGCONT);
+    heal(&a);
     let resumed = std::time::Instant::now();
     // A learns at its next heartbeat that the lease is gone and stops the
     // stale process; its report is refused, the stored result stays B's.
@@ -444,7 +476,7 @@ fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult
         || Ok((!alive(stale_pid)).then_some(())),
     )?;
     println!(
-        "stale process gone {:.1}s after the pause ended",
+        "stale process gone {:.1}s after the agent was back",
         resumed.elapsed().as_secs_f64()
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -456,6 +488,69 @@ fn a_paused_agent_loses_its_lease_and_its_late_report_is_refused() -> TestResult
         Some(2),
         "no third attempt: {after}"
     );
+    Ok(())
+}
+
+/// D5a: an operator's `sqlite3` holds a read transaction open for longer
+/// than a maintenance tick (30 s) while clients submit: every submission is
+/// served, the WAL grows (`drover_sqlite_wal_bytes`, a warning that the
+/// checkpoint could not finish), and once the reader leaves, a maintenance
+/// checkpoint truncates it within two ticks.
+#[test]
+fn a_long_reader_grows_the_wal_and_the_checkpoint_shrinks_it_after() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let api = coord.api();
+    let wal = |api: &Api| -> TestResult<u64> {
+        let r = api.admin("GET", "/metrics", None)?;
+        r.text
+            .lines()
+            .find_map(|l| l.strip_prefix("drover_sqlite_wal_bytes "))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| "no drover_sqlite_wal_bytes in /metrics".into())
+    };
+    api.submit(&json!({"command": ["true"]}))?;
+    let reader = rusqlite::Connection::open_with_flags(
+        coord.db_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    reader.execute_batch("BEGIN")?;
+    let seen: i64 = reader.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))?;
+    let held = Instant::now();
+    let batch: Vec<_> = (0..50).map(|_| json!({"command": ["true"]})).collect();
+    let (mut submitted, mut peak) = (0, 0);
+    while held.elapsed() < Duration::from_secs(33) {
+        let r = api.admin("POST", "/api/v1/jobs", Some(&json!(batch)))?;
+        assert_eq!(
+            r.status, 201,
+            "served while the reader holds its snapshot: {}",
+            r.text
+        );
+        submitted += batch.len();
+        peak = peak.max(wal(&api)?);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The reader's snapshot still says what it said.
+    let still: i64 = reader.query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))?;
+    assert_eq!(still, seen);
+    reader.execute_batch("COMMIT")?;
+    drop(reader);
+    let left = Instant::now();
+    let log = std::fs::read_to_string(dir.path().join("coordinator-1.log"))?;
+    assert!(
+        log.contains("WAL checkpoint incomplete"),
+        "the starved checkpoint is warned about"
+    );
+    let shrunk = wait_for("the WAL to be truncated", Duration::from_secs(65), || {
+        Ok((wal(&api)? < peak / 4).then(|| left.elapsed()))
+    })?;
+    println!(
+        "{submitted} jobs submitted under a 33 s reader: WAL peak {:.1} MiB, {} bytes {:.1} s after the reader left",
+        peak as f64 / 1048576.0,
+        wal(&api)?,
+        shrunk.as_secs_f64()
+    );
+    assert!(peak > 1 << 20, "the WAL grew past 1 MiB: {peak}");
     Ok(())
 }
 

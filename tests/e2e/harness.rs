@@ -457,6 +457,18 @@ impl Rng {
     }
 }
 
+/// Whether process `pid` runs (a zombie does not).
+pub fn alive(pid: i32) -> bool {
+    // A zombie is gone for our purposes: it runs nothing.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 /// Established TCP connections the process `pid` holds to `port` on this
 /// machine (its socket fds matched against /proc/net/tcp{,6}).
 pub fn connections_to(pid: u32, port: u16) -> usize {
