@@ -389,3 +389,91 @@ fn a_loud_job_does_not_grow_the_agent() -> TestResult {
     );
     Ok(())
 }
+
+/// U4: the agent is SIGKILLed with jobs running and restarted, again and
+/// again (`DROVER_U4_KILLS`, 5 in CI, 20 nightly). Each time its jobs die
+/// with it (PDEATHSIG: no orphan runs unsupervised), the restarted agent's
+/// registration re-queues them at once (not after the 30 s lease) and they
+/// run again, and its worker id never changes. Each round runs fresh jobs:
+/// a job's second loss in a row backs off (10 s x 2^n), a crash loop's
+/// defence tested elsewhere.
+#[test]
+fn an_agent_killed_again_and_again_orphans_nothing_and_keeps_its_id() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "30"])?;
+    let api = coord.api();
+    let runs = dir.path().join("runs.txt");
+    let start = || Agent::start(&coord.url, dir.path(), "u4", &["--slots", "2"]);
+    let mut agent = start()?;
+    let worker = wait_for("the agent to register", Duration::from_secs(20), || {
+        Ok(agent.worker_id().ok())
+    })?;
+    // The pid of each job's attempt, from the line each run appends.
+    let pids = |ids: &[i64], attempt: i64| -> TestResult<Option<Vec<i32>>> {
+        let lines = read_lines(&runs);
+        Ok(ids
+            .iter()
+            .map(|id| {
+                lines.iter().find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() == 3 && f[0] == id.to_string() && f[1] == attempt.to_string())
+                        .then(|| f[2].parse().ok())
+                        .flatten()
+                })
+            })
+            .collect())
+    };
+    let kills = env_or("DROVER_U4_KILLS", 5);
+    let mut stuck = Vec::new();
+    for k in 0..kills {
+        let ids: Vec<i64> = (0..2)
+            .map(|_| {
+                api.submit(&json!({
+                    "command": ["sh", "-c", "echo \"$DROVER_JOB_ID $DROVER_ATTEMPT $$\" >> \"$RUNS\"; exec sleep 600"],
+                    "env": {"RUNS": runs.to_string_lossy()},
+                }))
+            })
+            .collect::<TestResult<_>>()?;
+        let first = wait_for("both jobs to run", Duration::from_secs(30), || {
+            pids(&ids, 1)
+        })?;
+        assert!(first.iter().all(|p| alive(*p)), "kill {k}: {first:?}");
+        agent.signal(libc::SIGKILL);
+        agent.wait_exit(Duration::from_secs(10))?;
+        wait_for(
+            "the jobs to die with the agent",
+            Duration::from_secs(5),
+            || Ok(first.iter().all(|p| !alive(*p)).then_some(())),
+        )?;
+        let restarted = Instant::now();
+        agent = start()?;
+        let again = wait_for("both jobs to run again", Duration::from_secs(25), || {
+            pids(&ids, 2)
+        })?;
+        stuck.push(restarted.elapsed().as_secs_f64());
+        assert_eq!(
+            agent.worker_id()?,
+            worker,
+            "kill {k}: the worker id is kept"
+        );
+        for id in &ids {
+            api.admin("POST", &format!("/api/v1/jobs/{id}/cancel"), None)?;
+        }
+        wait_for(
+            "the cancelled jobs to stop",
+            Duration::from_secs(15),
+            || Ok(again.iter().all(|p| !alive(*p)).then_some(())),
+        )?;
+    }
+    stuck.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{kills} kills: 0 orphans, worker id kept, jobs running again {:.2}-{:.2} s after each restart (lease 30 s)",
+        stuck[0],
+        stuck[stuck.len() - 1]
+    );
+    assert!(
+        stuck.iter().all(|s| *s < 15.0),
+        "re-run well before the 30 s lease could expire: {stuck:?}"
+    );
+    Ok(())
+}
