@@ -883,22 +883,25 @@ fn mass_expiry_requeues_every_lease_in_batches() -> TestResult {
 /// A TCP proxy that can blackhole its connections: while `blocked`, no
 /// byte moves either way (they wait in the kernel's buffers, as across a
 /// partition) and new connections are accepted but go nowhere; when it
-/// heals, everything flows on.
+/// heals, everything flows on. `delay` holds every chunk going to the
+/// coordinator that long (a slow link).
 struct Partition {
     url: String,
     blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Partition {
     fn to(upstream: u16) -> TestResult<Partition> {
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let url = format!("http://{}", listener.local_addr()?);
         let blocked = Arc::new(AtomicBool::new(false));
-        let flag = blocked.clone();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (flag, delay) = (blocked.clone(), delay_ms.clone());
         let wait = move |f: &AtomicBool| {
             while f.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(5));
@@ -910,14 +913,16 @@ impl Partition {
                     continue;
                 };
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
-                for (mut from, mut to) in [
+                for (upward, (mut from, mut to)) in [
                     (client.try_clone(), server.try_clone()),
                     (server.try_clone(), client.try_clone()),
                 ]
                 .into_iter()
                 .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                .enumerate()
+                .map(|(i, pair)| (i == 0, pair))
                 {
-                    let flag = flag.clone();
+                    let (flag, delay) = (flag.clone(), delay.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         loop {
@@ -926,6 +931,10 @@ impl Partition {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
+                            if upward {
+                                let ms = delay.load(Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(ms));
+                            }
                             wait(&flag);
                             if to.write_all(&buf[..n]).is_err() {
                                 break;
@@ -936,13 +945,56 @@ impl Partition {
                 }
             }
         });
-        Ok(Partition { url, blocked })
+        Ok(Partition {
+            url,
+            blocked,
+            delay_ms,
+        })
     }
 
     fn set(&self, blocked: bool) {
         self.blocked
             .store(blocked, std::sync::atomic::Ordering::SeqCst);
     }
+
+    fn slow(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+/// F3c: every request from an agent reaches the coordinator a sixth of the
+/// lease TTL late (5 s of a 30 s TTL, scaled: 1.5 s of 9 s) while its job
+/// runs through several heartbeats: no lease is lost.
+#[test]
+fn a_slow_link_loses_no_lease() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "9"])?;
+    let api = coord.api();
+    let net = Partition::to(coord.port)?;
+    let _agent = Agent::start(&net.url, dir.path(), "slow", &[])?;
+    let id = api.submit(&json!({"command": ["sleep", "15"]}))?;
+    wait_for("the job to start", Duration::from_secs(20), || {
+        Ok((api.job(id)?["status"] == "running").then_some(()))
+    })?;
+    net.slow(Duration::from_millis(1500));
+    let j = wait_for("the job to end", Duration::from_secs(60), || {
+        let j = api.job(id)?;
+        Ok(matches!(
+            j["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+        .then_some(j))
+    })?;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    assert_eq!(
+        j["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "one attempt, no lease lost: {j}"
+    );
+    Ok(())
 }
 
 /// F3b: the network between an agent and the coordinator blackholes for
