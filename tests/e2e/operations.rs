@@ -444,3 +444,166 @@ fn events_in_order_resume_sse_log_follow_and_metrics() -> TestResult {
     }
     Ok(())
 }
+
+/// S1: every route x every kind of credential, against the checked-in
+/// table `tests/e2e/fixtures/auth_matrix.txt` (`DROVER_S1_PRINT=1` prints
+/// the observed table). Every refusal changes nothing in the database.
+#[test]
+fn the_auth_matrix_matches_the_checked_in_table() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let api = coord.api();
+    let approve = |id: i64| api.admin("POST", &format!("/api/v1/workers/{id}/approve"), None);
+    let a = FakeAgent::register(&api, "s1-a")?;
+    let b = FakeAgent::register(&api, "s1-b")?;
+    let p = FakeAgent::register(&api, "s1-pending")?;
+    let d = FakeAgent::register(&api, "s1-decommissioned")?;
+    let id_of = |name: &str| -> TestResult<i64> {
+        let list = api.admin("GET", "/api/v1/workers", None)?;
+        list.body["workers"]
+            .as_array()
+            .and_then(|w| w.iter().find(|w| w["name"] == name))
+            .and_then(|w| w["id"].as_i64())
+            .ok_or_else(|| format!("no worker {name}: {}", list.text).into())
+    };
+    for name in ["s1-a", "s1-b", "s1-decommissioned"] {
+        assert_eq!(approve(id_of(name)?)?.status, 200);
+    }
+    let r = api.admin(
+        "POST",
+        &format!(
+            "/api/v1/workers/{}/decommission",
+            id_of("s1-decommissioned")?
+        ),
+        None,
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A holds the lease of job JA (attempt 1); JX waits in the queue for
+    // the admin's actions; W is a spare worker for them.
+    let ja = api.submit(&json!({"command": ["true"]}))?;
+    assert_eq!(a.claim(&api, 5)?.body["jobs"][0]["job_id"], ja);
+    let jx = api.submit(&json!({"command": ["true"], "required_tags": ["nowhere"]}))?;
+    let w = api.admin(
+        "POST",
+        "/api/v1/workers",
+        Some(&json!({"name": "s1-spare"})),
+    )?;
+    let w = w.body["id"]
+        .as_i64()
+        .ok_or(format!("preregister: {}", w.text))?;
+
+    let creds: [(&str, Option<&str>); 8] = [
+        ("none", None),
+        ("garbage", Some("drv_agent_not-a-real-token-0000")),
+        ("secret", Some(SECRET)),
+        ("agentA", Some(&a.token)),
+        ("agentB", Some(&b.token)),
+        ("pending", Some(&p.token)),
+        ("decom", Some(&d.token)),
+        ("admin", Some(ADMIN)),
+    ];
+    // The body each credential sends: an agent its own incarnation.
+    let inc = |cred: &str| match cred {
+        "agentB" => b.incarnation.clone(),
+        "pending" => p.incarnation.clone(),
+        "decom" => d.incarnation.clone(),
+        _ => a.incarnation.clone(),
+    };
+    let expected = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/e2e/fixtures/auth_matrix.txt"),
+    )?;
+    let digest = || -> TestResult<String> {
+        let c = rusqlite::Connection::open_with_flags(
+            coord.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        let q = |sql: &str| -> TestResult<String> {
+            Ok(c.query_row(sql, [], |r| r.get::<_, Option<String>>(0))?
+                .unwrap_or_default())
+        };
+        Ok([
+            q("SELECT group_concat(id || status || attempt || ifnull(worker_id, '') || cancel_requested || required_tags) FROM jobs")?,
+            q("SELECT group_concat(id || state || token_hash || tags || ifnull(incarnation, '') || drain) FROM workers")?,
+            q("SELECT count(*) || '/' || (SELECT count(*) FROM job_logs) || '/' || (SELECT count(*) FROM events) FROM job_attempts")?,
+        ]
+        .join("|"))
+    };
+    let mut observed = Vec::new();
+    let mut changed = Vec::new();
+    for line in expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let route: Vec<&str> = line.split_whitespace().take(2).collect();
+        let (method, template) = (route[0], route[1]);
+        let path = template
+            .replace("{JA}", &ja.to_string())
+            .replace("{JX}", &jx.to_string())
+            .replace("{W}", &w.to_string());
+        let mut row = format!("{method:<6} {template:<40}");
+        for (cred, token) in creds {
+            let body = match template {
+                "/api/v1/agents/heartbeat" | "/api/v1/agents/claim?wait=0" => {
+                    json!({"incarnation": inc(cred)})
+                }
+                "/api/v1/jobs" => json!({"command": ["true"], "required_tags": ["nowhere"]}),
+                "/api/v1/jobs/{JA}/complete" => {
+                    json!({"attempt": 1, "outcome": "succeeded", "exit_code": 0})
+                }
+                "/api/v1/workers" => json!({"name": format!("s1-{cred}")}),
+                "/api/v1/workers/{W}/tags" => json!({"tags": ["s1"]}),
+                "/api/v1/agents/register" => {
+                    json!({"name": format!("s1-reg-{cred}"), "machine_id": format!("s1-{cred}"), "inventory": {"hostname": "s1"}})
+                }
+                _ => json!({}),
+            };
+            let bytes = (method != "GET").then(|| body.to_string().into_bytes());
+            let before = digest()?;
+            let r = api.call(method, &path, token, bytes.as_deref())?;
+            if r.status >= 400 && digest()? != before {
+                changed.push(format!("{method} {template} as {cred}: {}", r.status));
+            }
+            row.push_str(&format!(" {:>7}", r.status));
+        }
+        observed.push(row);
+    }
+    let header = format!(
+        "# {:<45} {}",
+        "route",
+        creds
+            .iter()
+            .map(|(c, _)| format!("{c:>7}"))
+            .collect::<String>()
+    );
+    let table = format!("{header}\n{}\n", observed.join("\n"));
+    if std::env::var_os("DROVER_S1_PRINT").is_some() {
+        println!("{table}");
+    }
+    let want: Vec<String> = expected
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let got: Vec<String> = observed
+        .iter()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let mismatches: Vec<String> = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| w != g)
+        .map(|(w, g)| format!("  want {w}\n  got  {g}"))
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "{} rows differ from the checked-in table:\n{}\nobserved:\n{table}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    assert!(
+        changed.is_empty(),
+        "refusals that changed the database: {changed:?}"
+    );
+    Ok(())
+}
