@@ -353,8 +353,12 @@ async fn agent(
             continue;
         }
         if status != 200 {
-            // Refused (its reports, if any, are sent again: a replay).
+            // Refused (its reports, if any, are sent again: a replay; its
+            // heartbeat, if any, goes with the next claim).
             stats.errors.fetch_add(1, Ordering::Relaxed);
+            if carry {
+                due = Instant::now();
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
