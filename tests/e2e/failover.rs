@@ -980,14 +980,7 @@ fn a_slow_link_loses_no_lease() -> TestResult {
         Ok((api.job(id)?["status"] == "running").then_some(()))
     })?;
     net.slow(Duration::from_millis(1500));
-    let j = wait_for("the job to end", Duration::from_secs(60), || {
-        let j = api.job(id)?;
-        Ok(matches!(
-            j["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        )
-        .then_some(j))
-    })?;
+    let j = finished(&api, id)?;
     assert_eq!(j["status"], "succeeded", "{j}");
     assert_eq!(
         j["attempts"].as_array().map(Vec::len),
@@ -1018,14 +1011,7 @@ fn a_partition_shorter_than_the_lease_requeues_nothing() -> TestResult {
         net.set(true);
         std::thread::sleep(Duration::from_secs(5));
         net.set(false);
-        let j = wait_for("the job to end", Duration::from_secs(40), || {
-            let j = api.job(id)?;
-            Ok(matches!(
-                j["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
-            .then_some(j))
-        })?;
+        let j = finished(&api, id)?;
         assert_eq!(j["status"], "succeeded", "trial {trial}: {j}");
         assert_eq!(
             j["attempts"].as_array().map(Vec::len),

@@ -457,6 +457,22 @@ impl Rng {
     }
 }
 
+/// Job `id` once it has ended (succeeded, failed or cancelled), within 30 s.
+pub fn finished(api: &Api, id: i64) -> TestResult<Value> {
+    wait_for(
+        &format!("job {id} to finish"),
+        Duration::from_secs(30),
+        || {
+            let j = api.job(id)?;
+            Ok(matches!(
+                j["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(j))
+        },
+    )
+}
+
 /// Whether process `pid` runs (a zombie does not).
 pub fn alive(pid: i32) -> bool {
     // A zombie is gone for our purposes: it runs nothing.

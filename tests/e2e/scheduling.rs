@@ -33,21 +33,6 @@ fn worker_ids(api: &Api) -> TestResult<std::collections::HashMap<String, i64>> {
         .collect())
 }
 
-fn finished(api: &Api, id: i64) -> TestResult<Value> {
-    wait_for(
-        &format!("job {id} to finish"),
-        Duration::from_secs(30),
-        || {
-            let j = api.job(id)?;
-            Ok(matches!(
-                j["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
-            .then_some(j))
-        },
-    )
-}
-
 #[test]
 fn jobs_go_to_the_right_worker() -> TestResult {
     let dir = tempfile::tempdir()?;
