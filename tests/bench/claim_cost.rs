@@ -1,6 +1,8 @@
 //! Claim cost: one dispatch round granting one job to a waiting worker, on
 //! an empty table and with 1,000,000 finished + 100,000 queued jobs, in the
 //! same process. Prints figures and the ratio; asserts nothing about speed.
+//! Also the database writer's CPU time per job (grant + report, the bound
+//! on throughput) and the commit rates behind group commit.
 //!
 //!   cargo bench -p coordinator --bench claim_cost
 
@@ -14,19 +16,24 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 const TTL: i64 = 30_000;
 
 async fn setup(db: &Db) -> Result<i64> {
+    register(db, "bench", 1).await
+}
+
+async fn register(db: &Db, name: &str, slots: u32) -> Result<i64> {
     let req = RegisterRequest {
-        name: "bench".into(),
-        machine_id: "bench".into(),
+        name: name.into(),
+        machine_id: name.into(),
         inventory: Inventory {
             hostname: "bench".into(),
             ..Default::default()
         },
         tags: vec!["t0".into()],
-        slots: Some(1),
+        slots: Some(slots),
         agent_version: String::new(),
     };
+    let hash = format!("hash-{name}");
     let (id, _) = db
-        .write(move |c, now| workers::register(c, now, &req, "hash", true, None, "127.0.0.1"))
+        .write(move |c, now| workers::register(c, now, &req, &hash, true, None, "127.0.0.1"))
         .await?;
     Ok(id)
 }
@@ -136,6 +143,78 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
+/// CPU time of the writer thread so far, in seconds (call it on that thread).
+fn thread_cpu() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// The writer's CPU time per job at full load: 4 workers x 64 slots, 20,000
+/// queued jobs; each write reports every job the previous one granted and
+/// runs a round that grants up to 256 more, as group commit batches them
+/// under load. Its inverse bounds the no-op throughput.
+async fn writer_per_job(dir: &std::path::Path) -> Result<()> {
+    // DROVER_BENCH_JOBS: fewer jobs, for a run under callgrind.
+    let n: usize = std::env::var("DROVER_BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let db = Db::open(&dir.join("writer.db"), true, Clock::new())?;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(register(&db, &format!("w{i}"), 64).await?);
+    }
+    fill(&db, 0, n, 1).await?;
+    let (mut cpu, mut done, mut pending) = (0.0, 0, Vec::<(i64, i64, i64)>::new());
+    let t0 = Instant::now();
+    while done < n || !pending.is_empty() {
+        let (ids, reports) = (ids.clone(), std::mem::take(&mut pending));
+        let reported = reports.len();
+        let (granted, spent) = db
+            .write(move |c, now| {
+                let t = thread_cpu();
+                for &(worker, job, attempt) in &reports {
+                    let req = CompleteRequest {
+                        attempt,
+                        outcome: Outcome::Succeeded,
+                        exit_code: Some(0),
+                        result: None,
+                        error: None,
+                    };
+                    jobs::complete(c, now, worker, job, &req, 1000)?;
+                }
+                let round = dispatch::round(c, now, &ids, TTL, 60_000, &HashMap::new())?;
+                let granted: Vec<(i64, i64, i64)> = round
+                    .answers
+                    .iter()
+                    .flat_map(|(w, (a, _))| a.iter().map(|a| (*w, a.job_id, a.attempt)))
+                    .collect();
+                Ok((granted, thread_cpu() - t))
+            })
+            .await?;
+        cpu += spent;
+        if granted.is_empty() && reported == 0 && done < n {
+            return Err("a round granted nothing with jobs queued".into());
+        }
+        done += granted.len();
+        pending = granted;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    println!(
+        "writer CPU per job (grant + report, 4 workers x 64 slots, {n} jobs, commits not included): \
+         {:.1} us -> at most {:.0} jobs/s on one core ({:.0} jobs/s with the commits, FULL)",
+        cpu / n as f64 * 1e6,
+        n as f64 / cpu,
+        n as f64 / wall
+    );
+    Ok(())
+}
+
 /// Durable writes per second, one at a time (a commit each) and 64 at a
 /// time (group commit), with synchronous=FULL and NORMAL.
 async fn commits(dir: &std::path::Path) -> Result<()> {
@@ -183,9 +262,15 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // `-- writer`: only the writer's cost per job (quick A/B of a change).
+    let only_writer = std::env::args().any(|a| a == "writer");
     rt.block_on(async {
-        run().await?;
         let dir = tempfile::tempdir()?;
+        if only_writer {
+            return writer_per_job(dir.path()).await;
+        }
+        run().await?;
+        writer_per_job(dir.path()).await?;
         commits(dir.path()).await
     })
 }

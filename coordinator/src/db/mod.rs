@@ -438,6 +438,14 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         tx.execute_batch(sql)
             .map_err(|e| format!("migration {v}: {e}"))?;
+        // A migration that edits sqlite_schema in place (writable_schema)
+        // must bump the schema cookie itself so connections reload it; for
+        // the others SQLite has bumped it already and one more is harmless.
+        let cookie: i64 = tx
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .map_err(|e| format!("migration {v}: {e}"))?;
+        tx.execute_batch(&format!("PRAGMA schema_version = {}", cookie + 1))
+            .map_err(|e| format!("migration {v}: {e}"))?;
         tx.execute_batch(&format!(
             "PRAGMA user_version = {v}; PRAGMA application_id = {APPLICATION_ID};"
         ))
@@ -445,6 +453,12 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
         tx.commit().map_err(|e| format!("migration {v}: {e}"))?;
         log::info!("database migrated to schema version {v}");
     }
+    // Read the schema once, so that this connection reloads it after a
+    // bumped cookie now rather than re-preparing its first statements.
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| format!("reading the schema: {e}"))?;
     Ok(())
 }
 
@@ -584,7 +598,9 @@ mod tests {
         assert!(!m.is_empty());
         for (i, (v, sql)) in m.iter().enumerate() {
             assert_eq!(*v, i as i64 + 1, "migrations are numbered 1, 2, ...");
-            assert!(sql.contains("CREATE") || sql.contains("ALTER"));
+            assert!(
+                sql.contains("CREATE") || sql.contains("ALTER") || sql.contains("sqlite_schema")
+            );
         }
     }
 
@@ -600,12 +616,95 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+        // Migration 2: no CHECK is an IN list any more (each such check
+        // built a temporary index), and the OR chains still refuse a bad value.
+        let ddl: String = conn
+            .query_row(
+                "SELECT group_concat(sql, ' ') FROM sqlite_schema WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!ddl.contains(" IN\n") && !ddl.contains(" IN ("), "{ddl}");
+        for table in ["workers", "jobs", "job_logs"] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN INSERT INTO {table} DEFAULT VALUES"))
+                .unwrap()
+                .query_map([], |r| r.get(1))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                !plan.iter().any(|op| op == "OpenEphemeral"),
+                "{table}: {plan:?}"
+            );
+        }
+        conn.execute(
+            "INSERT INTO workers (name, state, registered_at) VALUES ('w', 'idle', 0)",
+            [],
+        )
+        .unwrap();
+        let bad = conn
+            .execute("UPDATE workers SET state = 'sleeping'", [])
+            .unwrap_err();
+        assert!(bad.to_string().contains("CHECK"), "{bad}");
+        let bad = conn
+            .execute(
+                "INSERT INTO jobs (status, command, spec_sha256, run_after, created_at)
+                 VALUES ('paused', '[]', 'x', 0, 0)",
+                [],
+            )
+            .unwrap_err();
+        assert!(bad.to_string().contains("CHECK"), "{bad}");
         // Re-running is a no-op.
         migrate(&mut conn).unwrap();
         conn.execute_batch(&format!("PRAGMA user_version = {}", v + 1))
             .unwrap();
         let err = migrate(&mut conn).unwrap_err();
         assert!(err.contains("newer") || err.contains("knows only"), "{err}");
+    }
+
+    /// A database made by an older binary (schema version 1, with rows)
+    /// migrates in place: rows kept, the CHECK constraints rewritten.
+    #[test]
+    fn version_1_database_migrates_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let mut conn = Connection::open(&path).unwrap();
+        configure(&conn, true).unwrap();
+        let (v, sql) = migrations()[0];
+        assert_eq!(v, 1);
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = 1; PRAGMA application_id = {APPLICATION_ID}; COMMIT;"
+        ))
+        .unwrap();
+        conn.execute(
+            "INSERT INTO jobs (status, command, spec_sha256, run_after, created_at)
+             VALUES ('queued', '[\"true\"]', 'x', 0, 0)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let (status, version): (String, i64) = conn
+            .query_row(
+                "SELECT status, (SELECT user_version FROM pragma_user_version) FROM jobs",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((status.as_str(), version), ("queued", schema_version()));
+        let ddl: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'jobs'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(ddl.contains("status = 'queued' OR"), "{ddl}");
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
     }
 
     #[test]
