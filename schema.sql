@@ -269,3 +269,12 @@ UPDATE sqlite_schema SET sql = replace(sql, 'CHECK (stream IN (''stdout'', ''std
     'CHECK (stream = ''stdout'' OR stream = ''stderr'' OR stream = ''drover'')')
 WHERE type = 'table' AND name = 'job_logs';
 PRAGMA writable_schema = OFF;
+
+-- migration 3
+-- jobs_status (status, id) changed twice per job (a delete and an insert at
+-- the claim and again at the end): 12 % of the writer's instructions per
+-- job. Queued and running jobs have their partial indexes already; finished
+-- ones get this one, which a job enters once, when it ends. (A job is
+-- finished exactly when finished_at is set.)
+DROP INDEX jobs_status;
+CREATE INDEX jobs_finished_by_status ON jobs (status, id) WHERE finished_at IS NOT NULL;

@@ -842,7 +842,7 @@ pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
 pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
     let ids: Vec<i64> = conn
         .prepare_cached(
-            "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?1
+            "SELECT id FROM jobs INDEXED BY jobs_finished WHERE finished_at < ?1
              ORDER BY finished_at LIMIT 200",
         )?
         .query_map([cutoff], |r| r.get(0))?
@@ -940,14 +940,26 @@ pub fn list(
     status: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Value>, ApiError> {
-    let mut stmt = match status {
-        Some(_) => conn.prepare_cached(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = ?1 ORDER BY id DESC LIMIT ?2"
-        ))?,
-        None => conn.prepare_cached(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL ORDER BY id DESC LIMIT ?2"
-        ))?,
+    // Each status reads its partial index (finished ones in id order,
+    // queued and running ones sorted), never a scan of the whole history.
+    let (index, filter) = match status {
+        None => ("", "?1 IS NULL"),
+        Some("queued") => (
+            "INDEXED BY jobs_queued_run_after",
+            "status = ?1 AND status = 'queued'",
+        ),
+        Some("running") => (
+            "INDEXED BY jobs_running_worker",
+            "status = ?1 AND status = 'running'",
+        ),
+        Some(_) => (
+            "INDEXED BY jobs_finished_by_status",
+            "status = ?1 AND finished_at IS NOT NULL",
+        ),
     };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs {index} WHERE {filter} ORDER BY id DESC LIMIT ?2"
+    ))?;
     let rows = stmt.query_map(params![status, limit], |r| job_json(r, now))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -983,6 +995,47 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM job_attempts"), 1);
         assert_eq!(count("SELECT count(*) FROM job_logs"), 1);
         assert_eq!(prune_finished(&conn, 5000).unwrap(), 0);
+    }
+
+    /// Listing and counting by status read the partial indexes (an
+    /// INDEXED BY that cannot serve its query is an error, so this also
+    /// checks the plans), newest first.
+    #[test]
+    fn listing_and_counting_by_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        super::super::create_private(&path).unwrap();
+        let mut conn = Connection::open(&path).unwrap();
+        super::super::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'w', 'busy', 0);
+             INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, finished_at, worker_id)
+               VALUES (1, 'succeeded', '[]', 'x', 0, 0, 10, 1), (2, 'queued', '[]', 'x', 0, 0, NULL, NULL),
+                      (3, 'running', '[]', 'x', 0, 0, NULL, 1), (4, 'failed', '[]', 'x', 0, 0, 20, 1),
+                      (5, 'succeeded', '[]', 'x', 0, 0, 30, 1), (6, 'queued', '[]', 'x', 0, 0, NULL, NULL),
+                      (7, 'cancelled', '[]', 'x', 0, 0, 40, NULL);",
+        )
+        .unwrap();
+        let ids = |status: Option<&str>, limit: i64| -> Vec<i64> {
+            list(&conn, 0, status, limit)
+                .unwrap()
+                .iter()
+                .map(|j| j["id"].as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(ids(None, 100), [7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(ids(None, 2), [7, 6]);
+        assert_eq!(ids(Some("queued"), 100), [6, 2]);
+        assert_eq!(ids(Some("queued"), 1), [6]);
+        assert_eq!(ids(Some("running"), 100), [3]);
+        assert_eq!(ids(Some("succeeded"), 100), [5, 1]);
+        assert_eq!(ids(Some("failed"), 100), [4]);
+        assert_eq!(ids(Some("cancelled"), 100), [7]);
+        let stats = super::super::workers::stats(&conn, 0).unwrap();
+        assert_eq!(
+            stats["jobs"],
+            json!({"queued": 2, "running": 1, "succeeded": 2, "failed": 1, "cancelled": 1})
+        );
     }
 
     #[test]
