@@ -149,9 +149,12 @@ fn latency(n: usize, label: &str, me: &std::path::Path) -> TestResult {
 /// The coordinator's share of dispatch: a stand-in agent (plain HTTP, no
 /// process) parked on a claim; submit -> the claim's reply read, and
 /// submit -> its 201.
-fn coordinator_share(n: usize) -> TestResult {
+fn coordinator_share(n: usize, synchronous: &str) -> TestResult {
     let dir = tempfile::tempdir()?;
-    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let coord = Coordinator::start(
+        dir.path(),
+        &["--auto-approve", "--sqlite-synchronous", synchronous],
+    )?;
     let api = coord.api();
     let agent = FakeAgent::register(&api, "share")?;
     let claims = Api::new(&coord.url);
@@ -181,7 +184,9 @@ fn coordinator_share(n: usize) -> TestResult {
             Ok(())
         })?;
     }
-    println!("the coordinator's share, a stand-in agent parked on a claim, {n} sequential jobs:");
+    println!(
+        "the coordinator's share, a stand-in agent parked on a claim, {n} sequential jobs, synchronous={synchronous}:"
+    );
     summary("submit -> claim reply read", to_reply);
     summary("submit -> 201 read", to_created);
     Ok(())
@@ -284,15 +289,30 @@ fn main() -> TestResult {
     if args.iter().any(|a| a == "--list") {
         return Ok(());
     }
+    // `-- latency`, `-- share` or `-- throughput` runs that part alone.
+    let parts = ["latency", "share", "throughput"];
+    let named: Vec<&str> = parts
+        .into_iter()
+        .filter(|p| args.iter().any(|a| a == p))
+        .collect();
+    let part = |p: &str| named.is_empty() || named.contains(&p);
     println!("(the agent binary must be a release build: cargo build --release --workspace)");
-    let me = std::env::current_exe()?;
-    latency(500, "this bench binary --stamp (Rust)", &me)?;
-    let stamps = tempfile::tempdir()?;
-    match c_stamp(stamps.path()) {
-        Some(c) => latency(500, "a C stamp program", &c)?,
-        None => println!("(no C compiler: the C stamp run is skipped)"),
+    if part("latency") {
+        let me = std::env::current_exe()?;
+        latency(500, "this bench binary --stamp (Rust)", &me)?;
+        let stamps = tempfile::tempdir()?;
+        match c_stamp(stamps.path()) {
+            Some(c) => latency(500, "a C stamp program", &c)?,
+            None => println!("(no C compiler: the C stamp run is skipped)"),
+        }
     }
-    coordinator_share(500)?;
+    if part("share") {
+        coordinator_share(500, "full")?;
+        coordinator_share(500, "normal")?;
+    }
+    if !part("throughput") {
+        return Ok(());
+    }
     throughput(5000, 4)?;
     println!("coordinator throughput, 20,000 no-op jobs queued, simulated agents:");
     let mut best_four = 0.0f64;

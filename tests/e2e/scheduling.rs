@@ -411,3 +411,74 @@ fn racing_submissions_with_one_key_make_one_job() -> TestResult {
     assert_eq!(rows, keys as i64, "one row per key");
     Ok(())
 }
+
+/// Rounds run so far, from `/metrics`.
+fn rounds(api: &Api) -> TestResult<u64> {
+    let m = api.call("GET", "/metrics", None, None)?;
+    m.text
+        .lines()
+        .find_map(|l| l.strip_prefix("drover_dispatch_round_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "no drover_dispatch_round_seconds_count in /metrics".into())
+}
+
+/// A job nobody can run (a GPU job, CPU workers only) does not make every
+/// re-park run a round that loads the whole fleet (with 10,000 agents that
+/// was half a core): after a round that placed nothing, parks alone wait
+/// 100 ms for the next. A change of work still dispatches at once: the
+/// GPU worker that arrives runs the job.
+#[test]
+fn a_job_nobody_can_run_does_not_spin_the_dispatcher() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let (parked, busy) = (
+        FakeAgent::register(&api, "parked")?,
+        FakeAgent::register(&api, "busy")?,
+    );
+    let id = api.submit(&json!({"command": ["true"], "gpus": 1}))?;
+    std::thread::scope(|s| -> TestResult {
+        // One claim stays parked throughout, as most of a big fleet's are.
+        let holder = s.spawn(|| {
+            parked
+                .claim(&api, 6)
+                .map(|r| r.status)
+                .map_err(|e| e.to_string())
+        });
+        wait_for("the claim to park", Duration::from_secs(5), || {
+            Ok((api.agents_waiting()? == Some(1)).then_some(()))
+        })?;
+        let before = rounds(&api)?;
+        let t0 = std::time::Instant::now();
+        let mut parks = 0;
+        while t0.elapsed() < Duration::from_secs(2) {
+            let r = busy.claim(&api, 0)?;
+            assert_eq!(r.status, 204, "{}", r.text);
+            parks += 1;
+        }
+        let ran = rounds(&api)? - before;
+        let bound = (t0.elapsed().as_secs_f64() * 10.0).ceil() as u64 + 3;
+        println!("{parks} re-parks in 2 s with a stuck queue ran {ran} rounds (bound {bound})");
+        assert!(parks > 2 * bound, "too few re-parks ({parks}) to tell");
+        assert!(
+            ran <= bound,
+            "{ran} rounds for {parks} re-parks (bound {bound})"
+        );
+        assert_eq!(holder.join().map_err(|_| "claim thread")??, 204);
+        Ok(())
+    })?;
+    let t0 = std::time::Instant::now();
+    let _gpu = Agent::start(
+        &coord.url,
+        dir.path(),
+        "gpu",
+        &["--fake-gpus", "1xT4:16384"],
+    )?;
+    let job = finished(&api, id)?;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    println!(
+        "the GPU worker ran it {:.2} s after its agent started",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

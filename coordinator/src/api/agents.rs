@@ -281,6 +281,7 @@ pub async fn claim(
     } else {
         let backoff = ms(app.config.retry_backoff);
         let times = beat_times(&app);
+        let reports = !completed.is_empty();
         // The reports stand on their own (an agent's spool may hold some
         // from before a restart): they are recorded even when the
         // incarnation check then refuses the claim, and a resend replays.
@@ -307,6 +308,10 @@ pub async fn claim(
         // after them in the writer, usually in their transaction, and sees
         // the slots they freed. One commit for "done, give me more".
         let (ticket, answer) = app.dispatcher.park(agent.id);
+        if reports {
+            // Freed slots: a change of work, not a mere re-park.
+            app.wake_claimers();
+        }
         let outcome = match queued.done().await {
             Ok((results, beat, Ok(()))) => Ok((results, beat)),
             Ok((_, _, Err(e))) | Err(e) => Err(e),

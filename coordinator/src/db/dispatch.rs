@@ -23,7 +23,7 @@ const SCAN: usize = 256;
 // bound LIMIT on every run (a twentieth of the writer's time); the index
 // order streams the rows, and the reader stops taking them.
 // The round's queries name their index: without statistics SQLite may pick
-// the (status, id) index and scan every queued job. The test at the bottom
+// an index on a column the WHERE does not narrow and scan every queued job. The test at the bottom
 // checks each plan.
 const RUNNING_SQL: &str = "SELECT worker_id, gpu_indices FROM jobs INDEXED BY jobs_running_worker
     WHERE status = 'running'";
@@ -75,6 +75,8 @@ pub struct Round {
     pub next_ready: Option<Ms>,
     /// How long each dispatched job waited since it became claimable.
     pub waits: Vec<Ms>,
+    /// Some queued job was claimable (whether or not it was granted).
+    pub ready: bool,
 }
 
 fn needs_from(
@@ -357,6 +359,7 @@ pub fn round(
     if !any_ready {
         return Ok(round);
     }
+    round.ready = true;
     let views = fleet(conn)?;
     let live = |v: &WorkerView| v.state == "idle" || v.state == "busy";
     let mut offers: Vec<Offer> = views
