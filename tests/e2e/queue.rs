@@ -72,9 +72,18 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
     let agent = FakeAgent::register(&api, "batch")?;
     let ok =
         |job: i64| json!({"job_id": job, "attempt": 1, "outcome": "succeeded", "exit_code": 0});
+    let state = || -> TestResult<String> {
+        let w = api.admin("GET", "/api/v1/workers", None)?;
+        Ok(w.body["workers"][0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string())
+    };
+    assert_eq!(state()?, "idle");
     let a = api.submit(&json!({"command": ["true"]}))?;
     let r = agent.claim(&api, 5)?;
     assert_eq!(r.body["jobs"][0]["job_id"], a, "{}", r.text);
+    assert_eq!(state()?, "busy", "a claim makes an idle worker busy");
     let b = api.submit(&json!({"command": ["true"]}))?;
     // Done with a, and b comes back in the same reply (one slot: the report
     // freed it). A stale and an unknown report each get their own refusal.
@@ -106,6 +115,7 @@ fn reports_ride_on_the_claim_and_each_gets_its_own_answer() -> TestResult {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["jobs"], json!([]));
     assert_eq!(r.body["completed"][0]["status"], "succeeded");
+    assert_eq!(state()?, "idle", "its last job's end makes it idle");
     // The same report again (its reply was lost): a replay.
     let r = agent.claim_reporting(&api, 0, json!([ok(b)]))?;
     assert_eq!(r.body["completed"][0]["replay"], true, "{}", r.text);

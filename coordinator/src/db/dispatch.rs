@@ -9,6 +9,7 @@
 //! with none.
 
 use super::jobs::{grant, take_orders};
+use super::workers;
 use super::{iso, Ms};
 use crate::error::ApiError;
 use crate::matching::{self, Needs, Offer, WorkerView};
@@ -388,6 +389,11 @@ pub fn round(
         if let Some((i, gpus)) = matching::best(&job.needs, &offers, allowed) {
             let worker = offers[i].worker_id;
             let a = grant(conn, now, worker, job.id, &gpus, lease_ttl)?;
+            // A worker already running something is busy: only its first
+            // job can change its state.
+            if offers[i].running == 0 {
+                workers::refresh_load(conn, now, worker, &format!("claimed job {}", job.id))?;
+            }
             round.waits.push(now - job.claimable_since);
             offers[i].take(&gpus);
             round.answers.entry(worker).or_default().0.push(a);

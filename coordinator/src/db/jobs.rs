@@ -104,7 +104,25 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-/// Gives `job_id` to `worker_id` with a new lease on `gpu_indices`.
+/// Data of a `job.claimed` event.
+#[derive(serde::Serialize)]
+struct Claimed<'a> {
+    attempt: i64,
+    gpus: &'a [u32],
+}
+
+/// Data of the event that ends an attempt (`job.succeeded`, `job.requeued`, ...).
+#[derive(serde::Serialize)]
+struct Ended<'a> {
+    attempt: i64,
+    outcome: &'a str,
+    exit_code: Option<i32>,
+    error: Option<&'a str>,
+    run_after: Option<String>,
+}
+
+/// Gives `job_id` to `worker_id` with a new lease on `gpu_indices`. The
+/// caller moves an idle worker to busy (`workers::refresh_load`).
 pub(super) fn grant(
     conn: &Connection,
     now: Ms,
@@ -156,14 +174,17 @@ pub(super) fn grant(
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![job_id, a.attempt, worker_id, gpus, now])?;
-    workers::refresh_load(conn, now, worker_id, &format!("claimed job {job_id}"))?;
     event(
         conn,
         now,
         "job.claimed",
         Some(job_id),
         Some(worker_id),
-        json!({"attempt": a.attempt, "gpus": gpu_indices}),
+        // A struct, not `json!`: no map built per job.
+        Claimed {
+            attempt: a.attempt,
+            gpus: gpu_indices,
+        },
     )?;
     log::debug!(
         "job claimed job_id={job_id} attempt={} worker_id={worker_id}",
@@ -384,8 +405,13 @@ fn finish_from(
         &kind,
         Some(job_id),
         Some(worker_id),
-        json!({"attempt": cur.attempt, "outcome": attempt_outcome, "exit_code": exit_code,
-               "error": error, "run_after": iso(Some(run_after))}),
+        Ended {
+            attempt: cur.attempt,
+            outcome: attempt_outcome,
+            exit_code,
+            error: error.as_deref(),
+            run_after: iso(Some(run_after)),
+        },
     )?;
     workers::refresh_load(
         conn,
@@ -830,10 +856,14 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError>
     get(conn, now, job_id)
 }
 
-/// Deletes events older than `cutoff`, at most a batch per call.
+/// Deletes events older than `cutoff` among the oldest 5,000 (by id, which
+/// follows time; one written before a backwards clock step waits for a
+/// later pass). At most a batch per call.
 pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
     Ok(conn
-        .prepare_cached("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 ORDER BY at LIMIT 5000)")?
+        .prepare_cached(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT 5000) AND at < ?1",
+        )?
         .execute([cutoff])?)
 }
 
@@ -995,6 +1025,20 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM job_attempts"), 1);
         assert_eq!(count("SELECT count(*) FROM job_logs"), 1);
         assert_eq!(prune_finished(&conn, 5000).unwrap(), 0);
+        // Events: the old ones go, also one after a newer (a clock step).
+        conn.execute_batch(
+            "INSERT INTO events (at, kind) VALUES (1000, 'a'), (9000, 'b'), (2000, 'c'), (9500, 'd')",
+        )
+        .unwrap();
+        assert_eq!(prune_events(&conn, 5000).unwrap(), 2);
+        let kinds: Vec<String> = conn
+            .prepare("SELECT kind FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kinds, ["b", "d"]);
     }
 
     /// Listing and counting by status read the partial indexes (an
