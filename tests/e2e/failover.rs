@@ -1022,3 +1022,142 @@ fn a_partition_shorter_than_the_lease_requeues_nothing() -> TestResult {
     println!("{trials} partitions of 5 s under a 9 s lease: 0 re-queues");
     Ok(())
 }
+
+/// libfaketime, where installed (Debian's `faketime` package).
+fn libfaketime() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+}
+
+/// The wall time of the coordinator's log line that mentions `needle`
+/// (env_logger stamps lines with the wall clock, faked or not).
+fn logged_at(dir: &Path, needle: &str) -> TestResult<Option<std::time::SystemTime>> {
+    let log = std::fs::read_to_string(dir.join("coordinator-1.log"))?;
+    let Some(line) = log.lines().find(|l| l.contains(needle)) else {
+        return Ok(None);
+    };
+    let stamp = line
+        .strip_prefix('[')
+        .and_then(|l| l.split_whitespace().next())
+        .ok_or_else(|| format!("no time stamp in {line:?}"))?;
+    Ok(Some(humantime::parse_rfc3339(stamp)?))
+}
+
+/// F8: the coordinator's wall clock stepped +1 h, then -1 h (libfaketime
+/// re-reading an offset file; monotonic time untouched) while jobs run.
+/// Leases run on the coordinator's clock (wall time at start + monotonic
+/// time since), so +1 h expires nothing and after -1 h a killed agent's
+/// job still moves within TTL + a sweep. Skipped without libfaketime unless
+/// DROVER_REQUIRE_FAKETIME is set (CI installs it).
+#[test]
+fn wall_clock_steps_move_no_lease() -> TestResult {
+    let Some(lib) = libfaketime() else {
+        if std::env::var_os("DROVER_REQUIRE_FAKETIME").is_some() {
+            return Err("libfaketime is required (DROVER_REQUIRE_FAKETIME) but missing".into());
+        }
+        println!("libfaketime missing (apt install faketime): F8 skipped");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n")?;
+    let ttl = 3;
+    let offset_s = offset.to_string_lossy().to_string();
+    let coord = Coordinator::start_with_env(
+        dir.path(),
+        &["--auto-approve", "--lease-ttl", "3"],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_s),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )?;
+    let api = coord.api();
+    let mut agents = HashMap::new();
+    for name in ["a", "b"] {
+        agents.insert(name, Agent::start(&coord.url, dir.path(), name, &[])?);
+    }
+    wait_for(
+        "both agents to wait for work",
+        Duration::from_secs(20),
+        || Ok((api.agents_waiting()? == Some(2)).then_some(())),
+    )?;
+    // Steps the coordinator's wall clock and checks, from the time stamp of
+    // a job's log line, that the step took.
+    let step = |to: &str, by_s: f64| -> TestResult {
+        std::fs::write(&offset, format!("{to}\n"))?;
+        let id = api.submit(&json!({"command": ["true"]}))?;
+        let needle = format!("job started job_id={id} ");
+        let at = wait_for("the marker job's log line", Duration::from_secs(10), || {
+            logged_at(dir.path(), &needle)
+        })?;
+        let skew = match at.duration_since(std::time::SystemTime::now()) {
+            Ok(ahead) => ahead.as_secs_f64(),
+            Err(behind) => -behind.duration().as_secs_f64(),
+        };
+        println!("wall clock stepped to {to}: the coordinator logs {skew:+.0} s off");
+        assert!(
+            (skew - by_s).abs() < 120.0,
+            "the step to {to} did not take: {skew:+.0} s"
+        );
+        Ok(())
+    };
+    let sleeper = api.submit(&json!({"command": ["sleep", "7"]}))?;
+    wait_for("the sleeper to run", Duration::from_secs(10), || {
+        Ok((api.job(sleeper)?["status"] == "running").then_some(()))
+    })?;
+    step("+1h", 3600.0)?;
+    // +1 h: more than two TTLs pass, nothing expires.
+    let job = finished(&api, sleeper)?;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 1, "a spurious expiry after +1 h: {job}");
+    step("-1h", -3600.0)?;
+    // -1 h: a dead agent's lease still expires on schedule.
+    let held = api.submit(&json!({"command": ["sleep", "600"]}))?;
+    let first = wait_for("the held job to run", Duration::from_secs(10), || {
+        let j = api.job(held)?;
+        Ok((j["status"] == "running")
+            .then(|| j["worker_id"].as_i64())
+            .flatten())
+    })?;
+    let victim = agents
+        .iter()
+        .find(|(_, a)| a.worker_id().ok() == Some(first))
+        .map(|(n, _)| *n)
+        .ok_or("no agent runs the held job")?;
+    agents.get_mut(victim).ok_or("victim")?.kill9();
+    let killed = Instant::now();
+    let moved = wait_for(
+        "the held job to move",
+        Duration::from_secs(ttl + 20),
+        || {
+            let j = api.job(held)?;
+            Ok((j["status"] == "running" && j["attempt"] == 2).then(|| killed.elapsed()))
+        },
+    )?;
+    println!(
+        "after -1 h: the killed agent's job ran again {:.2} s later (TTL {ttl} s)",
+        moved.as_secs_f64()
+    );
+    assert!(
+        moved <= Duration::from_secs(ttl + 3),
+        "re-queue after -1 h took {moved:?}"
+    );
+    let m = api.call("GET", "/metrics", None, None)?;
+    let expired = m
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("drover_leases_expired_total "))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert_eq!(expired, "1", "only the dead agent's lease expired");
+    Ok(())
+}
