@@ -4,8 +4,10 @@
 //! coordinator's CPU, RSS, threads and open fds, and heartbeat latency: from
 //! a virtual agent sending a heartbeat (on its claim, as the real agent
 //! does) to the coordinator having recorded it, by the coordinator's clock
-//! in the answer (same machine; 1 ms resolution). Figures only; nothing
-//! asserted about speed.
+//! in the answer (same machine; 1 ms resolution). Then the real agent's
+//! footprint: idle RSS and CPU over DROVER_IDLE_SECS (60), and its peak RSS
+//! while a job prints 1 GiB at full speed. Figures only; nothing asserted
+//! about speed. `-- agent` runs the footprint part alone.
 //!
 //!   cargo build --release --workspace && cargo bench -p coordinator --bench fleet
 
@@ -101,9 +103,62 @@ fn run(agents: usize, secs: u64) -> TestResult {
     Ok(())
 }
 
+/// The real agent: idle RSS and CPU, then its peak RSS while a job prints
+/// 1 GiB as fast as it can.
+fn footprint(idle_secs: u64) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let agent = Agent::start(&coord.url, dir.path(), "footprint", &[])?;
+    wait_for(
+        "the agent to wait for work",
+        std::time::Duration::from_secs(20),
+        || Ok((api.agents_waiting()? == Some(1)).then_some(())),
+    )?;
+    let pid = agent.pid();
+    // Past start-up: measure the steady idle state.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let c0 = cpu_ticks(pid);
+    std::thread::sleep(std::time::Duration::from_secs(idle_secs));
+    let ticks = cpu_ticks(pid) - c0;
+    println!(
+        "idle agent, {idle_secs} s: RSS {:.1} MB (target <= 10), threads {}, {ticks} CPU ticks = {:.1} CPU-s per hour",
+        proc_field(pid, "VmRSS:") as f64 / 1024.0,
+        proc_field(pid, "Threads:"),
+        ticks as f64 / 100.0 * 3600.0 / idle_secs as f64
+    );
+    let t0 = Instant::now();
+    let id = api.submit(&serde_json::json!({
+        "command": ["sh", "-c", "yes drover-output-line | head -c 1073741824"]
+    }))?;
+    let job = wait_for(
+        "the 1 GiB job to finish",
+        std::time::Duration::from_secs(300),
+        || {
+            let j = api.job(id)?;
+            Ok((j["status"] == "succeeded" || j["status"] == "failed").then_some(j))
+        },
+    )?;
+    println!(
+        "a job printing 1 GiB ({}, {:.1} s): agent peak RSS {:.1} MB, stored log {} bytes",
+        job["status"],
+        t0.elapsed().as_secs_f64(),
+        proc_field(pid, "VmHWM:") as f64 / 1024.0,
+        job["attempts"][0]["log_bytes"]
+    );
+    Ok(())
+}
+
 fn main() -> TestResult {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
+    }
+    let idle = std::env::var("DROVER_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    if std::env::args().any(|a| a == "agent") {
+        return footprint(idle);
     }
     let secs = std::env::var("DROVER_FLEET_SECS")
         .ok()
@@ -113,5 +168,5 @@ fn main() -> TestResult {
     for agents in [1_000, 10_000] {
         run(agents, secs)?;
     }
-    Ok(())
+    footprint(idle)
 }
