@@ -80,6 +80,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let max_connections = config.max_connections;
     let app = Arc::new(App::new(db, config));
     let sweeper = tokio::spawn(sweep::run(app.clone()));
+    let retention = tokio::spawn(sweep::retain(app.clone()));
     let dispatcher = tokio::spawn(dispatch::run(app.clone()));
     http::serve(
         listener,
@@ -90,6 +91,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     )
     .await;
     sweeper.abort();
+    retention.abort();
     dispatcher.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())

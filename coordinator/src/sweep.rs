@@ -1,6 +1,7 @@
 //! The sweep: every second, end leases past their deadline (re-queue or
-//! fail the job), mark silent workers offline, and prune old GPU samples and
-//! finished jobs past their retention.
+//! fail the job), mark silent workers offline, and prune old GPU samples.
+//! Retention (finished jobs and events past --retention-days) runs in its
+//! own loop: a batch a second, or one every 100 ms while it is behind.
 
 use crate::api::App;
 use crate::db::{jobs, ms, workers};
@@ -56,7 +57,6 @@ pub async fn run(app: std::sync::Arc<App>) {
 pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
     let silence = app.config.lease_ttl;
     let history = app.config.gpu_history;
-    let retention = app.config.retention;
     let swept = app
         .db
         .write(move |c, now| {
@@ -64,10 +64,6 @@ pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
             let offline =
                 workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
             workers::prune_gpu_history(c, now - ms(history))?;
-            if let Some(keep) = retention {
-                jobs::prune_finished(c, now - ms(keep))?;
-                jobs::prune_events(c, now - ms(keep))?;
-            }
             Ok(Swept { expired, offline })
         })
         .await?;
@@ -78,4 +74,43 @@ pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
         app.wake_claimers();
     }
     Ok(swept)
+}
+
+/// Pause between retention batches while it is behind: a fleet finishing
+/// more jobs a second than one batch a second prunes would otherwise grow
+/// its database without bound.
+const CATCH_UP: Duration = Duration::from_millis(100);
+
+/// Retention: deletes finished jobs (with their attempts and logs) and
+/// events older than `--retention-days`, a batch at a time, each its own
+/// write so that claims and heartbeats go in between.
+pub async fn retain(app: std::sync::Arc<App>) {
+    let Some(keep) = app.config.retention else {
+        return;
+    };
+    loop {
+        let pruned = app
+            .db
+            .write(move |c, now| {
+                let cutoff = now - ms(keep);
+                Ok((
+                    jobs::prune_finished(c, cutoff)?,
+                    jobs::prune_events(c, cutoff)?,
+                ))
+            })
+            .await;
+        let behind = match pruned {
+            Ok((jobs, events)) => {
+                if jobs > 0 || events > 0 {
+                    log::debug!("retention pruned jobs={jobs} events={events}");
+                }
+                jobs == jobs::PRUNE_JOBS || events == jobs::PRUNE_EVENTS
+            }
+            Err(e) => {
+                log::error!("retention failed: {e}");
+                false
+            }
+        };
+        tokio::time::sleep(if behind { CATCH_UP } else { INTERVAL }).await;
+    }
 }

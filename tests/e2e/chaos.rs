@@ -404,5 +404,9 @@ fn the_follower_check_finds_each_planted_fault() {
     assert_eq!(follower_faults(&[1, 2, 3, 5, 6], &db), (0, 0, 0));
     assert_eq!(follower_faults(&[1, 3, 5], &db), (1, 0, 0), "2 missed");
     assert_eq!(follower_faults(&[1, 2, 2, 3], &db), (0, 1, 0), "2 twice");
-    assert_eq!(follower_faults(&[1, 2, 3, 4, 5], &db), (0, 0, 1), "4 never was");
+    assert_eq!(
+        follower_faults(&[1, 2, 3, 4, 5], &db),
+        (0, 0, 1),
+        "4 never was"
+    );
 }

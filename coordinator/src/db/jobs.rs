@@ -856,25 +856,29 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError>
     get(conn, now, job_id)
 }
 
-/// Deletes events older than `cutoff` among the oldest 5,000 (by id, which
+/// Deletes events older than `cutoff` among the oldest `PRUNE_EVENTS` (by id, which
 /// follows time; one written before a backwards clock step waits for a
 /// later pass). At most a batch per call.
 pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
     Ok(conn
-        .prepare_cached(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT 5000) AND at < ?1",
-        )?
+        .prepare_cached(&format!(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT {PRUNE_EVENTS}) AND at < ?1"
+        ))?
         .execute([cutoff])?)
 }
+
+/// Most jobs (and events) one retention batch deletes.
+pub const PRUNE_JOBS: usize = 200;
+pub const PRUNE_EVENTS: usize = 5000;
 
 /// Deletes jobs finished before `cutoff`, with their attempts and logs, at
 /// most a batch per call. Returns how many jobs.
 pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
     let ids: Vec<i64> = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT id FROM jobs INDEXED BY jobs_finished WHERE finished_at < ?1
-             ORDER BY finished_at LIMIT 200",
-        )?
+             ORDER BY finished_at LIMIT {PRUNE_JOBS}"
+        ))?
         .query_map([cutoff], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in &ids {
