@@ -64,6 +64,24 @@ async fn fill(db: &Db, finished: usize, queued: usize, shapes: usize) -> Result<
     Ok(())
 }
 
+/// The agent's report that `attempt` of `job` succeeded.
+fn succeed(
+    c: &rusqlite::Connection,
+    now: i64,
+    worker: i64,
+    job: i64,
+    attempt: i64,
+) -> std::result::Result<drover_proto::CompleteResponse, coordinator::error::ApiError> {
+    let req = CompleteRequest {
+        attempt,
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        result: None,
+        error: None,
+    };
+    jobs::complete(c, now, worker, job, &req, 1000)
+}
+
 /// Times `n` rounds that each grant one job, completing it after.
 async fn measure(db: &Db, worker: i64, n: usize) -> Result<Vec<f64>> {
     let mut times = Vec::with_capacity(n);
@@ -83,17 +101,8 @@ async fn measure(db: &Db, worker: i64, n: usize) -> Result<Vec<f64>> {
         }
         let a = &granted[0];
         let (job, attempt) = (a.job_id, a.attempt);
-        db.write(move |c, now| {
-            let req = CompleteRequest {
-                attempt,
-                outcome: Outcome::Succeeded,
-                exit_code: Some(0),
-                result: None,
-                error: None,
-            };
-            jobs::complete(c, now, worker, job, &req, 1000)
-        })
-        .await?;
+        db.write(move |c, now| succeed(c, now, worker, job, attempt))
+            .await?;
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times)
@@ -198,14 +207,7 @@ async fn writer_per_job(dir: &std::path::Path) -> Result<()> {
             .write(move |c, now| {
                 let t = thread_cpu();
                 for &(worker, job, attempt) in &reports {
-                    let req = CompleteRequest {
-                        attempt,
-                        outcome: Outcome::Succeeded,
-                        exit_code: Some(0),
-                        result: None,
-                        error: None,
-                    };
-                    jobs::complete(c, now, worker, job, &req, 1000)?;
+                    succeed(c, now, worker, job, attempt)?;
                 }
                 let round = dispatch::round(c, now, &ids, TTL, 60_000, &HashMap::new())?;
                 let granted: Vec<(i64, i64, i64)> = round
