@@ -502,11 +502,7 @@ fn a_long_reader_grows_the_wal_and_the_checkpoint_shrinks_it_after() -> TestResu
     let coord = Coordinator::start(dir.path(), &[])?;
     let api = coord.api();
     let wal = |api: &Api| -> TestResult<u64> {
-        let r = api.admin("GET", "/metrics", None)?;
-        r.text
-            .lines()
-            .find_map(|l| l.strip_prefix("drover_sqlite_wal_bytes "))
-            .and_then(|v| v.trim().parse().ok())
+        api.metric("drover_sqlite_wal_bytes")?
             .ok_or_else(|| "no drover_sqlite_wal_bytes in /metrics".into())
     };
     api.submit(&json!({"command": ["true"]}))?;
@@ -1150,14 +1146,10 @@ fn wall_clock_steps_move_no_lease() -> TestResult {
         moved <= Duration::from_secs(ttl + 3),
         "re-queue after -1 h took {moved:?}"
     );
-    let m = api.call("GET", "/metrics", None, None)?;
-    let expired = m
-        .text
-        .lines()
-        .find_map(|l| l.strip_prefix("drover_leases_expired_total "))
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    assert_eq!(expired, "1", "only the dead agent's lease expired");
+    assert_eq!(
+        api.metric("drover_leases_expired_total")?,
+        Some(1),
+        "only the dead agent's lease expired"
+    );
     Ok(())
 }

@@ -384,13 +384,18 @@ impl Api {
         Ok(r.body["jobs"].as_array().cloned().unwrap_or_default())
     }
 
-    /// Agents with a claim parked, from `/metrics`.
-    pub fn agents_waiting(&self) -> TestResult<Option<u64>> {
+    /// One unlabelled figure from `/metrics` (None when absent).
+    pub fn metric(&self, name: &str) -> TestResult<Option<u64>> {
         let m = self.call("GET", "/metrics", None, None)?;
         Ok(m.text
             .lines()
-            .find_map(|l| l.strip_prefix("drover_agents_waiting "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// Agents with a claim parked, from `/metrics`.
+    pub fn agents_waiting(&self) -> TestResult<Option<u64>> {
+        self.metric("drover_agents_waiting")
     }
 
     pub fn healthy(&self) -> bool {

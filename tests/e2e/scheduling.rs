@@ -414,11 +414,7 @@ fn racing_submissions_with_one_key_make_one_job() -> TestResult {
 
 /// Rounds run so far, from `/metrics`.
 fn rounds(api: &Api) -> TestResult<u64> {
-    let m = api.call("GET", "/metrics", None, None)?;
-    m.text
-        .lines()
-        .find_map(|l| l.strip_prefix("drover_dispatch_round_seconds_count "))
-        .and_then(|v| v.trim().parse().ok())
+    api.metric("drover_dispatch_round_seconds_count")?
         .ok_or_else(|| "no drover_dispatch_round_seconds_count in /metrics".into())
 }
 
