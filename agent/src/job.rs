@@ -4,14 +4,17 @@
 //! spooled on disk until the coordinator has it.
 
 use crate::client::{backoff, Client, ClientError};
+use crate::spawn;
 use crate::state::{Spooled, StateDir};
 use drover_proto::{Assignment, CompleteRequest, Outcome};
 use serde_json::Value;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -81,54 +84,32 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn command(a: &Assignment, dir: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(&a.command[0]);
-    cmd.args(&a.command[1..]);
-    // The agent's own settings (the registration secret among them) stay
-    // out of jobs.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("DROVER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(&a.env);
+/// The job's whole environment: the agent's own, less its settings (the
+/// registration secret among them), then the job's, then Drover's.
+fn environment(a: &Assignment, dir: &Path) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(key, _)| !key.as_bytes().starts_with(b"DROVER_"))
+        .collect();
+    env.extend(a.env.iter().map(|(k, v)| (k.into(), v.into())));
     let gpus = a
         .gpu_indices
         .iter()
         .map(|g| g.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    cmd.env("DROVER_JOB_ID", a.job_id.to_string())
-        .env("DROVER_ATTEMPT", a.attempt.to_string())
-        .env("DROVER_RESULT_FILE", dir.join("result.json"))
-        .env("DROVER_PROGRESS_FILE", dir.join("progress.json"))
-        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        .env(
-            "NVIDIA_VISIBLE_DEVICES",
-            if gpus.is_empty() {
-                "none"
-            } else {
-                gpus.as_str()
-            },
-        )
-        .env("CUDA_VISIBLE_DEVICES", &gpus);
-    cmd.current_dir(a.cwd.as_deref().map(Path::new).unwrap_or(dir))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs in the child
-    // between fork and exec. The job dies with the agent (a killed agent's
-    // restart then re-queues its work) instead of running unsupervised.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    let visible = if gpus.is_empty() { "none" } else { &gpus };
+    for (key, value) in [
+        ("DROVER_JOB_ID", OsString::from(a.job_id.to_string())),
+        ("DROVER_ATTEMPT", a.attempt.to_string().into()),
+        ("DROVER_RESULT_FILE", dir.join("result.json").into()),
+        ("DROVER_PROGRESS_FILE", dir.join("progress.json").into()),
+        ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".into()),
+        ("NVIDIA_VISIBLE_DEVICES", visible.into()),
+        ("CUDA_VISIBLE_DEVICES", gpus.as_str().into()),
+    ] {
+        env.insert(key.into(), value);
     }
-    cmd
+    env
 }
 
 /// Runs the process; `None` when the lease was lost (nothing to report).
@@ -154,7 +135,9 @@ async fn supervise(
             dir.display()
         )));
     }
-    let mut child = match command(a, dir).spawn() {
+    let cwd = a.cwd.as_deref().map(Path::new).unwrap_or(dir);
+    // On this (worker) thread: the job's death signal follows it.
+    let mut child = match spawn::spawn(&a.command, &environment(a, dir), cwd) {
         Ok(c) => c,
         Err(e) => {
             log::warn!(
@@ -165,7 +148,7 @@ async fn supervise(
             return Some(failed(format!("could not start {:?}: {e}", a.command[0])));
         }
     };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pgid = child.pid;
     log::info!(
         "job running job_id={} attempt={} pid={pgid} gpus={:?}",
         a.job_id,
@@ -200,6 +183,8 @@ async fn supervise(
         lost_tx,
     ));
 
+    let exited = child.wait();
+    tokio::pin!(exited);
     let deadline = a.timeout_s.map(|t| Instant::now() + Duration::from_secs(t));
     let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
@@ -207,7 +192,7 @@ async fn supervise(
     let status = loop {
         let stopping = stop.is_some();
         let new_stop = tokio::select! {
-            status = child.wait() => break status,
+            status = &mut exited => break status,
             c = control.recv(), if !stopping => match c {
                 Some(Control::Cancel(reason)) => Stop::Cancel(reason),
                 Some(Control::Release) | None => Stop::Release,

@@ -20,6 +20,7 @@ pub mod logring;
 pub mod service;
 pub mod setup;
 pub mod simulate;
+pub mod spawn;
 pub mod state;
 pub mod suggest;
 pub mod supervisor;
