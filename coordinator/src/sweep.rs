@@ -4,7 +4,7 @@
 //! own loop: a batch a second, or one every 100 ms while it is behind.
 
 use crate::api::App;
-use crate::db::{jobs, ms, workers};
+use crate::db::{jobs, ms, wall_offset, workers, Ms};
 use crate::error::ApiError;
 use std::time::Duration;
 
@@ -15,7 +15,15 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub struct Swept {
     pub expired: usize,
     pub offline: usize,
+    /// Jobs waiting for `not_before` re-timed after a wall-clock step.
+    pub retimed: usize,
+    /// The wall clock's offset this pass went by.
+    pub wall_offset: Ms,
 }
+
+/// A change of the wall clock's offset that counts as a step (NTP slewing
+/// adds up to one too, eventually).
+const STEP: Ms = 1000;
 
 /// Passes between WAL checkpoints.
 const CHECKPOINT_EVERY: u32 = 30;
@@ -24,6 +32,7 @@ pub async fn run(app: std::sync::Arc<App>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passes = 0u32;
+    let mut offset = wall_offset(app.db.clock().now());
     loop {
         tick.tick().await;
         passes = passes.wrapping_add(1);
@@ -38,8 +47,16 @@ pub async fn run(app: std::sync::Arc<App>) {
                 Err(e) => log::warn!("WAL checkpoint failed: {e}"),
             }
         }
-        match run_once(&app).await {
+        match run_once(&app, offset).await {
             Ok(swept) => {
+                if swept.wall_offset != offset {
+                    log::warn!(
+                        "the wall clock stepped {:+.1} s; leases keep the monotonic clock, {} jobs waiting for not_before re-timed",
+                        (swept.wall_offset - offset) as f64 / 1000.0,
+                        swept.retimed
+                    );
+                    offset = swept.wall_offset;
+                }
                 if swept.expired > 0 || swept.offline > 0 {
                     log::info!(
                         "sweep expired_leases={} workers_offline={}",
@@ -53,8 +70,9 @@ pub async fn run(app: std::sync::Arc<App>) {
     }
 }
 
-/// One pass; returns what changed.
-pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
+/// One pass, `was` the wall clock's offset at the last; returns what
+/// changed.
+pub async fn run_once(app: &App, was: Ms) -> Result<Swept, ApiError> {
     let silence = app.config.lease_ttl;
     let history = app.config.gpu_history;
     let swept = app
@@ -64,13 +82,25 @@ pub async fn run_once(app: &App) -> Result<Swept, ApiError> {
             let offline =
                 workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
             workers::prune_gpu_history(c, now - ms(history))?;
-            Ok(Swept { expired, offline })
+            let mut wall = wall_offset(now);
+            let mut retimed = 0;
+            if (wall - was).abs() >= STEP {
+                retimed = jobs::retime_not_before(c, now, wall, was)?;
+            } else {
+                wall = was;
+            }
+            Ok(Swept {
+                expired,
+                offline,
+                retimed,
+                wall_offset: wall,
+            })
         })
         .await?;
     app.metrics
         .leases_expired
         .fetch_add(swept.expired as u64, std::sync::atomic::Ordering::Relaxed);
-    if swept.expired > 0 {
+    if swept.expired > 0 || swept.retimed > 0 {
         app.wake_claimers();
     }
     Ok(swept)

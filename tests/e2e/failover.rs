@@ -1105,15 +1105,32 @@ fn wall_clock_steps_move_no_lease() -> TestResult {
         );
         Ok(())
     };
+    // A wall time `secs` from now as the coordinator's clock has it, with
+    // the wall clock `ahead_s` stepped.
+    let wall = |ahead_s: u64, secs: u64| {
+        let t = std::time::SystemTime::now() + Duration::from_secs(ahead_s + secs);
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
     let sleeper = api.submit(&json!({"command": ["sleep", "7"]}))?;
     wait_for("the sleeper to run", Duration::from_secs(10), || {
         Ok((api.job(sleeper)?["status"] == "running").then_some(()))
     })?;
+    let early = api.submit(&json!({"command": ["true"], "not_before": wall(0, 1800)}))?;
     step("+1h", 3600.0)?;
     // +1 h: more than two TTLs pass, nothing expires.
     let job = finished(&api, sleeper)?;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempt"], 1, "a spurious expiry after +1 h: {job}");
+    // not_before follows the wall clock: half an hour away before the step,
+    // half an hour ago after it.
+    let job = finished(&api, early)?;
+    assert_eq!(
+        job["status"], "succeeded",
+        "not_before 30 min ahead, +1 h: {job}"
+    );
+    // 20 s ahead of the stepped clock, so 1 h 20 s ahead once it goes back.
+    let late = api.submit(&json!({"command": ["true"], "not_before": wall(3600, 20)}))?;
+    let late_at = Instant::now();
     step("-1h", -3600.0)?;
     // -1 h: a dead agent's lease still expires on schedule.
     let held = api.submit(&json!({"command": ["sleep", "600"]}))?;
@@ -1150,6 +1167,30 @@ fn wall_clock_steps_move_no_lease() -> TestResult {
         api.metric("drover_leases_expired_total")?,
         Some(1),
         "only the dead agent's lease expired"
+    );
+    // A free agent, and the late job's 20 s on the coordinator's own clock
+    // over: it still waits, for the wall clock.
+    api.admin("POST", &format!("/api/v1/jobs/{held}/cancel"), None)?;
+    finished(&api, held)?;
+    std::thread::sleep(Duration::from_secs(25).saturating_sub(late_at.elapsed()));
+    let job = api.job(late)?;
+    assert_eq!(job["status"], "queued", "not_before 1 h ahead ran: {job}");
+    println!(
+        "after -1 h: a job with not_before 1 h ahead still waits: run_after {}",
+        job["run_after"]
+    );
+    let at = |k: &str| -> TestResult<std::time::SystemTime> {
+        Ok(humantime::parse_rfc3339(
+            job[k].as_str().ok_or(k.to_string())?,
+        )?)
+    };
+    let gap = match at("run_after")?.duration_since(at("not_before")?) {
+        Ok(d) => d,
+        Err(e) => e.duration(),
+    };
+    assert!(
+        gap < Duration::from_secs(2),
+        "run_after is not not_before: {job}"
     );
     Ok(())
 }

@@ -437,7 +437,7 @@ pub fn why_waiting(
         };
         return Ok(Some(format!(
             "waiting for its {what} until {}",
-            iso(Some(run_after)).unwrap_or_default()
+            iso(Some(run_after + super::wall_offset(now))).unwrap_or_default()
         )));
     }
     let mut why = matching::explain(&needs, &fleet(conn)?);

@@ -5,7 +5,7 @@
 //! under the same `attempt` (the fencing token, +1 on every claim) and the
 //! same `worker_id`. Every fenced write checks it; a stale one is a 409.
 
-use super::{event, iso, json_col, workers, Ms};
+use super::{event, iso, json_col, wall_offset, workers, Ms};
 use crate::error::ApiError;
 use crate::spec::NewJob;
 use drover_proto::{
@@ -44,6 +44,33 @@ fn jitter(delay: Ms) -> Ms {
 
 /// Inserts a job, or returns the one already submitted under the same
 /// idempotency key (409 if that one's spec differs). `true` when created.
+/// The `run_after` (coordinator's clock) of a job that waits for the wall
+/// time `not_before`, with the wall clock `offset` ahead; never before the
+/// job was created.
+fn not_before_to_run_after(not_before: Ms, offset: Ms, created: Ms) -> Ms {
+    (not_before - offset).max(created)
+}
+
+/// After the wall clock stepped (its offset went from `was` to `offset`),
+/// re-times the queued jobs that wait for their `not_before`, so that they
+/// keep following wall time (as `not_before_to_run_after`); returns how
+/// many. Jobs that ran before wait for a retry backoff instead, which
+/// follows the coordinator's clock. A scan of the queue, on a step only.
+pub fn retime_not_before(
+    conn: &Connection,
+    now: Ms,
+    offset: Ms,
+    was: Ms,
+) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE jobs SET run_after = max(not_before - ?1, created_at)
+             WHERE status = 'queued' AND attempt = 0 AND not_before IS NOT NULL
+               AND not_before > ?2 + min(?1, ?3)",
+        )?
+        .execute(params![offset, now, was])?)
+}
+
 pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value), ApiError> {
     let fingerprint = job.fingerprint();
     if let Some(key) = &job.idempotency_key {
@@ -83,7 +110,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value),
         job.idempotency_key,
         fingerprint,
         job.metadata.to_string(),
-        job.not_before.unwrap_or(now).max(now),
+        job.not_before
+            .map_or(now, |t| not_before_to_run_after(t, wall_offset(now), now)),
         now,
         job.cpu_fallback
     ])?;
@@ -931,7 +959,10 @@ fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
         "created_at": iso(r.get(24)?),
         "started_at": iso(r.get(25)?),
         "finished_at": iso(r.get(26)?),
-        "run_after": (status == "queued" && run_after > now).then(|| iso(Some(run_after))),
+        // As wall time, like not_before (the clocks differ once the wall
+        // clock steps).
+        "run_after": (status == "queued" && run_after > now)
+            .then(|| iso(Some(run_after + wall_offset(now)))),
         "progress": r.get::<_, Option<String>>(28)?.map(|t| json_col(&t)),
         "cpu_fallback": r.get::<_, bool>(29)?,
     }))

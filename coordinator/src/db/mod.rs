@@ -45,12 +45,8 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        let wall0 = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as Ms)
-            .unwrap_or(0);
         Clock {
-            wall0,
+            wall0: wall_ms(),
             t0: Instant::now(),
         }
     }
@@ -58,6 +54,21 @@ impl Clock {
     pub fn now(&self) -> Ms {
         self.wall0 + self.t0.elapsed().as_millis() as Ms
     }
+}
+
+/// The wall clock, as it is now (it may have stepped since start).
+fn wall_ms() -> Ms {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Ms)
+        .unwrap_or(0)
+}
+
+/// How far the wall clock is ahead of the coordinator's clock at `now`:
+/// about 0, until someone steps the wall clock. `not_before` is wall time;
+/// `run_after` is the coordinator's.
+pub fn wall_offset(now: Ms) -> Ms {
+    wall_ms() - now
 }
 
 impl Default for Clock {
