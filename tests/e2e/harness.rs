@@ -156,6 +156,24 @@ impl Coordinator {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// SIGTERM, then waits (up to 20 s) for a clean exit.
+    pub fn stop(&mut self) -> TestResult {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let exited = wait_for("the coordinator to exit", Duration::from_secs(20), || {
+                Ok(c.try_wait()?.map(|_| ()))
+            });
+            if exited.is_err() {
+                kill_group(&mut c);
+            }
+            exited?;
+        }
+        Ok(())
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
