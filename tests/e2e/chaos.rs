@@ -4,7 +4,7 @@
 //! checker reads every job's history: lost, double-complete, stale-accepted,
 //! overlap, ran after completion must all be 0. Failover times are printed.
 //! Meanwhile (C6) event followers reconnect at random and resume with
-//! `after=ID`: each must see the database's events in order, with no gap,
+//! `after=ID` (long-poll) or `Last-Event-ID` (SSE): each must see the database's events in order, with no gap,
 //! duplicate or phantom; and one job prints 100 MiB: every attempt keeps at
 //! most the 16 MiB log cap, and says so.
 //!
@@ -53,6 +53,57 @@ fn follow_events(url: &str, stop: &AtomicBool, seed: u64) -> (Vec<i64>, usize) {
                 }
             }
             _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    (seen, reconnects)
+}
+
+/// C6 over server-sent events: one stream at a time, dropped after 1-300
+/// events and resumed with `Last-Event-ID`; through coordinator restarts.
+/// Returns the ids in the order seen and the number of reconnects.
+fn follow_sse(url: &str, stop: &AtomicBool, seed: u64) -> (Vec<i64>, usize) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut rng = Rng(seed);
+    let (mut seen, mut reconnects) = (Vec::<i64>::new(), 0);
+    let addr = url.trim_start_matches("http://").to_string();
+    while !stop.load(Ordering::Acquire) {
+        let resume = seen.last().copied().unwrap_or(0);
+        let stream = (|| -> std::io::Result<std::net::TcpStream> {
+            let mut s = std::net::TcpStream::connect(&addr)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            write!(
+                s,
+                "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+                 Accept: text/event-stream\r\nLast-Event-ID: {resume}\r\n\r\n"
+            )?;
+            Ok(s)
+        })();
+        let Ok(stream) = stream else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        reconnects += 1;
+        let mut budget = 1 + rng.below(300);
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        while budget > 0 && !stop.load(Ordering::Acquire) {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if let Some(id) = line.strip_prefix("id: ") {
+                        seen.push(id.trim().parse().unwrap_or(-1));
+                        budget -= 1;
+                    }
+                }
+                // Quiet (the read timeout) or gone: go on, or reconnect.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
         }
     }
     (seen, reconnects)
@@ -122,7 +173,11 @@ fn chaos_run_loses_nothing_and_completes_nothing_twice() -> TestResult {
         let followers: Vec<_> = (0..n_followers)
             .map(|i| {
                 let (url, stop) = (coord.url.clone(), &stop_followers);
-                scope.spawn(move || follow_events(&url, stop, seed ^ (i + 1)))
+                // Every other one over server-sent events.
+                scope.spawn(move || match i % 2 {
+                    0 => follow_events(&url, stop, seed ^ (i + 1)),
+                    _ => follow_sse(&url, stop, seed ^ (i + 1)),
+                })
             })
             .collect();
         for chunk in specs.chunks(500) {
@@ -303,7 +358,7 @@ fn chaos_run_loses_nothing_and_completes_nothing_twice() -> TestResult {
             faults = (faults.0 + g, faults.1 + r, faults.2 + p);
         }
         println!(
-        "chaos: {} event followers, {} reconnects, {} events each (min; {} in the database): gaps {}, duplicates or reorders {}, phantoms {}",
+        "chaos: {} event followers (half of them over SSE), {} reconnects, {} events each (min; {} in the database): gaps {}, duplicates or reorders {}, phantoms {}",
         seen.len(),
         seen.iter().map(|s| s.1).sum::<usize>(),
         seen.iter().map(|s| s.0.len()).min().unwrap_or(0),
