@@ -167,6 +167,99 @@ fn coordinator_kill9_loses_nothing_and_runs_nothing_twice() -> TestResult {
     Ok(())
 }
 
+/// F1 as a loop: two real agents; a job runs on one, that agent is
+/// SIGKILLed (its job dies with it), the job runs again on the other once
+/// the lease expires, then the dead agent comes back for the next round.
+/// Re-dispatch times are printed against TTL + sweep + 2 s; the checker
+/// reads every job's history. `DROVER_F1_KILLS` (3; 100 for the nightly
+/// scale).
+#[test]
+fn agents_killed_mid_job_again_and_again_lose_no_job() -> TestResult {
+    let kills = env_or("DROVER_F1_KILLS", 3);
+    let ttl = 3;
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let history = dir.path().join("history.txt");
+    let mut agents: Vec<Option<Agent>> = ["a", "b"]
+        .iter()
+        .map(|n| Agent::start(&coord.url, dir.path(), n, &[]).map(Some))
+        .collect::<TestResult<_>>()?;
+    let (mut ids, mut moved) = (Vec::new(), Vec::new());
+    for round in 0..kills {
+        wait_for(
+            "both agents to wait for work",
+            Duration::from_secs(20),
+            || Ok((api.agents_waiting()? == Some(2)).then_some(())),
+        )?;
+        // Only the first attempt lasts: the second ends at once.
+        let id = api.submit(&json!({
+            "command": crate::checker::recorded(&history, "[ \"$DROVER_ATTEMPT\" = 1 ] && sleep 600; true"),
+            "max_attempts": 5,
+        }))?;
+        ids.push(id);
+        // Mid-job: its process has started.
+        let started = format!("start {id} 1");
+        wait_for(
+            "the job's process to start",
+            Duration::from_secs(20),
+            || Ok(read_lines(&history).contains(&started).then_some(())),
+        )?;
+        let first = api.job(id)?["worker_id"].as_i64().ok_or("no worker")?;
+        let mut victim = None;
+        for slot in agents.iter_mut() {
+            if slot.as_ref().and_then(|a| a.worker_id().ok()) == Some(first) {
+                victim = slot.take();
+            }
+        }
+        let mut victim = victim.ok_or("no agent runs the job")?;
+        let name = victim
+            .state_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("agent-"))
+            .ok_or("agent name")?
+            .to_string();
+        victim.kill9();
+        let killed = Instant::now();
+        let job = wait_for(
+            "the job to finish elsewhere",
+            Duration::from_secs(ttl + 20),
+            || {
+                let j = api.job(id)?;
+                Ok((j["status"] == "succeeded").then_some(j))
+            },
+        )?;
+        let rerun = killed.elapsed().as_secs_f64();
+        assert_ne!(
+            job["worker_id"].as_i64(),
+            Some(first),
+            "round {round}: {job}"
+        );
+        moved.push(rerun);
+        let slot = agents.iter_mut().find(|a| a.is_none()).ok_or("slot")?;
+        *slot = Some(Agent::start(&coord.url, dir.path(), &name, &[])?);
+    }
+    moved.sort_by(f64::total_cmp);
+    println!(
+        "F1: {kills} agents killed mid-job; kill -> the job done on the other agent p50 {:.2} s, p99 {:.2} s, max {:.2} s (target TTL {ttl} + sweep 1 + 2 = {} s)",
+        pct(&moved, 0.5),
+        pct(&moved, 0.99),
+        pct(&moved, 1.0),
+        ttl + 3
+    );
+    let report = crate::checker::assert_clean(&coord.db_path(), &history, &ids)?;
+    assert_eq!(report.succeeded, ids.len());
+    assert_eq!(report.lost_leases, ids.len(), "one lost lease per kill");
+    assert_eq!(report.superseded_runs, ids.len(), "one killed run per kill");
+    assert!(
+        pct(&moved, 1.0) <= (ttl + 3) as f64,
+        "re-dispatch took {:.2} s",
+        pct(&moved, 1.0)
+    );
+    Ok(())
+}
+
 /// What a run of coordinator kills left standing.
 struct Kills {
     submitted: usize,
