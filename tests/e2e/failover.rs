@@ -719,9 +719,11 @@ fn cut_off_agent_loses_its_lease(
 /// than a maintenance tick (30 s) while clients submit: every submission is
 /// served, the WAL grows (`drover_sqlite_wal_bytes`, a warning that the
 /// checkpoint could not finish), and once the reader leaves, a maintenance
-/// checkpoint truncates it within two ticks.
+/// checkpoint truncates it within two ticks. `DROVER_D5_HOLD_S` (33; 300
+/// for the checklist's 5 minutes).
 #[test]
 fn a_long_reader_grows_the_wal_and_the_checkpoint_shrinks_it_after() -> TestResult {
+    let hold = env_or("DROVER_D5_HOLD_S", 33);
     let dir = tempfile::tempdir()?;
     let coord = Coordinator::start(dir.path(), &[])?;
     let api = coord.api();
@@ -739,7 +741,7 @@ fn a_long_reader_grows_the_wal_and_the_checkpoint_shrinks_it_after() -> TestResu
     let held = Instant::now();
     let batch: Vec<_> = (0..50).map(|_| json!({"command": ["true"]})).collect();
     let (mut submitted, mut peak) = (0, 0);
-    while held.elapsed() < Duration::from_secs(33) {
+    while held.elapsed() < Duration::from_secs(hold) {
         let r = api.admin("POST", "/api/v1/jobs", Some(&json!(batch)))?;
         assert_eq!(
             r.status, 201,
@@ -765,7 +767,7 @@ fn a_long_reader_grows_the_wal_and_the_checkpoint_shrinks_it_after() -> TestResu
         Ok((wal(&api)? < peak / 4).then(|| left.elapsed()))
     })?;
     println!(
-        "{submitted} jobs submitted under a 33 s reader: WAL peak {:.1} MiB, {} bytes {:.1} s after the reader left",
+        "{submitted} jobs submitted under a {hold} s reader: WAL peak {:.1} MiB, {} bytes {:.1} s after the reader left",
         peak as f64 / 1048576.0,
         wal(&api)?,
         shrunk.as_secs_f64()
@@ -1187,20 +1189,25 @@ impl Partition {
 
 /// F3c: every request from an agent reaches the coordinator a sixth of the
 /// lease TTL late (5 s of a 30 s TTL, scaled: 1.5 s of 9 s) while its job
-/// runs through several heartbeats: no lease is lost.
+/// runs through several heartbeats: no lease is lost. `DROVER_F3C_SECS`
+/// (15; 600 for the checklist's 10 minutes) sets the job's length.
 #[test]
 fn a_slow_link_loses_no_lease() -> TestResult {
+    let secs = env_or("DROVER_F3C_SECS", 15);
     let dir = tempfile::tempdir()?;
     let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "9"])?;
     let api = coord.api();
     let net = Partition::to(coord.port)?;
     let _agent = Agent::start(&net.url, dir.path(), "slow", &[])?;
-    let id = api.submit(&json!({"command": ["sleep", "15"]}))?;
+    let id = api.submit(&json!({"command": ["sleep", secs.to_string()]}))?;
     wait_for("the job to start", Duration::from_secs(20), || {
         Ok((api.job(id)?["status"] == "running").then_some(()))
     })?;
     net.slow(Duration::from_millis(1500));
-    let j = finished(&api, id)?;
+    let j = wait_for("the job to end", Duration::from_secs(secs + 30), || {
+        let j = api.job(id)?;
+        Ok((j["status"] != "running" && j["status"] != "queued").then_some(j))
+    })?;
     assert_eq!(j["status"], "succeeded", "{j}");
     assert_eq!(
         j["attempts"].as_array().map(Vec::len),
