@@ -167,15 +167,10 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
     let mut undelivered = Vec::new();
     for (worker, (jobs, orders)) in result.answers {
         let parked = lock(&d.parked).remove(&worker);
-        let granted: Vec<(i64, i64)> = jobs.iter().map(|a| (a.job_id, a.attempt)).collect();
-        for a in &jobs {
-            log::info!(
-                "job started job_id={} attempt={} worker_id={worker} gpus={:?}",
-                a.job_id,
-                a.attempt,
-                a.gpu_indices
-            );
-        }
+        let granted: Vec<(i64, i64, Vec<u32>)> = jobs
+            .iter()
+            .map(|a| (a.job_id, a.attempt, a.gpu_indices.clone()))
+            .collect();
         let sent = match parked {
             Some(p) => p
                 .reply
@@ -188,8 +183,14 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
                 .is_ok(),
             None => false,
         };
+        // Logged once the reply is on its way: the line is not in its path.
+        for (job, attempt, gpus) in &granted {
+            log::info!(
+                "job started job_id={job} attempt={attempt} worker_id={worker} gpus={gpus:?}"
+            );
+        }
         if !sent {
-            undelivered.extend(granted.into_iter().map(|(j, a)| (worker, j, a)));
+            undelivered.extend(granted.into_iter().map(|(j, a, _)| (worker, j, a)));
         }
     }
     release(app, undelivered).await?;
