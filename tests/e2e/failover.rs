@@ -192,20 +192,39 @@ fn agents_killed_mid_job_again_and_again_lose_no_job() -> TestResult {
             Duration::from_secs(20),
             || Ok((api.agents_waiting()? == Some(2)).then_some(())),
         )?;
-        // Only the first attempt lasts: the second ends at once.
+        // Only the job's first run lasts; later ones end at once. (Not
+        // "attempt 1": a grant can go to the parked claim a killed agent
+        // left, and its restart hands that attempt back unrun.)
+        let marker = dir.path().join("ran-$DROVER_JOB_ID");
+        let work = format!(
+            "if [ ! -e \"{0}\" ]; then touch \"{0}\"; sleep 600; fi",
+            marker.display()
+        );
         let id = api.submit(&json!({
-            "command": crate::checker::recorded(&history, "[ \"$DROVER_ATTEMPT\" = 1 ] && sleep 600; true"),
+            "command": crate::checker::recorded(&history, &work),
             "max_attempts": 5,
         }))?;
         ids.push(id);
-        // Mid-job: its process has started.
-        let started = format!("start {id} 1");
-        wait_for(
+        // Mid-job: its process has started, and the coordinator says where.
+        let prefix = format!("start {id} ");
+        let first = wait_for(
             "the job's process to start",
             Duration::from_secs(20),
-            || Ok(read_lines(&history).contains(&started).then_some(())),
+            || {
+                let Some(attempt) = read_lines(&history)
+                    .iter()
+                    .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+                else {
+                    return Ok(None);
+                };
+                let j = api.job(id)?;
+                Ok(
+                    (j["status"] == "running" && j["attempt"].to_string() == attempt)
+                        .then(|| j["worker_id"].as_i64())
+                        .flatten(),
+                )
+            },
         )?;
-        let first = api.job(id)?["worker_id"].as_i64().ok_or("no worker")?;
         let mut victim = None;
         for slot in agents.iter_mut() {
             if slot.as_ref().and_then(|a| a.worker_id().ok()) == Some(first) {
@@ -250,7 +269,7 @@ fn agents_killed_mid_job_again_and_again_lose_no_job() -> TestResult {
     );
     let report = crate::checker::assert_clean(&coord.db_path(), &history, &ids)?;
     assert_eq!(report.succeeded, ids.len());
-    assert_eq!(report.lost_leases, ids.len(), "one lost lease per kill");
+    assert!(report.lost_leases >= ids.len(), "a lost lease per kill");
     assert_eq!(report.superseded_runs, ids.len(), "one killed run per kill");
     assert!(
         pct(&moved, 1.0) <= (ttl + 3) as f64,
@@ -1424,4 +1443,11 @@ fn wall_clock_steps_move_no_lease() -> TestResult {
         "run_after is not not_before: {job}"
     );
     Ok(())
+}
+
+struct KeepDir(std::path::PathBuf);
+impl KeepDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
 }
