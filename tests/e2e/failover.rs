@@ -1444,10 +1444,3 @@ fn wall_clock_steps_move_no_lease() -> TestResult {
     );
     Ok(())
 }
-
-struct KeepDir(std::path::PathBuf);
-impl KeepDir {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
