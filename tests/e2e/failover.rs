@@ -213,13 +213,13 @@ fn agents_killed_mid_job_again_and_again_lose_no_job() -> TestResult {
             || {
                 let Some(attempt) = read_lines(&history)
                     .iter()
-                    .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+                    .find_map(|l| l.strip_prefix(&prefix)?.parse::<i64>().ok())
                 else {
                     return Ok(None);
                 };
                 let j = api.job(id)?;
                 Ok(
-                    (j["status"] == "running" && j["attempt"].to_string() == attempt)
+                    (j["status"] == "running" && j["attempt"].as_i64() == Some(attempt))
                         .then(|| j["worker_id"].as_i64())
                         .flatten(),
                 )
