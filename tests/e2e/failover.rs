@@ -279,6 +279,34 @@ fn agents_killed_mid_job_again_and_again_lose_no_job() -> TestResult {
     Ok(())
 }
 
+/// Builds `tests/e2e/fixtures/NAME.c` into a library to preload, in `dir`.
+/// None (the test says it is skipped) where there is no C compiler; a
+/// fixture that does not compile is an error.
+fn preload_fixture(dir: &Path, name: &str) -> TestResult<Option<std::path::PathBuf>> {
+    let lib = dir.join(format!("lib{name}.so"));
+    let source =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/e2e/fixtures/{name}.c"));
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .args(["-ldl", "-lpthread"])
+        .output();
+    match built {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("skipped: no C compiler (cc) to build {name}.c");
+            Ok(None)
+        }
+        Err(e) => Err(format!("running cc: {e}").into()),
+        Ok(o) if !o.status.success() => Err(format!(
+            "{name}.c does not compile: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+        .into()),
+        Ok(_) => Ok(Some(lib)),
+    }
+}
+
 /// What a run of coordinator kills left standing.
 struct Kills {
     submitted: usize,
@@ -508,18 +536,9 @@ fn coordinator_killed_at_random_moments_keeps_every_acknowledged_write() -> Test
 #[test]
 fn power_cuts_lose_nothing_acknowledged_with_full_sync() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let lib = dir.path().join("liblazywrite.so");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/fixtures/lazywrite.c");
-    let built = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(&source)
-        .args(["-ldl", "-lpthread"])
-        .output();
-    if !built.as_ref().is_ok_and(|o| o.status.success()) {
-        println!("skipped: no C compiler to build the power-cut fixture: {built:?}");
+    let Some(lib) = preload_fixture(dir.path(), "lazywrite")? else {
         return Ok(());
-    }
+    };
     let kills = env_or("DROVER_D3_KILLS", 5);
     let seed = seed_from("DROVER_D3_SEED");
     println!("D3: {kills} power cuts per mode, seed {seed}");
@@ -931,18 +950,9 @@ fn an_online_backup_under_load_holds_every_acknowledged_job_and_restores() -> Te
 #[test]
 fn a_full_disk_answers_503_keeps_reads_and_recovers_without_a_restart() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let lib = dir.path().join("libenospc.so");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/fixtures/enospc.c");
-    let built = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(&source)
-        .arg("-ldl")
-        .output();
-    if !built.as_ref().is_ok_and(|o| o.status.success()) {
-        println!("skipped: no C compiler to build the ENOSPC failpoint: {built:?}");
+    let Some(lib) = preload_fixture(dir.path(), "enospc")? else {
         return Ok(());
-    }
+    };
     let flag = dir.path().join("disk-full");
     let db = dir.path().join("drover.db");
     let coord = Coordinator::start_with_env(
