@@ -136,7 +136,8 @@ async fn supervise(
         )));
     }
     let cwd = a.cwd.as_deref().map(Path::new).unwrap_or(dir);
-    // On this (worker) thread: the job's death signal follows it.
+    // On the runtime's thread, which lives as long as the agent: the job's
+    // death signal follows the thread that spawns it.
     let mut child = match spawn::spawn(&a.command, &environment(a, dir), cwd) {
         Ok(c) => c,
         Err(e) => {

@@ -42,8 +42,6 @@ fn jitter(delay: Ms) -> Ms {
     delay * (800 + r) / 1000
 }
 
-/// Inserts a job, or returns the one already submitted under the same
-/// idempotency key (409 if that one's spec differs). `true` when created.
 /// The `run_after` (coordinator's clock) of a job that waits for the wall
 /// time `not_before`, with the wall clock `offset` ahead; never before the
 /// job was created.
@@ -71,6 +69,8 @@ pub fn retime_not_before(
         .execute(params![offset, now, was])?)
 }
 
+/// Inserts a job, or returns the one already submitted under the same
+/// idempotency key (409 if that one's spec differs). `true` when created.
 pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value), ApiError> {
     let fingerprint = job.fingerprint();
     if let Some(key) = &job.idempotency_key {
