@@ -3,7 +3,7 @@
 //! the group, KILL after the grace), the result file, and the final report,
 //! spooled on disk until the coordinator has it.
 
-use crate::client::{backoff, Client, ClientError};
+use crate::client::{backoff, Client};
 use crate::spawn;
 use crate::state::{Spooled, StateDir};
 use drover_proto::{Assignment, CompleteRequest, Outcome};
@@ -63,7 +63,8 @@ pub async fn run(ctx: Arc<Ctx>, a: Assignment, control: mpsc::UnboundedReceiver<
             spool_and_deliver(&ctx.client, &ctx.state, a.job_id, report).await;
         }
     }
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
+    let gone = dir.clone();
+    if let Err(e) = off_thread(move || std::fs::remove_dir_all(&gone)).await {
         log::debug!("removing {}: {e}", dir.display());
     }
 }
@@ -294,7 +295,8 @@ async fn supervise(
     };
     // On disk before waiting for the output to go out, so an agent killed
     // during an outage still delivers the result when it comes back.
-    if let Err(e) = ctx.state.spool(&report) {
+    let (state, spooled) = (ctx.state.clone(), report.clone());
+    if let Err(e) = off_thread(move || state.spool(&spooled)).await {
         log::error!(
             "could not spool the report of job {} (delivering it anyway): {e}",
             a.job_id
@@ -307,7 +309,8 @@ async fn supervise(
             a.job_id,
             a.attempt
         );
-        ctx.state.unspool(a.job_id, a.attempt);
+        let (state, job_id, attempt) = (ctx.state.clone(), a.job_id, a.attempt);
+        off_thread(move || state.unspool(job_id, attempt)).await;
         return None;
     }
     Some(report.report)
@@ -516,7 +519,7 @@ async fn ship(
         let mut failures = 0;
         loop {
             let (c, d) = (client.clone(), data.clone());
-            match blocking(move || c.append_log(job_id, attempt, stream, &d)).await {
+            match off_thread(move || c.append_log(job_id, attempt, stream, &d)).await {
                 Ok(truncated) => {
                     if truncated {
                         // The coordinator keeps no more of this attempt.
@@ -547,24 +550,27 @@ async fn ship(
     }
 }
 
-/// Runs a blocking client call on tokio's blocking pool.
-pub async fn blocking<R: Send + 'static>(
-    f: impl FnOnce() -> Result<R, ClientError> + Send + 'static,
-) -> Result<R, ClientError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(ClientError::Protocol(format!("client task failed: {e}"))))
+/// Runs `f` on the blocking pool and waits for it (a panic there goes on
+/// here). The agent has one runtime thread: a blocking HTTP call, or an
+/// fsync on a busy disk, must not hold up every job's output, the claims
+/// and the heartbeats.
+pub async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Spools a report (fsync, rename), then delivers it.
 pub async fn spool_and_deliver(
     client: &Arc<Client>,
-    state: &StateDir,
+    state: &Arc<StateDir>,
     job_id: i64,
     report: CompleteRequest,
 ) {
     let spooled = Spooled { job_id, report };
-    if let Err(e) = state.spool(&spooled) {
+    let (disk, copy) = (state.clone(), spooled.clone());
+    if let Err(e) = off_thread(move || disk.spool(&copy)).await {
         log::error!("could not spool the report of job {job_id} (delivering it anyway): {e}");
     }
     deliver(client, state, job_id, spooled.report).await;
@@ -574,13 +580,18 @@ pub async fn spool_and_deliver(
 /// it (200) or refuses it for good (409 stale, 404 gone), then drops it from
 /// the spool. Never gives up on a transient failure: the spool survives an
 /// agent restart too.
-pub async fn deliver(client: &Arc<Client>, state: &StateDir, job_id: i64, report: CompleteRequest) {
+pub async fn deliver(
+    client: &Arc<Client>,
+    state: &Arc<StateDir>,
+    job_id: i64,
+    report: CompleteRequest,
+) {
     let attempt = report.attempt;
     let report = Arc::new(report);
     let mut failures = 0;
     loop {
         let (c, r) = (client.clone(), report.clone());
-        match blocking(move || c.complete(job_id, &r)).await {
+        match off_thread(move || c.complete(job_id, &r)).await {
             Ok(resp) => {
                 log::info!(
                     "reported job_id={job_id} attempt={attempt} outcome={} status={}{}",
@@ -611,7 +622,8 @@ pub async fn deliver(client: &Arc<Client>, state: &StateDir, job_id: i64, report
             }
         }
     }
-    state.unspool(job_id, attempt);
+    let state = state.clone();
+    off_thread(move || state.unspool(job_id, attempt)).await;
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use client::{backoff, Client, ClientError};
 use config::Config;
 use drover_proto::RegisterRequest;
 use inventory::GpuSource;
-use job::{blocking, Ctx};
+use job::{off_thread, Ctx};
 use state::{Identity, StateDir};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -189,7 +189,7 @@ async fn register(
     let mut errors = Explainer::default();
     loop {
         let (c, s, r) = (client.clone(), secret.clone(), req.clone());
-        match blocking(move || c.register(&s, &r)).await {
+        match off_thread(move || c.register(&s, &r)).await {
             Ok(resp) => {
                 let id = Identity {
                     worker_id: resp.worker_id,

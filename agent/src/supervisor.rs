@@ -5,7 +5,7 @@
 
 use crate::client::{backoff, ClientError};
 use crate::inventory::GpuSource;
-use crate::job::{self, blocking, Control, Ctx};
+use crate::job::{self, off_thread, Control, Ctx};
 use crate::Explainer;
 use drover_proto::{
     Assignment, ClaimRequest, HeartbeatRequest, HeartbeatResponse, LeaseRef, Order, Outcome,
@@ -235,7 +235,7 @@ impl Supervisor {
             log_lines: crate::logring::take(100),
         };
         let client = self.ctx.client.clone();
-        match blocking(move || client.heartbeat(&req)).await {
+        match off_thread(move || client.heartbeat(&req)).await {
             Ok(_) => log::info!("stopped; the coordinator knows"),
             Err(e) => log::warn!("stopped; could not tell the coordinator: {e}"),
         }
@@ -406,7 +406,7 @@ async fn claim(beats: Arc<Beats>, delay: Duration) {
         beat,
     };
     let sent = crate::now_ms();
-    let (result, req) = blocking_keep(move || {
+    let (result, req) = off_thread(move || {
         let r = client.claim(&req, wait);
         (r, req)
     })
@@ -454,7 +454,7 @@ async fn heartbeat_loop(beats: Arc<Beats>, beat_now: Arc<Notify>) {
         let req = beats.request();
         let client = beats.ctx.client.clone();
         let sent = crate::now_ms();
-        let (result, req) = blocking_keep(move || {
+        let (result, req) = off_thread(move || {
             let r = client.heartbeat(&req);
             (r, req)
         })
@@ -501,14 +501,6 @@ fn released(attempt: i64) -> drover_proto::CompleteRequest {
         exit_code: None,
         result: None,
         error: None,
-    }
-}
-
-/// Runs a blocking call that also hands its request back.
-async fn blocking_keep<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(t) => t,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
