@@ -53,6 +53,98 @@ fn heartbeats_ride_on_claims_over_one_connection() -> TestResult {
     Ok(())
 }
 
+/// C3: a fake 8-GPU agent, one-GPU and four-GPU jobs mixed (100 + 10 in
+/// CI; `DROVER_C3_JOBS=1000` gives the checklist's 1,000 + 100). Each run
+/// records the devices it was given and when it held them: no GPU is
+/// held by two runs at once, every index is one of the 8, and each run saw
+/// exactly the indices the coordinator assigned to its attempt.
+#[test]
+fn gpu_jobs_never_share_a_gpu() -> TestResult {
+    let ones = env_or("DROVER_C3_JOBS", 100);
+    let fours = ones / 10;
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let _agent = Agent::start(
+        &coord.url,
+        dir.path(),
+        "gpu8",
+        &["--fake-gpus", "8xH100:81920", "--slots", "8"],
+    )?;
+    let record = dir.path().join("gpus.txt");
+    let script = "s=$(date +%s%N); sleep 0.05; \
+                  echo \"$DROVER_JOB_ID $DROVER_ATTEMPT $CUDA_VISIBLE_DEVICES $s $(date +%s%N)\" >> \"$REC\"";
+    let specs: Vec<_> = (0..ones + fours)
+        .map(|i| {
+            // Every eleventh job wants four GPUs.
+            let gpus = if i % 11 == 10 { 4 } else { 1 };
+            json!({"command": ["sh", "-c", script], "gpus": gpus,
+                   "env": {"REC": record.to_string_lossy()}})
+        })
+        .collect();
+    let t0 = Instant::now();
+    for chunk in specs.chunks(500) {
+        let r = api.admin("POST", "/api/v1/jobs", Some(&json!(chunk)))?;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let total = (ones + fours) as i64;
+    let db = coord.db_path();
+    let count = |sql: &str| -> TestResult<i64> {
+        let c =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        Ok(c.query_row(sql, [], |r| r.get(0))?)
+    };
+    wait_for("every GPU job to succeed", Duration::from_secs(300), || {
+        Ok((count("SELECT count(*) FROM jobs WHERE status = 'succeeded'")? == total).then_some(()))
+    })?;
+    let wall = t0.elapsed().as_secs_f64();
+    // What the coordinator assigned, per (job, attempt).
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut assigned: HashMap<(i64, i64), String> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT id, attempt, gpu_indices FROM jobs")?;
+    for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))? {
+        let (id, attempt, gpus) = row?;
+        let gpus: Vec<u32> = serde_json::from_str(&gpus)?;
+        let gpus: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        assigned.insert((id, attempt), gpus.join(","));
+    }
+    let mut spans: Vec<(u32, u128, u128)> = Vec::new();
+    let (mut runs, mut mismatched) = (0, Vec::new());
+    for line in read_lines(&record) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (id, attempt): (i64, i64) = (f[0].parse()?, f[1].parse()?);
+        let (start, end) = (f[3].parse::<u128>()?, f[4].parse::<u128>()?);
+        runs += 1;
+        if assigned.get(&(id, attempt)).map(String::as_str) != Some(f[2]) {
+            mismatched.push(line.clone());
+        }
+        for d in f[2].split(',') {
+            spans.push((d.parse()?, start, end));
+        }
+    }
+    spans.sort();
+    let shared = spans
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0 && w[1].1 < w[0].2)
+        .count();
+    let held: u128 = spans.iter().map(|s| s.2 - s.1).sum();
+    println!(
+        "C3: {ones} one-GPU + {fours} four-GPU jobs on 8 fake GPUs in {wall:.1} s: {runs} runs, \
+         GPU double-assignments {shared}, devices not as assigned {}, GPUs busy {:.0} % of the wall time",
+        mismatched.len(),
+        held as f64 / 1e9 / (8.0 * wall) * 100.0
+    );
+    assert_eq!(runs, total, "one run per job");
+    assert!(
+        mismatched.is_empty(),
+        "CUDA_VISIBLE_DEVICES not as assigned: {mismatched:?}"
+    );
+    assert_eq!(shared, 0, "a GPU held by two runs at once");
+    assert!(spans.iter().all(|s| s.0 < 8), "an index beyond the 8 GPUs");
+    Ok(())
+}
+
 #[test]
 fn four_gpus_are_shared_one_job_per_gpu() -> TestResult {
     let dir = tempfile::tempdir()?;
