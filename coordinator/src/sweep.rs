@@ -15,6 +15,8 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub struct Swept {
     pub expired: usize,
     pub offline: usize,
+    /// The pass's write, queue and commit included.
+    pub took: Duration,
     /// Jobs waiting for `not_before` re-timed after a wall-clock step.
     pub retimed: usize,
     /// The wall clock's offset this pass went by.
@@ -59,9 +61,10 @@ pub async fn run(app: std::sync::Arc<App>) {
                 }
                 if swept.expired > 0 || swept.offline > 0 {
                     log::info!(
-                        "sweep expired_leases={} workers_offline={}",
+                        "sweep expired_leases={} workers_offline={} took_ms={:.1}",
                         swept.expired,
-                        swept.offline
+                        swept.offline,
+                        swept.took.as_secs_f64() * 1000.0
                     );
                 }
             }
@@ -75,7 +78,8 @@ pub async fn run(app: std::sync::Arc<App>) {
 pub async fn run_once(app: &App, was: Ms) -> Result<Swept, ApiError> {
     let silence = app.config.lease_ttl;
     let history = app.config.gpu_history;
-    let swept = app
+    let start = std::time::Instant::now();
+    let mut swept = app
         .db
         .write(move |c, now| {
             let expired = jobs::expire_leases(c, now)?;
@@ -92,11 +96,13 @@ pub async fn run_once(app: &App, was: Ms) -> Result<Swept, ApiError> {
             Ok(Swept {
                 expired,
                 offline,
+                took: Duration::ZERO,
                 retimed,
                 wall_offset: wall,
             })
         })
         .await?;
+    swept.took = start.elapsed();
     app.metrics
         .leases_expired
         .fetch_add(swept.expired as u64, std::sync::atomic::Ordering::Relaxed);

@@ -1114,8 +1114,13 @@ fn mass_expiry_requeues_every_lease_in_batches() -> TestResult {
         .into_iter()
         .filter(|l| l.contains("sweep expired_leases="))
         .collect();
+    let longest = sweeps
+        .iter()
+        .filter_map(|l| l.split("took_ms=").nth(1)?.trim().parse::<f64>().ok())
+        .fold(0.0, f64::max);
     println!(
-        "mass expiry: {} leases of {agents} silent agents re-queued {:.2}s after their last heartbeat (TTL {ttl}s), in {} sweeps: {:?}",
+        "mass expiry: {} leases of {agents} silent agents re-queued {:.2}s after their last heartbeat (TTL {ttl}s), \
+         in {} sweeps, the longest sweep write {longest:.1} ms (target < 100 ms): {:?}",
         agents * slots,
         requeued.as_secs_f64(),
         sweeps.len(),
