@@ -284,3 +284,35 @@ CREATE INDEX jobs_finished_by_status ON jobs (status, id) WHERE finished_at IS N
 -- commit order, times on the coordinator's monotonic clock), so the index by
 -- time only cost every event an insert (3 % of the writer's work per job).
 DROP INDEX events_by_time;
+
+-- migration 5
+-- The queue says why each job waits: its retry backoff or not_before, no
+-- live approved worker that fits it (GPUs, VRAM, required tags), or only a
+-- free slot. (GET /api/v1/jobs/ID says it in more detail.) Now in milliseconds
+-- from julianday(), which every sqlite3 has.
+DROP VIEW queue;
+CREATE VIEW queue AS
+SELECT j.id, j.priority, j.gpus, j.min_vram_mb, j.required_tags, j.attempt, j.attempts_used,
+       j.max_attempts,
+       round((strftime('%s', 'now') * 1000 - j.created_at) / 1000.0) AS waited_s,
+       CASE WHEN j.run_after > (julianday('now') - 2440587.5) * 86400000.0
+            THEN datetime(j.run_after / 1000, 'unixepoch') END AS not_until,
+       CASE
+         WHEN j.run_after > (julianday('now') - 2440587.5) * 86400000.0
+           THEN CASE WHEN j.attempts_used > 0 THEN 'retry backoff' ELSE 'not_before' END
+                || ' until ' || datetime(j.run_after / 1000, 'unixepoch')
+         WHEN NOT EXISTS (
+           SELECT 1 FROM workers w
+           WHERE (w.state = 'idle' OR w.state = 'busy')
+             AND (j.gpus = 0 OR j.cpu_fallback
+                  OR (SELECT count(*) FROM json_each(w.gpus) g
+                      WHERE json_extract(g.value, '$.vram_mb') >= j.min_vram_mb) >= j.gpus)
+             AND NOT EXISTS (SELECT 1 FROM json_each(j.required_tags) t
+                             WHERE t.value NOT IN (SELECT value FROM json_each(w.tags))))
+           THEN 'no live approved worker fits it (GPUs, VRAM, required tags)'
+         ELSE 'waiting for a free slot on a worker that fits'
+       END AS waiting_reason,
+       json_extract(j.command, '$') AS command
+FROM jobs j
+WHERE j.status = 'queued'
+ORDER BY j.priority DESC, j.id;

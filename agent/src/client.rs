@@ -20,6 +20,9 @@ pub enum ClientError {
     Status { status: u16, error: ErrorDetail },
     /// An answer we could not understand.
     Protocol(String),
+    /// An HTTP server answered, but not with Drover's API (a web server or
+    /// a proxy's error page at that address).
+    NotDrover { url: String, detail: String },
 }
 
 impl ClientError {
@@ -40,9 +43,16 @@ impl ClientError {
     /// Worth retrying later: no answer, an overloaded or failing coordinator.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } | ClientError::Protocol(_) => true,
-            ClientError::Status { status, .. } => {
-                *status == 429 || *status >= 500 || *status == 408
+            ClientError::Unreachable { .. }
+            | ClientError::Protocol(_)
+            | ClientError::NotDrover { .. } => true,
+            ClientError::Status { status, error } => {
+                *status == 429
+                    || *status >= 500
+                    || *status == 408
+                    // Another agent process still holds this worker: it goes
+                    // offline after a lease TTL of silence.
+                    || error.code == "worker_alive"
             }
         }
     }
@@ -53,6 +63,7 @@ impl ClientError {
             ClientError::Unreachable { .. } => "unreachable".into(),
             ClientError::Status { status, error } => format!("{status}:{}", error.code),
             ClientError::Protocol(_) => "protocol".into(),
+            ClientError::NotDrover { .. } => "not_drover".into(),
         }
     }
 
@@ -67,10 +78,35 @@ impl ClientError {
                         .into(),
                 )
             }
+            ClientError::Unreachable { url, reason }
+                if url.starts_with("https://") && plain_http_reply(reason) =>
+            {
+                Some(format!(
+                    "{url} answers plain HTTP, not HTTPS: use http:// in --coordinator, or start the coordinator with --tls-cert and --tls-key"
+                ))
+            }
+            ClientError::NotDrover { url, .. } => Some(format!(
+                "the server at {url} is not a Drover coordinator: check --coordinator (DROVER_COORDINATOR); \
+                 the coordinator answers {url}/healthz with JSON"
+            )),
             ClientError::Unreachable { url, .. } => Some(format!(
                 "check that drover-coordinator runs and listens on the address in {url} (its --listen defaults to 127.0.0.1:8700, \
                  which other machines cannot reach), and that no firewall blocks the port: try curl {url}/healthz"
             )),
+            ClientError::Status { error, .. } if error.code == "decommissioned" => Some(
+                "an admin decommissioned this worker; it will not run jobs again. To bring the machine back, \
+                 register it as a new worker: remove the agent's state dir and start it with another --name"
+                    .into(),
+            ),
+            ClientError::Status { error, .. } if error.code == "worker_alive" => Some(
+                "another agent runs as this worker (a second agent with the same --name on this machine, or the \
+                 previous agent whose state dir was lost); stop it, or give this one another --name. \
+                 This agent retries, and registers (waiting for approval) once that worker has gone offline"
+                    .into(),
+            ),
+            ClientError::Status { error, .. } if error.code == "name_taken" => Some(
+                "another worker on this machine has that name: give this agent another --name".into(),
+            ),
             ClientError::Status { status: 401, .. } => Some(
                 "the registration secret is wrong: set --registration-secret (DROVER_REGISTRATION_SECRET) to the coordinator's"
                     .into(),
@@ -98,11 +134,21 @@ impl std::fmt::Display for ClientError {
                 )
             }
             ClientError::Protocol(m) => write!(f, "unexpected answer from the coordinator: {m}"),
+            ClientError::NotDrover { url, detail } => {
+                write!(f, "this is not a Drover coordinator at {url}: {detail}")
+            }
         }
     }
 }
 
 impl std::error::Error for ClientError {}
+
+/// Whether a TLS failure reads as a plain-HTTP server's answer to a
+/// client hello.
+fn plain_http_reply(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    r.contains("invalidcontenttype") || r.contains("corrupt message") || r.contains("wrong version")
+}
 
 /// What `/healthz` says.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -186,15 +232,20 @@ impl Client {
     fn error(&self, e: ureq::Error) -> ClientError {
         match e {
             ureq::Error::Status(status, resp) => {
+                let kind = resp.content_type().to_string();
                 let text = resp.into_string().unwrap_or_default();
-                let error = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|b| b.error)
-                    .unwrap_or_else(|_| ErrorDetail {
-                        code: "http".into(),
-                        message: text.chars().take(200).collect(),
-                        field: None,
-                    });
-                ClientError::Status { status, error }
+                match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(b) => ClientError::Status {
+                        status,
+                        error: b.error,
+                    },
+                    Err(_) => ClientError::NotDrover {
+                        url: self.base.clone(),
+                        detail: format!(
+                            "it answered {status} with {kind}, not Drover's JSON error"
+                        ),
+                    },
+                }
             }
             ureq::Error::Transport(t) => ClientError::Unreachable {
                 url: self.base.clone(),
@@ -213,11 +264,26 @@ impl Client {
         let value = serde_json::to_value(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match self.call(path, auth, timeout, Body::Json(value))? {
             None => Ok(None),
-            Some(resp) => resp
-                .into_json::<R>()
-                .map(Some)
-                .map_err(|e| ClientError::Protocol(format!("{path}: {e}"))),
+            Some(resp) => self.parse(path, resp).map(Some),
         }
+    }
+
+    /// A success answer's JSON; one that is not JSON at all did not come
+    /// from Drover.
+    fn parse<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        resp: ureq::Response,
+    ) -> Result<R, ClientError> {
+        let kind = resp.content_type().to_string();
+        if kind != "application/json" {
+            return Err(ClientError::NotDrover {
+                url: self.base.clone(),
+                detail: format!("{path} answered {} with {kind}", resp.status()),
+            });
+        }
+        resp.into_json::<R>()
+            .map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
     }
 
     fn some<R>(path: &str, r: Option<R>) -> Result<R, ClientError> {

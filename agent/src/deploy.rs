@@ -116,10 +116,18 @@ fn agent_flags(a: &Args) -> Vec<String> {
     push("--tags", (!a.tags.is_empty()).then(|| a.tags.join(",")));
     push("--kill-grace", Some(a.kill_grace.to_string()));
     push("--shutdown-grace", Some(a.shutdown_grace.to_string()));
-    if a.state_dir != std::path::Path::new("/var/lib/drover-agent") {
-        push("--state-dir", Some(a.state_dir.display().to_string()));
-    }
     out
+}
+
+/// `--state-dir` for the install, when not the default (the remote check
+/// uses a scratch dir of its own instead).
+fn state_dir_flag(a: &Args) -> Option<String> {
+    (a.state_dir != std::path::Path::new("/var/lib/drover-agent")).then(|| {
+        format!(
+            " --state-dir {}",
+            sh_quote(&a.state_dir.display().to_string())
+        )
+    })
 }
 
 struct Ssh<'a> {
@@ -281,6 +289,7 @@ fn deploy_one(
     }
     progress(&host, "installing");
     let mut install = format!("{sudo}{remote} install {flags}");
+    install.push_str(&state_dir_flag(agent).unwrap_or_default());
     if let Some(p) = &opts.prefix {
         install.push_str(&format!(" --prefix {}", sh_quote(&p.display().to_string())));
     }

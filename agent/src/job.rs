@@ -42,6 +42,9 @@ pub enum Control {
     Cancel(String),
     /// Stop it and hand it back unfinished (agent shutdown).
     Release,
+    /// Kill it at once and report nothing: this agent's token was revoked
+    /// (decommissioned), the job is someone else's now.
+    Abandon,
 }
 
 enum Stop {
@@ -49,6 +52,7 @@ enum Stop {
     Release,
     Timeout(u64),
     LeaseLost,
+    Abandoned,
 }
 
 /// Runs the attempt to its end and delivers its report.
@@ -151,6 +155,9 @@ async fn supervise(
         }
     };
     let pgid = child.pid;
+    if let Err(e) = ctx.state.record_group(a.job_id, a.attempt, pgid) {
+        log::warn!("{e}: a crash of this agent would leave the job's processes running");
+    }
     log::info!(
         "job running job_id={} attempt={} pid={pgid} gpus={:?}",
         a.job_id,
@@ -197,6 +204,12 @@ async fn supervise(
             status = &mut exited => break status,
             c = control.recv(), if !stopping => match c {
                 Some(Control::Cancel(reason)) => Stop::Cancel(reason),
+                Some(Control::Abandon) => {
+                    log::warn!("killing job job_id={} attempt={}: this agent was revoked", a.job_id, a.attempt);
+                    signal_group(pgid, libc::SIGKILL);
+                    stop = Some(Stop::Abandoned);
+                    continue;
+                }
                 Some(Control::Release) | None => Stop::Release,
             },
             _ = sleep_until(deadline), if !stopping => Stop::Timeout(a.timeout_s.unwrap_or(0)),
@@ -257,6 +270,7 @@ async fn supervise(
         Some(Stop::Cancel(reason)) => (Outcome::Cancelled, Some(reason)),
         Some(Stop::Timeout(t)) => (Outcome::TimedOut, Some(format!("timeout after {t}s"))),
         Some(Stop::Release) => (Outcome::Released, None),
+        Some(Stop::Abandoned) => return None,
         Some(Stop::LeaseLost) => {
             log::warn!(
                 "lease lost, result dropped job_id={} attempt={}",
@@ -322,7 +336,74 @@ fn describe(stop: &Stop) -> String {
         Stop::Release => "agent stopping, handing back".into(),
         Stop::Timeout(t) => format!("timeout after {t}s"),
         Stop::LeaseLost => "lease lost".into(),
+        Stop::Abandoned => "agent revoked".into(),
     }
+}
+
+/// Stops what an earlier agent process left running (it was killed, so
+/// only its jobs' direct children got the death signal): every process of
+/// a recorded group that carries that attempt's DROVER_JOB_ID and
+/// DROVER_ATTEMPT (a reused group id belongs to someone else). Then the
+/// stale job dirs go. Returns how many processes were killed.
+pub fn reap_leftovers(state: &crate::state::StateDir) -> usize {
+    let mut killed = 0;
+    for (job_id, attempt, pgid, dir) in state.leftover_jobs() {
+        let marks = [
+            format!("DROVER_JOB_ID={job_id}"),
+            format!("DROVER_ATTEMPT={attempt}"),
+        ];
+        let pids = group_members(pgid)
+            .into_iter()
+            .filter(|pid| environ_has(*pid, &marks))
+            .collect::<Vec<_>>();
+        for pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+        }
+        if !pids.is_empty() {
+            log::warn!(
+                "killed {} processes the previous agent left running job_id={job_id} attempt={attempt}",
+                pids.len()
+            );
+        }
+        killed += pids.len();
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            log::debug!("removing {}: {e}", dir.display());
+        }
+    }
+    killed
+}
+
+/// Processes whose process group is `pgid` (from /proc).
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // After the command name (which may hold spaces): state, ppid, pgrp.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect()
+}
+
+/// Whether a process's environment holds every one of `marks` (KEY=VALUE).
+fn environ_has(pid: i32, marks: &[String]) -> bool {
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+    marks.iter().all(|m| vars.contains(&m.as_bytes()))
 }
 
 /// Reads a JSON document a job wrote (result or progress file), without

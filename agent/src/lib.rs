@@ -16,6 +16,7 @@ pub mod config;
 pub mod deploy;
 pub mod inventory;
 pub mod job;
+pub mod lockfile;
 pub mod logring;
 pub mod service;
 pub mod setup;
@@ -70,25 +71,41 @@ pub fn random_below(n: u64) -> u64 {
     }
 }
 
-/// Logs a failure with its hint once, and again only when it changes, so a
-/// long outage does not fill the journal.
+/// Logs a failure with its hint once, again when it changes, and while it
+/// lasts a reminder every `REMIND` that the agent is still retrying, so a
+/// long outage neither fills the journal nor looks like a hang.
 #[derive(Default)]
 pub struct Explainer {
-    last: Option<String>,
+    /// The failure's kind, when it began, when it was last mentioned.
+    last: Option<(String, std::time::Instant, std::time::Instant)>,
 }
+
+/// How often a lasting failure is mentioned again.
+const REMIND: Duration = Duration::from_secs(30);
 
 impl Explainer {
     pub fn explain(&mut self, what: &str, e: &ClientError) {
         let kind = e.kind();
-        if self.last.as_deref() == Some(kind.as_str()) {
-            log::debug!("{what} failed again: {e}");
-            return;
+        let now = std::time::Instant::now();
+        if let Some((k, since, said)) = &mut self.last {
+            if *k == kind {
+                if now.duration_since(*said) >= REMIND {
+                    log::warn!(
+                        "{what} still failing after {}s, retrying: {e}",
+                        now.duration_since(*since).as_secs()
+                    );
+                    *said = now;
+                } else {
+                    log::debug!("{what} failed again: {e}");
+                }
+                return;
+            }
         }
         match e.hint() {
             Some(hint) => log::warn!("{what} failed: {e}. Try: {hint}"),
             None => log::warn!("{what} failed: {e}"),
         }
-        self.last = Some(kind);
+        self.last = Some((kind, now, now));
     }
 
     pub fn recovered(&mut self, what: &str) {
@@ -103,6 +120,17 @@ impl Explainer {
 pub async fn run(config: Config) -> Result<(), (i32, String)> {
     let fail = |e: String| (1, e);
     let state = Arc::new(StateDir::open(&config.state_dir).map_err(fail)?);
+    let _lock = lock_state_dir(&config)?;
+    // Holding the lock, this is the only agent of this state dir: whatever
+    // its recorded jobs still run was left by a killed predecessor.
+    let reaped = off_thread({
+        let state = state.clone();
+        move || job::reap_leftovers(&state)
+    })
+    .await;
+    if reaped > 0 {
+        log::info!("stopped {reaped} leftover job processes before starting");
+    }
     let gpu = GpuSource::detect(config.fake_gpus.clone());
     let client =
         Arc::new(Client::new(&config.coordinator, config.ca_cert.as_deref()).map_err(|e| (2, e))?);
@@ -129,14 +157,17 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         }
     }
     // Register at every start, so the coordinator has this start's
-    // inventory, tags and slots: with the secret when at hand, else with the
-    // agent's own token (a pre-registered worker, or one whose secret was
-    // removed after its first start).
-    let bearer = config.registration_secret.clone().or(token).ok_or((
-        EXIT_REFUSED,
-        "this agent has no token and no --registration-secret (DROVER_REGISTRATION_SECRET) to register with".to_string(),
-    ))?;
-    let identity = register(&config, &state, &client, &gpu, bearer).await?;
+    // inventory, tags and slots: with the agent's own token when it has one
+    // (it proves this is the same worker), else with the secret.
+    let mut credentials: Vec<String> = token.into_iter().collect();
+    credentials.extend(config.registration_secret.clone());
+    if credentials.is_empty() {
+        return Err((
+            EXIT_REFUSED,
+            "this agent has no token and no --registration-secret (DROVER_REGISTRATION_SECRET) to register with".to_string(),
+        ));
+    }
+    let identity = register(&config, &state, &client, &gpu, credentials).await?;
     client.set_token(identity.token.clone());
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -167,14 +198,39 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
     Ok(())
 }
 
+/// One agent per state dir: a second would take over the first's worker
+/// and delete its identity.
+fn lock_state_dir(config: &Config) -> Result<lockfile::Lock, (i32, String)> {
+    let path = config.state_dir.join("agent.lock");
+    let holder = format!(
+        "pid={} host={} name={} coordinator={}",
+        std::process::id(),
+        lockfile::hostname(),
+        config.name,
+        config.coordinator
+    );
+    lockfile::acquire(&path, &holder).map_err(|e| match e {
+        lockfile::LockError::Held(who) => (
+            EXIT_REFUSED,
+            format!(
+                "another drover-agent already uses the state dir {} ({who}); stop it, or give this agent its own --state-dir",
+                config.state_dir.display()
+            ),
+        ),
+        lockfile::LockError::Io(e) => (1, format!("locking the state dir: {e}")),
+    })
+}
+
 /// Registers (retrying while the coordinator is unreachable) and keeps the
-/// token 0600 in the state dir.
+/// token 0600 in the state dir. `credentials`: the agent's own token first
+/// when it has one, then the registration secret; a refused token moves on
+/// to the secret (the coordinator's database may be new).
 async fn register(
     config: &Config,
     state: &StateDir,
     client: &Arc<Client>,
     gpu: &GpuSource,
-    secret: String,
+    credentials: Vec<String>,
 ) -> Result<Identity, (i32, String)> {
     let req = RegisterRequest {
         name: config.name.clone(),
@@ -187,9 +243,13 @@ async fn register(
     let req = Arc::new(req);
     let mut failures = 0;
     let mut errors = Explainer::default();
+    let mut credentials = credentials.into_iter().peekable();
     loop {
-        let (c, s, r) = (client.clone(), secret.clone(), req.clone());
-        match off_thread(move || c.register(&s, &r)).await {
+        let Some(bearer) = credentials.peek().cloned() else {
+            return Err((EXIT_REFUSED, "no credential left to register with".into()));
+        };
+        let (c, r) = (client.clone(), req.clone());
+        match off_thread(move || c.register(&bearer, &r)).await {
             Ok(resp) => {
                 let id = Identity {
                     worker_id: resp.worker_id,
@@ -205,10 +265,21 @@ async fn register(
                 failures += 1;
                 tokio::time::sleep(backoff(failures)).await;
             }
+            Err(e) if e.code() == Some("unauthorized") && credentials.len() > 1 => {
+                log::warn!(
+                    "the coordinator does not know this agent's token (a new database?); registering with the secret"
+                );
+                credentials.next();
+            }
             Err(e) => {
+                let code = if e.code() == Some("decommissioned") {
+                    EXIT_REVOKED
+                } else {
+                    EXIT_REFUSED
+                };
                 let hint = e.hint().map(|h| format!(". Try: {h}")).unwrap_or_default();
                 return Err((
-                    EXIT_REFUSED,
+                    code,
                     format!("registering with {} failed: {e}{hint}", config.coordinator),
                 ));
             }

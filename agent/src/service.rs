@@ -51,6 +51,26 @@ pub fn env_file_text(program: &str, env: &BTreeMap<&'static str, String>) -> Str
     out
 }
 
+/// The value of `key` in an env file written by [`env_file_text`], its
+/// quoting undone (a bare `KEY=value` line is taken as it stands).
+pub fn env_file_value(text: &str, key: &str) -> Option<String> {
+    let raw = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))?;
+    let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return Some(raw.to_string());
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
 /// Is systemd the init system here?
 pub fn systemd_running() -> bool {
     Path::new("/run/systemd/system").is_dir()
@@ -178,5 +198,26 @@ impl Detached {
             ));
         }
         Ok(pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_values_read_back_as_written() {
+        let tricky = r#"a\b"c\"d$e'f"#.to_string();
+        let mut env = BTreeMap::new();
+        env.insert("DROVER_SECRET", tricky.clone());
+        env.insert("DROVER_PLAIN", "x".to_string());
+        let text = env_file_text("t", &env);
+        assert_eq!(env_file_value(&text, "DROVER_SECRET"), Some(tricky.clone()));
+        assert_eq!(env_file_value(&text, "DROVER_PLAIN"), Some("x".into()));
+        assert_eq!(env_file_value(&text, "DROVER"), None);
+        // Written again from what was read: the same file (no growth).
+        let again = env_file_text("t", &env);
+        assert_eq!(text, again);
+        assert_eq!(env_file_value("K=bare", "K"), Some("bare".into()));
     }
 }

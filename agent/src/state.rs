@@ -155,7 +155,39 @@ impl StateDir {
     pub fn job_dir(&self, job_id: i64, attempt: i64) -> PathBuf {
         self.root.join("jobs").join(format!("{job_id}-{attempt}"))
     }
+
+    /// Notes the process group an attempt runs in, so that a later agent
+    /// can stop what this one leaves behind if it is killed.
+    pub fn record_group(&self, job_id: i64, attempt: i64, pgid: i32) -> Result<(), String> {
+        let path = self.job_dir(job_id, attempt).join(GROUP_FILE);
+        fs::write(&path, pgid.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// Attempts an earlier agent process started and did not clean up:
+    /// (job, attempt, process group, job dir).
+    pub fn leftover_jobs(&self) -> Vec<(i64, i64, i32, PathBuf)> {
+        let Ok(entries) = fs::read_dir(self.root.join("jobs")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let (job, attempt) = name.split_once('-')?;
+                let pgid = fs::read_to_string(e.path().join(GROUP_FILE)).ok()?;
+                Some((
+                    job.parse().ok()?,
+                    attempt.parse().ok()?,
+                    pgid.trim().parse().ok()?,
+                    e.path(),
+                ))
+            })
+            .collect()
+    }
 }
+
+/// In a job dir: the attempt's process group id.
+const GROUP_FILE: &str = "pgid";
 
 /// Write to a temp file, fsync, rename over `path`, fsync the directory.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {

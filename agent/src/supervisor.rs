@@ -28,16 +28,23 @@ pub enum Event {
     ClaimEnded(Option<ClientError>),
     JobDone {
         job_id: i64,
+        attempt: i64,
     },
     Beat(HeartbeatResponse),
     Shutdown,
     GraceOver,
     /// The coordinator no longer knows this agent's token.
     Revoked(ClientError),
+    /// Revoked jobs had their chance to die; exit now.
+    RevokedExit,
 }
 
+/// What the agent tracks of one attempt it holds. Keyed by (job, attempt):
+/// after a pause past its lease, an agent may hold a job's old attempt
+/// (ending) and its new one at once.
+type Key = (i64, i64);
+
 struct Running {
-    attempt: i64,
     gpus: Vec<u32>,
     control: Option<mpsc::UnboundedSender<Control>>,
 }
@@ -62,7 +69,8 @@ impl Supervisor {
     pub async fn run(self, heartbeat_interval: Duration) {
         let (tx, mut rx) = mpsc::channel::<Event>(256);
         let (leases_tx, leases_rx) = watch::channel::<Leases>(Vec::new());
-        let mut running: HashMap<i64, Running> = HashMap::new();
+        let mut running: HashMap<Key, Running> = HashMap::new();
+        let mut revoked = false;
         // Claims wait for the first heartbeat: it introduces this process.
         let mut introduced = false;
         let mut approved = false;
@@ -86,6 +94,9 @@ impl Supervisor {
         tokio::spawn(signals(tx.clone()));
 
         loop {
+            if revoked && running.is_empty() {
+                std::process::exit(crate::EXIT_REVOKED);
+            }
             if stopping && running.is_empty() {
                 break;
             }
@@ -93,7 +104,7 @@ impl Supervisor {
             // every slot is busy: the coordinator hands out only what may run
             // and fits, and a parked claim is how a cancel or an approval
             // reaches this agent at once.
-            if !stopping && introduced && !claiming {
+            if !stopping && !revoked && introduced && !claiming {
                 claiming = true;
                 let delay = if claim_failures > 0 {
                     backoff(claim_failures)
@@ -117,14 +128,13 @@ impl Supervisor {
                     }
                     for a in jobs {
                         approved = true;
-                        let job_id = a.job_id;
-                        if stopping {
+                        let (job_id, attempt) = (a.job_id, a.attempt);
+                        if stopping || revoked {
                             // Granted before the coordinator heard we are
                             // stopping: hand it straight back, unstarted.
                             running.insert(
-                                job_id,
+                                (job_id, attempt),
                                 Running {
-                                    attempt: a.attempt,
                                     gpus: Vec::new(),
                                     control: None,
                                 },
@@ -138,15 +148,14 @@ impl Supervisor {
                                     released(a.attempt),
                                 )
                                 .await;
-                                let _ = done.send(Event::JobDone { job_id }).await;
+                                let _ = done.send(Event::JobDone { job_id, attempt }).await;
                             });
                             continue;
                         }
                         let (control_tx, control_rx) = mpsc::unbounded_channel();
                         running.insert(
-                            job_id,
+                            (job_id, attempt),
                             Running {
-                                attempt: a.attempt,
                                 gpus: a.gpu_indices.clone(),
                                 control: Some(control_tx),
                             },
@@ -154,7 +163,7 @@ impl Supervisor {
                         let (ctx, done) = (self.ctx.clone(), tx.clone());
                         tokio::spawn(async move {
                             job::run(ctx, a, control_rx).await;
-                            let _ = done.send(Event::JobDone { job_id }).await;
+                            let _ = done.send(Event::JobDone { job_id, attempt }).await;
                         });
                     }
                     publish(&leases_tx, &running);
@@ -169,8 +178,8 @@ impl Supervisor {
                         }
                     }
                 }
-                Event::JobDone { job_id } => {
-                    running.remove(&job_id);
+                Event::JobDone { job_id, attempt } => {
+                    running.remove(&(job_id, attempt));
                     publish(&leases_tx, &running);
                 }
                 Event::Beat(resp) => {
@@ -186,13 +195,23 @@ impl Supervisor {
                     introduced = true;
                     apply_orders(&running, resp.orders);
                 }
-                Event::Revoked(e) => {
-                    log::error!(
-                        "the coordinator refused this agent's token ({e}); it was revoked or the coordinator's database is new. \
-                         Removing {} so the next start registers again",
-                        self.ctx.state.root().join("identity.json").display()
-                    );
-                    self.ctx.state.forget_identity();
+                Event::Revoked(e) if !revoked => {
+                    revoked = true;
+                    self.revoked(&e, running.len());
+                    for r in running.values() {
+                        if let Some(c) = &r.control {
+                            let _ = c.send(Control::Abandon);
+                        }
+                    }
+                    let done = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        let _ = done.send(Event::RevokedExit).await;
+                    });
+                }
+                Event::Revoked(_) => {}
+                Event::RevokedExit => {
+                    log::error!("{} jobs did not stop within 5 s; exiting", running.len());
                     std::process::exit(crate::EXIT_REVOKED);
                 }
                 Event::Shutdown if !stopping => {
@@ -241,6 +260,25 @@ impl Supervisor {
         }
     }
 
+    /// Says why the agent stops for good, and forgets its identity.
+    fn revoked(&self, e: &ClientError, jobs: usize) {
+        let identity = self.ctx.state.root().join("identity.json");
+        if e.code() == Some("decommissioned") {
+            log::error!(
+                "worker {} was decommissioned by an admin: stopping {jobs} running jobs now and exiting. \
+                 The machine can come back only as a new worker (another --name)",
+                self.worker_id
+            );
+        } else {
+            log::error!(
+                "the coordinator refused this agent's token ({e}); it was revoked or the coordinator's database is new. \
+                 Stopping {jobs} running jobs and removing {} so the next start registers again",
+                identity.display()
+            );
+        }
+        self.ctx.state.forget_identity();
+    }
+
     fn warn_pending(&self) {
         log::warn!(
             "worker {} waits for admin approval. Approve it with: curl -X POST -H \"Authorization: Bearer $DROVER_ADMIN_TOKEN\" {}/api/v1/workers/{}/approve",
@@ -253,10 +291,13 @@ impl Supervisor {
 
 /// Passes cancel orders to the jobs they name; the rest is ignored (an
 /// order for an attempt this agent no longer runs, or a kind it does not know).
-fn apply_orders(running: &HashMap<i64, Running>, orders: Vec<Order>) {
+fn apply_orders(running: &HashMap<Key, Running>, orders: Vec<Order>) {
     for order in orders {
-        match (order.kind.as_str(), running.get(&order.job_id)) {
-            ("cancel", Some(r)) if r.attempt == order.attempt => {
+        match (
+            order.kind.as_str(),
+            running.get(&(order.job_id, order.attempt)),
+        ) {
+            ("cancel", Some(r)) => {
                 if let Some(c) = &r.control {
                     let _ = c.send(Control::Cancel(order.reason));
                 }
@@ -270,14 +311,14 @@ fn apply_orders(running: &HashMap<i64, Running>, orders: Vec<Order>) {
     }
 }
 
-fn publish(tx: &watch::Sender<Leases>, running: &HashMap<i64, Running>) {
+fn publish(tx: &watch::Sender<Leases>, running: &HashMap<Key, Running>) {
     let leases = running
         .iter()
-        .map(|(job_id, r)| {
+        .map(|((job_id, attempt), r)| {
             (
                 LeaseRef {
                     job_id: *job_id,
-                    attempt: r.attempt,
+                    attempt: *attempt,
                 },
                 r.gpus.clone(),
             )
@@ -422,6 +463,7 @@ async fn claim(beats: Arc<Beats>, delay: Duration) {
             Event::Claimed(resp.jobs, resp.orders)
         }
         Ok(None) => Event::ClaimEnded(None),
+        Err(e) if e.status() == Some(401) => Event::Revoked(e),
         Err(e) => {
             if let Some(beat) = req.beat {
                 // The heartbeat did not go through: it is due again now.

@@ -41,23 +41,38 @@ impl std::fmt::Debug for Secret {
 /// Agent tokens already checked against the database (hash -> worker id),
 /// so agent calls skip a database read. Any revocation (re-registration,
 /// reject, decommission) drops the worker's entries and bumps an epoch: a
-/// lookup that raced with it does not re-insert a stale entry.
+/// lookup that raced with it does not re-insert a stale entry. An entry is
+/// trusted for `TOKEN_CACHE_TTL` at most, so a revocation this process did
+/// not see (another process wrote the database) takes effect within it;
+/// heartbeats and claims check the worker's state in the database anyway.
 #[derive(Default)]
 pub struct TokenCache {
-    map: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    map: std::sync::Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>,
     epoch: std::sync::atomic::AtomicU64,
 }
 
 /// Entries kept before the cache starts over.
 const TOKEN_CACHE_MAX: usize = 100_000;
+/// How long a checked token is trusted without reading the database again.
+const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+type CacheMap = std::collections::HashMap<String, (i64, std::time::Instant)>;
 
 impl TokenCache {
-    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, i64>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, CacheMap> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn get(&self, hash: &str) -> Option<i64> {
-        self.map().get(hash).copied()
+        let mut map = self.map();
+        match map.get(hash) {
+            Some((id, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some(*id),
+            Some(_) => {
+                map.remove(hash);
+                None
+            }
+            None => None,
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -71,14 +86,14 @@ impl TokenCache {
             if map.len() >= TOKEN_CACHE_MAX {
                 map.clear();
             }
-            map.insert(hash, worker_id);
+            map.insert(hash, (worker_id, std::time::Instant::now()));
         }
     }
 
     pub fn revoke_worker(&self, worker_id: i64) {
         let mut map = self.map();
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        map.retain(|_, id| *id != worker_id);
+        map.retain(|_, (id, _)| *id != worker_id);
     }
 }
 
@@ -129,7 +144,7 @@ pub fn admin_token(
     db: &Path,
 ) -> Result<Secret, String> {
     if let Some(t) = given {
-        return check_admin_token(t, "--admin-token");
+        return check_admin_token(t, "--admin-token (DROVER_ADMIN_TOKEN)");
     }
     if let Some(path) = file {
         let text = std::fs::read_to_string(path)
@@ -171,7 +186,22 @@ fn check_admin_token(t: String, source: &str) -> Result<Secret, String> {
             "{source}: the admin token must be at least 16 characters"
         ));
     }
+    refuse_placeholder(&t, source)?;
     Ok(Secret::new(t))
+}
+
+/// Where the example env file puts its placeholders.
+pub const ENV_FILE: &str = "/etc/drover/coordinator.env";
+
+/// Refuses the example env file's placeholder values (`change-me-...`).
+pub fn refuse_placeholder(value: &str, source: &str) -> Result<(), String> {
+    if value.to_ascii_lowercase().starts_with("change-me") {
+        return Err(format!(
+            "{source} is still the example's placeholder ({value:?}): set a real secret \
+             (openssl rand -hex 32) in {ENV_FILE}, or wherever your unit's EnvironmentFile= points"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

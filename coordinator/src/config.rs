@@ -155,7 +155,10 @@ impl Config {
             ));
         }
         let registration_secret = match args.registration_secret {
-            Some(s) if s.len() >= 8 => Secret::new(s),
+            Some(s) if s.len() >= 8 => {
+                crate::auth::refuse_placeholder(&s, "--registration-secret (DROVER_REGISTRATION_SECRET)")?;
+                Secret::new(s)
+            }
             Some(_) => return Err("--registration-secret must be at least 8 characters".into()),
             None => {
                 return Err(

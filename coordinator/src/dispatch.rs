@@ -90,6 +90,14 @@ impl Dispatcher {
             .map(|(w, _)| *w)
     }
 
+    /// Every queued job with a worker kept free for it: job -> worker.
+    pub fn reserved_jobs(&self) -> HashMap<i64, i64> {
+        lock(&self.reservations)
+            .iter()
+            .map(|(w, j)| (*j, *w))
+            .collect()
+    }
+
     pub fn waiting(&self) -> usize {
         lock(&self.parked).len()
     }

@@ -44,6 +44,23 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// The database could not be written (locked from outside, disk full).
+    pub fn is_storage(&self) -> bool {
+        self.code == "database_busy" || self.code == "storage_full"
+    }
+
+    /// A bound on what one party may hold was reached (429).
+    pub fn limited(code: &'static str, message: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.retry_after_s = Some(60);
+        e
+    }
+
+    /// A token that was valid and no longer is (401 with its own code).
+    pub fn revoked(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, code, message)
     }

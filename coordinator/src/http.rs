@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -24,6 +24,57 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// A client has this long to send a request head, also between requests on
 /// a kept-alive connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new connection waits for an evicted one to free its slot.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
+
+/// Connections that have not yet sent a whole request head, oldest first.
+/// They are the only ones anyone can open without a credential, so they are
+/// the ones given up when the listener is full: a client that sends its
+/// request at once (a new agent registering, a health check) always gets a
+/// connection, however many half-open ones someone else holds.
+#[derive(Default)]
+struct Unproven {
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, oneshot::Sender<()>)>>,
+}
+
+impl Unproven {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, oneshot::Sender<()>)>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection; the receiver fires when it is evicted.
+    fn add(&self, id: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().push_back((id, tx));
+        rx
+    }
+
+    /// The connection sent a request (or ended): it is no longer evictable.
+    fn proven(&self, id: u64) {
+        let mut q = self.lock();
+        if let Some(i) = q.iter().position(|(c, _)| *c == id) {
+            q.remove(i);
+        }
+    }
+
+    /// Closes the oldest connection that never sent a request. False when
+    /// there is none.
+    fn evict_oldest(&self) -> bool {
+        match self.lock().pop_front() {
+            Some((_, tx)) => {
+                let _ = tx.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
 
 pub async fn serve(
     listener: TcpListener,
@@ -33,6 +84,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let unproven = Arc::new(Unproven::default());
+    // At most a quarter of the connections wait for their first request.
+    let max_unproven = (max_connections / 4).max(8);
+    let mut next_id = 0u64;
     let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -48,7 +103,21 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        if unproven.len() >= max_unproven {
+            unproven.evict_oldest();
+        }
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            // Full: a connection that never sent a request makes room.
+            Err(_) if unproven.evict_oldest() => {
+                tokio::time::timeout(EVICTION_WAIT, permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 log::warn!("connection limit of {max_connections} reached; closing new connections (--max-connections)");
                 last_full_warning = Some(Instant::now());
@@ -56,29 +125,46 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        // Handlers learn the client's address (registration rate limits).
+        next_id += 1;
+        let id = next_id;
+        let evicted = unproven.add(id);
+        // Handlers learn the client's address (registration rate limits);
+        // a request head read makes the connection no longer evictable.
+        let seen = unproven.clone();
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = TowerToHyperService::new(router.clone().map_request(
             move |mut req: hyper::Request<hyper::body::Incoming>| {
+                if !asked.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    seen.proven(id);
+                }
                 req.extensions_mut().insert(ClientAddr(peer));
                 req
             },
         ));
         let tls = tls.clone();
+        let unproven = unproven.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let result = match tls {
-                None => serve_io(TokioIo::new(stream), service).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_io(TokioIo::new(tls_stream), service).await,
-                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
-                        Err(_) => Err("TLS handshake timed out".into()),
+            let serve = async {
+                match tls {
+                    None => serve_io(TokioIo::new(stream), service).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => serve_io(TokioIo::new(tls_stream), service).await,
+                            Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
                     }
                 }
+            };
+            let result = tokio::select! {
+                r = serve => r,
+                Ok(()) = evicted => Err("closed to make room: no request yet".into()),
             };
             if let Err(e) = result {
                 log::debug!("connection from {peer} ended: {e}");
             }
+            unproven.proven(id);
             drop(permit);
         });
     }

@@ -5,7 +5,7 @@
 use crate::auth;
 use crate::config::{Args, Config};
 use crate::service::{
-    env_file_text, install_self, systemctl, systemd_running, write_file, Detached,
+    env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,12 +31,7 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
     }
     // Keep the secrets of an earlier install unless new ones are given.
     let earlier = std::fs::read_to_string(&env_file).unwrap_or_default();
-    let earlier_value = |key: &str| {
-        earlier
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('"').to_string())
-    };
+    let earlier_value = |key: &str| env_file_value(&earlier, key);
     if args.admin_token.is_none() && args.admin_token_file.is_none() {
         args.admin_token = Some(match earlier_value("DROVER_ADMIN_TOKEN") {
             Some(t) => t,
@@ -100,21 +95,18 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
         "✓ settings    {} (0600: holds the admin token and the registration secret)",
         env_file.display()
     );
-    std::fs::create_dir_all(&db_dir).map_err(|e| format!("creating {}: {e}", db_dir.display()))?;
+    // A staged install (a prefix, for systemd) touches nothing outside it.
+    let staged = systemd && prefix.is_some();
+    if !staged {
+        std::fs::create_dir_all(&db_dir)
+            .map_err(|e| format!("creating {}: {e}", db_dir.display()))?;
+    }
     if systemd {
-        let text = UNIT
-            .replace(
-                "/usr/local/bin/drover-coordinator",
-                &bin.display().to_string(),
-            )
-            .replace(
-                "/etc/drover/coordinator.env",
-                &env_file.display().to_string(),
-            )
-            .replace(
-                &format!("Environment=DROVER_DB={DEFAULT_DB}"),
-                &format!("Environment=DROVER_DB={}", config.db.display()),
-            );
+        let own = own_state_dir(prefix, &config.db);
+        let text = unit_text(&bin, &env_file, &config.db, own)?;
+        if !staged && !own {
+            prepare_service_user(&db_dir)?;
+        }
         write_file(&unit, text.as_bytes(), 0o644)?;
         say!("✓ unit        {}", unit.display());
         if prefix.is_some() {
@@ -158,4 +150,123 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
         env_file.display()
     );
     Ok(())
+}
+
+/// Whether the database lives in the unit's own StateDirectory (under the
+/// prefix, when staged), which systemd makes writable for the unit's
+/// dynamic user.
+fn own_state_dir(prefix: Option<&Path>, db: &Path) -> bool {
+    let state = prefix.unwrap_or(Path::new("/")).join("var/lib/drover");
+    db.parent() == Some(state.as_path())
+}
+
+/// The unit for these paths. A database elsewhere than /var/lib/drover
+/// needs that directory writable under ProtectSystem=strict
+/// (ReadWritePaths=) and a fixed user that can own it (a dynamic user's
+/// uid changes).
+fn unit_text(bin: &Path, env_file: &Path, db: &Path, own: bool) -> Result<String, String> {
+    let mut text = UNIT
+        .replace(
+            "/usr/local/bin/drover-coordinator",
+            &bin.display().to_string(),
+        )
+        .replace(
+            "/etc/drover/coordinator.env",
+            &env_file.display().to_string(),
+        )
+        .replace(
+            &format!("Environment=DROVER_DB={DEFAULT_DB}"),
+            &format!("Environment=DROVER_DB={}", db.display()),
+        );
+    if !own {
+        let dir = db.parent().filter(|d| d.is_absolute()).ok_or_else(|| {
+            format!(
+                "--db {}: give an absolute path for a systemd install",
+                db.display()
+            )
+        })?;
+        if dir.to_string_lossy().contains(char::is_whitespace) {
+            return Err(format!(
+                "--db {}: a path with spaces cannot go into the unit",
+                db.display()
+            ));
+        }
+        text = text.replace(
+            "DynamicUser=yes",
+            &format!(
+                "User={SERVICE_USER}\nGroup={SERVICE_USER}\nReadWritePaths={}",
+                dir.display()
+            ),
+        );
+    }
+    Ok(text)
+}
+
+/// The system user a coordinator with its database outside
+/// /var/lib/drover runs as.
+const SERVICE_USER: &str = "drover";
+
+/// Creates the service user (when missing) and gives it the database's
+/// directory.
+fn prepare_service_user(dir: &Path) -> Result<(), String> {
+    let run = |program: &str, args: &[&str]| -> Result<bool, String> {
+        std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .map_err(|e| format!("running {program}: {e}"))
+    };
+    if !run("id", &["-u", SERVICE_USER])? {
+        let home = dir.display().to_string();
+        let args = [
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            &home,
+            "--shell",
+            "/usr/sbin/nologin",
+            SERVICE_USER,
+        ];
+        if !run("useradd", &args)? {
+            return Err(format!(
+                "creating the system user {SERVICE_USER} (useradd) failed"
+            ));
+        }
+        say!("✓ user        {SERVICE_USER} (system user: owns {home})");
+    }
+    let owner = format!("{SERVICE_USER}:{SERVICE_USER}");
+    if !run("chown", &["-R", &owner, &dir.display().to_string()])? {
+        return Err(format!("chown {owner} {} failed", dir.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_outside_the_state_dir_gets_a_writable_path_and_a_fixed_user() {
+        let (bin, env) = (
+            Path::new("/usr/local/bin/drover-coordinator"),
+            Path::new("/etc/drover/coordinator.env"),
+        );
+        let unit = |db: &str| {
+            let db = Path::new(db);
+            unit_text(bin, env, db, own_state_dir(None, db))
+        };
+        let default = unit(DEFAULT_DB).unwrap();
+        assert!(default.contains("DynamicUser=yes") && !default.contains("ReadWritePaths"));
+        assert!(own_state_dir(
+            Some(Path::new("/p")),
+            Path::new("/p/var/lib/drover/drover.db")
+        ));
+        let srv = unit("/srv/drover/drover.db").unwrap();
+        assert!(srv.contains("ReadWritePaths=/srv/drover\n"), "{srv}");
+        assert!(srv.contains("User=drover\n") && !srv.contains("DynamicUser=yes"));
+        assert!(srv.contains("Environment=DROVER_DB=/srv/drover/drover.db"));
+        assert!(unit("rel/drover.db").is_err());
+    }
 }

@@ -18,6 +18,8 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod install;
+#[path = "../../agent/src/lockfile.rs"]
+mod lockfile;
 pub mod matching;
 pub mod metrics;
 pub mod ratelimit;
@@ -37,17 +39,25 @@ pub async fn run(config: Config) -> Result<(), String> {
         Some((cert, key)) => Some(http::tls_acceptor(cert, key)?),
         None => None,
     };
+    let _lock = lock_database(&config)?;
     let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
     let grace = ms(config.restart_grace);
-    let (leases, live) = db
+    let retry_base = ms(config.retry_backoff);
+    let (leases, live, retimed) = db
         .write(move |c, now| {
             Ok((
                 jobs::rebase_leases(c, now, grace)?,
                 workers::rebase_liveness(c, now)?,
+                jobs::rebase_waiting(c, now, retry_base)?,
             ))
         })
         .await
         .map_err(|e| format!("preparing the database: {e}"))?;
+    if retimed > 0 {
+        log::info!(
+            "{retimed} waiting jobs re-timed to this start's clock (not_before, retry backoff)"
+        );
+    }
     if leases > 0 {
         log::info!(
             "restart grace: {leases} running leases and {live} workers get {}s to reconnect before anything is re-queued",
@@ -95,6 +105,27 @@ pub async fn run(config: Config) -> Result<(), String> {
     dispatcher.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())
+}
+
+/// One coordinator per database file: a second would extend the first's
+/// leases and serve beside it. The lock sits next to the file.
+fn lock_database(config: &Config) -> Result<lockfile::Lock, String> {
+    db::create_private(&config.db)?;
+    let mut path = config.db.clone().into_os_string();
+    path.push(".lock");
+    let holder = format!(
+        "pid={} host={} listen={}",
+        std::process::id(),
+        lockfile::hostname(),
+        config.listen
+    );
+    lockfile::acquire(std::path::Path::new(&path), &holder).map_err(|e| match e {
+        lockfile::LockError::Held(who) => format!(
+            "another drover-coordinator already serves {} ({who}); stop it first, or give this one another --db",
+            config.db.display()
+        ),
+        lockfile::LockError::Io(e) => format!("locking the database: {e}"),
+    })
 }
 
 /// Every connection is an open file, and many shells start processes with

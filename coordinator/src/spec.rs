@@ -109,6 +109,39 @@ pub fn tags(field: &str, tags: Vec<String>) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
+/// A worker's name or machine id: 1 to 64 of letters, digits and `-_.`,
+/// starting with a letter or digit (a hostname fits; a shell
+/// metacharacter, a space or a quote does not).
+pub fn worker_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "{name:?} is not a valid {field}: 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ),
+    ))
+}
+
+/// `s` as one shell word: as it is when it holds nothing the shell reads
+/// specially, else in single quotes (a quote inside as '\'').
+pub fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.,:/=@+%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Parses an RFC 3339 time into milliseconds since the epoch.
 pub fn parse_time(field: &str, s: &str) -> Result<i64, ApiError> {
     let t = humantime::parse_rfc3339_weak(s).map_err(|e| {

@@ -38,6 +38,9 @@ pub async fn run(app: std::sync::Arc<App>) {
     loop {
         tick.tick().await;
         passes = passes.wrapping_add(1);
+        if !app.db.check_file() {
+            continue;
+        }
         if passes.is_multiple_of(CHECKPOINT_EVERY) {
             // Keeps the WAL small even when readers (sqlite3, the dashboard)
             // kept SQLite's own checkpoints from finishing.

@@ -33,7 +33,10 @@ async fn register(db: &Db, name: &str, slots: u32) -> Result<i64> {
     };
     let hash = format!("hash-{name}");
     let (id, _) = db
-        .write(move |c, now| workers::register(c, now, &req, &hash, true, None, "127.0.0.1"))
+        .write(move |c, now| {
+            let who = workers::Registrant::Secret { alive_since: now };
+            workers::register(c, now, &req, &hash, true, who, "127.0.0.1")
+        })
         .await?;
     Ok(id)
 }

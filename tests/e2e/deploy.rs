@@ -119,6 +119,8 @@ fn deploy_over_ssh_installs_upgrades_and_explains_failures() -> TestResult {
     let coord = Coordinator::start(dir.path(), &["--lease-ttl", "3"])?;
     let api = coord.api();
     let prefix = dir.path().join("target-prefix");
+    // A state dir of its own: the remote check must not get --state-dir twice.
+    let state_dir = dir.path().join("deployed-state");
     let args = |target: String,
                 known_hosts: &Path,
                 coordinator: &str,
@@ -149,6 +151,8 @@ fn deploy_over_ssh_installs_upgrades_and_explains_failures() -> TestResult {
             tags,
             "--shutdown-grace",
             "2",
+            "--state-dir",
+            &state_dir.to_string_lossy(),
         ]
         .iter()
         .map(|s| s.to_string())

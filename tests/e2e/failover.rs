@@ -96,7 +96,7 @@ fn killed_agent_job_runs_again_elsewhere_and_old_lease_is_refused() -> TestResul
     // ...with how to bring it back from the address it registered from.
     let restore = offline["restore"].as_str().unwrap_or("");
     assert!(
-        restore.starts_with("drover-agent deploy root@127.0.0.1 --name 'a'"),
+        restore.starts_with("drover-agent deploy root@127.0.0.1 --name a --coordinator"),
         "{offline}"
     );
     Ok(())

@@ -6,6 +6,7 @@ mod agent;
 mod browser;
 mod chaos;
 mod checker;
+mod defects;
 mod deploy;
 mod failover;
 mod harness;

@@ -91,13 +91,34 @@ fn approval_drain_and_decommission() -> TestResult {
     })?;
     api.admin("POST", &format!("/api/v1/workers/{wb}/approve"), None)?;
     api.admin("POST", &format!("/api/v1/workers/{wb}/drain"), None)?;
-    let moved = api.submit(&json!({"command": ["sh", "-c", "[ \"$DROVER_ATTEMPT\" != 1 ] || exec sleep 60"], "max_attempts": 1}))?;
+    let pid_file = dir.path().join("moved.pid");
+    let script = format!(
+        "[ \"$DROVER_ATTEMPT\" != 1 ] || {{ echo $$ > {}; exec sleep 60; }}",
+        pid_file.display()
+    );
+    let moved = api.submit(&json!({"command": ["sh", "-c", script], "max_attempts": 1}))?;
     let j = wait_status(&api, moved, "running")?;
     assert_eq!(j["worker_id"], wa);
+    let pid: i32 = wait_for("the job's pid", Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok()))
+    })?;
     let token = a.token()?;
     api.admin("POST", &format!("/api/v1/workers/{wb}/undrain"), None)?;
     let r = api.admin("POST", &format!("/api/v1/workers/{wa}/decommission"), None)?;
     assert_eq!(r.body["state"], "decommissioned", "{}", r.text);
+    // The agent hears it on its parked claim and kills the job at once.
+    let decommissioned = std::time::Instant::now();
+    wait_for(
+        "the decommissioned agent's job to die",
+        Duration::from_secs(3),
+        || Ok((!alive(pid)).then_some(())),
+    )?;
+    println!(
+        "decommission -> job process gone: {:.2} s",
+        decommissioned.elapsed().as_secs_f64()
+    );
     let j = wait_status(&api, moved, "succeeded")?;
     assert_eq!(j["worker_id"], wb);
     assert_eq!(j["attempts"][0]["outcome"], "decommissioned");
@@ -110,13 +131,22 @@ fn approval_drain_and_decommission() -> TestResult {
     )?;
     assert_eq!(r.status, 401, "the decommissioned agent's token is revoked");
     let status = a.wait_exit(Duration::from_secs(20))?;
-    assert!(!status.success(), "the decommissioned agent stops");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "the decommissioned agent stops for good"
+    );
+    let log = std::fs::read_to_string(dir.path().join("agent-a.log"))?;
+    assert!(
+        log.contains("decommissioned by an admin") && !log.contains("secret is wrong"),
+        "the agent says why it stops: {log}"
+    );
     let again = Agent::start(&coord.url, dir.path(), "a", &[])?;
     let mut again = again;
     let status = again.wait_exit(Duration::from_secs(20))?;
     assert_eq!(
         status.code(),
-        Some(3),
+        Some(4),
         "registering again is refused for good"
     );
     assert_eq!(state(&api, wa)?, "decommissioned");

@@ -97,10 +97,11 @@ pub async fn register(
             {
                 Some(agent) => Some((agent.id, t.to_string())),
                 None => {
+                    // Neither the secret nor a known token.
                     return Err(refused(
                         &app,
                         ApiError::unauthorized("wrong registration secret or agent token"),
-                    ))
+                    ));
                 }
             }
         }
@@ -115,8 +116,8 @@ pub async fn register(
     };
     let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
     let mut req: RegisterRequest = parse_json(&bytes)?;
-    check_name("name", &req.name)?;
-    check_name("machine_id", &req.machine_id)?;
+    spec::worker_name("name", &req.name)?;
+    spec::worker_name("machine_id", &req.machine_id)?;
     if req.inventory.gpus.len() > 64 {
         return Err(ApiError::invalid(
             "inventory.gpus",
@@ -129,16 +130,22 @@ pub async fn register(
         }
     }
     req.tags = spec::tags("tags", std::mem::take(&mut req.tags))?;
-    let (token, existing) = match by_token {
-        Some((id, token)) => (token, Some(id)),
-        None => (auth::new_token("drv_agent_")?, None),
+    let silence = ms(app.config.lease_ttl);
+    let (token, who) = match by_token {
+        Some((id, token)) => (token, workers::Registrant::Proven(id)),
+        None => (
+            auth::new_token("drv_agent_")?,
+            workers::Registrant::Secret {
+                alive_since: app.db.clock().now() - silence,
+            },
+        ),
     };
     let hash = auth::hash_token(&token);
     let auto = app.config.auto_approve;
     let address = ip.to_string();
     let (worker_id, state) = app
         .db
-        .write(move |c, now| workers::register(c, now, &req, &hash, auto, existing, &address))
+        .write(move |c, now| workers::register(c, now, &req, &hash, auto, who, &address))
         .await?;
     // A re-registration replaced the worker's token and may have released
     // leases.
@@ -169,7 +176,7 @@ pub async fn heartbeat(
     let stopping = req.stopping;
     let beat = app
         .db
-        .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, times))
+        .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, times, ""))
         .await?;
     if stopping {
         app.dispatcher.dismiss(agent.id);
@@ -295,7 +302,7 @@ pub async fn claim(
                     .map(|done| report(c, now, agent.id, done, backoff))
                     .collect::<Result<Vec<_>, _>>()?;
                 let beat = beat
-                    .map(|b| workers::heartbeat(c, now, agent.id, &b, times))
+                    .map(|b| workers::heartbeat(c, now, agent.id, &b, times, "beat."))
                     .transpose()?;
                 Ok((
                     results,

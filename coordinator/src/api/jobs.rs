@@ -80,16 +80,21 @@ pub async fn submit(
     } else {
         StatusCode::OK
     };
+    // Say at once why a job that is still queued waits (no worker fits...).
+    let mut jobs: Vec<_> = results.into_iter().map(|(_, j)| j).collect();
+    let reserved = app.dispatcher.reserved_jobs();
+    let jobs = app
+        .db
+        .read(move |c, now| {
+            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
+            Ok(jobs)
+        })
+        .await?;
     if is_batch {
-        let jobs: Vec<_> = results.into_iter().map(|(_, j)| j).collect();
         log::info!("jobs submitted count={}", jobs.len());
         Ok((status, Json(json!({ "jobs": jobs }))).into_response())
     } else {
-        let job = results
-            .into_iter()
-            .next()
-            .map(|(_, j)| j)
-            .unwrap_or_default();
+        let job = jobs.into_iter().next().unwrap_or_default();
         log::debug!("job submitted job_id={}", job["id"]);
         Ok((status, Json(job)).into_response())
     }
@@ -127,9 +132,14 @@ pub async fn list(
         }
     };
     let limit = int_param(&query, "limit", 100, 1, 1000)?;
+    let reserved = app.dispatcher.reserved_jobs();
     let jobs = app
         .db
-        .read(move |c, now| jobs::list(c, now, status.as_deref(), limit))
+        .read(move |c, now| {
+            let mut jobs = jobs::list(c, now, status.as_deref(), limit)?;
+            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
+            Ok(jobs)
+        })
         .await?;
     Ok(Json(json!({ "jobs": jobs })).into_response())
 }
@@ -147,7 +157,7 @@ pub async fn get(
         .read(move |c, now| {
             let mut job = jobs::get(c, now, id)?;
             // A queued job says why it is not running.
-            job["waiting_reason"] = dispatch::why_waiting(c, now, id, reserved)?.into();
+            job["waiting_reason"] = dispatch::why_waiting(c, now, id, reserved, &mut None)?.into();
             Ok(job)
         })
         .await?;
@@ -238,6 +248,12 @@ pub async fn append_log(
         }
     };
     let data = read_body(&headers, body, LOG_CHUNK_LIMIT).await?;
+    if data.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_chunk",
+            "a log chunk must hold at least one byte",
+        ));
+    }
     let cap = app.config.log_cap;
     let truncated = app
         .db

@@ -131,6 +131,7 @@ pub fn router(app: AppState) -> Router {
 }
 
 async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
+    app.db.writable()?;
     let version = app
         .db
         .read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?))

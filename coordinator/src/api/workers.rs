@@ -170,12 +170,7 @@ pub async fn preregister(
     require_admin(&app, &headers)?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let w: NewWorker = parse_json(&bytes)?;
-    if w.name.trim().is_empty() || w.name.len() > 128 || w.name.chars().any(|c| c.is_control()) {
-        return Err(ApiError::invalid(
-            "name",
-            "must be 1 to 128 printable characters",
-        ));
-    }
+    spec::worker_name("name", &w.name)?;
     let slots = w.slots.unwrap_or(1);
     if !(1..=1024).contains(&slots) {
         return Err(ApiError::invalid("slots", "must be between 1 and 1024"));
@@ -183,7 +178,7 @@ pub async fn preregister(
     let tags = spec::tags("tags", w.tags)?;
     let token = auth::new_token("drv_agent_")?;
     let hash = auth::hash_token(&token);
-    let name = w.name.trim().to_string();
+    let name = w.name;
     let mut worker = app
         .db
         .write(move |c, now| workers::preregister(c, now, &name, &tags, slots, &hash))

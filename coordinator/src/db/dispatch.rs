@@ -408,6 +408,7 @@ pub fn why_waiting(
     now: Ms,
     job_id: i64,
     reserved_on: Option<i64>,
+    fleet_seen: &mut Option<Vec<WorkerView>>,
 ) -> Result<Option<String>, ApiError> {
     let row = conn
         .prepare_cached(
@@ -440,11 +441,35 @@ pub fn why_waiting(
             iso(Some(run_after + super::wall_offset(now))).unwrap_or_default()
         )));
     }
-    let mut why = matching::explain(&needs, &fleet(conn)?);
+    // Read once for every job a listing explains.
+    let workers = match fleet_seen {
+        Some(w) => w,
+        None => fleet_seen.insert(fleet(conn)?),
+    };
+    let mut why = matching::explain(&needs, workers);
     if let Some(w) = reserved_on {
         why.push_str(&format!("; worker {w} is being kept free for it"));
     }
     Ok(Some(why))
+}
+
+/// Puts `waiting_reason` on every queued job of a listing (the fleet read
+/// once for all).
+pub fn explain_waiting(
+    c: &Connection,
+    now: Ms,
+    jobs: &mut [serde_json::Value],
+    reserved: &std::collections::HashMap<i64, i64>,
+) -> Result<(), ApiError> {
+    let mut fleet = None;
+    for job in jobs.iter_mut().filter(|j| j["status"] == "queued") {
+        let Some(id) = job["id"].as_i64() else {
+            continue;
+        };
+        let why = why_waiting(c, now, id, reserved.get(&id).copied(), &mut fleet)?;
+        job["waiting_reason"] = why.into();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -69,6 +69,29 @@ pub fn retime_not_before(
         .execute(params![offset, now, was])?)
 }
 
+/// At start, after the wall clock may have stepped while the coordinator
+/// was down (its clock restarts from the wall): jobs waiting for
+/// `not_before` wait for that wall time again, and no retry waits longer
+/// than its own backoff (with the most jitter) from now. Returns how many
+/// were re-timed.
+pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usize, ApiError> {
+    let planned = conn
+        .prepare_cached(
+            "UPDATE jobs SET run_after = not_before
+             WHERE status = 'queued' AND attempt = 0 AND not_before IS NOT NULL
+               AND run_after != not_before",
+        )?
+        .execute([])?;
+    let retries = conn
+        .prepare_cached(
+            "UPDATE jobs SET run_after = ?1 + min(?2 * (1 << min(attempts_used - 1, 20)), ?3) * 12 / 10
+             WHERE status = 'queued' AND attempts_used > 0
+               AND run_after > ?1 + min(?2 * (1 << min(attempts_used - 1, 20)), ?3) * 12 / 10",
+        )?
+        .execute(params![now, retry_base, BACKOFF_CAP_MS])?;
+    Ok(planned + retries)
+}
+
 /// Inserts a job, or returns the one already submitted under the same
 /// idempotency key (409 if that one's spec differs). `true` when created.
 pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value), ApiError> {
@@ -696,8 +719,22 @@ pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, Api
         .execute([now + grace])?)
 }
 
+/// After the writer could not commit for `by` (a lock held from outside, a
+/// full disk): running leases move on by that long, since no heartbeat could
+/// renew them meanwhile.
+pub fn extend_leases(conn: &Connection, by: Ms) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE jobs SET lease_expires_at = lease_expires_at + ?1 WHERE status = 'running'",
+        )?
+        .execute([by])?)
+}
+
+/// What a stored log chunk costs beyond its bytes (a row, its index entry).
+pub const LOG_CHUNK_OVERHEAD: i64 = 64;
+
 /// Appends a chunk of output to the current attempt's log, up to `cap` bytes
-/// per attempt. Returns true when (part of) the chunk was dropped by the cap.
+/// per attempt (each chunk counting `LOG_CHUNK_OVERHEAD` more). Returns true when (part of) the chunk was dropped by the cap.
 #[allow(clippy::too_many_arguments)]
 pub fn append_log(
     conn: &Connection,
@@ -713,7 +750,9 @@ pub fn append_log(
     let kept: i64 = conn
         .prepare_cached("SELECT log_bytes FROM job_attempts WHERE job_id = ?1 AND attempt = ?2")?
         .query_row(params![job_id, attempt], |r| r.get(0))?;
-    let room = (cap as i64 - kept).max(0) as usize;
+    // The cap counts what a chunk costs to store: its bytes plus a row's
+    // overhead, so a stream of tiny chunks is bounded as well as a flood.
+    let room = (cap as i64 - kept - LOG_CHUNK_OVERHEAD).max(0) as usize;
     if room == 0 {
         return Ok(!data.is_empty());
     }
@@ -725,7 +764,7 @@ pub fn append_log(
     conn.prepare_cached(
         "UPDATE job_attempts SET log_bytes = log_bytes + ?3 WHERE job_id = ?1 AND attempt = ?2",
     )?
-    .execute(params![job_id, attempt, take as i64])?;
+    .execute(params![job_id, attempt, take as i64 + LOG_CHUNK_OVERHEAD])?;
     if take < data.len() {
         let marker = format!(
             "\n[drover] log cap of {cap} bytes reached for this attempt; later output is dropped\n"
@@ -1115,6 +1154,44 @@ mod tests {
             stats["jobs"],
             json!({"queued": 2, "running": 1, "succeeded": 2, "failed": 1, "cancelled": 1})
         );
+    }
+
+    #[test]
+    fn a_clock_stepped_back_while_down_strands_no_waiting_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        super::super::create_private(&path).unwrap();
+        let mut conn = Connection::open(&path).unwrap();
+        super::super::migrate(&mut conn).unwrap();
+        let hour = 3_600_000;
+        let now = 1_000 * hour;
+        // Times written under a clock an hour ahead: a retry due in 20 s, a
+        // job planned for a wall time 10 minutes away, one due long ago.
+        let insert = |id: i64, run_after: Ms, not_before: Option<Ms>, used: i64, attempt: i64| {
+            conn.execute(
+                "INSERT INTO jobs (id, status, command, created_at, run_after, not_before, attempts_used, attempt, spec_sha256)
+                 VALUES (?1, 'queued', '[\"true\"]', 0, ?2, ?3, ?4, ?5, 'x')",
+                params![id, run_after, not_before, used, attempt],
+            )
+            .unwrap();
+        };
+        insert(1, now + hour + 20_000, None, 1, 1);
+        insert(2, now + 10 * 60_000 - hour, Some(now + 10 * 60_000), 0, 0);
+        insert(3, now - hour, None, 2, 2);
+        assert_eq!(rebase_waiting(&conn, now, 10_000).unwrap(), 2);
+        let run_after = |id: i64| -> Ms {
+            conn.query_row("SELECT run_after FROM jobs WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            run_after(1),
+            now + 12_000,
+            "at most its backoff (+20 %) from now"
+        );
+        assert_eq!(run_after(2), now + 10 * 60_000, "its wall time again");
+        assert_eq!(run_after(3), now - hour, "a due job stays due");
     }
 
     #[test]

@@ -85,7 +85,9 @@ pub fn ms(d: Duration) -> Ms {
 type Finish = Box<dyn FnOnce(Option<ApiError>) + Send>;
 
 trait WriteOp: Send {
-    fn run(self: Box<Self>, conn: &Connection, now: Ms) -> Finish;
+    /// Sets `stalled` when the operation failed for want of storage (the
+    /// database locked from outside, a full disk).
+    fn run(self: Box<Self>, conn: &Connection, now: Ms, stalled: &mut bool) -> Finish;
     fn fail(self: Box<Self>, e: ApiError);
     /// Runs on its own, outside any transaction (a checkpoint).
     fn maintenance(&self) -> bool {
@@ -99,7 +101,7 @@ struct Checkpoint {
 }
 
 impl WriteOp for Checkpoint {
-    fn run(self: Box<Self>, conn: &Connection, _now: Ms) -> Finish {
+    fn run(self: Box<Self>, conn: &Connection, _now: Ms, _: &mut bool) -> Finish {
         // TRUNCATE waits for readers; RESTART is the fallback when they stay.
         let result = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
@@ -139,7 +141,7 @@ where
     F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
     R: Send + 'static,
 {
-    fn run(self: Box<Self>, conn: &Connection, now: Ms) -> Finish {
+    fn run(self: Box<Self>, conn: &Connection, now: Ms, stalled: &mut bool) -> Finish {
         let Op { f, reply } = *self;
         let result = match exec(conn, "SAVEPOINT op") {
             Err(e) => Err(ApiError::from(e)),
@@ -155,6 +157,9 @@ where
                 }
             }
         };
+        if result.as_ref().is_err_and(ApiError::is_storage) {
+            *stalled = true;
+        }
         Box::new(move |commit_error| {
             let _ = reply.send(match commit_error {
                 Some(e) => Err(e),
@@ -206,6 +211,50 @@ pub struct Db {
     commits: watch::Receiver<u64>,
     /// Time from a write request to its commit.
     write_seconds: Arc<Histogram>,
+    /// The file this handle opened, to notice it deleted or replaced.
+    file: Arc<OpenedFile>,
+}
+
+/// The database file as opened: its path and (device, inode). Once the
+/// path no longer leads to that inode (deleted, or replaced by another
+/// file), every write is refused: nothing committed to the orphaned inode
+/// would survive a restart.
+struct OpenedFile {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl OpenedFile {
+    fn open(path: &Path) -> Result<OpenedFile, String> {
+        Ok(OpenedFile {
+            path: path.to_path_buf(),
+            id: file_id(path)
+                .map_err(|e| format!("reading the database file {}: {e}", path.display()))?,
+            lost: Default::default(),
+        })
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refusal(&self) -> ApiError {
+        ApiError::unavailable(
+            "database_gone",
+            format!(
+                "the database file {} was deleted or replaced under the running coordinator; \
+                 writes are refused. Restore it from a backup, then restart drover-coordinator",
+                self.path.display()
+            ),
+        )
+    }
+}
+
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Db {
@@ -215,6 +264,7 @@ impl Db {
         let ctx = |e: rusqlite::Error| format!("opening the database at {}: {e}", path.display());
         disable_memstatus();
         create_private(path)?;
+        let file = Arc::new(OpenedFile::open(path)?);
         let mut conn = Connection::open(path).map_err(ctx)?;
         configure(&conn, synchronous_full).map_err(|e| format!("{}: {e}", path.display()))?;
         migrate(&mut conn)
@@ -244,7 +294,44 @@ impl Db {
             clock,
             commits,
             write_seconds: Arc::new(Histogram::new(crate::metrics::FAST)),
+            file,
         })
+    }
+
+    /// Refused (503 `database_gone`) once the file was found deleted or
+    /// replaced.
+    pub fn writable(&self) -> Result<(), ApiError> {
+        match self.file.is_lost() {
+            true => Err(self.file.refusal()),
+            false => Ok(()),
+        }
+    }
+
+    /// Checks that the path still leads to the file this handle opened;
+    /// from the first time it does not, every write is refused. Returns
+    /// whether the file is (still) in place.
+    pub fn check_file(&self) -> bool {
+        if self.file.is_lost() {
+            return false;
+        }
+        match file_id(&self.file.path) {
+            Ok(id) if id == self.file.id => true,
+            found => {
+                let what = match found {
+                    Ok(_) => "replaced by another file".to_string(),
+                    Err(e) => format!("gone ({e})"),
+                };
+                log::error!(
+                    "the database file {} was {what}: refusing every write from now on; \
+                     restore it from a backup and restart drover-coordinator",
+                    self.file.path.display()
+                );
+                self.file
+                    .lost
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     pub fn write_seconds(&self) -> &Histogram {
@@ -278,6 +365,7 @@ impl Db {
         F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
         R: Send + 'static,
     {
+        self.writable()?;
         let (reply, rx) = oneshot::channel();
         let start = std::time::Instant::now();
         self.writer
@@ -473,18 +561,45 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
     Ok(())
 }
 
+/// The writer's memory of failed writes: from the first failure after the
+/// last commit until the next commit, no heartbeat could be recorded.
+struct Stall {
+    last_commit: Instant,
+    failing: bool,
+}
+
+impl Stall {
+    /// Inside the first transaction that began after failures: gives every
+    /// lease and every live worker the time the writer could not commit.
+    /// Returns the stall, to log once the transaction commits.
+    fn grant(&self, conn: &Connection, now: Ms) -> Option<(Duration, usize)> {
+        if !self.failing {
+            return None;
+        }
+        let stalled = self.last_commit.elapsed();
+        let by = ms(stalled);
+        let leases = jobs::extend_leases(conn, by).ok()?;
+        workers::extend_liveness(conn, now, by).ok()?;
+        Some((stalled, leases))
+    }
+}
+
 fn writer_loop(
     conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn WriteOp>>,
     clock: Clock,
     commits: watch::Sender<u64>,
 ) {
+    let mut stall = Stall {
+        last_commit: Instant::now(),
+        failing: false,
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::new();
         let mut next = Some(first);
         while let Some(op) = next.take() {
             if op.maintenance() {
-                op.run(&conn, clock.now())(None);
+                op.run(&conn, clock.now(), &mut stall.failing)(None);
             } else {
                 batch.push(op);
             }
@@ -498,26 +613,44 @@ fn writer_loop(
         if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
             let e = ApiError::from(e);
             log::warn!("could not begin a write transaction: {e}");
+            stall.failing = true;
             for op in batch {
                 op.fail(e.clone());
             }
             continue;
         }
         let now = clock.now();
-        let mut finishers: Vec<Finish> = batch.into_iter().map(|op| op.run(&conn, now)).collect();
+        let granted = stall.grant(&conn, now);
+        let mut failing = false;
+        let mut finishers: Vec<Finish> = batch
+            .into_iter()
+            .map(|op| op.run(&conn, now, &mut failing))
+            .collect();
         // Requests that arrived meanwhile join this transaction (a dispatch
         // round kicked by a submission, say): one commit for both.
         let mut maintenance = None;
         while finishers.len() < MAX_BATCH && maintenance.is_none() {
             match rx.try_recv() {
                 Ok(op) if op.maintenance() => maintenance = Some(op),
-                Ok(op) => finishers.push(op.run(&conn, clock.now())),
+                Ok(op) => finishers.push(op.run(&conn, clock.now(), &mut failing)),
                 Err(_) => break,
             }
         }
         let commit_error = match exec(&conn, "COMMIT") {
             Ok(()) => {
                 commits.send_modify(|n| *n = n.wrapping_add(1));
+                if let Some((stalled, leases)) = granted {
+                    log::warn!(
+                        "writes failed for {:.1}s (database locked or full); {leases} running leases and the live workers get that time back",
+                        stalled.as_secs_f64()
+                    );
+                }
+                // Some requests of a committed batch may still have failed
+                // for storage (a full disk refuses the larger writes).
+                stall = Stall {
+                    last_commit: Instant::now(),
+                    failing,
+                };
                 None
             }
             Err(e) => {
@@ -527,6 +660,7 @@ fn writer_loop(
                     finishers.len()
                 );
                 let _ = exec(&conn, "ROLLBACK");
+                stall.failing = true;
                 Some(e)
             }
         };
@@ -534,7 +668,7 @@ fn writer_loop(
             finish(commit_error.clone());
         }
         if let Some(op) = maintenance {
-            op.run(&conn, clock.now())(None);
+            op.run(&conn, clock.now(), &mut stall.failing)(None);
         }
     }
     log::debug!("database writer stopped");

@@ -2,12 +2,17 @@
 
 use super::{event, iso, jobs, json_col, Ms};
 use crate::error::ApiError;
+use crate::spec::shell_quote;
 use drover_proto::{HeartbeatRequest, Order, RegisterRequest};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 /// States in which a worker is approved and alive.
 pub const LIVE_STATES: &str = "('idle', 'busy', 'draining')";
+
+/// Workers waiting for approval, at most: the registration secret alone
+/// cannot grow the registry without bound.
+const MAX_PENDING: i64 = 1000;
 
 /// Agent log lines kept per worker.
 const AGENT_LOG_KEEP: i64 = 500;
@@ -34,11 +39,27 @@ pub struct Agent {
     pub id: i64,
 }
 
+/// The worker a token belongs to; a decommissioned worker's token is
+/// refused with its own code, so its agent knows to stop for good.
 pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>, ApiError> {
-    Ok(conn
-        .prepare_cached("SELECT id FROM workers WHERE token_hash = ?1")?
-        .query_row([token_hash], |r| Ok(Agent { id: r.get(0)? }))
-        .optional()?)
+    let found: Option<(i64, String)> = conn
+        .prepare_cached("SELECT id, state FROM workers WHERE token_hash = ?1")?
+        .query_row([token_hash], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match found {
+        Some((id, state)) if state == "decommissioned" => Err(decommissioned(id)),
+        found => Ok(found.map(|(id, _)| Agent { id })),
+    }
+}
+
+/// Refuses a decommissioned worker's agent (its token may still sit in a
+/// cache); checked again inside every heartbeat and claim.
+fn check_not_decommissioned(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
+    let state = state_of(conn, worker_id)?;
+    if state == "decommissioned" {
+        return Err(decommissioned(worker_id));
+    }
+    Ok(state)
 }
 
 /// Appends a line to a worker's health log (a state change, or an admin
@@ -150,131 +171,231 @@ fn back_online(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Resu
     refresh_load(conn, now, worker_id, reason)
 }
 
-/// Registers a machine, or re-registers it (same machine id and name): the
-/// row, its id and its approval are kept, the token is replaced.
+/// Who is registering: an agent presenting its own token (proven to be
+/// that worker), or a holder of the registration secret.
+#[derive(Debug, Clone, Copy)]
+pub enum Registrant {
+    Proven(i64),
+    /// `alive_since`: a worker heard from after this is someone else's live
+    /// agent, never to be taken over by the secret alone.
+    Secret {
+        alive_since: Ms,
+    },
+}
+
+/// Registers a machine, or re-registers it. An agent proven by its token
+/// updates its own row. The secret alone creates a worker, or re-registers
+/// one (same machine id and name) only when its agent is gone (offline,
+/// stopped, silent): then it waits for approval again, unless auto-approve
+/// is on. A live worker's identity is never handed to the secret (409).
 pub fn register(
     conn: &Connection,
     now: Ms,
     req: &RegisterRequest,
     token_hash: &str,
     auto_approve: bool,
-    by_token: Option<i64>,
+    who: Registrant,
+    address: &str,
+) -> Result<(i64, String), ApiError> {
+    let named: Option<(i64, String, Ms, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT id, state, coalesce(last_seen_at, 0), incarnation FROM workers
+             WHERE machine_id = ?1 AND name = ?2",
+        )?
+        .query_row(params![req.machine_id, req.name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let id = match (who, named) {
+        (_, Some((_, state, ..))) if state == "decommissioned" => {
+            return Err(ApiError::forbidden(
+                "decommissioned",
+                format!(
+                    "worker {:?} on this machine was decommissioned and may not register again",
+                    req.name
+                ),
+            ))
+        }
+        (Registrant::Proven(id), Some((other, ..))) if other != id => {
+            return Err(ApiError::conflict(
+                "name_taken",
+                format!(
+                    "worker {other} already has the name {:?} on this machine; choose another --name",
+                    req.name
+                ),
+            )
+            .with_field("name"))
+        }
+        (Registrant::Proven(id), _) => {
+            if state_of(conn, id)? == "decommissioned" {
+                return Err(decommissioned(id));
+            }
+            update_registered(conn, now, id, req, token_hash, address)?;
+            id
+        }
+        (Registrant::Secret { alive_since }, Some((id, state, seen, incarnation))) => {
+            let gone = state == "offline"
+                || seen < alive_since
+                || incarnation.is_some_and(|i| i.starts_with(STOPPED));
+            if !gone {
+                return Err(ApiError::conflict(
+                    "worker_alive",
+                    format!(
+                        "worker {id} ({:?} on this machine) is registered and its agent is alive; \
+                         an agent re-registers with its own token (identity.json in its state dir). \
+                         If that agent is gone, this one can register once the worker is offline",
+                        req.name
+                    ),
+                )
+                .with_field("name"));
+            }
+            update_registered(conn, now, id, req, token_hash, address)?;
+            if !auto_approve {
+                transition(
+                    conn,
+                    now,
+                    id,
+                    "pending",
+                    "re-registered without its token: waiting for approval",
+                )?;
+            }
+            id
+        }
+        (Registrant::Secret { .. }, None) => {
+            return insert_registered(conn, now, req, token_hash, auto_approve, address)
+        }
+    };
+    let state = state_of(conn, id)?;
+    log::info!(
+        "worker re-registered worker_id={id} name={:?} state={state}",
+        req.name
+    );
+    Ok((id, state))
+}
+
+/// The refusal of a decommissioned worker's agent.
+pub fn decommissioned(id: i64) -> ApiError {
+    ApiError::revoked(
+        "decommissioned",
+        format!("worker {id} was decommissioned by an admin; its token no longer works"),
+    )
+}
+
+/// Re-registration of an existing worker: new token and inventory, the
+/// leases its previous agent held released.
+fn update_registered(
+    conn: &Connection,
+    now: Ms,
+    id: i64,
+    req: &RegisterRequest,
+    token_hash: &str,
+    address: &str,
+) -> Result<(), ApiError> {
+    let inv = &req.inventory;
+    let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
+    let tags = serde_json::to_string(&req.tags).map_err(|e| ApiError::internal(e.to_string()))?;
+    let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
+    conn.prepare_cached(
+        "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
+         gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
+         agent_version = ?9, last_seen_at = ?10, incarnation = NULL,
+         machine_id = ?11, name = ?12, address = ?13 WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        token_hash,
+        inv.hostname,
+        inv.cpu_cores,
+        inv.memory_mb as i64,
+        gpus,
+        tags,
+        slots,
+        req.agent_version,
+        now,
+        req.machine_id,
+        req.name,
+        address
+    ])?;
+    // Whatever the old token's agent ran is gone with it.
+    jobs::release_worker_jobs(conn, now, id, jobs::LostReason::AgentRestarted)?;
+    if state_of(conn, id)? == "offline" {
+        back_online(conn, now, id, "re-registered")?;
+    }
+    refresh_load(conn, now, id, "re-registered")?;
+    event(
+        conn,
+        now,
+        "worker.registered",
+        None,
+        Some(id),
+        json!({"name": req.name, "again": true}),
+    )
+}
+
+/// A new worker: pending, or idle when auto-approved.
+fn insert_registered(
+    conn: &Connection,
+    now: Ms,
+    req: &RegisterRequest,
+    token_hash: &str,
+    auto_approve: bool,
     address: &str,
 ) -> Result<(i64, String), ApiError> {
     let inv = &req.inventory;
     let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
     let tags = serde_json::to_string(&req.tags).map_err(|e| ApiError::internal(e.to_string()))?;
     let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
-    // An agent presenting its own token (e.g. of a pre-registered worker)
-    // updates that worker; one presenting the secret is known by machine
-    // and name.
-    let existing: Option<(i64, String)> = match by_token {
-        Some(id) => Some((id, state_of(conn, id)?)),
-        None => conn
-            .prepare_cached("SELECT id, state FROM workers WHERE machine_id = ?1 AND name = ?2")?
-            .query_row(params![req.machine_id, req.name], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?,
-    };
-    match existing {
-        Some((_, state)) if state == "decommissioned" => Err(ApiError::forbidden(
-            "decommissioned",
-            format!(
-                "worker {:?} on this machine was decommissioned and may not register again",
-                req.name
-            ),
-        )),
-        Some((id, state)) => {
-            conn.prepare_cached(
-                "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
-                 gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
-                 agent_version = ?9, last_seen_at = ?10, incarnation = NULL,
-                 machine_id = ?11, name = ?12, address = ?13 WHERE id = ?1",
-            )?
-            .execute(params![
-                id,
-                token_hash,
-                inv.hostname,
-                inv.cpu_cores,
-                inv.memory_mb as i64,
-                gpus,
-                tags,
-                slots,
-                req.agent_version,
-                now,
-                req.machine_id,
-                req.name,
-                address
-            ])?;
-            // Whatever the old token's agent ran is gone with it.
-            jobs::release_worker_jobs(conn, now, id, jobs::LostReason::AgentRestarted)?;
-            if state == "offline" {
-                back_online(conn, now, id, "re-registered")?;
-            }
-            refresh_load(conn, now, id, "re-registered")?;
-            event(
-                conn,
-                now,
-                "worker.registered",
-                None,
-                Some(id),
-                json!({"name": req.name, "again": true}),
-            )?;
-            let state: String = conn
-                .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
-                .query_row([id], |r| r.get(0))?;
-            log::info!(
-                "worker re-registered worker_id={id} name={:?} state={state}",
-                req.name
-            );
-            Ok((id, state))
-        }
-        None => {
-            let state = if auto_approve { "idle" } else { "pending" };
-            conn.prepare_cached(
-                "INSERT INTO workers (name, machine_id, state, token_hash, hostname, cpu_cores,
-                 memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at, address)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
-            )?
-            .execute(params![
-                req.name,
-                req.machine_id,
-                state,
-                token_hash,
-                inv.hostname,
-                inv.cpu_cores,
-                inv.memory_mb as i64,
-                gpus,
-                tags,
-                slots,
-                req.agent_version,
-                now,
-                address
-            ])?;
-            let id = conn.last_insert_rowid();
-            let reason = if auto_approve {
-                "registered (auto-approved)"
-            } else {
-                "registered, waiting for approval"
-            };
-            health_log(conn, now, id, None, state, reason)?;
-            event(
-                conn,
-                now,
-                "worker.registered",
-                None,
-                Some(id),
-                json!({"name": req.name, "state": state, "gpus": inv.gpus.len()}),
-            )?;
-            log::info!(
-                "worker registered worker_id={id} name={:?} gpus={} state={state}",
-                req.name,
-                inv.gpus.len()
-            );
-            Ok((id, state.to_string()))
-        }
+    let state = if auto_approve { "idle" } else { "pending" };
+    let pending: i64 = conn
+        .prepare_cached("SELECT count(*) FROM workers WHERE state = 'pending'")?
+        .query_row([], |r| r.get(0))?;
+    if !auto_approve && pending >= MAX_PENDING {
+        return Err(ApiError::limited(
+            "too_many_pending",
+            format!("{pending} workers already wait for approval: approve or reject them first"),
+        ));
     }
+    conn.prepare_cached(
+        "INSERT INTO workers (name, machine_id, state, token_hash, hostname, cpu_cores,
+         memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at, address)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
+    )?
+    .execute(params![
+        req.name,
+        req.machine_id,
+        state,
+        token_hash,
+        inv.hostname,
+        inv.cpu_cores,
+        inv.memory_mb as i64,
+        gpus,
+        tags,
+        slots,
+        req.agent_version,
+        now,
+        address
+    ])?;
+    let id = conn.last_insert_rowid();
+    let reason = if auto_approve {
+        "registered (auto-approved)"
+    } else {
+        "registered, waiting for approval"
+    };
+    health_log(conn, now, id, None, state, reason)?;
+    event(
+        conn,
+        now,
+        "worker.registered",
+        None,
+        Some(id),
+        json!({"name": req.name, "state": state, "gpus": inv.gpus.len()}),
+    )?;
+    log::info!(
+        "worker registered worker_id={id} name={:?} gpus={} state={state}",
+        req.name,
+        inv.gpus.len()
+    );
+    Ok((id, state.to_string()))
 }
 
 /// What a heartbeat changed: the worker's state and orders for the agent.
@@ -295,16 +416,22 @@ pub fn heartbeat(
     worker_id: i64,
     req: &HeartbeatRequest,
     (lease_ttl, report_grace): (Ms, Ms),
+    prefix: &str,
 ) -> Result<Beat, ApiError> {
-    let state: String = conn
-        .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
-        .query_row([worker_id], |r| r.get(0))?;
+    let state = check_not_decommissioned(conn, worker_id)?;
     let mut released = adopt_incarnation(conn, now, worker_id, &req.incarnation)?;
+    check_gpu_metrics(conn, worker_id, req, prefix)?;
     let metrics =
         serde_json::to_string(&req.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET last_seen_at = ?2, gpu_metrics = ?3 WHERE id = ?1")?
         .execute(params![worker_id, now, metrics])?;
-    for g in req.gpus.iter().take(64) {
+    let last_sample: Option<Ms> = conn
+        .prepare_cached("SELECT max(at) FROM gpu_metrics WHERE worker_id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    // History keeps a sample per half interval at most, however often an
+    // agent beats: one token cannot grow it faster.
+    let sample = last_sample.is_none_or(|at| now - at >= report_grace / 2);
+    for g in req.gpus.iter().filter(|_| sample) {
         conn.prepare_cached(
             "INSERT INTO gpu_metrics (worker_id, gpu_index, at, utilization_pct, memory_used_mb, temperature_c, power_w)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -358,6 +485,35 @@ pub fn heartbeat(
     })
 }
 
+/// A heartbeat's GPU metrics must name the worker's registered GPUs, each
+/// once (`prefix` names where the heartbeat sits in the body).
+fn check_gpu_metrics(
+    conn: &Connection,
+    worker_id: i64,
+    req: &HeartbeatRequest,
+    prefix: &str,
+) -> Result<(), ApiError> {
+    if req.gpus.is_empty() {
+        return Ok(());
+    }
+    let count: i64 = conn
+        .prepare_cached("SELECT json_array_length(gpus) FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| r.get(0))?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, g) in req.gpus.iter().enumerate() {
+        if i64::from(g.index) >= count || !seen.insert(g.index) {
+            return Err(ApiError::invalid(
+                &format!("{prefix}gpus[{i}].index"),
+                format!(
+                    "GPU {} is not one of this worker's {count} registered GPUs (or is listed twice)",
+                    g.index
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Adopts the agent process behind a heartbeat. A different process than
 /// last time means the agent restarted: the jobs the old one ran died with
 /// it and are released at once (instead of after a lease TTL). True if any
@@ -403,6 +559,7 @@ pub fn check_incarnation(
     worker_id: i64,
     incarnation: &str,
 ) -> Result<(), ApiError> {
+    check_not_decommissioned(conn, worker_id)?;
     let known: Option<String> = conn
         .prepare_cached("SELECT incarnation FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))?;
@@ -457,8 +614,6 @@ pub fn act(
     match (action, state.as_str()) {
         (_, "decommissioned") => return conflict(format!("worker {worker_id} is decommissioned")),
         (Action::Reject, "pending") => {
-            conn.prepare_cached("UPDATE workers SET token_hash = NULL WHERE id = ?1")?
-                .execute([worker_id])?;
             transition(conn, now, worker_id, "decommissioned", &reason("rejected"))?;
         }
         (Action::Reject, other) => {
@@ -483,9 +638,10 @@ pub fn act(
             }
         }
         (Action::Decommission, _) => {
-            // Its token is revoked at once; what it ran goes back to the
+            // Its token is refused from now on (authenticate, heartbeat
+            // and claim check the state); what it ran goes back to the
             // queue without spending an attempt.
-            conn.prepare_cached("UPDATE workers SET token_hash = NULL, drain = 0 WHERE id = ?1")?
+            conn.prepare_cached("UPDATE workers SET drain = 0 WHERE id = ?1")?
                 .execute([worker_id])?;
             jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::Decommissioned)?;
             transition(
@@ -604,6 +760,16 @@ pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
         .execute([now])?)
 }
 
+/// After the writer could not commit for `by`: live workers' silence
+/// excludes that time (their heartbeats could not be recorded).
+pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, ApiError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "UPDATE workers SET last_seen_at = min(last_seen_at + ?2, ?1) WHERE state IN {LIVE_STATES}"
+        ))?
+        .execute([now, by])?)
+}
+
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
     agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
     (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
@@ -615,8 +781,12 @@ fn restore_hint(state: &str, name: &str, address: Option<String>) -> Option<Stri
     } else {
         address
     };
+    // Every value is quoted: names in older databases were not validated.
+    // The secret comes from DROVER_REGISTRATION_SECRET, never argv.
     Some(format!(
-        "drover-agent deploy root@{host} --name '{name}' --coordinator $DROVER_COORDINATOR --registration-secret $DROVER_REGISTRATION_SECRET"
+        "drover-agent deploy {} --name {} --coordinator \"$DROVER_COORDINATOR\"",
+        shell_quote(&format!("root@{host}")),
+        shell_quote(name)
     ))
 }
 
