@@ -2,7 +2,8 @@
 # Runs Drover for real on this machine: a coordinator with a local SQLite
 # file, one local agent, and a sample job. Ctrl-C stops both.
 #   DROVER_DEMO_PORT (default 8700), DROVER_DEMO_DIR (default ./drover-demo),
-#   DROVER_DEMO_FAKE_GPUS (e.g. 2xA100:81920) to pretend the agent has GPUs.
+#   DROVER_DEMO_FAKE_GPUS (e.g. 2xA100:81920) to pretend the agent has GPUs,
+#   DROVER_DEMO_TAGS (e.g. cuda12,a100) for the agent's tags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${DROVER_DEMO_PORT:-8700}
@@ -45,8 +46,10 @@ done
 ADMIN=$(head -n1 "$DIR/admin.token")
 
 echo "==> starting a local agent (state $DIR/agent, log $DIR/agent.log)"
-agent_args=(--coordinator "$URL" --state-dir "$DIR/agent" --name "demo-$(hostname)" --slots 2)
+# Worker names are at most 64 characters.
+agent_args=(--coordinator "$URL" --state-dir "$DIR/agent" --name "demo-$(hostname | cut -c1-59)" --slots 2)
 [ -n "${DROVER_DEMO_FAKE_GPUS:-}" ] && agent_args+=(--fake-gpus "$DROVER_DEMO_FAKE_GPUS")
+[ -n "${DROVER_DEMO_TAGS:-}" ] && agent_args+=(--tags "$DROVER_DEMO_TAGS")
 DROVER_REGISTRATION_SECRET=$SECRET "$BIN/drover-agent" "${agent_args[@]}" >>"$DIR/agent.log" 2>&1 &
 pids+=($!)
 

@@ -41,15 +41,22 @@ pub enum Command {
     /// Stop and remove what `install` put in place (the state dir stays
     /// unless --purge).
     Uninstall {
+        /// The root given to `install --prefix`.
         #[arg(long)]
         prefix: Option<PathBuf>,
+        /// The agent was installed with --no-systemd (a detached process).
         #[arg(long)]
         no_systemd: bool,
         /// Also delete the state dir (token, spool).
         #[arg(long)]
         purge: bool,
-        #[command(flatten)]
-        agent: Args,
+        /// The agent's state dir (as given to install).
+        #[arg(
+            long,
+            env = "DROVER_STATE_DIR",
+            default_value = "/var/lib/drover-agent"
+        )]
+        state_dir: PathBuf,
     },
     /// Put this agent on other machines over SSH: copy the binary, check,
     /// install, and wait for each worker to show up at the coordinator.

@@ -27,13 +27,13 @@ fn main() -> ExitCode {
             prefix,
             no_systemd,
             purge,
-            agent,
+            state_dir,
         }) => {
             return done(setup::uninstall(
                 prefix.as_deref(),
                 no_systemd,
                 purge,
-                &agent,
+                &state_dir,
             ))
         }
         Some(Command::Deploy {

@@ -38,7 +38,10 @@ impl Layout {
         };
         Layout {
             bin: root.join("bin/drover-agent"),
-            env_file: root.join("etc/drover/agent.env"),
+            // Settings live in /etc (where the unit looks), or under the prefix.
+            env_file: prefix
+                .unwrap_or(Path::new("/"))
+                .join("etc/drover/agent.env"),
             unit: match prefix {
                 Some(p) => p.join("etc/systemd/system/drover-agent.service"),
                 None => PathBuf::from("/etc/systemd/system/drover-agent.service"),
@@ -170,16 +173,15 @@ pub fn uninstall(
     prefix: Option<&Path>,
     no_systemd: bool,
     purge: bool,
-    args: &Args,
+    state_dir: &Path,
 ) -> Result<(), String> {
-    let layout = Layout::new(prefix, &args.state_dir, no_systemd);
+    let layout = Layout::new(prefix, state_dir, no_systemd);
     if layout.systemd && !layout.staged && systemd_running() && layout.unit.exists() {
         systemctl(&["disable", "--now", "drover-agent"])?;
         say!("✓ service stopped and disabled");
     }
-    layout.detached().stop(Duration::from_secs(
-        args.shutdown_grace + args.kill_grace + 5,
-    ));
+    // The longest a detached agent with default graces takes to stop.
+    layout.detached().stop(Duration::from_secs(75));
     for path in [&layout.unit, &layout.env_file, &layout.bin] {
         match std::fs::remove_file(path) {
             Ok(()) => say!("✓ removed     {}", path.display()),
@@ -401,6 +403,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_unit_does_not_restart_an_agent_refused_for_good() {
+        let line = UNIT
+            .lines()
+            .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+            .unwrap_or("");
+        let codes: Vec<i32> = line
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        for code in [crate::EXIT_REFUSED, crate::EXIT_REVOKED] {
+            assert!(codes.contains(&code), "exit {code} restarts: {line:?}");
+        }
+    }
+
+    #[test]
     fn unit_is_rewritten_for_a_prefix() {
         let l = Layout::new(
             Some(Path::new("/opt/d")),
@@ -423,7 +440,7 @@ mod tests {
             plain.unit,
             Path::new("/etc/systemd/system/drover-agent.service")
         );
-        assert_eq!(plain.env_file, Path::new("/usr/local/etc/drover/agent.env"));
+        assert_eq!(plain.env_file, Path::new("/etc/drover/agent.env"));
     }
 
     #[test]

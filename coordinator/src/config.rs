@@ -27,8 +27,12 @@ pub enum Command {
     /// Install this binary and its service on this machine (as root), with the
     /// flags given (the admin token and registration secret are generated
     /// when not given); prints the command that adds workers.
+    #[command(mut_arg("db", |a| a
+        .default_value(crate::install::DEFAULT_DB)
+        .help("SQLite database file (under PREFIX when --prefix is given)")))]
     Install {
-        /// Root of the install: PREFIX/bin, PREFIX/etc/drover, and (when given)
+        /// Root of the install: PREFIX/bin (default /usr/local/bin), and when
+        /// given PREFIX/etc/drover (default /etc/drover),
         /// PREFIX/etc/systemd/system and PREFIX/var/lib/drover.
         #[arg(long)]
         prefix: Option<PathBuf>,

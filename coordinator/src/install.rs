@@ -12,22 +12,22 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const UNIT: &str = include_str!("../../systemd/drover-coordinator.service");
-const DEFAULT_DB: &str = "/var/lib/drover/drover.db";
+pub const DEFAULT_DB: &str = "/var/lib/drover/drover.db";
 
 pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Result<(), String> {
     let root = prefix.unwrap_or(Path::new("/usr/local"));
     let bin = root.join("bin/drover-coordinator");
-    let env_file = root.join("etc/drover/coordinator.env");
+    // Settings live in /etc (where the unit looks), or under the prefix.
+    let env_file = prefix
+        .unwrap_or(Path::new("/"))
+        .join("etc/drover/coordinator.env");
     let unit = match prefix {
         Some(p) => p.join("etc/systemd/system/drover-coordinator.service"),
         None => PathBuf::from("/etc/systemd/system/drover-coordinator.service"),
     };
-    // The run default (drover.db in the working dir) means "the standard place" here.
-    if args.db == Path::new("drover.db") {
-        args.db = match prefix {
-            Some(p) => p.join("var/lib/drover/drover.db"),
-            None => PathBuf::from(DEFAULT_DB),
-        };
+    // The default database goes under the prefix, when there is one.
+    if let (Some(p), true) = (prefix, args.db == Path::new(DEFAULT_DB)) {
+        args.db = p.join("var/lib/drover/drover.db");
     }
     // Keep the secrets of an earlier install unless new ones are given.
     let earlier = std::fs::read_to_string(&env_file).unwrap_or_default();
@@ -55,6 +55,24 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
     env.insert("DROVER_LISTEN", config.listen.to_string());
     env.insert("DROVER_DB", config.db.display().to_string());
     env.insert("DROVER_LEASE_TTL", config.lease_ttl.as_secs().to_string());
+    // Every other setting given to install applies to the service too.
+    if let Some(g) = args.restart_grace {
+        env.insert("DROVER_RESTART_GRACE", g.to_string());
+    }
+    for (key, value) in [
+        ("DROVER_RETRY_BACKOFF", args.retry_backoff.to_string()),
+        ("DROVER_RESERVE_AFTER", args.reserve_after.to_string()),
+        ("DROVER_MAX_CONNECTIONS", args.max_connections.to_string()),
+        ("DROVER_LOG_CAP", args.log_cap.to_string()),
+        ("DROVER_RETENTION_DAYS", args.retention_days.to_string()),
+        (
+            "DROVER_GPU_HISTORY_HOURS",
+            args.gpu_history_hours.to_string(),
+        ),
+        ("DROVER_SQLITE_SYNCHRONOUS", args.sqlite_synchronous.clone()),
+    ] {
+        env.insert(key, value);
+    }
     if let Some(t) = &args.admin_token {
         env.insert("DROVER_ADMIN_TOKEN", t.clone());
     }

@@ -30,8 +30,18 @@ impl Fake {
                 let mut body = Vec::new();
                 let _ = req.as_reader().read_to_end(&mut body);
                 let (status, text) = respond(req.url());
-                let _ =
-                    req.respond(tiny_http::Response::from_string(text).with_status_code(status));
+                let kind = if text.starts_with('<') {
+                    "text/html"
+                } else {
+                    "application/json"
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", kind)
+                    .unwrap_or_else(|()| unreachable!("a valid header"));
+                let _ = req.respond(
+                    tiny_http::Response::from_string(text)
+                        .with_status_code(status)
+                        .with_header(header),
+                );
             }
         });
         Ok(Fake { server, url, hits })
@@ -137,5 +147,75 @@ fn an_unwritable_state_dir_is_refused_with_a_hint() -> TestResult {
         stderr.contains("state dir") && stderr.contains("--state-dir"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// Runs the agent against `url` for `secs`, then returns what it logged.
+fn run_for(url: &str, secs: u64) -> Result<String, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut child = agent(url, dir.path()).spawn()?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn a_server_that_is_not_drover_is_named_as_such() -> TestResult {
+    let fake = Fake::start(|_| (502, "<html><body>Bad Gateway</body></html>"))?;
+    let stderr = run_for(&fake.url, 2)?;
+    assert!(
+        stderr.contains("this is not a Drover coordinator")
+            && stderr.contains("check --coordinator"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("the coordinator is failing"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn https_against_a_plain_http_coordinator_says_so() -> TestResult {
+    // A plain HTTP server answers a TLS hello with a 400 in clear text.
+    let server = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("https://{}", server.local_addr()?);
+    std::thread::spawn(move || {
+        for mut conn in server.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 512];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let stderr = run_for(&url, 3)?;
+    assert!(stderr.contains("answers plain HTTP, not HTTPS"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_coordinator_is_mentioned_while_it_lasts() -> TestResult {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    // Retries back off up to 10 s: 42 s holds one past the 30 s mark.
+    let stderr = run_for(&format!("http://127.0.0.1:{port}"), 42)?;
+    let first = stderr
+        .lines()
+        .filter(|l| l.contains("registering failed"))
+        .count();
+    let again = stderr
+        .lines()
+        .filter(|l| l.contains("still failing after"))
+        .count();
+    assert_eq!(first, 1, "explained once: {stderr}");
+    assert!(again >= 1, "a reminder at least every 30 s: {stderr}");
     Ok(())
 }

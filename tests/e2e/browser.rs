@@ -111,12 +111,35 @@ impl Driver {
             .collect())
     }
 
-    fn text(&self, element: &str) -> TestResult<String> {
-        Ok(self
-            .get(&format!("/element/{element}/text"))?
-            .as_str()
-            .unwrap_or("")
-            .to_string())
+    /// Runs `js` in the page (with `args`) and returns its value. The live
+    /// dashboard re-renders every few seconds: anything read or clicked is
+    /// found and used within one script, so no element reference can go
+    /// stale between two WebDriver calls.
+    fn script(&self, js: &str, args: Value) -> TestResult<Value> {
+        self.post("/execute/sync", json!({"script": js, "args": args}))
+    }
+
+    /// The text of every element matching `css`, read in one go.
+    fn texts(&self, css: &str) -> TestResult<Vec<String>> {
+        let v = self.script(
+            "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText);",
+            json!([css]),
+        )?;
+        Ok(v.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Clicks the first element matching `css`; false when there is none.
+    fn click(&self, css: &str) -> TestResult<bool> {
+        let v = self.script(
+            "const e = document.querySelector(arguments[0]); if (!e) return false; e.click(); return true;",
+            json!([css]),
+        )?;
+        Ok(v == json!(true))
     }
 }
 
@@ -171,11 +194,10 @@ fn dashboard_shows_the_fleet_and_approves_a_worker() -> TestResult {
         "/url",
         json!({"url": format!("{}/#token={ADMIN}", coord.url)}),
     )?;
-    let cards = wait_for("two worker cards", Duration::from_secs(20), || {
-        let cards = d.find(".worker")?;
-        Ok((cards.len() == 2).then_some(cards))
+    let texts = wait_for("two worker cards", Duration::from_secs(20), || {
+        let texts = d.texts(".worker")?;
+        Ok((texts.len() == 2).then_some(texts))
     })?;
-    let texts: Vec<String> = cards.iter().map(|c| d.text(c)).collect::<TestResult<_>>()?;
     let all = texts.join("\n");
     assert!(all.contains("gpu-box") && all.contains("cpu-box"), "{all}");
     assert!(
@@ -187,11 +209,8 @@ fn dashboard_shows_the_fleet_and_approves_a_worker() -> TestResult {
     assert_eq!(pending.len(), 1, "the pending card is grey-classed");
 
     // Approve from the page.
-    let button = d.find(&format!(
-        ".worker[data-worker=\"{gpu_id}\"] button[data-action=\"approve\"]"
-    ))?;
-    assert_eq!(button.len(), 1, "an Approve button on the pending card");
-    d.post(&format!("/element/{}/click", button[0]), json!({}))?;
+    let approve = format!(".worker[data-worker=\"{gpu_id}\"] button[data-action=\"approve\"]");
+    assert!(d.click(&approve)?, "an Approve button on the pending card");
     wait_for("the approval", Duration::from_secs(20), || {
         let w = api.admin("GET", &format!("/api/v1/workers/{gpu_id}"), None)?;
         Ok((w.body["state"] == "idle").then_some(()))
@@ -203,26 +222,34 @@ fn dashboard_shows_the_fleet_and_approves_a_worker() -> TestResult {
             == 1)
             .then_some(()))
     })?;
+    // Every card's buttons stay inside it, also at the grid's narrowest
+    // card (two 260 px columns in a 580 px window): they wrap.
+    d.post("/window/rect", json!({"width": 580, "height": 900}))?;
+    let overflow = d.script(
+        "return [...document.querySelectorAll('.worker')].filter(c => { \
+           const r = c.getBoundingClientRect(); \
+           return [...c.querySelectorAll('button')].some(b => { \
+             const q = b.getBoundingClientRect(); return q.right > r.right + 0.5 || q.left < r.left - 0.5; }); \
+         }).length;",
+        json!([]),
+    )?;
+    assert_eq!(overflow, json!(0), "a button sticks out of its worker card");
 
     // The jobs table shows the job, and its detail shows its log.
     wait_for("the job to succeed", Duration::from_secs(20), || {
         Ok((api.job(job)?["status"] == "succeeded").then_some(()))
     })?;
-    let row = wait_for("the job row", Duration::from_secs(20), || {
-        let rows = d.find("#jobs tbody tr")?;
-        Ok(rows.first().cloned())
+    wait_for("the job row", Duration::from_secs(20), || {
+        Ok(d.click("#jobs tbody tr")?.then_some(()))
     })?;
-    d.post(&format!("/element/{row}/click"), json!({}))?;
     wait_for(
         "the job's log in the detail",
         Duration::from_secs(20),
         || {
-            let logs = d.find("#detail pre.log")?;
-            let Some(log) = logs.first() else {
-                return Ok(None);
-            };
-            Ok(d.text(log)?
-                .contains("hello from the browser test")
+            let logs = d.texts("#detail pre.log")?;
+            Ok(logs
+                .iter()
+                .any(|l| l.contains("hello from the browser test"))
                 .then_some(()))
         },
     )?;

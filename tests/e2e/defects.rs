@@ -19,6 +19,38 @@ fn register(api: &Api, bearer: &str, name: &str, machine: &str) -> TestResult<Re
     )
 }
 
+/// Runs a coordinator that is expected to refuse to start: its exit status
+/// (None when it was still running after 10 s, then killed) and stderr.
+fn refused_start(
+    dir: &std::path::Path,
+    db: &std::path::Path,
+    admin: &str,
+    secret: &str,
+) -> TestResult<(Option<i32>, String)> {
+    let err_path = dir.join(format!("refused-{}.err", std::process::id()));
+    let mut child = Command::new(coordinator_bin())
+        .arg("--db")
+        .arg(db)
+        .args(["--listen", "127.0.0.1:0", "--admin-token", admin])
+        .args(["--registration-secret", secret])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()?;
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait()? {
+            break status.code();
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok((code, std::fs::read_to_string(&err_path)?))
+}
+
 /// 1: the registration secret alone never takes a live worker's identity.
 #[test]
 fn the_secret_cannot_take_over_a_live_worker() -> TestResult {
@@ -112,16 +144,10 @@ fn hostile_worker_names_are_refused() -> TestResult {
 fn a_second_coordinator_on_the_same_file_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut coord = Coordinator::start(dir.path(), &[])?;
-    let out = Command::new(coordinator_bin())
-        .arg("--db")
-        .arg(coord.db_path())
-        .args(["--listen", "127.0.0.1:0", "--admin-token", ADMIN])
-        .args(["--registration-secret", SECRET])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = refused_start(dir.path(), &coord.db_path(), ADMIN, SECRET)?;
     assert!(
-        !out.status.success(),
-        "the second one must not start: {err}"
+        code.is_some_and(|c| c != 0),
+        "the second one must not start: {code:?} {err}"
     );
     assert!(
         err.contains("another drover-coordinator") && err.contains(&format!("pid={}", coord.pid())),
@@ -191,12 +217,16 @@ fn a_write_lock_held_past_the_lease_costs_no_lease() -> TestResult {
     let dir = tempfile::tempdir()?;
     let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
     let api = coord.api();
-    let _agent = Agent::start(&coord.url, dir.path(), "w", &["--slots", "2"])?;
-    let ids: Vec<i64> = (0..2)
-        .map(|_| api.submit(&json!({"command": ["sleep", "14"], "max_attempts": 1})))
+    // Four agents: the sweep's write, queued behind the lock, lands ahead
+    // of some of their heartbeats when the lock goes.
+    let _agents: Vec<Agent> = (0..4)
+        .map(|i| Agent::start(&coord.url, dir.path(), &format!("w{i}"), &[]))
         .collect::<TestResult<_>>()?;
-    wait_for("both jobs to run", Duration::from_secs(20), || {
-        Ok((api.jobs("running")?.len() == 2).then_some(()))
+    let ids: Vec<i64> = (0..4)
+        .map(|_| api.submit(&json!({"command": ["sleep", "20"], "max_attempts": 1})))
+        .collect::<TestResult<_>>()?;
+    wait_for("all jobs to run", Duration::from_secs(20), || {
+        Ok((api.jobs("running")?.len() == 4).then_some(()))
     })?;
     let db = coord.db_path();
     let holder = std::thread::spawn(move || -> Result<(), String> {
@@ -375,15 +405,11 @@ fn half_open_connections_do_not_lock_out_new_agents() -> TestResult {
 #[test]
 fn placeholder_secrets_are_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
+    let db = dir.path().join("p.db");
     let run = |admin: &str, secret: &str| -> TestResult<String> {
-        let out = Command::new(coordinator_bin())
-            .arg("--db")
-            .arg(dir.path().join("p.db"))
-            .args(["--listen", "127.0.0.1:0", "--admin-token", admin])
-            .args(["--registration-secret", secret])
-            .output()?;
-        assert!(!out.status.success());
-        Ok(String::from_utf8_lossy(&out.stderr).to_string())
+        let (code, err) = refused_start(dir.path(), &db, admin, secret)?;
+        assert!(code.is_some_and(|c| c != 0), "it started: {code:?} {err}");
+        Ok(err)
     };
     let err = run(ADMIN, "change-me-registration-secret")?;
     assert!(
@@ -453,5 +479,94 @@ fn a_restarted_agent_stops_what_its_killed_predecessor_left() -> TestResult {
     })?;
     let log = std::fs::read_to_string(dir.path().join("agent-k.log"))?;
     assert!(log.contains("the previous agent left running"), "{log}");
+    Ok(())
+}
+
+/// 9: a retry and a not_before computed under a clock an hour ahead come
+/// due at sane times after the coordinator restarts on a clock stepped
+/// back: the retry within its backoff, the planned job at its wall time.
+#[test]
+fn a_clock_stepped_back_across_a_restart_strands_no_job() -> TestResult {
+    let Some(lib) = crate::failover::libfaketime() else {
+        if std::env::var_os("DROVER_REQUIRE_FAKETIME").is_some() {
+            return Err("libfaketime is required (DROVER_REQUIRE_FAKETIME) but missing".into());
+        }
+        println!("libfaketime missing (apt install faketime): skipped");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+3600\n")?;
+    let offset_s = offset.to_string_lossy().to_string();
+    let mut coord = Coordinator::start_with_env(
+        dir.path(),
+        &["--auto-approve", "--retry-backoff", "2"],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_s),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )?;
+    let api = coord.api();
+    let fake = FakeAgent::register(&api, "f")?;
+    let retried = api.submit(&json!({"command": ["true"], "max_attempts": 3}))?;
+    let claim = fake.claim(&api, 5)?;
+    assert_eq!(claim.body["jobs"][0]["job_id"], retried, "{}", claim.text);
+    let r = fake.complete(&api, retried, 1, "failed")?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Planned for 20 minutes from now (real wall time).
+    let planned_at = std::time::SystemTime::now() + Duration::from_secs(20 * 60);
+    let not_before = humantime::format_rfc3339_seconds(planned_at).to_string();
+    let planned = api.submit(&json!({"command": ["true"], "not_before": not_before}))?;
+    coord.stop()?;
+    std::fs::write(&offset, "+0\n")?;
+    coord.restart()?;
+    let api = coord.api();
+    // The fake agent's token and process identity survive the restart.
+    let start = Instant::now();
+    let claim = wait_for("the retry", Duration::from_secs(30), || {
+        let c = fake.claim(&api, 1)?;
+        Ok(
+            (c.status == 200 && !c.body["jobs"].as_array().is_none_or(|j| j.is_empty()))
+                .then_some(c),
+        )
+    })?;
+    println!(
+        "retry claimed {:.1} s after the restart",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(claim.body["jobs"][0]["job_id"], retried, "{}", claim.text);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the retry waited past its backoff"
+    );
+    let j = api.job(planned)?;
+    assert_eq!(j["status"], "queued", "{j}");
+    let why = j["waiting_reason"].as_str().unwrap_or("");
+    assert!(
+        why.contains(&not_before[..16]),
+        "still waits for its wall time {not_before}: {why}"
+    );
+    Ok(())
+}
+
+/// 10 (the secret's side): registrations waiting for approval are bounded.
+#[test]
+fn the_secret_cannot_grow_the_registry_without_bound() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &[])?;
+    let api = coord.api();
+    for i in 0..1000 {
+        let r = register(&api, SECRET, &format!("w{i}"), &format!("m{i}"))?;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let r = register(&api, SECRET, "one-more", "m-more")?;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "too_many_pending"),
+        "{}",
+        r.text
+    );
     Ok(())
 }

@@ -1285,7 +1285,7 @@ fn a_partition_shorter_than_the_lease_requeues_nothing() -> TestResult {
 }
 
 /// libfaketime, where installed (Debian's `faketime` package).
-fn libfaketime() -> Option<&'static str> {
+pub(crate) fn libfaketime() -> Option<&'static str> {
     [
         "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
         "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",

@@ -255,6 +255,36 @@ fn installed_units_pass_systemd_analyze() -> TestResult {
             .ok_or(format!("cannot read {line:?}"))?;
         Ok(score)
     };
+    // A database elsewhere: the staged install creates nothing outside its
+    // prefix, and the unit may write the database's directory.
+    let elsewhere = dir.path().join("not-created").join("drover.db");
+    let staged = dir.path().join("q");
+    let out = Command::new(coordinator_bin())
+        .arg("install")
+        .arg("--prefix")
+        .arg(&staged)
+        .arg("--db")
+        .arg(&elsewhere)
+        .args(["--registration-secret", SECRET])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("not-created").exists(),
+        "a staged install made a dir outside its prefix"
+    );
+    let text =
+        std::fs::read_to_string(staged.join("etc/systemd/system/drover-coordinator.service"))?;
+    assert!(
+        text.contains(&format!(
+            "ReadWritePaths={}",
+            dir.path().join("not-created").display()
+        )),
+        "{text}"
+    );
     let (coordinator, agent) = (exposure(&coordinator_unit)?, exposure(&unit)?);
     println!("systemd-analyze security: coordinator {coordinator}, agent {agent}");
     assert!(coordinator <= 3.0, "coordinator exposure {coordinator}");
@@ -270,17 +300,22 @@ fn coordinator_install_generates_secrets_and_runs() -> TestResult {
         .local_addr()?
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let install = || -> TestResult<String> {
-        let out = Command::new(coordinator_bin())
-            .args([
-                "install",
-                "--prefix",
-                &p,
-                "--no-systemd",
-                "--listen",
-                &listen,
-            ])
-            .output()?;
+    // A secret with the characters the env file must escape.
+    let tricky = r#"se"cr\et-$HOME-0123456789"#;
+    let install = |secret: Option<&str>| -> TestResult<String> {
+        let mut cmd = Command::new(coordinator_bin());
+        cmd.args([
+            "install",
+            "--prefix",
+            &p,
+            "--no-systemd",
+            "--listen",
+            &listen,
+        ]);
+        if let Some(s) = secret {
+            cmd.args(["--registration-secret", s]);
+        }
+        let out = cmd.output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
             out.status.success(),
@@ -289,7 +324,7 @@ fn coordinator_install_generates_secrets_and_runs() -> TestResult {
         );
         Ok(text)
     };
-    let out = install()?;
+    let out = install(Some(tricky))?;
     assert!(
         out.contains("drover-agent deploy root@WORKER"),
         "prints the next step: {out}"
@@ -301,9 +336,7 @@ fn coordinator_install_generates_secrets_and_runs() -> TestResult {
             .map(|v| v.trim_matches('"').to_string())
     };
     let token = value("DROVER_ADMIN_TOKEN").ok_or("no admin token")?;
-    let secret = value("DROVER_REGISTRATION_SECRET").ok_or("no secret")?;
-    assert!(token.starts_with("drv_admin_") && secret.len() >= 32);
-    assert!(out.contains(&secret), "the deploy line carries the secret");
+    assert!(token.starts_with("drv_admin_"));
     let url = format!("http://{listen}");
     let api = Api::new(&url);
     wait_for("the installed coordinator", Duration::from_secs(20), || {
@@ -311,13 +344,25 @@ fn coordinator_install_generates_secrets_and_runs() -> TestResult {
     })?;
     let r = api.call("GET", "/api/v1/stats", Some(&token), None)?;
     assert_eq!(r.status, 200, "{}", r.text);
-    // Again: an upgrade keeps the secrets (agents keep working).
-    install()?;
+    // Again: an upgrade keeps the secrets (agents keep working), byte for byte.
+    install(None)?;
     let env2 = std::fs::read_to_string(prefix.join("etc/drover/coordinator.env"))?;
     assert_eq!(env, env2);
     wait_for("the restarted coordinator", Duration::from_secs(20), || {
         Ok(api.healthy().then_some(()))
     })?;
+    let reg = json!({"name": "w", "machine_id": "m", "inventory": {"hostname": "h"}}).to_string();
+    let r = api.call(
+        "POST",
+        "/api/v1/agents/register",
+        Some(tricky),
+        Some(reg.as_bytes()),
+    )?;
+    assert_eq!(
+        r.status, 200,
+        "the secret survived the reinstall: {}",
+        r.text
+    );
     let pid: i32 = std::fs::read_to_string(prefix.join("var/lib/drover/coordinator.pid"))?
         .trim()
         .parse()?;

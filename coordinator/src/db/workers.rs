@@ -292,9 +292,7 @@ fn update_registered(
     address: &str,
 ) -> Result<(), ApiError> {
     let inv = &req.inventory;
-    let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
-    let tags = serde_json::to_string(&req.tags).map_err(|e| ApiError::internal(e.to_string()))?;
-    let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
+    let (gpus, tags, slots) = stored_inventory(req)?;
     conn.prepare_cached(
         "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
          gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
@@ -332,6 +330,19 @@ fn update_registered(
     )
 }
 
+/// A registration's GPUs and tags as stored (JSON), and its slots (one per
+/// GPU, at least one, unless given).
+fn stored_inventory(req: &RegisterRequest) -> Result<(String, String, u32), ApiError> {
+    let json =
+        |v: Result<String, serde_json::Error>| v.map_err(|e| ApiError::internal(e.to_string()));
+    let gpus = json(serde_json::to_string(&req.inventory.gpus))?;
+    let tags = json(serde_json::to_string(&req.tags))?;
+    let slots = req
+        .slots
+        .unwrap_or_else(|| (req.inventory.gpus.len() as u32).max(1));
+    Ok((gpus, tags, slots))
+}
+
 /// A new worker: pending, or idle when auto-approved.
 fn insert_registered(
     conn: &Connection,
@@ -342,18 +353,20 @@ fn insert_registered(
     address: &str,
 ) -> Result<(i64, String), ApiError> {
     let inv = &req.inventory;
-    let gpus = serde_json::to_string(&inv.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
-    let tags = serde_json::to_string(&req.tags).map_err(|e| ApiError::internal(e.to_string()))?;
-    let slots = req.slots.unwrap_or_else(|| (inv.gpus.len() as u32).max(1));
+    let (gpus, tags, slots) = stored_inventory(req)?;
     let state = if auto_approve { "idle" } else { "pending" };
-    let pending: i64 = conn
-        .prepare_cached("SELECT count(*) FROM workers WHERE state = 'pending'")?
-        .query_row([], |r| r.get(0))?;
-    if !auto_approve && pending >= MAX_PENDING {
-        return Err(ApiError::limited(
-            "too_many_pending",
-            format!("{pending} workers already wait for approval: approve or reject them first"),
-        ));
+    if !auto_approve {
+        let pending: i64 = conn
+            .prepare_cached("SELECT count(*) FROM workers WHERE state = 'pending'")?
+            .query_row([], |r| r.get(0))?;
+        if pending >= MAX_PENDING {
+            return Err(ApiError::limited(
+                "too_many_pending",
+                format!(
+                    "{pending} workers already wait for approval: approve or reject them first"
+                ),
+            ));
+        }
     }
     conn.prepare_cached(
         "INSERT INTO workers (name, machine_id, state, token_hash, hostname, cpu_cores,
