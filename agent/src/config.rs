@@ -227,3 +227,28 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--help` describes every flag of every subcommand.
+    #[test]
+    fn every_flag_has_a_description() {
+        let cli = super::Cli::command();
+        for cmd in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{} --{id} has no description",
+                    cmd.get_name()
+                );
+            }
+        }
+    }
+}

@@ -211,3 +211,22 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `install --help` shows the database install really uses.
+    #[test]
+    fn install_shows_its_own_database_default() {
+        let mut cli = super::Cli::command();
+        cli.build();
+        let install = cli.find_subcommand("install").unwrap();
+        let db = install
+            .get_arguments()
+            .find(|a| a.get_id() == "db")
+            .unwrap();
+        let defaults: Vec<_> = db.get_default_values().iter().collect();
+        assert_eq!(defaults, vec![crate::install::DEFAULT_DB]);
+    }
+}

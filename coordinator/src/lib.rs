@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod install;
+pub mod lifecycle;
 #[path = "../../agent/src/lockfile.rs"]
 mod lockfile;
 pub mod matching;

@@ -288,6 +288,28 @@ impl JobSpec {
 mod tests {
     use super::*;
 
+    /// What `sh` makes of a quoted word is the word itself.
+    #[test]
+    fn shell_quoting_survives_the_shell() {
+        for word in [
+            "gpu-7",
+            "gpu-7' ; touch X ; echo '",
+            "a b",
+            "$(id)",
+            "`id`",
+            "x\\y\"z",
+            "",
+        ] {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", shell_quote(word)))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), word, "{word:?}");
+        }
+        assert_eq!(shell_quote("root@10.0.0.5"), "root@10.0.0.5");
+    }
+
     fn check(body: &str, expected_field: Option<&str>) {
         let spec: JobSpec = match serde_json::from_str(body) {
             Ok(s) => s,

@@ -1,19 +1,39 @@
 //! The job queue: submit, claim (one transaction), fenced reports, lease
 //! renewal and expiry, logs, cancel.
 //!
-//! The fence: a report for a job is accepted only while the job is `running`
-//! under the same `attempt` (the fencing token, +1 on every claim) and the
-//! same `worker_id`. Every fenced write checks it; a stale one is a 409.
+//! The fence: a write for an attempt is accepted only while the job is
+//! `running` under the same `attempt` (the fencing token, +1 on every claim)
+//! and the same `worker_id`. It is written once, in [`fenced!`]; ending an
+//! attempt is one fenced update whose row count says whether the report was
+//! stale ([`apply`]). What an ended attempt does to its job is decided by
+//! [`crate::lifecycle::decide`].
 
 use super::{event, iso, json_col, wall_offset, workers, Ms};
 use crate::error::ApiError;
-use crate::spec::NewJob;
-use drover_proto::{
-    Assignment, CompleteRequest, CompleteResponse, LeaseRef, Order, Outcome, Progress,
+use crate::lifecycle::{
+    self, AttemptEnd, Counters, JobStatus, LostReason, Policy, Transition, BACKOFF_CAP_MS,
 };
+use crate::spec::NewJob;
+use drover_proto::{Assignment, CompleteRequest, CompleteResponse, LeaseRef, Order, Progress};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::collections::HashSet;
+
+/// A statement on the job an attempt belongs to, under the fence: the
+/// parameters ?1 job id, ?2 attempt, ?3 worker id. The only place the fence
+/// is spelled.
+macro_rules! fenced {
+    ($head:literal) => {
+        fenced!($head, "")
+    };
+    ($head:literal, $tail:literal) => {
+        concat!(
+            $head,
+            " WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
+            $tail
+        )
+    };
+}
 
 /// Attempts that ended with their job back in the queue (for /metrics; a
 /// transaction that fails to commit after deciding one still counts it).
@@ -23,21 +43,10 @@ pub static REQUEUES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 const EXPIRE_BATCH: i64 = 500;
 /// Backoff after the second and later lease losses: 10 s x 2^n, capped.
 const LOSS_BACKOFF_MS: Ms = 10_000;
-const BACKOFF_CAP_MS: Ms = 5 * 60_000;
-
-/// Exponential backoff: `base` x 2^(n-1) for the n-th retry, capped.
-/// (Retries after a failure add [`jitter`].)
-pub fn backoff(base: Ms, n: i64) -> Ms {
-    if n <= 0 || base <= 0 {
-        return 0;
-    }
-    let shift = (n - 1).min(20) as u32;
-    base.saturating_mul(1 << shift).min(BACKOFF_CAP_MS)
-}
 
 /// Spreads a delay over 80-120 % of itself, so jobs that failed together
 /// do not all come back at once.
-fn jitter(delay: Ms) -> Ms {
+pub(crate) fn jitter(delay: Ms) -> Ms {
     let r = getrandom::u32().unwrap_or(u32::MAX / 2) as i64 % 401;
     delay * (800 + r) / 1000
 }
@@ -244,51 +253,12 @@ pub(super) fn grant(
     Ok(a)
 }
 
-/// Why a lease ended without a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LostReason {
-    /// No heartbeat renewed it within the TTL.
-    LeaseExpired,
-    /// The agent restarted (new process, or registered anew).
-    AgentRestarted,
-    /// The agent's heartbeats stopped listing it (e.g. the claim reply was
-    /// lost). Not the job's fault: it does not spend an attempt.
-    NotReported,
-    /// The worker was decommissioned. Not the job's fault either.
-    Decommissioned,
-}
-
-impl LostReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            LostReason::LeaseExpired => "lease_lost",
-            LostReason::AgentRestarted => "agent_restarted",
-            LostReason::NotReported => "not_reported",
-            LostReason::Decommissioned => "decommissioned",
-        }
-    }
-
-    fn charged(self) -> bool {
-        matches!(self, LostReason::LeaseExpired | LostReason::AgentRestarted)
-    }
-}
-
-enum End<'a> {
-    Reported {
-        req: &'a CompleteRequest,
-        retry_backoff: Ms,
-    },
-    Lost(LostReason),
-}
-
+/// The job an attempt belongs to, as the lifecycle rule reads it.
 struct Current {
-    status: String,
+    status: JobStatus,
     attempt: i64,
     worker_id: Option<i64>,
-    attempts_used: i64,
-    max_attempts: i64,
-    lease_losses: i64,
-    cancel_requested: bool,
+    counters: Counters,
 }
 
 fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> {
@@ -302,186 +272,144 @@ fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> 
                 status: r.get(0)?,
                 attempt: r.get(1)?,
                 worker_id: r.get(2)?,
-                attempts_used: r.get(3)?,
-                max_attempts: r.get(4)?,
-                lease_losses: r.get(5)?,
-                cancel_requested: r.get(6)?,
+                counters: Counters {
+                    attempts_used: r.get(3)?,
+                    max_attempts: r.get(4)?,
+                    lease_losses: r.get(5)?,
+                    cancel_requested: r.get(6)?,
+                },
             })
         })
         .optional()?)
 }
 
-/// Ends the current attempt of a running job (the caller checked the fence)
-/// and decides what happens next: done, re-queued (with backoff), or failed
-/// after `max_attempts`. Returns the job's new status.
-fn finish(conn: &Connection, now: Ms, job_id: i64, end: End) -> Result<&'static str, ApiError> {
-    let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::internal(format!("job {job_id} vanished while finishing")))?;
-    finish_from(conn, now, job_id, cur, end)
+/// An attempt: which job, which try, on which worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub job_id: i64,
+    pub attempt: i64,
+    pub worker_id: i64,
 }
 
-/// `finish`, for a caller that has just read the job's state.
-fn finish_from(
-    conn: &Connection,
-    now: Ms,
-    job_id: i64,
-    cur: Current,
-    end: End,
-) -> Result<&'static str, ApiError> {
-    let worker_id = cur.worker_id.unwrap_or_default();
-    let mut attempts_used = cur.attempts_used;
-    let mut lease_losses = cur.lease_losses;
-    // A job that may run again: re-queued after `delay`, unless it was
-    // cancelled meanwhile or has spent its attempts.
-    let again = |used: i64, delay: Ms| -> (&'static str, Ms) {
-        if cur.cancel_requested {
-            ("cancelled", now)
-        } else if used < cur.max_attempts {
-            ("queued", now + delay)
-        } else {
-            ("failed", now)
-        }
-    };
-    let (attempt_outcome, exit_code, result, error, (status, run_after)) = match end {
-        End::Reported { req, retry_backoff } => {
-            let error = req.error.clone();
-            let result = req.result.as_ref().map(|v| v.to_string());
-            match req.outcome {
-                Outcome::Succeeded => {
-                    ("succeeded", req.exit_code, result, None, ("succeeded", now))
-                }
-                Outcome::Cancelled => (
-                    "cancelled",
-                    req.exit_code,
-                    result,
-                    Some(error.unwrap_or_else(|| "cancelled".into())),
-                    ("cancelled", now),
-                ),
-                Outcome::Failed => {
-                    let msg = error.unwrap_or_else(|| match req.exit_code {
-                        Some(c) => format!("exit code {c}"),
-                        None => "failed".into(),
-                    });
-                    let next = again(attempts_used, jitter(backoff(retry_backoff, attempts_used)));
-                    ("failed", req.exit_code, result, Some(msg), next)
-                }
-                Outcome::TimedOut => {
-                    let next = again(attempts_used, jitter(backoff(retry_backoff, attempts_used)));
-                    (
-                        "timed_out",
-                        req.exit_code,
-                        result,
-                        Some("timeout".to_string()),
-                        next,
-                    )
-                }
-                Outcome::Released => {
-                    attempts_used -= 1;
-                    let next = if cur.cancel_requested {
-                        ("cancelled", now)
-                    } else {
-                        ("queued", now)
-                    };
-                    ("released", req.exit_code, None, None, next)
-                }
-            }
-        }
-        End::Lost(reason) => {
-            let next = if reason.charged() {
-                lease_losses += 1;
-                // The first loss is usually the machine's fault: retry at once.
-                again(attempts_used, backoff(LOSS_BACKOFF_MS, lease_losses - 1))
-            } else {
-                attempts_used -= 1;
-                again(attempts_used, 0)
-            };
-            (
-                reason.as_str(),
-                None,
-                None,
-                Some(reason.as_str().to_string()),
-                next,
-            )
-        }
-    };
-    let terminal = status != "queued";
-    if !terminal {
-        REQUEUES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
+/// Applies `t` to the attempt `f` under the fence, with its attempt row,
+/// event and the worker's load. False when the fence does not hold (a stale
+/// report): then nothing was written.
+fn apply(conn: &Connection, now: Ms, f: Fence, t: &Transition) -> Result<bool, ApiError> {
+    let terminal = t.status.is_terminal();
     let changed = conn
-        .prepare_cached(
-            "UPDATE jobs SET status = ?3, run_after = ?4, attempts_used = ?5, lease_losses = ?6,
-             exit_code = ?7, result = ?8, error = ?9, lease_expires_at = NULL,
-             finished_at = CASE WHEN ?10 THEN ?11 ELSE NULL END
-             WHERE id = ?1 AND attempt = ?2 AND status = 'running'",
-        )?
+        .prepare_cached(fenced!(
+            "UPDATE jobs SET status = ?4, run_after = ?5, attempts_used = ?6, lease_losses = ?7,
+             exit_code = ?8, result = ?9, error = ?10, lease_expires_at = NULL,
+             finished_at = CASE WHEN ?11 THEN ?12 ELSE NULL END"
+        ))?
         .execute(params![
-            job_id,
-            cur.attempt,
-            status,
-            run_after,
-            attempts_used,
-            lease_losses,
-            exit_code,
-            result,
-            error,
+            f.job_id,
+            f.attempt,
+            f.worker_id,
+            t.status,
+            t.run_after,
+            t.attempts_used,
+            t.lease_losses,
+            t.exit_code,
+            t.result,
+            t.error,
             terminal,
             now
         ])?;
-    if changed != 1 {
-        return Err(ApiError::internal(format!(
-            "job {job_id} was not running when finished"
-        )));
+    if changed == 0 {
+        return Ok(false);
+    }
+    if !terminal {
+        REQUEUES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     conn.prepare_cached(
         "UPDATE job_attempts SET ended_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
          WHERE job_id = ?1 AND attempt = ?2",
     )?
     .execute(params![
-        job_id,
-        cur.attempt,
+        f.job_id,
+        f.attempt,
         now,
-        attempt_outcome,
-        exit_code,
-        error
+        t.outcome,
+        t.exit_code,
+        t.error
     ])?;
-    let kind = if terminal {
-        format!("job.{status}")
-    } else {
-        "job.requeued".to_string()
-    };
     event(
         conn,
         now,
-        &kind,
-        Some(job_id),
-        Some(worker_id),
+        t.event_kind(),
+        Some(f.job_id),
+        Some(f.worker_id),
         Ended {
-            attempt: cur.attempt,
-            outcome: attempt_outcome,
-            exit_code,
-            error: error.as_deref(),
-            run_after: iso(Some(run_after)),
+            attempt: f.attempt,
+            outcome: t.outcome,
+            exit_code: t.exit_code,
+            error: t.error.as_deref(),
+            run_after: iso(Some(t.run_after)),
         },
     )?;
     workers::refresh_load(
         conn,
         now,
-        worker_id,
-        &format!("job {job_id} {attempt_outcome}"),
+        f.worker_id,
+        &format!("job {} {}", f.job_id, t.outcome),
     )?;
-    if matches!(end, End::Lost(_)) || status == "failed" {
-        log::warn!(
-            "attempt ended job_id={job_id} attempt={} worker_id={worker_id} outcome={attempt_outcome} next={status}",
-            cur.attempt
-        );
-    } else {
-        log::debug!(
-            "attempt ended job_id={job_id} attempt={} worker_id={worker_id} outcome={attempt_outcome} next={status}",
-            cur.attempt
-        );
+    Ok(true)
+}
+
+/// Retry timing; a lost lease never uses `retry_backoff`.
+fn policy(retry_backoff: Ms) -> Policy {
+    Policy {
+        retry_backoff,
+        loss_backoff: LOSS_BACKOFF_MS,
     }
-    Ok(status)
+}
+
+/// Ends the attempt `f` the way `end` says. None when the fence does not
+/// hold (stale); else the job's new status.
+fn end_attempt(
+    conn: &Connection,
+    now: Ms,
+    f: Fence,
+    counters: Counters,
+    end: AttemptEnd,
+    retry_backoff: Ms,
+) -> Result<Option<JobStatus>, ApiError> {
+    let t = lifecycle::decide(counters, end, policy(retry_backoff), now, jitter);
+    if !apply(conn, now, f, &t)? {
+        return Ok(None);
+    }
+    let line = format!(
+        "attempt ended job_id={} attempt={} worker_id={} outcome={} next={}",
+        f.job_id,
+        f.attempt,
+        f.worker_id,
+        t.outcome,
+        t.status.as_str()
+    );
+    if matches!(end, AttemptEnd::Lost(_)) || t.status == JobStatus::Failed {
+        log::warn!("{line}");
+    } else {
+        log::debug!("{line}");
+    }
+    Ok(Some(t.status))
+}
+
+/// Ends the running attempt of `job_id` without a report.
+fn lose(conn: &Connection, now: Ms, job_id: i64, reason: LostReason) -> Result<(), ApiError> {
+    let Some(cur) = current(conn, job_id)? else {
+        return Ok(());
+    };
+    let (Some(worker_id), JobStatus::Running) = (cur.worker_id, cur.status) else {
+        return Ok(());
+    };
+    let f = Fence {
+        job_id,
+        attempt: cur.attempt,
+        worker_id,
+    };
+    end_attempt(conn, now, f, cur.counters, AttemptEnd::Lost(reason), 0)?;
+    Ok(())
 }
 
 /// An agent's report of how its attempt ended. Fenced; a repeat of an
@@ -496,10 +424,15 @@ pub fn complete(
 ) -> Result<CompleteResponse, ApiError> {
     let cur = current(conn, job_id)?
         .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    if cur.status == "running" && cur.attempt == req.attempt && cur.worker_id == Some(worker_id) {
-        let status = finish_from(conn, now, job_id, cur, End::Reported { req, retry_backoff })?;
+    let f = Fence {
+        job_id,
+        attempt: req.attempt,
+        worker_id,
+    };
+    let end = AttemptEnd::Reported(req);
+    if let Some(status) = end_attempt(conn, now, f, cur.counters, end, retry_backoff)? {
         return Ok(CompleteResponse {
-            status: status.to_string(),
+            status: status.as_str().to_string(),
             replay: false,
         });
     }
@@ -512,33 +445,41 @@ pub fn complete(
     if let Some((Some(outcome), exit_code)) = earlier {
         if outcome == req.outcome.as_str() && exit_code == req.exit_code {
             return Ok(CompleteResponse {
-                status: cur.status,
+                status: cur.status.as_str().to_string(),
                 replay: true,
             });
         }
     }
-    Err(stale(job_id, req.attempt, worker_id, &cur))
+    Err(stale(f, &cur))
 }
 
-fn stale(job_id: i64, attempt: i64, worker_id: i64, cur: &Current) -> ApiError {
+fn stale(f: Fence, cur: &Current) -> ApiError {
     ApiError::conflict(
         "stale_lease",
         format!(
-            "job {job_id} attempt {attempt} is not leased to worker {worker_id}: the job is {} at attempt {}",
-            cur.status, cur.attempt
+            "job {} attempt {} is not leased to worker {}: the job is {} at attempt {}",
+            f.job_id,
+            f.attempt,
+            f.worker_id,
+            cur.status.as_str(),
+            cur.attempt
         ),
     )
     .with_field("attempt")
 }
 
-/// Checks that `worker_id` holds the live lease `attempt` of `job_id`.
-fn fence(conn: &Connection, worker_id: i64, job_id: i64, attempt: i64) -> Result<(), ApiError> {
-    let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    if cur.status == "running" && cur.attempt == attempt && cur.worker_id == Some(worker_id) {
-        Ok(())
-    } else {
-        Err(stale(job_id, attempt, worker_id, &cur))
+/// Checks that the attempt `f` holds its job's live lease (409 if not).
+fn check_fence(conn: &Connection, f: Fence) -> Result<(), ApiError> {
+    let holds = conn
+        .prepare_cached(fenced!("SELECT 1 FROM jobs"))?
+        .query_row(params![f.job_id, f.attempt, f.worker_id], |_| Ok(()))
+        .optional()?;
+    if holds.is_some() {
+        return Ok(());
+    }
+    match current(conn, f.job_id)? {
+        None => Err(ApiError::not_found(format!("no job with id {}", f.job_id))),
+        Some(cur) => Err(stale(f, &cur)),
     }
 }
 
@@ -567,11 +508,10 @@ pub fn renew_leases(
     for lease in leases {
         // One statement renews the lease and says whether a cancel is pending.
         let renewed: Option<bool> = conn
-            .prepare_cached(
-                "UPDATE jobs SET lease_expires_at = ?4
-                 WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'
-                 RETURNING cancel_requested",
-            )?
+            .prepare_cached(fenced!(
+                "UPDATE jobs SET lease_expires_at = ?4",
+                " RETURNING cancel_requested"
+            ))?
             .query_row(
                 params![lease.job_id, lease.attempt, worker_id, now + lease_ttl],
                 |r| r.get(0),
@@ -583,7 +523,8 @@ pub fn renew_leases(
                 None => "job does not exist".to_string(),
                 Some(cur) => format!(
                     "lease lost: the job is {} at attempt {}",
-                    cur.status, cur.attempt
+                    cur.status.as_str(),
+                    cur.attempt
                 ),
             }),
         };
@@ -611,7 +552,7 @@ pub fn renew_leases(
         .map(|(id, _)| id)
         .collect();
     for job_id in &unreported {
-        finish(conn, now, *job_id, End::Lost(LostReason::NotReported))?;
+        lose(conn, now, *job_id, LostReason::NotReported)?;
     }
     Ok(Renewal {
         orders,
@@ -656,10 +597,13 @@ pub fn record_progress(
     progress: &[Progress],
 ) -> Result<(), ApiError> {
     for p in progress {
-        conn.prepare_cached(
-            "UPDATE jobs SET progress = ?4 WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
-        )?
-        .execute(params![p.job_id, p.attempt, worker_id, p.progress.to_string()])?;
+        conn.prepare_cached(fenced!("UPDATE jobs SET progress = ?4"))?
+            .execute(params![
+                p.job_id,
+                p.attempt,
+                worker_id,
+                p.progress.to_string()
+            ])?;
     }
     Ok(())
 }
@@ -673,8 +617,14 @@ pub fn release_undelivered(
     job_id: i64,
     attempt: i64,
 ) -> Result<(), ApiError> {
-    if fence(conn, worker_id, job_id, attempt).is_ok() {
-        finish(conn, now, job_id, End::Lost(LostReason::NotReported))?;
+    if let Some(cur) = current(conn, job_id)? {
+        let f = Fence {
+            job_id,
+            attempt,
+            worker_id,
+        };
+        let end = AttemptEnd::Lost(LostReason::NotReported);
+        end_attempt(conn, now, f, cur.counters, end, 0)?;
     }
     Ok(())
 }
@@ -691,7 +641,7 @@ pub fn release_worker_jobs(
         .query_map([worker_id], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for job_id in &running {
-        finish(conn, now, *job_id, End::Lost(reason))?;
+        lose(conn, now, *job_id, reason)?;
     }
     Ok(running.len())
 }
@@ -706,7 +656,7 @@ pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
         .query_map(params![now, EXPIRE_BATCH], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for job_id in &expired {
-        finish(conn, now, *job_id, End::Lost(LostReason::LeaseExpired))?;
+        lose(conn, now, *job_id, LostReason::LeaseExpired)?;
     }
     Ok(expired.len())
 }
@@ -746,7 +696,14 @@ pub fn append_log(
     data: &[u8],
     cap: u64,
 ) -> Result<bool, ApiError> {
-    fence(conn, worker_id, job_id, attempt)?;
+    check_fence(
+        conn,
+        Fence {
+            job_id,
+            attempt,
+            worker_id,
+        },
+    )?;
     let kept: i64 = conn
         .prepare_cached("SELECT log_bytes FROM job_attempts WHERE job_id = ?1 AND attempt = ?2")?
         .query_row(params![job_id, attempt], |r| r.get(0))?;
@@ -796,8 +753,8 @@ pub fn log_after(
         .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
     let attempt = attempt.unwrap_or(cur.attempt);
     // A queued job's next attempt, or a running one, may still write.
-    let live = (cur.status == "running" && cur.attempt == attempt)
-        || (cur.status == "queued" && attempt > cur.attempt);
+    let live = (cur.status == JobStatus::Running && cur.attempt == attempt)
+        || (cur.status == JobStatus::Queued && attempt > cur.attempt);
     let rows = conn
         .prepare_cached(
             "SELECT id, data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 AND id > ?3 ORDER BY id LIMIT 256",
@@ -849,8 +806,8 @@ pub fn read_log(
 pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
     let cur = current(conn, job_id)?
         .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    match cur.status.as_str() {
-        "queued" => {
+    match cur.status {
+        JobStatus::Queued => {
             conn.prepare_cached(
                 "UPDATE jobs SET status = 'cancelled', error = 'cancelled', finished_at = ?2 WHERE id = ?1",
             )?
@@ -865,7 +822,7 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
             )?;
             log::info!("job cancelled job_id={job_id} while=queued");
         }
-        "running" if !cur.cancel_requested => {
+        JobStatus::Running if !cur.counters.cancel_requested => {
             conn.prepare_cached("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1")?
                 .execute([job_id])?;
             event(
@@ -881,11 +838,11 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
                 cur.attempt
             );
         }
-        "running" => {}
+        JobStatus::Running => {}
         other => {
             return Err(ApiError::conflict(
                 "already_finished",
-                format!("job {job_id} is already {other}"),
+                format!("job {job_id} is already {}", other.as_str()),
             ))
         }
     }
@@ -896,12 +853,12 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
 pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
     let cur = current(conn, job_id)?
         .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    if cur.status != "failed" && cur.status != "cancelled" {
+    if !matches!(cur.status, JobStatus::Failed | JobStatus::Cancelled) {
         return Err(ApiError::conflict(
             "not_retryable",
             format!(
                 "job {job_id} is {}; only failed or cancelled jobs can be retried",
-                cur.status
+                cur.status.as_str()
             ),
         ));
     }
@@ -917,9 +874,9 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError>
         "job.retried",
         Some(job_id),
         None,
-        json!({"after": cur.status}),
+        json!({"after": cur.status.as_str()}),
     )?;
-    log::info!("job retried job_id={job_id} after={}", cur.status);
+    log::info!("job retried job_id={job_id} after={}", cur.status.as_str());
     get(conn, now, job_id)
 }
 
@@ -1072,6 +1029,132 @@ pub fn list(
 mod tests {
     use super::*;
 
+    /// A database with two idle workers and job 1 granted to worker 1
+    /// (attempt 1).
+    fn granted() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        super::super::create_private(&path).unwrap();
+        let mut conn = Connection::open(&path).unwrap();
+        super::super::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'a', 'idle', 0), (2, 'b', 'idle', 0);
+             INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, max_attempts)
+               VALUES (1, 'queued', '[\"true\"]', 'x', 0, 0, 2);",
+        )
+        .unwrap();
+        let a = grant(&conn, 10, 1, 1, &[], 30_000).unwrap();
+        assert_eq!(a.attempt, 1);
+        (dir, conn)
+    }
+
+    fn report(attempt: i64, outcome: drover_proto::Outcome) -> CompleteRequest {
+        CompleteRequest {
+            attempt,
+            outcome,
+            exit_code: Some(0),
+            result: None,
+            error: None,
+        }
+    }
+
+    /// The fence is the row count of one update: the holder's report lands
+    /// once; a wrong attempt, a wrong worker, or any report after the job
+    /// moved on is stale and writes nothing.
+    #[test]
+    fn only_the_lease_holder_ends_an_attempt() {
+        use drover_proto::Outcome::{Failed, Succeeded};
+        let (_dir, conn) = granted();
+        let status = |c: &Connection| -> String {
+            c.query_row("SELECT status FROM jobs WHERE id = 1", [], |r| r.get(0))
+                .unwrap()
+        };
+        let stale = |r: Result<CompleteResponse, ApiError>| match r {
+            Err(e) => e.code == "stale_lease",
+            Ok(_) => false,
+        };
+        assert!(
+            stale(complete(&conn, 20, 1, 1, &report(2, Succeeded), 0)),
+            "wrong attempt"
+        );
+        assert!(
+            stale(complete(&conn, 20, 2, 1, &report(1, Succeeded), 0)),
+            "wrong worker"
+        );
+        assert_eq!(
+            status(&conn),
+            "running",
+            "nothing written by a stale report"
+        );
+        let r = complete(&conn, 20, 1, 1, &report(1, Failed), 0).unwrap();
+        assert_eq!((r.status.as_str(), r.replay), ("queued", false));
+        let again = complete(&conn, 21, 1, 1, &report(1, Failed), 0).unwrap();
+        assert!(again.replay, "the same report again is a replay");
+        assert!(
+            stale(complete(&conn, 22, 1, 1, &report(1, Succeeded), 0)),
+            "a different report for an ended attempt"
+        );
+        // Attempt 2 on worker 2: attempt 1's holder can no longer end it.
+        let a = grant(&conn, 30, 2, 1, &[], 30_000).unwrap();
+        assert_eq!(a.attempt, 2);
+        assert!(stale(complete(&conn, 40, 1, 1, &report(2, Succeeded), 0)));
+        let f = Fence {
+            job_id: 1,
+            attempt: 1,
+            worker_id: 1,
+        };
+        assert!(
+            check_fence(&conn, f).is_err(),
+            "logs of the old attempt are refused"
+        );
+        assert!(check_fence(
+            &conn,
+            Fence {
+                attempt: 2,
+                worker_id: 2,
+                ..f
+            }
+        )
+        .is_ok());
+        let r = complete(&conn, 50, 2, 1, &report(2, Succeeded), 0).unwrap();
+        assert_eq!(r.status, "succeeded");
+        let events: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM events WHERE kind IN ('job.requeued', 'job.succeeded')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(events, 2, "one event per ended attempt");
+    }
+
+    /// The coordinator's own endings (expiry, release) go through the same
+    /// fence: a job no longer running is left alone.
+    #[test]
+    fn a_lost_lease_ends_only_a_running_attempt() {
+        let (_dir, conn) = granted();
+        assert_eq!(expire_leases(&conn, 10 + 30_001).unwrap(), 1);
+        let (status, used, losses): (String, i64, i64) = conn
+            .query_row(
+                "SELECT status, attempts_used, lease_losses FROM jobs WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((status.as_str(), used, losses), ("queued", 1, 1));
+        release_undelivered(&conn, 40_000, 1, 1, 1).unwrap();
+        assert_eq!(
+            conn.query_row(
+                "SELECT count(*) FROM events WHERE kind = 'job.requeued'",
+                [],
+                |r| r.get::<_, i64>(0)
+            )
+            .unwrap(),
+            1,
+            "releasing an attempt that already ended changes nothing"
+        );
+    }
+
     #[test]
     fn retention_prunes_old_finished_jobs_with_their_attempts_and_logs() {
         let dir = tempfile::tempdir().unwrap();
@@ -1192,15 +1275,5 @@ mod tests {
         );
         assert_eq!(run_after(2), now + 10 * 60_000, "its wall time again");
         assert_eq!(run_after(3), now - hour, "a due job stays due");
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(10_000, 0), 0);
-        assert_eq!(backoff(10_000, 1), 10_000);
-        assert_eq!(backoff(10_000, 2), 20_000);
-        assert_eq!(backoff(10_000, 3), 40_000);
-        assert_eq!(backoff(10_000, 30), 300_000);
-        assert_eq!(backoff(0, 3), 0);
     }
 }

@@ -674,6 +674,21 @@ fn writer_loop(
     log::debug!("database writer stopped");
 }
 
+impl rusqlite::ToSql for crate::lifecycle::JobStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for crate::lifecycle::JobStatus {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = v.as_str()?;
+        crate::lifecycle::JobStatus::parse(text).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown job status {text:?}").into())
+        })
+    }
+}
+
 /// Appends one row to the ordered event stream.
 pub fn event(
     conn: &Connection,

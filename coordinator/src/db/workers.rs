@@ -315,7 +315,7 @@ fn update_registered(
         address
     ])?;
     // Whatever the old token's agent ran is gone with it.
-    jobs::release_worker_jobs(conn, now, id, jobs::LostReason::AgentRestarted)?;
+    jobs::release_worker_jobs(conn, now, id, crate::lifecycle::LostReason::AgentRestarted)?;
     if state_of(conn, id)? == "offline" {
         back_online(conn, now, id, "re-registered")?;
     }
@@ -549,7 +549,12 @@ fn adopt_incarnation(
     }
     let released = match known {
         Some(_) => {
-            jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::AgentRestarted)? > 0
+            jobs::release_worker_jobs(
+                conn,
+                now,
+                worker_id,
+                crate::lifecycle::LostReason::AgentRestarted,
+            )? > 0
         }
         None => false,
     };
@@ -656,7 +661,12 @@ pub fn act(
             // queue without spending an attempt.
             conn.prepare_cached("UPDATE workers SET drain = 0 WHERE id = ?1")?
                 .execute([worker_id])?;
-            jobs::release_worker_jobs(conn, now, worker_id, jobs::LostReason::Decommissioned)?;
+            jobs::release_worker_jobs(
+                conn,
+                now,
+                worker_id,
+                crate::lifecycle::LostReason::Decommissioned,
+            )?;
             transition(
                 conn,
                 now,
