@@ -194,8 +194,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         stopping: Default::default(),
         beat_now: Default::default(),
     };
-    supervisor.run(Duration::from_secs(10)).await;
-    Ok(())
+    supervisor.run(Duration::from_secs(10)).await
 }
 
 /// One agent per state dir: a second would take over the first's worker

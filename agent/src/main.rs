@@ -122,7 +122,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(config)) {
+    let result = runtime.block_on(agent::run(config));
+    // What run awaited is done (reports spooled); an HTTP call still in
+    // flight on the blocking pool must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
             log::error!("{message}");

@@ -66,7 +66,8 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Runs until a shutdown has handed every job back or finished it.
-    pub async fn run(self, heartbeat_interval: Duration) {
+    /// Err when the coordinator revoked this agent: (exit status, why).
+    pub async fn run(self, heartbeat_interval: Duration) -> Result<(), (i32, String)> {
         let (tx, mut rx) = mpsc::channel::<Event>(256);
         let (leases_tx, leases_rx) = watch::channel::<Leases>(Vec::new());
         let mut running: HashMap<Key, Running> = HashMap::new();
@@ -95,7 +96,7 @@ impl Supervisor {
 
         loop {
             if revoked && running.is_empty() {
-                std::process::exit(crate::EXIT_REVOKED);
+                return Err(self.revoked_exit());
             }
             if stopping && running.is_empty() {
                 break;
@@ -212,7 +213,7 @@ impl Supervisor {
                 Event::Revoked(_) => {}
                 Event::RevokedExit => {
                     log::error!("{} jobs did not stop within 5 s; exiting", running.len());
-                    std::process::exit(crate::EXIT_REVOKED);
+                    return Err(self.revoked_exit());
                 }
                 Event::Shutdown if !stopping => {
                     stopping = true;
@@ -258,6 +259,17 @@ impl Supervisor {
             Ok(_) => log::info!("stopped; the coordinator knows"),
             Err(e) => log::warn!("stopped; could not tell the coordinator: {e}"),
         }
+        Ok(())
+    }
+
+    fn revoked_exit(&self) -> (i32, String) {
+        (
+            crate::EXIT_REVOKED,
+            format!(
+                "worker {} was revoked by the coordinator; not restarting",
+                self.worker_id
+            ),
+        )
     }
 
     /// Says why the agent stops for good, and forgets its identity.

@@ -12,96 +12,15 @@
 //! wait out `STUCK_PAUSE`; a change of work (a submission, a report, a
 //! freed slot, a worker approved or back, a cancel) still runs one at once.
 
-use crate::api::App;
+use crate::app::App;
 use crate::db::{dispatch, jobs, ms};
 use drover_proto::ClaimResponse;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
-
-struct Parked {
-    ticket: u64,
-    reply: oneshot::Sender<ClaimResponse>,
-}
 
 /// How long re-parks alone wait for a round after a stuck one.
 const STUCK_PAUSE: Duration = Duration::from_millis(100);
-
-#[derive(Default)]
-pub struct Dispatcher {
-    parked: Mutex<HashMap<i64, Parked>>,
-    reservations: Mutex<HashMap<i64, i64>>,
-    /// Any reason for a round: a park or a change of work.
-    kick: Notify,
-    /// A change of work since the last round (not a mere park).
-    work: Notify,
-    worked: AtomicBool,
-    tickets: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Dispatcher {
-    /// Parks a claim of `worker_id` (replacing an older one, which then
-    /// answers 204) and asks for a round.
-    pub fn park(&self, worker_id: i64) -> (u64, oneshot::Receiver<ClaimResponse>) {
-        let (reply, rx) = oneshot::channel();
-        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        lock(&self.parked).insert(worker_id, Parked { ticket, reply });
-        self.kick.notify_one();
-        (ticket, rx)
-    }
-
-    /// Takes a claim back at its deadline. False when a round already took
-    /// it (its answer is on the way).
-    pub fn unpark(&self, worker_id: i64, ticket: u64) -> bool {
-        let mut parked = lock(&self.parked);
-        match parked.get(&worker_id) {
-            Some(p) if p.ticket == ticket => {
-                parked.remove(&worker_id);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Answers a worker's parked claim with nothing (204), e.g. when its
-    /// agent says it is stopping.
-    pub fn dismiss(&self, worker_id: i64) {
-        lock(&self.parked).remove(&worker_id);
-    }
-
-    /// Work changed (jobs or capacity): run a round now.
-    pub fn kick(&self) {
-        self.worked.store(true, Ordering::Release);
-        self.work.notify_one();
-        self.kick.notify_one();
-    }
-
-    /// The worker held free for a queued job, if any.
-    pub fn reserved_for(&self, job_id: i64) -> Option<i64> {
-        lock(&self.reservations)
-            .iter()
-            .find(|(_, j)| **j == job_id)
-            .map(|(w, _)| *w)
-    }
-
-    /// Every queued job with a worker kept free for it: job -> worker.
-    pub fn reserved_jobs(&self) -> HashMap<i64, i64> {
-        lock(&self.reservations)
-            .iter()
-            .map(|(w, j)| (*j, *w))
-            .collect()
-    }
-
-    pub fn waiting(&self) -> usize {
-        lock(&self.parked).len()
-    }
-}
 
 /// The dispatch loop: one round per kick (coalesced).
 pub async fn run(app: Arc<App>) {
@@ -112,18 +31,18 @@ pub async fn run(app: Arc<App>) {
     loop {
         let wait_ms = next_ready.map(|t| (t - app.db.clock().now()).max(0) as u64);
         let timer = tokio::select! {
-            _ = d.kick.notified() => false,
+            _ = d.kicked() => false,
             _ = sleep_ms(wait_ms) => true,
         };
         if let Some(at) = stuck_at {
-            if !timer && !d.worked.load(Ordering::Acquire) {
+            if !timer && !d.worked() {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at + STUCK_PAUSE) => {}
-                    _ = d.work.notified() => {}
+                    _ = d.work_changed() => {}
                 }
             }
         }
-        d.worked.store(false, Ordering::Release);
+        d.round_starts();
         let start = tokio::time::Instant::now();
         match round(&app).await {
             Ok((next, stuck)) => {
@@ -150,11 +69,11 @@ async fn sleep_ms(ms: Option<u64>) {
 /// whether it was stuck (jobs claimable, none placed, no orders).
 async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error::ApiError> {
     let d = &app.dispatcher;
-    let waiting: Vec<i64> = lock(&d.parked).keys().copied().collect();
+    let waiting = d.waiting_workers();
     if waiting.is_empty() {
         return Ok((None, false));
     }
-    let reservations = lock(&d.reservations).clone();
+    let reservations = d.reservations();
     let ttl = ms(app.config.lease_ttl);
     let reserve_after = ms(app.config.reserve_after);
     let start = std::time::Instant::now();
@@ -169,19 +88,18 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
     for w in &result.waits {
         m.queue_wait.observe(*w as f64 / 1000.0);
     }
-    *lock(&d.reservations) = result.reservations;
+    d.set_reservations(result.reservations);
     let next_ready = result.next_ready;
     let stuck = result.ready && result.answers.is_empty();
     let mut undelivered = Vec::new();
     for (worker, (jobs, orders)) in result.answers {
-        let parked = lock(&d.parked).remove(&worker);
+        let parked = d.take(worker);
         let granted: Vec<(i64, i64, Vec<u32>)> = jobs
             .iter()
             .map(|a| (a.job_id, a.attempt, a.gpu_indices.clone()))
             .collect();
         let sent = match parked {
-            Some(p) => p
-                .reply
+            Some(reply) => reply
                 .send(ClaimResponse {
                     jobs,
                     orders,

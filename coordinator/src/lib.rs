@@ -11,6 +11,7 @@ macro_rules! say {
 }
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -23,13 +24,14 @@ pub mod lifecycle;
 mod lockfile;
 pub mod matching;
 pub mod metrics;
+pub mod parked;
 pub mod ratelimit;
 #[path = "../../agent/src/service.rs"]
 mod service;
 pub mod spec;
 pub mod sweep;
 
-use api::App;
+use app::App;
 use config::Config;
 use db::{jobs, ms, workers, Clock, Db};
 use std::sync::Arc;

@@ -265,8 +265,7 @@ mod tests {
         }
     }
 
-    /// Every row: (what, counters, end, status, run_after - now, attempts
-    /// used, lease losses, outcome, error).
+    /// Every way an attempt can end, one row each.
     #[test]
     fn every_way_an_attempt_ends() {
         let ok = report(Outcome::Succeeded, Some(0));
@@ -285,8 +284,21 @@ mod tests {
         use AttemptEnd::{Lost, Reported};
         use JobStatus::*;
         use LostReason::*;
+        /// (what, counters, end, status, run_after - now, attempts used,
+        /// lease losses, outcome, error)
+        type Row<'a> = (
+            &'a str,
+            Counters,
+            AttemptEnd<'a>,
+            JobStatus,
+            Ms,
+            i64,
+            i64,
+            &'a str,
+            Option<&'a str>,
+        );
         #[rustfmt::skip]
-        let rows: Vec<(&str, Counters, AttemptEnd, JobStatus, Ms, i64, i64, &str, Option<&str>)> = vec![
+        let rows: Vec<Row> = vec![
             ("success", counters(1, 3), Reported(&ok), Succeeded, 0, 1, 0, "succeeded", None),
             ("failure, attempts left", counters(1, 3), Reported(&failed), Queued, 10_000, 1, 0, "failed", Some("exit code 3")),
             ("second failure backs off twice as long", counters(2, 3), Reported(&failed), Queued, 20_000, 2, 0, "failed", Some("exit code 3")),

@@ -3,7 +3,7 @@
 //! Retention (finished jobs and events past --retention-days) runs in its
 //! own loop: a batch a second, or one every 100 ms while it is behind.
 
-use crate::api::App;
+use crate::app::App;
 use crate::db::{jobs, ms, wall_offset, workers, Ms};
 use crate::error::ApiError;
 use std::time::Duration;

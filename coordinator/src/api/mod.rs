@@ -10,12 +10,7 @@ mod jobs;
 mod workers;
 
 use crate::auth;
-use crate::config::Config;
-use crate::db::Db;
-use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -40,50 +35,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest long-poll, in seconds.
 pub const MAX_WAIT_S: u64 = 30;
 
-/// Shared state of the HTTP handlers.
-pub struct App {
-    pub db: Db,
-    pub config: Config,
-    /// Parked claims and the dispatch loop that answers them.
-    pub dispatcher: Dispatcher,
-    pub metrics: Metrics,
-    /// Failed registrations per client address.
-    pub registrations: RateLimiter,
-    /// Agent tokens already checked.
-    pub tokens: crate::auth::TokenCache,
-}
-
-impl App {
-    pub fn new(db: Db, config: Config) -> App {
-        App {
-            db,
-            config,
-            dispatcher: Dispatcher::default(),
-            metrics: Metrics::default(),
-            registrations: RateLimiter::registrations(),
-            tokens: Default::default(),
-        }
-    }
-
-    /// Something may have become claimable (or cancellable): dispatch.
-    pub fn wake_claimers(&self) {
-        self.dispatcher.kick();
-    }
-
-    /// A write that adds or frees work (a submission, a report): the
-    /// dispatcher is kicked as soon as it is queued, so the round usually
-    /// runs in the same transaction, right after it, and the job reaches a
-    /// parked claim with one commit (one fsync) instead of two.
-    pub async fn write_waking<R, F>(&self, f: F) -> Result<R, ApiError>
-    where
-        F: FnOnce(&rusqlite::Connection, crate::db::Ms) -> Result<R, ApiError> + Send + 'static,
-        R: Send + 'static,
-    {
-        let queued = self.db.queue(f).await?;
-        self.wake_claimers();
-        queued.done().await
-    }
-}
+pub use crate::app::App;
 
 pub type AppState = Arc<App>;
 
