@@ -50,13 +50,10 @@ pub enum Command {
         /// Also delete the state dir (token, spool).
         #[arg(long)]
         purge: bool,
-        /// The agent's state dir (as given to install).
-        #[arg(
-            long,
-            env = "DROVER_STATE_DIR",
-            default_value = "/var/lib/drover-agent"
-        )]
-        state_dir: PathBuf,
+        /// The agent's state dir (default: the one in the installed env
+        /// file, else /var/lib/drover-agent).
+        #[arg(long, env = "DROVER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Put this agent on other machines over SSH: copy the binary, check,
     /// install, and wait for each worker to show up at the coordinator.

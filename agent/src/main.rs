@@ -33,7 +33,7 @@ fn main() -> ExitCode {
                 prefix.as_deref(),
                 no_systemd,
                 purge,
-                &state_dir,
+                state_dir.as_deref(),
             ))
         }
         Some(Command::Deploy {

@@ -6,7 +6,7 @@
 use crate::config::{Args, Config};
 use crate::inventory::GpuSource;
 use crate::service::{
-    env_file_text, install_self, systemctl, systemd_running, write_file, Detached,
+    env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
 };
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -173,9 +173,19 @@ pub fn uninstall(
     prefix: Option<&Path>,
     no_systemd: bool,
     purge: bool,
-    state_dir: &Path,
+    state_dir: Option<&Path>,
 ) -> Result<(), String> {
-    let layout = Layout::new(prefix, state_dir, no_systemd);
+    let installed = Layout::new(prefix, Path::new(DEFAULT_STATE_DIR), no_systemd);
+    // The state dir install wrote into the env file, unless one is given.
+    let written = std::fs::read_to_string(&installed.env_file)
+        .ok()
+        .and_then(|text| env_file_value(&text, "DROVER_STATE_DIR"))
+        .map(PathBuf::from);
+    let state_dir = state_dir
+        .map(Path::to_path_buf)
+        .or(written)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let layout = Layout::new(prefix, &state_dir, no_systemd);
     if layout.systemd && !layout.staged && systemd_running() && layout.unit.exists() {
         systemctl(&["disable", "--now", "drover-agent"])?;
         say!("✓ service stopped and disabled");

@@ -273,17 +273,19 @@ fn deploy_over_ssh_installs_upgrades_and_explains_failures() -> TestResult {
             "{name}: nothing installed"
         );
     }
-    let (_, out) = (
-        0,
-        Command::new(agent_bin())
-            .args([
-                "uninstall",
-                "--prefix",
-                &prefix.to_string_lossy(),
-                "--no-systemd",
-            ])
-            .output()?,
-    );
-    assert!(out.status.success());
+    let pid: i32 = std::fs::read_to_string(state_dir.join("agent.pid"))?
+        .trim()
+        .parse()?;
+    // Uninstall finds the state dir (and the running agent) in the env file.
+    let out = Command::new(agent_bin())
+        .args([
+            "uninstall",
+            "--prefix",
+            &prefix.to_string_lossy(),
+            "--no-systemd",
+        ])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!alive(pid), "uninstall stops the deployed agent");
     Ok(())
 }
