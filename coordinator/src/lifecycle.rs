@@ -52,6 +52,64 @@ impl JobStatus {
     }
 }
 
+/// A worker's state, as stored and as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Registered, waiting for an admin's approval.
+    Pending,
+    Idle,
+    Busy,
+    /// Finishes what it runs, takes nothing new.
+    Draining,
+    /// No heartbeat for a lease TTL.
+    Offline,
+    /// Retired by an admin: its token is refused, it never comes back.
+    Decommissioned,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 6] = [
+        WorkerState::Pending,
+        WorkerState::Idle,
+        WorkerState::Busy,
+        WorkerState::Draining,
+        WorkerState::Offline,
+        WorkerState::Decommissioned,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Pending => "pending",
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Draining => "draining",
+            WorkerState::Offline => "offline",
+            WorkerState::Decommissioned => "decommissioned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WorkerState> {
+        WorkerState::ALL.into_iter().find(|w| w.as_str() == s)
+    }
+
+    /// Approved and may be given work (a draining one may not).
+    pub fn takes_work(self) -> bool {
+        matches!(self, WorkerState::Idle | WorkerState::Busy)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a lease ended without a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostReason {
@@ -383,6 +441,10 @@ mod tests {
         for s in JobStatus::ALL {
             assert_eq!(JobStatus::parse(s.as_str()), Some(s));
         }
+        for w in WorkerState::ALL {
+            assert_eq!(WorkerState::parse(w.as_str()), Some(w));
+        }
+        assert_eq!(WorkerState::parse("stopped"), None);
         assert_eq!(JobStatus::parse("done"), None);
         assert!(JobStatus::Failed.is_terminal() && !JobStatus::Queued.is_terminal());
     }

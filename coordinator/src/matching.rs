@@ -2,6 +2,7 @@
 //! which of several waiting workers should get it, and why a job waits.
 //! Used by the dispatch round in `db::dispatch` and by job detail.
 
+use crate::lifecycle::WorkerState;
 use drover_proto::GpuInfo;
 use std::cmp::Reverse;
 
@@ -133,8 +134,25 @@ pub fn best(
 #[derive(Debug, Clone)]
 pub struct WorkerView {
     pub name: String,
-    pub state: String,
+    pub state: WorkerState,
+    /// Its agent said it is shutting down: it takes nothing new.
+    pub stopping: bool,
     pub offer: Offer,
+}
+
+impl WorkerView {
+    /// May be given work now.
+    pub fn takes_work(&self) -> bool {
+        self.state.takes_work() && !self.stopping
+    }
+
+    /// Its state as an explanation names it.
+    fn label(&self) -> &'static str {
+        match self.stopping && self.state.takes_work() {
+            true => "stopping",
+            false => self.state.as_str(),
+        }
+    }
 }
 
 /// Why a queued, claimable job is not running, in one sentence.
@@ -201,14 +219,11 @@ pub fn explain(needs: &Needs, workers: &[WorkerView]) -> String {
             needs.gpus
         );
     }
-    let live: Vec<&&&WorkerView> = fits
-        .iter()
-        .filter(|w| w.state == "idle" || w.state == "busy")
-        .collect();
+    let live: Vec<&&&WorkerView> = fits.iter().filter(|w| w.takes_work()).collect();
     if live.is_empty() {
         let mut states: Vec<String> = fits
             .iter()
-            .map(|w| format!("{} is {}", w.name, w.state))
+            .map(|w| format!("{} is {}", w.name, w.label()))
             .collect();
         states.truncate(5);
         return format!(
@@ -342,7 +357,8 @@ mod tests {
     fn explanations() {
         let w = |name: &str, state: &str, gpus: Vec<GpuInfo>, tags: &[&str]| WorkerView {
             name: name.into(),
-            state: state.into(),
+            state: WorkerState::parse(state).unwrap(),
+            stopping: false,
             offer: offer(1, gpus, 1, 1, tags),
         };
         let fleet = vec![

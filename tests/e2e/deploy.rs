@@ -285,7 +285,11 @@ fn deploy_over_ssh_installs_upgrades_and_explains_failures() -> TestResult {
             "--no-systemd",
         ])
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!alive(pid), "uninstall stops the deployed agent");
     Ok(())
 }

@@ -11,6 +11,7 @@ use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
 const MAX_BATCH: usize = 10_000;
 use crate::db::{dispatch, jobs, ms};
 use crate::error::ApiError;
+use crate::lifecycle::JobStatus;
 use crate::spec::{JobSpec, NewJob};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -19,8 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use drover_proto::CompleteRequest;
 use serde_json::json;
-
-const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
 /// Submits one job (an object: 201 with the job) or many (an array: 201
 /// with `{"jobs": [...]}`), all in one transaction: all or none. Errors in
@@ -122,21 +121,24 @@ pub async fn list(
     require_admin(&app, &headers)?;
     let status = match query_param(&query, "status") {
         None | Some("") => None,
-        Some(s) if STATUSES.contains(&s) => Some(s.to_string()),
-        Some(s) => {
-            return Err(ApiError::bad_request(
-                "invalid_parameter",
-                format!("status={s:?} is not one of {}", STATUSES.join(", ")),
-            )
-            .with_field("status"))
-        }
+        Some(s) => match JobStatus::parse(s) {
+            Some(status) => Some(status),
+            None => {
+                let names: Vec<&str> = JobStatus::ALL.iter().map(|j| j.as_str()).collect();
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("status={s:?} is not one of {}", names.join(", ")),
+                )
+                .with_field("status"));
+            }
+        },
     };
     let limit = int_param(&query, "limit", 100, 1, 1000)?;
     let reserved = app.dispatcher.reserved_jobs();
     let jobs = app
         .db
         .read(move |c, now| {
-            let mut jobs = jobs::list(c, now, status.as_deref(), limit)?;
+            let mut jobs = jobs::list(c, now, status, limit)?;
             dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
             Ok(jobs)
         })

@@ -118,7 +118,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, ApiError> {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
+            r.get::<_, crate::lifecycle::WorkerState>(2)?,
             r.get::<_, String>(3)?,
             r.get::<_, String>(4)?,
             r.get::<_, i64>(5)?,
@@ -128,11 +128,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, ApiError> {
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, name, mut state, tags, gpus, slots, metrics, stopping) = row?;
-        if stopping && (state == "idle" || state == "busy") {
-            // Its agent is shutting down: it takes nothing new.
-            state = "stopping".into();
-        }
+        let (id, name, state, tags, gpus, slots, metrics, stopping) = row?;
         let metrics: Vec<GpuMetrics> = serde_json::from_str(&metrics).unwrap_or_default();
         let gpu_util = if metrics.is_empty() {
             0.0
@@ -143,6 +139,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, ApiError> {
         out.push(WorkerView {
             name,
             state,
+            stopping,
             offer: Offer {
                 worker_id: id,
                 tags: serde_json::from_str(&tags).unwrap_or_default(),
@@ -290,10 +287,7 @@ fn reserve(
             }
             let host = views
                 .iter()
-                .filter(|v| {
-                    (v.state == "idle" || v.state == "busy")
-                        && !reservations.contains_key(&v.offer.worker_id)
-                })
+                .filter(|v| v.takes_work() && !reservations.contains_key(&v.offer.worker_id))
                 .filter(|v| v.offer.could_host(&job.needs))
                 .max_by_key(|v| {
                     let free = v.offer.gpus.len().saturating_sub(v.offer.busy_gpus.len());
@@ -362,7 +356,7 @@ pub fn round(
     }
     round.ready = true;
     let views = fleet(conn)?;
-    let live = |v: &WorkerView| v.state == "idle" || v.state == "busy";
+    let live = |v: &WorkerView| v.takes_work();
     let mut offers: Vec<Offer> = views
         .iter()
         .filter(|v| live(v) && waiting_set().contains(&v.offer.worker_id))

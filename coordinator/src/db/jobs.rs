@@ -924,12 +924,12 @@ const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, req
 fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
     let text = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
     let result: Option<String> = r.get(22)?;
-    let status: String = r.get(1)?;
+    let status: JobStatus = r.get(1)?;
     let run_after: Ms = r.get(27)?;
     let lease: Option<Ms> = r.get(19)?;
     Ok(json!({
         "id": r.get::<_, i64>(0)?,
-        "status": status,
+        "status": status.as_str(),
         "command": text(2)?,
         "env": text(3)?,
         "cwd": r.get::<_, Option<String>>(4)?,
@@ -947,7 +947,7 @@ fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
         "attempts_used": r.get::<_, i64>(16)?,
         "worker_id": r.get::<_, Option<i64>>(17)?,
         "gpu_indices": text(18)?,
-        "lease_expires_in_s": lease.filter(|_| status == "running").map(|l| (l - now).max(0) as f64 / 1000.0),
+        "lease_expires_in_s": lease.filter(|_| status == JobStatus::Running).map(|l| (l - now).max(0) as f64 / 1000.0),
         "cancel_requested": r.get::<_, bool>(20)?,
         "exit_code": r.get::<_, Option<i64>>(21)?,
         "result": result.map(|t| json_col(&t)),
@@ -957,7 +957,7 @@ fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
         "finished_at": iso(r.get(26)?),
         // As wall time, like not_before (the clocks differ once the wall
         // clock steps).
-        "run_after": (status == "queued" && run_after > now)
+        "run_after": (status == JobStatus::Queued && run_after > now)
             .then(|| iso(Some(run_after + wall_offset(now)))),
         "progress": r.get::<_, Option<String>>(28)?.map(|t| json_col(&t)),
         "cpu_fallback": r.get::<_, bool>(29)?,
@@ -998,18 +998,18 @@ pub fn get(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
 pub fn list(
     conn: &Connection,
     now: Ms,
-    status: Option<&str>,
+    status: Option<JobStatus>,
     limit: i64,
 ) -> Result<Vec<Value>, ApiError> {
     // Each status reads its partial index (finished ones in id order,
     // queued and running ones sorted), never a scan of the whole history.
     let (index, filter) = match status {
         None => ("", "?1 IS NULL"),
-        Some("queued") => (
+        Some(JobStatus::Queued) => (
             "INDEXED BY jobs_queued_run_after",
             "status = ?1 AND status = 'queued'",
         ),
-        Some("running") => (
+        Some(JobStatus::Running) => (
             "INDEXED BY jobs_running_worker",
             "status = ?1 AND status = 'running'",
         ),
@@ -1218,7 +1218,7 @@ mod tests {
         )
         .unwrap();
         let ids = |status: Option<&str>, limit: i64| -> Vec<i64> {
-            list(&conn, 0, status, limit)
+            list(&conn, 0, status.and_then(JobStatus::parse), limit)
                 .unwrap()
                 .iter()
                 .map(|j| j["id"].as_i64().unwrap())

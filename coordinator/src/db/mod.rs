@@ -674,20 +674,32 @@ fn writer_loop(
     log::debug!("database writer stopped");
 }
 
-impl rusqlite::ToSql for crate::lifecycle::JobStatus {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
+/// States are stored as their names (`schema.sql` checks them).
+macro_rules! stored_as_text {
+    ($t:ty, $what:literal) => {
+        impl rusqlite::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                let text = v.as_str()?;
+                <$t>::parse(text).ok_or_else(|| {
+                    rusqlite::types::FromSqlError::Other(
+                        format!(concat!("unknown ", $what, " {:?}"), text).into(),
+                    )
+                })
+            }
+        }
+    };
 }
 
-impl rusqlite::types::FromSql for crate::lifecycle::JobStatus {
-    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        let text = v.as_str()?;
-        crate::lifecycle::JobStatus::parse(text).ok_or_else(|| {
-            rusqlite::types::FromSqlError::Other(format!("unknown job status {text:?}").into())
-        })
-    }
-}
+stored_as_text!(crate::lifecycle::JobStatus, "job status");
+stored_as_text!(crate::lifecycle::WorkerState, "worker state");
 
 /// Appends one row to the ordered event stream.
 pub fn event(

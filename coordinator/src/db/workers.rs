@@ -2,6 +2,7 @@
 
 use super::{event, iso, jobs, json_col, Ms};
 use crate::error::ApiError;
+use crate::lifecycle::WorkerState;
 use crate::spec::shell_quote;
 use drover_proto::{HeartbeatRequest, Order, RegisterRequest};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -42,21 +43,21 @@ pub struct Agent {
 /// The worker a token belongs to; a decommissioned worker's token is
 /// refused with its own code, so its agent knows to stop for good.
 pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>, ApiError> {
-    let found: Option<(i64, String)> = conn
+    let found: Option<(i64, WorkerState)> = conn
         .prepare_cached("SELECT id, state FROM workers WHERE token_hash = ?1")?
         .query_row([token_hash], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     match found {
-        Some((id, state)) if state == "decommissioned" => Err(decommissioned(id)),
+        Some((id, WorkerState::Decommissioned)) => Err(decommissioned(id)),
         found => Ok(found.map(|(id, _)| Agent { id })),
     }
 }
 
 /// Refuses a decommissioned worker's agent (its token may still sit in a
 /// cache); checked again inside every heartbeat and claim.
-fn check_not_decommissioned(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
+fn check_not_decommissioned(conn: &Connection, worker_id: i64) -> Result<WorkerState, ApiError> {
     let state = state_of(conn, worker_id)?;
-    if state == "decommissioned" {
+    if state == WorkerState::Decommissioned {
         return Err(decommissioned(worker_id));
     }
     Ok(state)
@@ -68,8 +69,8 @@ fn health_log(
     conn: &Connection,
     now: Ms,
     worker_id: i64,
-    from: Option<&str>,
-    to: &str,
+    from: Option<WorkerState>,
+    to: WorkerState,
     reason: &str,
 ) -> Result<(), ApiError> {
     conn.prepare_cached(
@@ -85,34 +86,32 @@ pub fn transition(
     conn: &Connection,
     now: Ms,
     worker_id: i64,
-    to: &str,
+    to: WorkerState,
     reason: &str,
 ) -> Result<(), ApiError> {
-    let from: String = conn
-        .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
-        .query_row([worker_id], |r| r.get(0))?;
+    let from = state_of(conn, worker_id)?;
     if from == to {
         return Ok(());
     }
     conn.prepare_cached("UPDATE workers SET state = ?2 WHERE id = ?1")?
         .execute(params![worker_id, to])?;
-    health_log(conn, now, worker_id, Some(&from), to, reason)?;
+    health_log(conn, now, worker_id, Some(from), to, reason)?;
+    let (from, to_name) = (from.as_str(), to.as_str());
     event(
         conn,
         now,
         "worker.state",
         None,
         Some(worker_id),
-        json!({"from": from, "to": to, "reason": reason}),
+        json!({"from": from, "to": to_name, "reason": reason}),
     )?;
-    if to == "offline" || to == "decommissioned" {
-        log::info!(
-            "worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}"
-        );
+    let line = format!(
+        "worker state changed worker_id={worker_id} from={from} to={to_name} reason={reason:?}"
+    );
+    if matches!(to, WorkerState::Offline | WorkerState::Decommissioned) {
+        log::info!("{line}");
     } else {
-        log::debug!(
-            "worker state changed worker_id={worker_id} from={from} to={to} reason={reason:?}"
-        );
+        log::debug!("{line}");
     }
     Ok(())
 }
@@ -127,16 +126,16 @@ pub fn refresh_load(
 ) -> Result<(), ApiError> {
     // EXISTS, not count(*): this runs for every grant and every end, and a
     // count would walk all of a many-slot worker's running jobs each time.
-    let (state, running): (String, bool) = conn
+    let (state, running): (WorkerState, bool) = conn
         .prepare_cached(
             "SELECT state, EXISTS (SELECT 1 FROM jobs WHERE worker_id = ?1 AND status = 'running')
              FROM workers WHERE id = ?1",
         )?
         .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    match (state.as_str(), running) {
-        ("idle", true) => transition(conn, now, worker_id, "busy", reason),
-        ("busy", false) => transition(conn, now, worker_id, "idle", reason),
-        ("draining", false) => drained(conn, now, worker_id),
+    match (state, running) {
+        (WorkerState::Idle, true) => transition(conn, now, worker_id, WorkerState::Busy, reason),
+        (WorkerState::Busy, false) => transition(conn, now, worker_id, WorkerState::Idle, reason),
+        (WorkerState::Draining, false) => drained(conn, now, worker_id),
         _ => Ok(()),
     }
 }
@@ -165,7 +164,11 @@ fn back_online(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Resu
         conn,
         now,
         worker_id,
-        if drain { "draining" } else { "idle" },
+        if drain {
+            WorkerState::Draining
+        } else {
+            WorkerState::Idle
+        },
         reason,
     )?;
     refresh_load(conn, now, worker_id, reason)
@@ -197,7 +200,7 @@ pub fn register(
     who: Registrant,
     address: &str,
 ) -> Result<(i64, String), ApiError> {
-    let named: Option<(i64, String, Ms, Option<String>)> = conn
+    let named: Option<(i64, WorkerState, Ms, Option<String>)> = conn
         .prepare_cached(
             "SELECT id, state, coalesce(last_seen_at, 0), incarnation FROM workers
              WHERE machine_id = ?1 AND name = ?2",
@@ -207,7 +210,7 @@ pub fn register(
         })
         .optional()?;
     let id = match (who, named) {
-        (_, Some((_, state, ..))) if state == "decommissioned" => {
+        (_, Some((_, WorkerState::Decommissioned, ..))) => {
             return Err(ApiError::forbidden(
                 "decommissioned",
                 format!(
@@ -227,14 +230,12 @@ pub fn register(
             .with_field("name"))
         }
         (Registrant::Proven(id), _) => {
-            if state_of(conn, id)? == "decommissioned" {
-                return Err(decommissioned(id));
-            }
+            check_not_decommissioned(conn, id)?;
             update_registered(conn, now, id, req, token_hash, address)?;
             id
         }
         (Registrant::Secret { alive_since }, Some((id, state, seen, incarnation))) => {
-            let gone = state == "offline"
+            let gone = state == WorkerState::Offline
                 || seen < alive_since
                 || incarnation.is_some_and(|i| i.starts_with(STOPPED));
             if !gone {
@@ -255,7 +256,7 @@ pub fn register(
                     conn,
                     now,
                     id,
-                    "pending",
+                    WorkerState::Pending,
                     "re-registered without its token: waiting for approval",
                 )?;
             }
@@ -267,10 +268,11 @@ pub fn register(
     };
     let state = state_of(conn, id)?;
     log::info!(
-        "worker re-registered worker_id={id} name={:?} state={state}",
-        req.name
+        "worker re-registered worker_id={id} name={:?} state={}",
+        req.name,
+        state.as_str()
     );
-    Ok((id, state))
+    Ok((id, state.as_str().to_string()))
 }
 
 /// The refusal of a decommissioned worker's agent.
@@ -316,7 +318,7 @@ fn update_registered(
     ])?;
     // Whatever the old token's agent ran is gone with it.
     jobs::release_worker_jobs(conn, now, id, crate::lifecycle::LostReason::AgentRestarted)?;
-    if state_of(conn, id)? == "offline" {
+    if state_of(conn, id)? == WorkerState::Offline {
         back_online(conn, now, id, "re-registered")?;
     }
     refresh_load(conn, now, id, "re-registered")?;
@@ -354,7 +356,11 @@ fn insert_registered(
 ) -> Result<(i64, String), ApiError> {
     let inv = &req.inventory;
     let (gpus, tags, slots) = stored_inventory(req)?;
-    let state = if auto_approve { "idle" } else { "pending" };
+    let state = if auto_approve {
+        WorkerState::Idle
+    } else {
+        WorkerState::Pending
+    };
     if !auto_approve {
         let pending: i64 = conn
             .prepare_cached("SELECT count(*) FROM workers WHERE state = 'pending'")?
@@ -401,7 +407,7 @@ fn insert_registered(
         "worker.registered",
         None,
         Some(id),
-        json!({"name": req.name, "state": state, "gpus": inv.gpus.len()}),
+        json!({"name": req.name, "state": state.as_str(), "gpus": inv.gpus.len()}),
     )?;
     log::info!(
         "worker registered worker_id={id} name={:?} gpus={} state={state}",
@@ -459,7 +465,7 @@ pub fn heartbeat(
             g.power_w
         ])?;
     }
-    if state == "offline" {
+    if state == WorkerState::Offline {
         back_online(conn, now, worker_id, "heartbeat resumed")?;
     }
     for line in &req.log_lines {
@@ -488,11 +494,8 @@ pub fn heartbeat(
             .execute(params![worker_id, format!("{STOPPED}{}", req.incarnation)])?;
         log::info!("agent stopping worker_id={worker_id}");
     }
-    let state: String = conn
-        .prepare_cached("SELECT state FROM workers WHERE id = ?1")?
-        .query_row([worker_id], |r| r.get(0))?;
     Ok(Beat {
-        state,
+        state: state_of(conn, worker_id)?.as_str().to_string(),
         orders: renewal.orders,
         released,
     })
@@ -594,12 +597,12 @@ pub fn check_incarnation(
 
 pub fn approve(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError> {
     let state = state_of(conn, worker_id)?;
-    match state.as_str() {
-        "pending" => {
-            transition(conn, now, worker_id, "idle", "approved by admin")?;
+    match state {
+        WorkerState::Pending => {
+            transition(conn, now, worker_id, WorkerState::Idle, "approved by admin")?;
             get(conn, now, worker_id)
         }
-        "decommissioned" => Err(ApiError::conflict(
+        WorkerState::Decommissioned => Err(ApiError::conflict(
             "decommissioned",
             format!("worker {worker_id} is decommissioned and cannot be approved"),
         )),
@@ -629,10 +632,13 @@ pub fn act(
         _ => format!("{what} by admin"),
     };
     let conflict = |msg: String| Err(ApiError::conflict("invalid_state", msg));
-    match (action, state.as_str()) {
-        (_, "decommissioned") => return conflict(format!("worker {worker_id} is decommissioned")),
-        (Action::Reject, "pending") => {
-            transition(conn, now, worker_id, "decommissioned", &reason("rejected"))?;
+    match (action, state) {
+        (_, WorkerState::Decommissioned) => {
+            return conflict(format!("worker {worker_id} is decommissioned"))
+        }
+        (Action::Reject, WorkerState::Pending) => {
+            let to = WorkerState::Decommissioned;
+            transition(conn, now, worker_id, to, &reason("rejected"))?;
         }
         (Action::Reject, other) => {
             return conflict(format!(
@@ -642,16 +648,18 @@ pub fn act(
         (Action::Drain, _) => {
             conn.prepare_cached("UPDATE workers SET drain = 1 WHERE id = ?1")?
                 .execute([worker_id])?;
-            if state == "idle" || state == "busy" {
-                transition(conn, now, worker_id, "draining", &reason("drained"))?;
+            if state.takes_work() {
+                let to = WorkerState::Draining;
+                transition(conn, now, worker_id, to, &reason("drained"))?;
                 refresh_load(conn, now, worker_id, "drained")?;
             }
         }
         (Action::Undrain, _) => {
             conn.prepare_cached("UPDATE workers SET drain = 0 WHERE id = ?1")?
                 .execute([worker_id])?;
-            if state == "draining" {
-                transition(conn, now, worker_id, "idle", &reason("undrained"))?;
+            if state == WorkerState::Draining {
+                let to = WorkerState::Idle;
+                transition(conn, now, worker_id, to, &reason("undrained"))?;
                 refresh_load(conn, now, worker_id, "undrained")?;
             }
         }
@@ -671,7 +679,7 @@ pub fn act(
                 conn,
                 now,
                 worker_id,
-                "decommissioned",
+                WorkerState::Decommissioned,
                 &reason("decommissioned"),
             )?;
         }
@@ -691,7 +699,7 @@ pub fn set_tags(
     conn.prepare_cached("UPDATE workers SET tags = ?2, tags_pinned = 1 WHERE id = ?1")?
         .execute(params![worker_id, text])?;
     let reason = format!("tags set by admin: {}", tags.join(", "));
-    health_log(conn, now, worker_id, Some(&state), &state, &reason)?;
+    health_log(conn, now, worker_id, Some(state), state, &reason)?;
     event(
         conn,
         now,
@@ -728,7 +736,14 @@ pub fn preregister(
         now
     ])?;
     let id = conn.last_insert_rowid();
-    health_log(conn, now, id, None, "idle", "pre-registered by admin")?;
+    health_log(
+        conn,
+        now,
+        id,
+        None,
+        WorkerState::Idle,
+        "pre-registered by admin",
+    )?;
     event(
         conn,
         now,
@@ -741,7 +756,7 @@ pub fn preregister(
     get(conn, now, id)
 }
 
-fn state_of(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
+fn state_of(conn: &Connection, worker_id: i64) -> Result<WorkerState, ApiError> {
     conn.prepare_cached("SELECT state FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))
         .optional()?
@@ -766,7 +781,7 @@ pub fn mark_silent_offline(
             conn,
             now,
             *id,
-            "offline",
+            WorkerState::Offline,
             &format!("no heartbeat for {silence_s}s"),
         )?;
     }
@@ -797,8 +812,8 @@ const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, g
     agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
     (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
 
-fn restore_hint(state: &str, name: &str, address: Option<String>) -> Option<String> {
-    let address = address.filter(|_| state == "offline")?;
+fn restore_hint(state: WorkerState, name: &str, address: Option<String>) -> Option<String> {
+    let address = address.filter(|_| state == WorkerState::Offline)?;
     let host = if address.contains(':') {
         format!("[{address}]")
     } else {
@@ -835,7 +850,7 @@ fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
         "tags_pinned": r.get::<_, bool>(14)?,
         "address": r.get::<_, Option<String>>(15)?,
         // How to bring an offline worker back, without SSH keys here.
-        "restore": restore_hint(&r.get::<_, String>(2)?, &r.get::<_, String>(1)?, r.get::<_, Option<String>>(15)?),
+        "restore": restore_hint(r.get(2)?, &r.get::<_, String>(1)?, r.get::<_, Option<String>>(15)?),
         "running_jobs": r.get::<_, i64>(16)?,
     }))
 }
@@ -911,15 +926,8 @@ pub fn get(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError
 /// Fleet summary: workers by state, GPUs, jobs by status.
 pub fn stats(conn: &Connection, now: Ms) -> Result<Value, ApiError> {
     let mut workers = serde_json::Map::new();
-    for state in [
-        "pending",
-        "idle",
-        "busy",
-        "draining",
-        "offline",
-        "decommissioned",
-    ] {
-        workers.insert(state.to_string(), json!(0));
+    for state in WorkerState::ALL {
+        workers.insert(state.as_str().to_string(), json!(0));
     }
     let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM workers GROUP BY state")?;
     for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
@@ -927,8 +935,8 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Value, ApiError> {
         workers.insert(state, json!(n));
     }
     let mut jobs = serde_json::Map::new();
-    for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
-        jobs.insert(status.to_string(), json!(0));
+    for status in crate::lifecycle::JobStatus::ALL {
+        jobs.insert(status.as_str().to_string(), json!(0));
     }
     // Each part reads its partial index (there is no index on status alone).
     let mut stmt = conn.prepare_cached(
