@@ -99,7 +99,7 @@ fn sh_quote(s: &str) -> String {
     }
 }
 
-/// The agent flags to pass on, as words.
+/// The agent flags to pass on, as words; never a secret (see [`secrets`]).
 fn agent_flags(a: &Args) -> Vec<String> {
     let mut out = vec!["--coordinator".to_string(), a.coordinator.clone()];
     let mut push = |k: &str, v: Option<String>| {
@@ -108,8 +108,6 @@ fn agent_flags(a: &Args) -> Vec<String> {
             out.push(v);
         }
     };
-    push("--registration-secret", a.registration_secret.clone());
-    push("--token", a.token.clone());
     push("--name", a.name.clone());
     push("--slots", a.slots.map(|s| s.to_string()));
     push("--fake-gpus", a.fake_gpus.clone());
@@ -118,6 +116,28 @@ fn agent_flags(a: &Args) -> Vec<String> {
     push("--shutdown-grace", Some(a.shutdown_grace.to_string()));
     out
 }
+
+/// The secrets to hand over, as shell assignments for the remote shell to
+/// read from ssh's stdin: never in an argv, here or there, where `ps`
+/// would show them.
+fn secrets(a: &Args) -> String {
+    [
+        ("DROVER_REGISTRATION_SECRET", &a.registration_secret),
+        ("DROVER_TOKEN", &a.token),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| {
+        v.as_ref()
+            .filter(|v| !v.is_empty())
+            .map(|v| format!("{k}={}\n", sh_quote(v)))
+    })
+    .collect()
+}
+
+/// Runs `command` there with the secrets in its environment, read from
+/// stdin (sudo keeps them with --preserve-env).
+const WITH_SECRETS: &str = "set -a && eval \"$(cat)\" && set +a && ";
+const SUDO: &str = "sudo -n --preserve-env=DROVER_REGISTRATION_SECRET,DROVER_TOKEN ";
 
 /// `--state-dir` for the install, when not the default (the remote check
 /// uses a scratch dir of its own instead).
@@ -158,6 +178,18 @@ impl Ssh<'_> {
         output(c)
     }
 
+    /// Runs a shell command there with `secrets` (shell assignments) in its
+    /// environment, passed through stdin.
+    fn run_with_secrets(&self, command: &str, secrets: &str) -> Result<String, String> {
+        let mut c = self.base("ssh");
+        if let Some(p) = self.target.port {
+            c.args(["-p", &p.to_string()]);
+        }
+        c.arg(self.target.destination())
+            .arg(format!("{WITH_SECRETS}{command}"));
+        output_with_input(c, secrets.as_bytes())
+    }
+
     /// Copies a file there through ssh's stdin (no scp/sftp needed there).
     fn copy(&self, local: &std::path::Path, remote: &str) -> Result<String, String> {
         let file =
@@ -173,10 +205,35 @@ impl Ssh<'_> {
     }
 }
 
+/// Runs ssh with `input` on its stdin.
+fn output_with_input(mut c: Command, input: &[u8]) -> Result<String, String> {
+    use std::io::Write;
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("running ssh: {e} (is the OpenSSH client installed?)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .map_err(|e| format!("writing to ssh: {e}"))?;
+    }
+    finish(
+        child
+            .wait_with_output()
+            .map_err(|e| format!("running ssh: {e}"))?,
+    )
+}
+
 fn output(mut c: Command) -> Result<String, String> {
     let out = c
         .output()
         .map_err(|e| format!("running ssh: {e} (is the OpenSSH client installed?)"))?;
+    finish(out)
+}
+
+fn finish(out: std::process::Output) -> Result<String, String> {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     if out.status.success() {
         Ok(stdout)
@@ -255,7 +312,8 @@ fn deploy_one(
             format!("systemd is not running on {host}"),
         );
     }
-    let sudo = if uid.trim() == "0" { "" } else { "sudo -n " };
+    let sudo = if uid.trim() == "0" { "" } else { SUDO };
+    let secrets = secrets(agent);
     let remote = format!("/tmp/drover-agent-{:016x}", crate::random_u64());
     progress(&host, "copying the binary");
     let me = match std::env::current_exe() {
@@ -274,7 +332,7 @@ fn deploy_one(
     let check = format!(
         "chmod 755 {remote} && {remote} check {flags} --state-dir {check_dir}; s=$?; rm -rf {check_dir}; [ $s = 0 ] || rm -f {remote}; exit $s"
     );
-    if let Err(e) = ssh.run(&check) {
+    if let Err(e) = ssh.run_with_secrets(&check, &secrets) {
         // The failed checks are the story; the passing ones are noise here.
         let failed: Vec<&str> = e.lines().filter(|l| l.starts_with('✗')).collect();
         return fail(
@@ -296,7 +354,7 @@ fn deploy_one(
     if opts.no_systemd {
         install.push_str(" --no-systemd");
     }
-    if let Err(e) = ssh.run(&format!("{install}{cleanup}")) {
+    if let Err(e) = ssh.run_with_secrets(&format!("{install}{cleanup}"), &secrets) {
         return fail(&host, "install", e);
     }
     let name = agent
@@ -454,6 +512,48 @@ mod tests {
         assert!(Target::parse("@x").is_err());
         assert!(Target::parse("a@b:port").is_err());
         assert_eq!(Target::parse("root@h:22").unwrap().label(), "root@h:22");
+    }
+
+    #[test]
+    fn secrets_travel_on_stdin_never_in_argv() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: Args,
+        }
+        let t = T::parse_from([
+            "t",
+            "--registration-secret",
+            "s3cr'et",
+            "--token",
+            "tok",
+            "--name",
+            "n",
+        ]);
+        let flags = agent_flags(&t.a).join(" ");
+        assert!(!flags.contains("s3cr") && !flags.contains("tok"), "{flags}");
+        let lines = secrets(&t.a);
+        assert_eq!(
+            lines,
+            "DROVER_REGISTRATION_SECRET='s3cr'\\''et'\nDROVER_TOKEN=tok\n"
+        );
+        // The remote shell reads them back exactly.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{WITH_SECRETS}printf %s \"$DROVER_REGISTRATION_SECRET\""
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(lines.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "s3cr'et");
     }
 
     #[test]
