@@ -198,17 +198,7 @@ impl Supervisor {
                 }
                 Event::Revoked(e) if !revoked => {
                     revoked = true;
-                    self.revoked(&e, running.len());
-                    for r in running.values() {
-                        if let Some(c) = &r.control {
-                            let _ = c.send(Control::Abandon);
-                        }
-                    }
-                    let done = tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        let _ = done.send(Event::RevokedExit).await;
-                    });
+                    self.revoked(&e, &running, tx.clone());
                 }
                 Event::Revoked(_) => {}
                 Event::RevokedExit => {
@@ -272,8 +262,20 @@ impl Supervisor {
         )
     }
 
-    /// Says why the agent stops for good, and forgets its identity.
-    fn revoked(&self, e: &ClientError, jobs: usize) {
+    /// The coordinator refused this agent for good: say why, forget the
+    /// identity, kill every job at once (they are someone else's now), and
+    /// exit once they are gone (or after 5 s).
+    fn revoked(&self, e: &ClientError, running: &HashMap<Key, Running>, tx: mpsc::Sender<Event>) {
+        let jobs = running.len();
+        for r in running.values() {
+            if let Some(c) = &r.control {
+                let _ = c.send(Control::Abandon);
+            }
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let _ = tx.send(Event::RevokedExit).await;
+        });
         let identity = self.ctx.state.root().join("identity.json");
         if e.code() == Some("decommissioned") {
             log::error!(

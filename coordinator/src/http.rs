@@ -106,18 +106,7 @@ pub async fn serve(
         if unproven.len() >= max_unproven {
             unproven.evict_oldest();
         }
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            // Full: a connection that never sent a request makes room.
-            Err(_) if unproven.evict_oldest() => {
-                tokio::time::timeout(EVICTION_WAIT, permits.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
-            Err(_) => None,
-        };
-        let Some(permit) = permit else {
+        let Some(permit) = admit(&permits, &unproven).await else {
             if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 log::warn!("connection limit of {max_connections} reached; closing new connections (--max-connections)");
                 last_full_warning = Some(Instant::now());
@@ -126,13 +115,56 @@ pub async fn serve(
             continue;
         };
         next_id += 1;
-        let id = next_id;
+        let conn = Connection {
+            id: next_id,
+            peer,
+            unproven: unproven.clone(),
+            permit,
+        };
+        tokio::spawn(conn.serve(stream, router.clone(), tls.clone()));
+    }
+}
+
+/// A slot for a new connection; when all are taken, the oldest connection
+/// that never sent a request makes room.
+async fn admit(
+    permits: &Arc<Semaphore>,
+    unproven: &Unproven,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match permits.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) if unproven.evict_oldest() => {
+            tokio::time::timeout(EVICTION_WAIT, permits.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }
+        Err(_) => None,
+    }
+}
+
+/// One accepted connection, holding its slot until it ends.
+struct Connection {
+    id: u64,
+    peer: std::net::SocketAddr,
+    unproven: Arc<Unproven>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(self, stream: tokio::net::TcpStream, router: Router, tls: Option<TlsAcceptor>) {
+        let Connection {
+            id,
+            peer,
+            unproven,
+            permit,
+        } = self;
         let evicted = unproven.add(id);
         // Handlers learn the client's address (registration rate limits);
         // a request head read makes the connection no longer evictable.
         let seen = unproven.clone();
         let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let service = TowerToHyperService::new(router.clone().map_request(
+        let service = TowerToHyperService::new(router.map_request(
             move |mut req: hyper::Request<hyper::body::Incoming>| {
                 if !asked.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     seen.proven(id);
@@ -141,32 +173,28 @@ pub async fn serve(
                 req
             },
         ));
-        let tls = tls.clone();
-        let unproven = unproven.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let serve = async {
-                match tls {
-                    None => serve_io(TokioIo::new(stream), service).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(tls_stream)) => serve_io(TokioIo::new(tls_stream), service).await,
-                            Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
+        let _ = stream.set_nodelay(true);
+        let serve = async {
+            match tls {
+                None => serve_io(TokioIo::new(stream), service).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => serve_io(TokioIo::new(tls_stream), service).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                        Err(_) => Err("TLS handshake timed out".into()),
                     }
                 }
-            };
-            let result = tokio::select! {
-                r = serve => r,
-                Ok(()) = evicted => Err("closed to make room: no request yet".into()),
-            };
-            if let Err(e) = result {
-                log::debug!("connection from {peer} ended: {e}");
             }
-            unproven.proven(id);
-            drop(permit);
-        });
+        };
+        let result = tokio::select! {
+            r = serve => r,
+            Ok(()) = evicted => Err("closed to make room: no request yet".into()),
+        };
+        if let Err(e) = result {
+            log::debug!("connection from {peer} ended: {e}");
+        }
+        unproven.proven(id);
+        drop(permit);
     }
 }
 

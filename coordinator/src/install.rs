@@ -51,44 +51,7 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
             "systemd is not running on this machine: run install again with --no-systemd".into(),
         );
     }
-    let mut env: BTreeMap<&'static str, String> = BTreeMap::new();
-    env.insert("DROVER_LISTEN", config.listen.to_string());
-    env.insert("DROVER_DB", config.db.display().to_string());
-    env.insert("DROVER_LEASE_TTL", config.lease_ttl.as_secs().to_string());
-    // Every other setting given to install applies to the service too.
-    if let Some(g) = args.restart_grace {
-        env.insert("DROVER_RESTART_GRACE", g.to_string());
-    }
-    for (key, value) in [
-        ("DROVER_RETRY_BACKOFF", args.retry_backoff.to_string()),
-        ("DROVER_RESERVE_AFTER", args.reserve_after.to_string()),
-        ("DROVER_MAX_CONNECTIONS", args.max_connections.to_string()),
-        ("DROVER_LOG_CAP", args.log_cap.to_string()),
-        ("DROVER_RETENTION_DAYS", args.retention_days.to_string()),
-        (
-            "DROVER_GPU_HISTORY_HOURS",
-            args.gpu_history_hours.to_string(),
-        ),
-        ("DROVER_SQLITE_SYNCHRONOUS", args.sqlite_synchronous.clone()),
-    ] {
-        env.insert(key, value);
-    }
-    if let Some(t) = &args.admin_token {
-        env.insert("DROVER_ADMIN_TOKEN", t.clone());
-    }
-    if let Some(f) = &args.admin_token_file {
-        env.insert("DROVER_ADMIN_TOKEN_FILE", f.display().to_string());
-    }
-    if let Some(s) = &args.registration_secret {
-        env.insert("DROVER_REGISTRATION_SECRET", s.clone());
-    }
-    if config.auto_approve {
-        env.insert("DROVER_AUTO_APPROVE", "true".into());
-    }
-    if let Some((cert, key)) = &config.tls {
-        env.insert("DROVER_TLS_CERT", cert.display().to_string());
-        env.insert("DROVER_TLS_KEY", key.display().to_string());
-    }
+    let env = settings(&args, &config);
     let db_dir = config
         .db
         .parent()
@@ -168,6 +131,49 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
         env_file.display()
     );
     Ok(())
+}
+
+/// The env file's settings: every flag given to install applies to the
+/// service too.
+fn settings(args: &Args, config: &Config) -> BTreeMap<&'static str, String> {
+    let mut env: BTreeMap<&'static str, String> = BTreeMap::new();
+    env.insert("DROVER_LISTEN", config.listen.to_string());
+    env.insert("DROVER_DB", config.db.display().to_string());
+    env.insert("DROVER_LEASE_TTL", config.lease_ttl.as_secs().to_string());
+    if let Some(g) = args.restart_grace {
+        env.insert("DROVER_RESTART_GRACE", g.to_string());
+    }
+    for (key, value) in [
+        ("DROVER_RETRY_BACKOFF", args.retry_backoff.to_string()),
+        ("DROVER_RESERVE_AFTER", args.reserve_after.to_string()),
+        ("DROVER_MAX_CONNECTIONS", args.max_connections.to_string()),
+        ("DROVER_LOG_CAP", args.log_cap.to_string()),
+        ("DROVER_RETENTION_DAYS", args.retention_days.to_string()),
+        (
+            "DROVER_GPU_HISTORY_HOURS",
+            args.gpu_history_hours.to_string(),
+        ),
+        ("DROVER_SQLITE_SYNCHRONOUS", args.sqlite_synchronous.clone()),
+    ] {
+        env.insert(key, value);
+    }
+    if let Some(t) = &args.admin_token {
+        env.insert("DROVER_ADMIN_TOKEN", t.clone());
+    }
+    if let Some(f) = &args.admin_token_file {
+        env.insert("DROVER_ADMIN_TOKEN_FILE", f.display().to_string());
+    }
+    if let Some(s) = &args.registration_secret {
+        env.insert("DROVER_REGISTRATION_SECRET", s.clone());
+    }
+    if config.auto_approve {
+        env.insert("DROVER_AUTO_APPROVE", "true".into());
+    }
+    if let Some((cert, key)) = &config.tls {
+        env.insert("DROVER_TLS_CERT", cert.display().to_string());
+        env.insert("DROVER_TLS_KEY", key.display().to_string());
+    }
+    env
 }
 
 /// Whether the database lives in the unit's own StateDirectory (under the

@@ -64,82 +64,10 @@ pub async fn register(
     let ip = client
         .map(|Extension(ClientAddr(a))| a.ip())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    if let Err(wait) = app.registrations.check(ip) {
-        app.metrics
-            .registrations_refused
-            .fetch_add(1, Ordering::Relaxed);
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("too many failed registrations from {ip}; retry in {wait}s"),
-        );
-        e.retry_after_s = Some(wait);
-        return Err(e);
-    }
-    let refused = |app: &AppState, e: ApiError| {
-        app.registrations.failed(ip);
-        app.metrics
-            .registrations_refused
-            .fetch_add(1, Ordering::Relaxed);
-        log::warn!("registration refused client={ip}: {}", e.message);
-        e
-    };
-    // The secret registers (or re-registers) a machine; an agent's own token
-    // updates its worker (a pre-registered one, or after a restart).
-    let by_token = match auth::bearer(&headers) {
-        Some(s) if app.config.registration_secret.matches(s) => None,
-        Some(t) => {
-            let hash = auth::hash_token(t);
-            match app
-                .db
-                .read(move |c, _| workers::authenticate(c, &hash))
-                .await?
-            {
-                Some(agent) => Some((agent.id, t.to_string())),
-                None => {
-                    // Neither the secret nor a known token.
-                    return Err(refused(
-                        &app,
-                        ApiError::unauthorized("wrong registration secret or agent token"),
-                    ));
-                }
-            }
-        }
-        None => {
-            return Err(refused(
-                &app,
-                ApiError::unauthorized(
-                    "missing bearer token: send Authorization: Bearer <registration secret>",
-                ),
-            ))
-        }
-    };
+    let (token, who) = registrant(&app, &headers, ip).await?;
     let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
     let mut req: RegisterRequest = parse_json(&bytes)?;
-    spec::worker_name("name", &req.name)?;
-    spec::worker_name("machine_id", &req.machine_id)?;
-    if req.inventory.gpus.len() > 64 {
-        return Err(ApiError::invalid(
-            "inventory.gpus",
-            "at most 64 GPUs per worker",
-        ));
-    }
-    if let Some(s) = req.slots {
-        if !(1..=1024).contains(&s) {
-            return Err(ApiError::invalid("slots", "must be between 1 and 1024"));
-        }
-    }
-    req.tags = spec::tags("tags", std::mem::take(&mut req.tags))?;
-    let silence = ms(app.config.lease_ttl);
-    let (token, who) = match by_token {
-        Some((id, token)) => (token, workers::Registrant::Proven(id)),
-        None => (
-            auth::new_token("drv_agent_")?,
-            workers::Registrant::Secret {
-                alive_since: app.db.clock().now() - silence,
-            },
-        ),
-    };
+    check_registration(&mut req)?;
     let hash = auth::hash_token(&token);
     let auto = app.config.auto_approve;
     let address = ip.to_string();
@@ -161,6 +89,79 @@ pub async fn register(
         lease_ttl_s: app.config.lease_ttl.as_secs(),
     })
     .into_response())
+}
+
+/// Who registers, and the token it will hold. The secret registers (or
+/// re-registers) a machine and gets a new token; an agent's own token
+/// updates its worker (a pre-registered one, or after a restart). Failed
+/// attempts count against the client's registration rate limit.
+async fn registrant(
+    app: &AppState,
+    headers: &HeaderMap,
+    ip: std::net::IpAddr,
+) -> Result<(String, workers::Registrant), ApiError> {
+    let refused = |e: ApiError| {
+        app.registrations.failed(ip);
+        app.metrics
+            .registrations_refused
+            .fetch_add(1, Ordering::Relaxed);
+        log::warn!("registration refused client={ip}: {}", e.message);
+        e
+    };
+    if let Err(wait) = app.registrations.check(ip) {
+        app.metrics
+            .registrations_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many failed registrations from {ip}; retry in {wait}s"),
+        );
+        e.retry_after_s = Some(wait);
+        return Err(e);
+    }
+    let Some(bearer) = auth::bearer(headers) else {
+        return Err(refused(ApiError::unauthorized(
+            "missing bearer token: send Authorization: Bearer <registration secret>",
+        )));
+    };
+    if app.config.registration_secret.matches(bearer) {
+        let silence = ms(app.config.lease_ttl);
+        let who = workers::Registrant::Secret {
+            alive_since: app.db.clock().now() - silence,
+        };
+        return Ok((auth::new_token("drv_agent_")?, who));
+    }
+    let hash = auth::hash_token(bearer);
+    match app
+        .db
+        .read(move |c, _| workers::authenticate(c, &hash))
+        .await?
+    {
+        Some(agent) => Ok((bearer.to_string(), workers::Registrant::Proven(agent.id))),
+        None => Err(refused(ApiError::unauthorized(
+            "wrong registration secret or agent token",
+        ))),
+    }
+}
+
+/// Checks a registration's fields (tags are normalized in place).
+fn check_registration(req: &mut RegisterRequest) -> Result<(), ApiError> {
+    spec::worker_name("name", &req.name)?;
+    spec::worker_name("machine_id", &req.machine_id)?;
+    if req.inventory.gpus.len() > 64 {
+        return Err(ApiError::invalid(
+            "inventory.gpus",
+            "at most 64 GPUs per worker",
+        ));
+    }
+    if let Some(s) = req.slots {
+        if !(1..=1024).contains(&s) {
+            return Err(ApiError::invalid("slots", "must be between 1 and 1024"));
+        }
+    }
+    req.tags = spec::tags("tags", std::mem::take(&mut req.tags))?;
+    Ok(())
 }
 
 pub async fn heartbeat(

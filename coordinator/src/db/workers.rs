@@ -239,16 +239,7 @@ pub fn register(
                 || seen < alive_since
                 || incarnation.is_some_and(|i| i.starts_with(STOPPED));
             if !gone {
-                return Err(ApiError::conflict(
-                    "worker_alive",
-                    format!(
-                        "worker {id} ({:?} on this machine) is registered and its agent is alive; \
-                         an agent re-registers with its own token (identity.json in its state dir). \
-                         If that agent is gone, this one can register once the worker is offline",
-                        req.name
-                    ),
-                )
-                .with_field("name"));
+                return Err(worker_alive(id, &req.name));
             }
             update_registered(conn, now, id, req, token_hash, address)?;
             if !auto_approve {
@@ -273,6 +264,19 @@ pub fn register(
         state.as_str()
     );
     Ok((id, state.as_str().to_string()))
+}
+
+/// The refusal of the secret for a worker whose agent is alive.
+fn worker_alive(id: i64, name: &str) -> ApiError {
+    ApiError::conflict(
+        "worker_alive",
+        format!(
+            "worker {id} ({name:?} on this machine) is registered and its agent is alive; \
+             an agent re-registers with its own token (identity.json in its state dir). \
+             If that agent is gone, this one can register once the worker is offline"
+        ),
+    )
+    .with_field("name")
 }
 
 /// The refusal of a decommissioned worker's agent.
