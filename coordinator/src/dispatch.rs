@@ -13,7 +13,7 @@
 //! freed slot, a worker approved or back, a cancel) still runs one at once.
 
 use crate::app::App;
-use crate::db::{dispatch, jobs, ms};
+use crate::db::{dispatch, leases, ms};
 use drover_proto::ClaimResponse;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -139,7 +139,7 @@ pub async fn release(
     app.db
         .write(move |c, now| {
             for (worker, job, attempt) in &grants {
-                jobs::release_undelivered(c, now, *worker, *job, *attempt)?;
+                leases::release_undelivered(c, now, *worker, *job, *attempt)?;
             }
             Ok(())
         })

@@ -33,7 +33,7 @@ pub mod sweep;
 
 use app::App;
 use config::Config;
-use db::{jobs, ms, workers, Clock, Db};
+use db::{jobs, leases, ms, workers, Clock, Db};
 use std::sync::Arc;
 
 /// Runs the coordinator until SIGTERM or SIGINT.
@@ -49,7 +49,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let (leases, live, retimed) = db
         .write(move |c, now| {
             Ok((
-                jobs::rebase_leases(c, now, grace)?,
+                leases::rebase_leases(c, now, grace)?,
                 workers::rebase_liveness(c, now)?,
                 jobs::rebase_waiting(c, now, retry_base)?,
             ))

@@ -4,7 +4,7 @@
 //! own loop: a batch a second, or one every 100 ms while it is behind.
 
 use crate::app::App;
-use crate::db::{jobs, ms, wall_offset, workers, Ms};
+use crate::db::{jobs, leases, ms, retention, wall_offset, workers, Ms};
 use crate::error::ApiError;
 use std::time::Duration;
 
@@ -85,7 +85,7 @@ pub async fn run_once(app: &App, was: Ms) -> Result<Swept, ApiError> {
     let mut swept = app
         .db
         .write(move |c, now| {
-            let expired = jobs::expire_leases(c, now)?;
+            let expired = leases::expire_leases(c, now)?;
             let offline =
                 workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
             workers::prune_gpu_history(c, now - ms(history))?;
@@ -133,8 +133,8 @@ pub async fn retain(app: std::sync::Arc<App>) {
             .write(move |c, now| {
                 let cutoff = now - ms(keep);
                 Ok((
-                    jobs::prune_finished(c, cutoff)?,
-                    jobs::prune_events(c, cutoff)?,
+                    retention::prune_finished(c, cutoff)?,
+                    retention::prune_events(c, cutoff)?,
                 ))
             })
             .await;
@@ -143,7 +143,7 @@ pub async fn retain(app: std::sync::Arc<App>) {
                 if jobs > 0 || events > 0 {
                     log::debug!("retention pruned jobs={jobs} events={events}");
                 }
-                jobs == jobs::PRUNE_JOBS || events == jobs::PRUNE_EVENTS
+                jobs == retention::PRUNE_JOBS || events == retention::PRUNE_EVENTS
             }
             Err(e) => {
                 log::error!("retention failed: {e}");

@@ -6,7 +6,7 @@
 //!
 //!   cargo bench -p coordinator --bench claim_cost
 
-use coordinator::db::{dispatch, jobs, workers, Clock, Db};
+use coordinator::db::{dispatch, jobs, retention, workers, Clock, Db};
 use drover_proto::{CompleteRequest, Inventory, Outcome, RegisterRequest};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -157,19 +157,21 @@ async fn run() -> Result<()> {
     let mut batch_ms = Vec::new();
     for _ in 0..50 {
         let t0 = Instant::now();
-        let n = big.write(|c, now| jobs::prune_finished(c, now + 1)).await?;
+        let n = big
+            .write(|c, now| retention::prune_finished(c, now + 1))
+            .await?;
         batch_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-        if n != jobs::PRUNE_JOBS {
+        if n != retention::PRUNE_JOBS {
             return Err(format!("a retention batch deleted {n} jobs").into());
         }
     }
     batch_ms.sort_by(|a, b| a.total_cmp(b));
     println!(
         "retention: a batch of {} finished jobs deleted in p50 {:.2} ms, max {:.2} ms (commit included); at one batch per 100 ms while behind: {:.0} jobs/s",
-        jobs::PRUNE_JOBS,
+        retention::PRUNE_JOBS,
         pct(&batch_ms, 0.5),
         batch_ms.last().copied().unwrap_or(0.0),
-        jobs::PRUNE_JOBS as f64 * 10.0
+        retention::PRUNE_JOBS as f64 * 10.0
     );
     Ok(())
 }

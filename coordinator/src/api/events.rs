@@ -3,7 +3,7 @@
 //! (`after=` or `Last-Event-ID`).
 
 use super::{int_param, require_admin, streaming, AppState, MAX_WAIT_S};
-use crate::db::jobs;
+use crate::db::events;
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -47,7 +47,7 @@ pub async fn events(
         commits.borrow_and_update();
         let events = app
             .db
-            .read(move |c, _| jobs::events_after(c, after, limit))
+            .read(move |c, _| events::events_after(c, after, limit))
             .await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             let last = events
@@ -79,7 +79,7 @@ async fn follow(app: AppState, mut after: i64, tx: mpsc::Sender<Bytes>) {
         commits.borrow_and_update();
         let events = match app
             .db
-            .read(move |c, _| jobs::events_after(c, after, 500))
+            .read(move |c, _| events::events_after(c, after, 500))
             .await
         {
             Ok(e) => e,

@@ -9,7 +9,7 @@ use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
 
 /// Most jobs in one batch submission.
 const MAX_BATCH: usize = 10_000;
-use crate::db::{dispatch, jobs, ms};
+use crate::db::{dispatch, jobs, logs, ms};
 use crate::error::ApiError;
 use crate::lifecycle::JobStatus;
 use crate::spec::{JobSpec, NewJob};
@@ -259,7 +259,7 @@ pub async fn append_log(
     let cap = app.config.log_cap;
     let truncated = app
         .db
-        .write(move |c, now| jobs::append_log(c, now, agent.id, id, attempt, &stream, &data, cap))
+        .write(move |c, now| logs::append_log(c, now, agent.id, id, attempt, &stream, &data, cap))
         .await?;
     Ok(Json(json!({ "truncated": truncated })).into_response())
 }
@@ -282,7 +282,7 @@ pub async fn read_log(
     if follow {
         // Fail here (404) rather than inside the stream.
         app.db
-            .read(move |c, _| jobs::log_after(c, id, attempt, i64::MAX))
+            .read(move |c, _| logs::log_after(c, id, attempt, i64::MAX))
             .await?;
         return Ok(streaming("text/plain; charset=utf-8", move |tx| {
             follow_log(app, id, attempt, tx)
@@ -290,7 +290,7 @@ pub async fn read_log(
     }
     let (attempt, bytes) = app
         .db
-        .read(move |c, _| jobs::read_log(c, id, attempt))
+        .read(move |c, _| logs::read_log(c, id, attempt))
         .await?;
     Ok((
         [
@@ -320,7 +320,7 @@ async fn follow_log(
         commits.borrow_and_update();
         let (a, rows, live) = match app
             .db
-            .read(move |c, _| jobs::log_after(c, id, attempt, after))
+            .read(move |c, _| logs::log_after(c, id, attempt, after))
             .await
         {
             Ok(r) => r,

@@ -8,7 +8,8 @@
 //! round costs the same with 100,000 queued and 1,000,000 finished jobs as
 //! with none.
 
-use super::jobs::{grant, take_orders};
+use super::jobs::grant;
+use super::leases::take_orders;
 use super::workers;
 use super::{iso, Ms};
 use crate::error::ApiError;

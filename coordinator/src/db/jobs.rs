@@ -14,33 +14,14 @@ use crate::lifecycle::{
     self, AttemptEnd, Counters, JobStatus, LostReason, Policy, Transition, BACKOFF_CAP_MS,
 };
 use crate::spec::NewJob;
-use drover_proto::{Assignment, CompleteRequest, CompleteResponse, LeaseRef, Order, Progress};
+use drover_proto::{Assignment, CompleteRequest, CompleteResponse};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
-use std::collections::HashSet;
-
-/// A statement on the job an attempt belongs to, under the fence: the
-/// parameters ?1 job id, ?2 attempt, ?3 worker id. The only place the fence
-/// is spelled.
-macro_rules! fenced {
-    ($head:literal) => {
-        fenced!($head, "")
-    };
-    ($head:literal, $tail:literal) => {
-        concat!(
-            $head,
-            " WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
-            $tail
-        )
-    };
-}
 
 /// Attempts that ended with their job back in the queue (for /metrics; a
 /// transaction that fails to commit after deciding one still counts it).
 pub static REQUEUES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Expired leases handled per sweep transaction.
-const EXPIRE_BATCH: i64 = 500;
 /// Backoff after the second and later lease losses: 10 s x 2^n, capped.
 const LOSS_BACKOFF_MS: Ms = 10_000;
 
@@ -254,14 +235,14 @@ pub(super) fn grant(
 }
 
 /// The job an attempt belongs to, as the lifecycle rule reads it.
-struct Current {
-    status: JobStatus,
-    attempt: i64,
-    worker_id: Option<i64>,
-    counters: Counters,
+pub(super) struct Current {
+    pub(super) status: JobStatus,
+    pub(super) attempt: i64,
+    pub(super) worker_id: Option<i64>,
+    pub(super) counters: Counters,
 }
 
-fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> {
+pub(super) fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> {
     Ok(conn
         .prepare_cached(
             "SELECT status, attempt, worker_id, attempts_used, max_attempts, lease_losses,
@@ -367,7 +348,7 @@ fn policy(retry_backoff: Ms) -> Policy {
 
 /// Ends the attempt `f` the way `end` says. None when the fence does not
 /// hold (stale); else the job's new status.
-fn end_attempt(
+pub(super) fn end_attempt(
     conn: &Connection,
     now: Ms,
     f: Fence,
@@ -396,7 +377,12 @@ fn end_attempt(
 }
 
 /// Ends the running attempt of `job_id` without a report.
-fn lose(conn: &Connection, now: Ms, job_id: i64, reason: LostReason) -> Result<(), ApiError> {
+pub(super) fn lose(
+    conn: &Connection,
+    now: Ms,
+    job_id: i64,
+    reason: LostReason,
+) -> Result<(), ApiError> {
     let Some(cur) = current(conn, job_id)? else {
         return Ok(());
     };
@@ -469,7 +455,7 @@ fn stale(f: Fence, cur: &Current) -> ApiError {
 }
 
 /// Checks that the attempt `f` holds its job's live lease (409 if not).
-fn check_fence(conn: &Connection, f: Fence) -> Result<(), ApiError> {
+pub(super) fn check_fence(conn: &Connection, f: Fence) -> Result<(), ApiError> {
     let holds = conn
         .prepare_cached(fenced!("SELECT 1 FROM jobs"))?
         .query_row(params![f.job_id, f.attempt, f.worker_id], |_| Ok(()))
@@ -481,324 +467,6 @@ fn check_fence(conn: &Connection, f: Fence) -> Result<(), ApiError> {
         None => Err(ApiError::not_found(format!("no job with id {}", f.job_id))),
         Some(cur) => Err(stale(f, &cur)),
     }
-}
-
-pub struct Renewal {
-    pub orders: Vec<Order>,
-    pub released: bool,
-}
-
-/// Renews the leases an agent reports. A reported lease it no longer holds,
-/// or whose job was cancelled, gets a `cancel` order. A lease the agent does
-/// not report although granted more than `report_grace` ago (its claim
-/// reply was lost: the agent never heard of it), or any it does not report
-/// when it says it is stopping, is released without spending an attempt.
-/// The grace is one heartbeat interval: a heartbeat built while the claim
-/// reply was still on its way cannot list the lease, one built an interval
-/// later can.
-pub fn renew_leases(
-    conn: &Connection,
-    now: Ms,
-    worker_id: i64,
-    leases: &[LeaseRef],
-    (lease_ttl, report_grace): (Ms, Ms),
-    stopping: bool,
-) -> Result<Renewal, ApiError> {
-    let mut orders = Vec::new();
-    for lease in leases {
-        // One statement renews the lease and says whether a cancel is pending.
-        let renewed: Option<bool> = conn
-            .prepare_cached(fenced!(
-                "UPDATE jobs SET lease_expires_at = ?4",
-                " RETURNING cancel_requested"
-            ))?
-            .query_row(
-                params![lease.job_id, lease.attempt, worker_id, now + lease_ttl],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let reason = match renewed {
-            Some(cancel) => cancel.then(|| "cancelled".to_string()),
-            None => Some(match current(conn, lease.job_id)? {
-                None => "job does not exist".to_string(),
-                Some(cur) => format!(
-                    "lease lost: the job is {} at attempt {}",
-                    cur.status.as_str(),
-                    cur.attempt
-                ),
-            }),
-        };
-        if let Some(reason) = reason {
-            orders.push(Order {
-                kind: "cancel".into(),
-                job_id: lease.job_id,
-                attempt: lease.attempt,
-                reason,
-            });
-        }
-    }
-    let reported: HashSet<(i64, i64)> = leases.iter().map(|l| (l.job_id, l.attempt)).collect();
-    let held: Vec<(i64, i64)> = conn
-        .prepare_cached(
-            "SELECT id, attempt FROM jobs WHERE worker_id = ?1 AND status = 'running' AND started_at < ?2",
-        )?
-        .query_map(params![worker_id, if stopping { Ms::MAX } else { now - report_grace }], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
-        .collect::<Result<_, _>>()?;
-    let unreported: Vec<i64> = held
-        .into_iter()
-        .filter(|key| !reported.contains(key))
-        .map(|(id, _)| id)
-        .collect();
-    for job_id in &unreported {
-        lose(conn, now, *job_id, LostReason::NotReported)?;
-    }
-    Ok(Renewal {
-        orders,
-        released: !unreported.is_empty(),
-    })
-}
-
-/// Cancel orders not given to their agents yet, for the workers in
-/// `waiting` (marks them given): worker -> orders. One scan of the running
-/// jobs, whatever the number of waiting workers. Heartbeats keep repeating
-/// the orders until the job ends.
-pub fn take_orders(
-    conn: &Connection,
-    waiting: impl Fn(i64) -> bool,
-) -> Result<std::collections::HashMap<i64, Vec<Order>>, ApiError> {
-    let mut out: std::collections::HashMap<i64, Vec<Order>> = std::collections::HashMap::new();
-    let pending: Vec<(i64, i64, i64)> = conn
-        .prepare_cached(
-            "SELECT id, attempt, worker_id FROM jobs INDEXED BY jobs_running_worker
-             WHERE status = 'running' AND cancel_requested = 1",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
-    for (job_id, attempt, worker) in pending.into_iter().filter(|p| waiting(p.2)) {
-        conn.prepare_cached("UPDATE jobs SET cancel_requested = 2 WHERE id = ?1")?
-            .execute([job_id])?;
-        out.entry(worker).or_default().push(Order {
-            kind: "cancel".into(),
-            job_id,
-            attempt,
-            reason: "cancelled".into(),
-        });
-    }
-    Ok(out)
-}
-
-/// Stores what running jobs last wrote to their progress file (fenced:
-/// reports for leases the worker no longer holds are ignored).
-pub fn record_progress(
-    conn: &Connection,
-    worker_id: i64,
-    progress: &[Progress],
-) -> Result<(), ApiError> {
-    for p in progress {
-        conn.prepare_cached(fenced!("UPDATE jobs SET progress = ?4"))?
-            .execute(params![
-                p.job_id,
-                p.attempt,
-                worker_id,
-                p.progress.to_string()
-            ])?;
-    }
-    Ok(())
-}
-
-/// Takes back a grant whose answer could not be delivered (the claiming
-/// request was gone): re-queued at once, no attempt spent.
-pub fn release_undelivered(
-    conn: &Connection,
-    now: Ms,
-    worker_id: i64,
-    job_id: i64,
-    attempt: i64,
-) -> Result<(), ApiError> {
-    if let Some(cur) = current(conn, job_id)? {
-        let f = Fence {
-            job_id,
-            attempt,
-            worker_id,
-        };
-        let end = AttemptEnd::Lost(LostReason::NotReported);
-        end_attempt(conn, now, f, cur.counters, end, 0)?;
-    }
-    Ok(())
-}
-
-/// Ends every running attempt of a worker as lost. Returns how many.
-pub fn release_worker_jobs(
-    conn: &Connection,
-    now: Ms,
-    worker_id: i64,
-    reason: LostReason,
-) -> Result<usize, ApiError> {
-    let running: Vec<i64> = conn
-        .prepare_cached("SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'running'")?
-        .query_map([worker_id], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for job_id in &running {
-        lose(conn, now, *job_id, reason)?;
-    }
-    Ok(running.len())
-}
-
-/// The sweep: ends leases past their deadline (at most a batch per call).
-pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
-    let expired: Vec<i64> = conn
-        .prepare_cached(
-            "SELECT id FROM jobs INDEXED BY jobs_running_lease WHERE status = 'running' AND lease_expires_at < ?1
-             ORDER BY lease_expires_at LIMIT ?2",
-        )?
-        .query_map(params![now, EXPIRE_BATCH], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for job_id in &expired {
-        lose(conn, now, *job_id, LostReason::LeaseExpired)?;
-    }
-    Ok(expired.len())
-}
-
-/// At start: every running lease gets `now + grace`; stored deadlines are
-/// not trusted across a restart.
-pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, ApiError> {
-    Ok(conn
-        .prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE status = 'running'")?
-        .execute([now + grace])?)
-}
-
-/// After the writer could not commit for `by` (a lock held from outside, a
-/// full disk): running leases move on by that long, since no heartbeat could
-/// renew them meanwhile.
-pub fn extend_leases(conn: &Connection, by: Ms) -> Result<usize, ApiError> {
-    Ok(conn
-        .prepare_cached(
-            "UPDATE jobs SET lease_expires_at = lease_expires_at + ?1 WHERE status = 'running'",
-        )?
-        .execute([by])?)
-}
-
-/// What a stored log chunk costs beyond its bytes (a row, its index entry).
-pub const LOG_CHUNK_OVERHEAD: i64 = 64;
-
-/// Appends a chunk of output to the current attempt's log, up to `cap` bytes
-/// per attempt (each chunk counting `LOG_CHUNK_OVERHEAD` more). Returns true when (part of) the chunk was dropped by the cap.
-#[allow(clippy::too_many_arguments)]
-pub fn append_log(
-    conn: &Connection,
-    now: Ms,
-    worker_id: i64,
-    job_id: i64,
-    attempt: i64,
-    stream: &str,
-    data: &[u8],
-    cap: u64,
-) -> Result<bool, ApiError> {
-    check_fence(
-        conn,
-        Fence {
-            job_id,
-            attempt,
-            worker_id,
-        },
-    )?;
-    let kept: i64 = conn
-        .prepare_cached("SELECT log_bytes FROM job_attempts WHERE job_id = ?1 AND attempt = ?2")?
-        .query_row(params![job_id, attempt], |r| r.get(0))?;
-    // The cap counts what a chunk costs to store: its bytes plus a row's
-    // overhead, so a stream of tiny chunks is bounded as well as a flood.
-    let room = (cap as i64 - kept - LOG_CHUNK_OVERHEAD).max(0) as usize;
-    if room == 0 {
-        return Ok(!data.is_empty());
-    }
-    let take = data.len().min(room);
-    let insert =
-        "INSERT INTO job_logs (job_id, attempt, stream, at, data) VALUES (?1, ?2, ?3, ?4, ?5)";
-    conn.prepare_cached(insert)?
-        .execute(params![job_id, attempt, stream, now, &data[..take]])?;
-    conn.prepare_cached(
-        "UPDATE job_attempts SET log_bytes = log_bytes + ?3 WHERE job_id = ?1 AND attempt = ?2",
-    )?
-    .execute(params![job_id, attempt, take as i64 + LOG_CHUNK_OVERHEAD])?;
-    if take < data.len() {
-        let marker = format!(
-            "\n[drover] log cap of {cap} bytes reached for this attempt; later output is dropped\n"
-        );
-        conn.prepare_cached(insert)?.execute(params![
-            job_id,
-            attempt,
-            "drover",
-            now,
-            marker.as_bytes()
-        ])?;
-        log::warn!("log cap reached job_id={job_id} attempt={attempt} cap={cap}");
-    }
-    Ok(take < data.len())
-}
-
-/// Log chunks as (row id, bytes), in order.
-pub type LogRows = Vec<(i64, Vec<u8>)>;
-
-/// Log chunks of an attempt (default: the latest) after row `after`: the
-/// attempt, (row id, bytes) in order, and whether it may still write more.
-pub fn log_after(
-    conn: &Connection,
-    job_id: i64,
-    attempt: Option<i64>,
-    after: i64,
-) -> Result<(i64, LogRows, bool), ApiError> {
-    let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    let attempt = attempt.unwrap_or(cur.attempt);
-    // A queued job's next attempt, or a running one, may still write.
-    let live = (cur.status == JobStatus::Running && cur.attempt == attempt)
-        || (cur.status == JobStatus::Queued && attempt > cur.attempt);
-    let rows = conn
-        .prepare_cached(
-            "SELECT id, data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 AND id > ?3 ORDER BY id LIMIT 256",
-        )?
-        .query_map(params![job_id, attempt, after], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    Ok((attempt, rows, live))
-}
-
-/// Events after `after`, oldest first.
-pub fn events_after(conn: &Connection, after: i64, limit: i64) -> Result<Vec<Value>, ApiError> {
-    Ok(conn
-        .prepare_cached("SELECT id, at, kind, job_id, worker_id, data FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?
-        .query_map(params![after, limit], |r| {
-            Ok(json!({
-                "id": r.get::<_, i64>(0)?,
-                "at": iso(r.get(1)?),
-                "kind": r.get::<_, String>(2)?,
-                "job_id": r.get::<_, Option<i64>>(3)?,
-                "worker_id": r.get::<_, Option<i64>>(4)?,
-                "data": json_col(&r.get::<_, String>(5)?),
-            }))
-        })?
-        .collect::<Result<_, _>>()?)
-}
-
-/// The log of one attempt (default: the latest), in arrival order.
-pub fn read_log(
-    conn: &Connection,
-    job_id: i64,
-    attempt: Option<i64>,
-) -> Result<(i64, Vec<u8>), ApiError> {
-    let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    let attempt = attempt.unwrap_or(cur.attempt);
-    let mut out = Vec::new();
-    let mut stmt = conn.prepare_cached(
-        "SELECT data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 ORDER BY id",
-    )?;
-    let mut rows = stmt.query(params![job_id, attempt])?;
-    while let Some(r) = rows.next()? {
-        out.extend_from_slice(&r.get::<_, Vec<u8>>(0)?);
-    }
-    Ok((attempt, out))
 }
 
 /// Cancels a queued job at once; a running one is marked, and its agent is
@@ -878,42 +546,6 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError>
     )?;
     log::info!("job retried job_id={job_id} after={}", cur.status.as_str());
     get(conn, now, job_id)
-}
-
-/// Deletes events older than `cutoff` among the oldest `PRUNE_EVENTS` (by id, which
-/// follows time; one written before a backwards clock step waits for a
-/// later pass). At most a batch per call.
-pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
-    Ok(conn
-        .prepare_cached(&format!(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT {PRUNE_EVENTS}) AND at < ?1"
-        ))?
-        .execute([cutoff])?)
-}
-
-/// Most jobs (and events) one retention batch deletes.
-pub const PRUNE_JOBS: usize = 200;
-pub const PRUNE_EVENTS: usize = 5000;
-
-/// Deletes jobs finished before `cutoff`, with their attempts and logs, at
-/// most a batch per call. Returns how many jobs.
-pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
-    let ids: Vec<i64> = conn
-        .prepare_cached(&format!(
-            "SELECT id FROM jobs INDEXED BY jobs_finished WHERE finished_at < ?1
-             ORDER BY finished_at LIMIT {PRUNE_JOBS}"
-        ))?
-        .query_map([cutoff], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for id in &ids {
-        conn.prepare_cached("DELETE FROM job_logs WHERE job_id = ?1")?
-            .execute([id])?;
-        conn.prepare_cached("DELETE FROM job_attempts WHERE job_id = ?1")?
-            .execute([id])?;
-        conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-            .execute([id])?;
-    }
-    Ok(ids.len())
 }
 
 const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
@@ -1028,6 +660,7 @@ pub fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::leases::{expire_leases, release_undelivered};
 
     /// A database with two idle workers and job 1 granted to worker 1
     /// (attempt 1).
@@ -1153,49 +786,6 @@ mod tests {
             1,
             "releasing an attempt that already ended changes nothing"
         );
-    }
-
-    #[test]
-    fn retention_prunes_old_finished_jobs_with_their_attempts_and_logs() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.db");
-        super::super::create_private(&path).unwrap();
-        let mut conn = Connection::open(&path).unwrap();
-        super::super::migrate(&mut conn).unwrap();
-        conn.execute_batch(
-            "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'w', 'idle', 0);
-             INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, finished_at)
-               VALUES (1, 'succeeded', '[]', 'x', 0, 0, 1000), (2, 'failed', '[]', 'x', 0, 0, 9000),
-                      (3, 'queued', '[]', 'x', 0, 0, NULL);
-             INSERT INTO job_attempts (job_id, attempt, worker_id, started_at) VALUES (1, 1, 1, 0), (2, 1, 1, 0);
-             INSERT INTO job_logs (job_id, attempt, stream, at, data) VALUES (1, 1, 'stdout', 0, x'00'), (2, 1, 'stdout', 0, x'00');",
-        )
-        .unwrap();
-        assert_eq!(prune_finished(&conn, 5000).unwrap(), 1);
-        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
-        assert_eq!(
-            count("SELECT count(*) FROM jobs"),
-            2,
-            "the old finished job is gone, the rest kept"
-        );
-        assert_eq!(count("SELECT count(*) FROM jobs WHERE id = 1"), 0);
-        assert_eq!(count("SELECT count(*) FROM job_attempts"), 1);
-        assert_eq!(count("SELECT count(*) FROM job_logs"), 1);
-        assert_eq!(prune_finished(&conn, 5000).unwrap(), 0);
-        // Events: the old ones go, also one after a newer (a clock step).
-        conn.execute_batch(
-            "INSERT INTO events (at, kind) VALUES (1000, 'a'), (9000, 'b'), (2000, 'c'), (9500, 'd')",
-        )
-        .unwrap();
-        assert_eq!(prune_events(&conn, 5000).unwrap(), 2);
-        let kinds: Vec<String> = conn
-            .prepare("SELECT kind FROM events ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(kinds, ["b", "d"]);
     }
 
     /// Listing and counting by status read the partial indexes (an

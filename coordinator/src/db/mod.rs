@@ -8,8 +8,28 @@
 //! tokio's blocking pool, never on the async runtime and never holding a
 //! snapshot across a wait.
 
+/// A statement on the job an attempt belongs to, under the fence: the
+/// parameters ?1 job id, ?2 attempt, ?3 worker id. The only place the fence
+/// is spelled.
+macro_rules! fenced {
+    ($head:literal) => {
+        fenced!($head, "")
+    };
+    ($head:literal, $tail:literal) => {
+        concat!(
+            $head,
+            " WHERE id = ?1 AND attempt = ?2 AND worker_id = ?3 AND status = 'running'",
+            $tail
+        )
+    };
+}
+
 pub mod dispatch;
+pub mod events;
 pub mod jobs;
+pub mod leases;
+pub mod logs;
+pub mod retention;
 pub mod workers;
 
 use crate::error::ApiError;
@@ -578,7 +598,7 @@ impl Stall {
         }
         let stalled = self.last_commit.elapsed();
         let by = ms(stalled);
-        let leases = jobs::extend_leases(conn, by).ok()?;
+        let leases = leases::extend_leases(conn, by).ok()?;
         workers::extend_liveness(conn, now, by).ok()?;
         Some((stalled, leases))
     }

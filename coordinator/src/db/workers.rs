@@ -1,6 +1,6 @@
 //! Worker registry: registration, authentication, heartbeats, state changes.
 
-use super::{event, iso, jobs, json_col, Ms};
+use super::{event, iso, json_col, leases, Ms};
 use crate::error::ApiError;
 use crate::lifecycle::WorkerState;
 use crate::spec::shell_quote;
@@ -321,7 +321,7 @@ fn update_registered(
         address
     ])?;
     // Whatever the old token's agent ran is gone with it.
-    jobs::release_worker_jobs(conn, now, id, crate::lifecycle::LostReason::AgentRestarted)?;
+    leases::release_worker_jobs(conn, now, id, crate::lifecycle::LostReason::AgentRestarted)?;
     if state_of(conn, id)? == WorkerState::Offline {
         back_online(conn, now, id, "re-registered")?;
     }
@@ -483,7 +483,7 @@ pub fn heartbeat(
         )?
         .execute(params![worker_id, AGENT_LOG_KEEP])?;
     }
-    let renewal = jobs::renew_leases(
+    let renewal = leases::renew_leases(
         conn,
         now,
         worker_id,
@@ -491,7 +491,7 @@ pub fn heartbeat(
         (lease_ttl, report_grace),
         req.stopping,
     )?;
-    jobs::record_progress(conn, worker_id, &req.progress)?;
+    leases::record_progress(conn, worker_id, &req.progress)?;
     released |= renewal.released;
     if req.stopping {
         conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?
@@ -556,7 +556,7 @@ fn adopt_incarnation(
     }
     let released = match known {
         Some(_) => {
-            jobs::release_worker_jobs(
+            leases::release_worker_jobs(
                 conn,
                 now,
                 worker_id,
@@ -673,7 +673,7 @@ pub fn act(
             // queue without spending an attempt.
             conn.prepare_cached("UPDATE workers SET drain = 0 WHERE id = ?1")?
                 .execute([worker_id])?;
-            jobs::release_worker_jobs(
+            leases::release_worker_jobs(
                 conn,
                 now,
                 worker_id,
