@@ -347,7 +347,12 @@ fn idempotency_batches_not_before_retry_and_explanations() -> TestResult {
     let r = api.admin("POST", &format!("/api/v1/jobs/{id}/retry"), None)?;
     assert_eq!(r.status, 200, "{}", r.text);
     let j = finished(&api, id)?;
-    assert_eq!(j["attempts"].as_array().map(|a| a.len()), Some(2), "{j}");
+    // Attempts that ran (a grant that met a claim just expiring is handed
+    // back unrun as `not_reported`, spending nothing: a known race).
+    let ran = j["attempts"]
+        .as_array()
+        .map(|a| a.iter().filter(|a| a["outcome"] != "not_reported").count());
+    assert_eq!(ran, Some(2), "{j}");
     let again = api.admin(
         "POST",
         &format!("/api/v1/jobs/{}/retry", first.body["id"]),
