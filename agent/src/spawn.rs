@@ -155,6 +155,7 @@ pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) ->
     // SAFETY: pidfd_open has no memory-safety preconditions; the pid is our
     // unreaped child, so it cannot name another process.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative result is a new descriptor nothing else owns.
     let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
     Ok(Child {
         pid,
@@ -298,6 +299,7 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     if copy < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `copy` is the fresh descriptor fcntl just made; only this owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
