@@ -229,14 +229,7 @@ fn a_write_lock_held_past_the_lease_costs_no_lease() -> TestResult {
     wait_for("all jobs to run", Duration::from_secs(20), || {
         Ok((api.jobs("running")?.len() == 4).then_some(()))
     })?;
-    let db = coord.db_path();
-    let holder = std::thread::spawn(move || -> Result<(), String> {
-        let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| e.to_string())?;
-        std::thread::sleep(Duration::from_secs(8));
-        conn.execute_batch("ROLLBACK").map_err(|e| e.to_string())
-    });
+    let holder = hold_write_lock(coord.db_path(), Duration::from_secs(8))?;
     holder.join().map_err(|_| "holder panicked")??;
     for id in ids {
         let j = finished(&api, id)?;

@@ -821,17 +821,7 @@ fn a_database_locked_from_outside_answers_503_then_recovers() -> TestResult {
     let api = coord.api();
     let before = api.submit(&json!({"command": ["true"]}))?;
     // An operator's sqlite3 holding the write lock past busy_timeout (5 s).
-    let db = coord.db_path();
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || -> Result<(), String> {
-        let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| e.to_string())?;
-        let _ = locked_tx.send(());
-        std::thread::sleep(Duration::from_secs(7));
-        conn.execute_batch("ROLLBACK").map_err(|e| e.to_string())
-    });
-    locked_rx.recv_timeout(Duration::from_secs(10))?;
+    let holder = hold_write_lock(coord.db_path(), Duration::from_secs(7))?;
     let r = api.admin("POST", "/api/v1/jobs", Some(&json!({"command": ["true"]})))?;
     assert_eq!(r.status, 503, "{}", r.text);
     assert_eq!(r.code(), "database_busy");

@@ -423,6 +423,26 @@ impl Api {
     }
 }
 
+/// Holds the database's write lock from outside (as an operator's sqlite3
+/// left in `BEGIN IMMEDIATE` would) for `hold`; returns once it is taken.
+/// Join the handle to wait for its release.
+pub fn hold_write_lock(
+    db: PathBuf,
+    hold: Duration,
+) -> TestResult<std::thread::JoinHandle<Result<(), String>>> {
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || -> Result<(), String> {
+        let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| e.to_string())?;
+        let _ = locked_tx.send(());
+        std::thread::sleep(hold);
+        conn.execute_batch("ROLLBACK").map_err(|e| e.to_string())
+    });
+    locked_rx.recv_timeout(Duration::from_secs(10))?;
+    Ok(holder)
+}
+
 /// Lines of a file each job appends its id (and attempt) to.
 pub fn read_lines(path: &Path) -> Vec<String> {
     match fs::File::open(path) {

@@ -598,9 +598,15 @@ impl Stall {
         }
         let stalled = self.last_commit.elapsed();
         let by = ms(stalled);
-        let leases = leases::extend_leases(conn, by).ok()?;
-        workers::extend_liveness(conn, now, by).ok()?;
-        Some((stalled, leases))
+        let extended = leases::extend_leases(conn, by)
+            .and_then(|n| workers::extend_liveness(conn, now, by).map(|_| n));
+        match extended {
+            Ok(leases) => Some((stalled, leases)),
+            Err(e) => {
+                log::error!("could not give leases back the {stalled:?} the writer stalled: {e}");
+                None
+            }
+        }
     }
 }
 
