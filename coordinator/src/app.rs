@@ -3,11 +3,11 @@
 //! Depends on no HTTP module, so none of them depends on another.
 
 use crate::config::Config;
-use crate::db::Db;
-use crate::error::ApiError;
+use crate::db::{Db, Queued, StoreError};
 use crate::metrics::Metrics;
 use crate::parked::Dispatcher;
 use crate::ratelimit::RateLimiter;
+use std::future::Future;
 
 /// Shared state of the coordinator's parts.
 pub struct App {
@@ -43,12 +43,11 @@ impl App {
     /// dispatcher is kicked as soon as it is queued, so the round usually
     /// runs in the same transaction, right after it, and the job reaches a
     /// parked claim with one commit (one fsync) instead of two.
-    pub async fn write_waking<R, F>(&self, f: F) -> Result<R, ApiError>
-    where
-        F: FnOnce(&rusqlite::Connection, crate::db::Ms) -> Result<R, ApiError> + Send + 'static,
-        R: Send + 'static,
-    {
-        let queued = self.db.queue(f).await?;
+    pub async fn write_waking<R>(
+        &self,
+        queued: impl Future<Output = Result<Queued<R>, StoreError>>,
+    ) -> Result<R, StoreError> {
+        let queued = queued.await?;
         self.wake_claimers();
         queued.done().await
     }

@@ -13,7 +13,7 @@
 //! freed slot, a worker approved or back, a cancel) still runs one at once.
 
 use crate::app::App;
-use crate::db::{dispatch, leases, ms};
+use crate::db::ms;
 use drover_proto::ClaimResponse;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
     let start = std::time::Instant::now();
     let result = app
         .db
-        .write(move |c, now| dispatch::round(c, now, &waiting, ttl, reserve_after, &reservations))
+        .dispatch_round(waiting, ttl, reserve_after, reservations)
         .await?;
     let m = &app.metrics;
     m.dispatch_round.observe(start.elapsed().as_secs_f64());
@@ -136,14 +136,7 @@ pub async fn release(
         "{} grants could not be delivered (claim gone or refused); re-queued",
         grants.len()
     );
-    app.db
-        .write(move |c, now| {
-            for (worker, job, attempt) in &grants {
-                leases::release_undelivered(c, now, *worker, *job, *attempt)?;
-            }
-            Ok(())
-        })
-        .await?;
+    app.db.release_undelivered(grants).await?;
     app.dispatcher.kick();
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! the field at fault. It renders as `{"error": {...}}` and logs itself
 //! (4xx at debug, 5xx at error).
 
+use crate::db::{Kind, StoreError};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use drover_proto::{ErrorBody, ErrorDetail};
@@ -42,11 +43,6 @@ impl ApiError {
 
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-
-    /// The database could not be written (locked from outside, disk full).
-    pub fn is_storage(&self) -> bool {
-        self.code == "database_busy" || self.code == "storage_full"
     }
 
     /// A bound on what one party may hold was reached (429).
@@ -119,23 +115,30 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-/// SQLite failures: a busy database or a full disk are the operator's to fix
-/// and the client's to retry (503); anything else is a bug or corruption.
-impl From<rusqlite::Error> for ApiError {
-    fn from(e: rusqlite::Error) -> ApiError {
-        use rusqlite::ErrorCode;
-        match e.sqlite_error_code() {
-            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
-                ApiError::unavailable(
-                    "database_busy",
-                    "the database is locked by another process; retry shortly",
-                )
-            }
-            Some(ErrorCode::DiskFull) => ApiError::unavailable(
-                "storage_full",
-                "the disk holding the database is full; free space and retry",
-            ),
-            _ => ApiError::internal(format!("database error: {e}")),
+/// The store's refusals and failures as HTTP: the only place a store
+/// error gets a status.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let status = match e.kind {
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::Limited => StatusCode::TOO_MANY_REQUESTS,
+            Kind::Revoked => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            code: e.code,
+            message: e.message,
+            field: e.field,
+            retry_after_s: match e.kind {
+                Kind::Limited => Some(60),
+                Kind::Unavailable => Some(1),
+                _ => None,
+            },
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod lifecycle;
 mod lockfile;
 pub mod matching;
 pub mod metrics;
+pub mod model;
 pub mod parked;
 pub mod ratelimit;
 #[path = "../../agent/src/service.rs"]
@@ -33,7 +34,7 @@ pub mod sweep;
 
 use app::App;
 use config::Config;
-use db::{jobs, leases, ms, workers, Clock, Db};
+use db::{ms, Clock, Db};
 use std::sync::Arc;
 
 /// Runs the coordinator until SIGTERM or SIGINT.
@@ -47,13 +48,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let grace = ms(config.restart_grace);
     let retry_base = ms(config.retry_backoff);
     let (leases, live, retimed) = db
-        .write(move |c, now| {
-            Ok((
-                leases::rebase_leases(c, now, grace)?,
-                workers::rebase_liveness(c, now)?,
-                jobs::rebase_waiting(c, now, retry_base)?,
-            ))
-        })
+        .prepare_start(grace, retry_base)
         .await
         .map_err(|e| format!("preparing the database: {e}"))?;
     if retimed > 0 {

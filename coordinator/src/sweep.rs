@@ -4,7 +4,7 @@
 //! own loop: a batch a second, or one every 100 ms while it is behind.
 
 use crate::app::App;
-use crate::db::{jobs, leases, ms, retention, wall_offset, workers, Ms};
+use crate::db::{ms, retention, wall_offset, Ms};
 use crate::error::ApiError;
 use std::time::Duration;
 
@@ -22,10 +22,6 @@ pub struct Swept {
     /// The wall clock's offset this pass went by.
     pub wall_offset: Ms,
 }
-
-/// A change of the wall clock's offset that counts as a step (NTP slewing
-/// adds up to one too, eventually).
-const STEP: Ms = 1000;
 
 /// Passes between WAL checkpoints.
 const CHECKPOINT_EVERY: u32 = 30;
@@ -79,33 +75,17 @@ pub async fn run(app: std::sync::Arc<App>) {
 /// One pass, `was` the wall clock's offset at the last; returns what
 /// changed.
 pub async fn run_once(app: &App, was: Ms) -> Result<Swept, ApiError> {
-    let silence = app.config.lease_ttl;
-    let history = app.config.gpu_history;
+    let silence = ms(app.config.lease_ttl);
+    let history = ms(app.config.gpu_history);
     let start = std::time::Instant::now();
-    let mut swept = app
-        .db
-        .write(move |c, now| {
-            let expired = leases::expire_leases(c, now)?;
-            let offline =
-                workers::mark_silent_offline(c, now, now - ms(silence), silence.as_secs())?;
-            workers::prune_gpu_history(c, now - ms(history))?;
-            let mut wall = wall_offset(now);
-            let mut retimed = 0;
-            if (wall - was).abs() >= STEP {
-                retimed = jobs::retime_not_before(c, now, wall, was)?;
-            } else {
-                wall = was;
-            }
-            Ok(Swept {
-                expired,
-                offline,
-                took: Duration::ZERO,
-                retimed,
-                wall_offset: wall,
-            })
-        })
-        .await?;
-    swept.took = start.elapsed();
+    let pass = app.db.sweep(silence, history, was).await?;
+    let swept = Swept {
+        expired: pass.expired,
+        offline: pass.offline,
+        took: start.elapsed(),
+        retimed: pass.retimed,
+        wall_offset: pass.wall_offset,
+    };
     app.metrics
         .leases_expired
         .fetch_add(swept.expired as u64, std::sync::atomic::Ordering::Relaxed);
@@ -128,16 +108,7 @@ pub async fn retain(app: std::sync::Arc<App>) {
         return;
     };
     loop {
-        let pruned = app
-            .db
-            .write(move |c, now| {
-                let cutoff = now - ms(keep);
-                Ok((
-                    retention::prune_finished(c, cutoff)?,
-                    retention::prune_events(c, cutoff)?,
-                ))
-            })
-            .await;
+        let pruned = app.db.prune(ms(keep)).await;
         let behind = match pruned {
             Ok((jobs, events)) => {
                 if jobs > 0 || events > 0 {

@@ -74,7 +74,7 @@ fn succeed(
     worker: i64,
     job: i64,
     attempt: i64,
-) -> std::result::Result<drover_proto::CompleteResponse, coordinator::error::ApiError> {
+) -> std::result::Result<drover_proto::CompleteResponse, coordinator::db::StoreError> {
     let req = CompleteRequest {
         attempt,
         outcome: Outcome::Succeeded,

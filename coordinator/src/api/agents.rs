@@ -3,7 +3,7 @@
 use super::jobs::check_report;
 use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, JSON_LIMIT, MAX_WAIT_S};
 use crate::auth;
-use crate::db::{jobs, ms, workers};
+use crate::db::{ms, workers};
 use crate::error::ApiError;
 use crate::http::ClientAddr;
 use crate::spec;
@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use drover_proto::{
-    ClaimRequest, ClaimResponse, Completion, CompletionResult, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse,
+    ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse,
 };
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -31,13 +31,9 @@ pub async fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<workers
     }
     let epoch = app.tokens.epoch();
     let key = hash.clone();
-    let agent = app
-        .db
-        .read(move |c, _| workers::authenticate(c, &key))
-        .await?
-        .ok_or_else(|| {
-            ApiError::unauthorized("unknown or revoked agent token; the agent must register again")
-        })?;
+    let agent = app.db.authenticate(key).await?.ok_or_else(|| {
+        ApiError::unauthorized("unknown or revoked agent token; the agent must register again")
+    })?;
     app.tokens.insert(epoch, hash, agent.id);
     Ok(agent)
 }
@@ -71,10 +67,7 @@ pub async fn register(
     let hash = auth::hash_token(&token);
     let auto = app.config.auto_approve;
     let address = ip.to_string();
-    let (worker_id, state) = app
-        .db
-        .write(move |c, now| workers::register(c, now, &req, &hash, auto, who, &address))
-        .await?;
+    let (worker_id, state) = app.db.register(req, hash, auto, who, address).await?;
     // A re-registration replaced the worker's token and may have released
     // leases.
     app.tokens.revoke_worker(worker_id);
@@ -133,11 +126,7 @@ async fn registrant(
         return Ok((auth::new_token("drv_agent_")?, who));
     }
     let hash = auth::hash_token(bearer);
-    match app
-        .db
-        .read(move |c, _| workers::authenticate(c, &hash))
-        .await?
-    {
+    match app.db.authenticate(hash).await? {
         Some(agent) => Ok((bearer.to_string(), workers::Registrant::Proven(agent.id))),
         None => Err(refused(ApiError::unauthorized(
             "wrong registration secret or agent token",
@@ -175,10 +164,7 @@ pub async fn heartbeat(
     check_beat(&req, "")?;
     let times = beat_times(&app);
     let stopping = req.stopping;
-    let beat = app
-        .db
-        .write(move |c, now| workers::heartbeat(c, now, agent.id, &req, times, ""))
-        .await?;
+    let beat = app.db.heartbeat(agent.id, req, times).await?;
     if stopping {
         app.dispatcher.dismiss(agent.id);
     }
@@ -282,9 +268,7 @@ pub async fn claim(
         beat,
     } = req;
     let (completed, beat, (ticket, mut answer)) = if completed.is_empty() && beat.is_none() {
-        app.db
-            .read(move |c, _| workers::check_incarnation(c, agent.id, &incarnation))
-            .await?;
+        app.db.check_incarnation(agent.id, incarnation).await?;
         (Vec::new(), None, app.dispatcher.park(agent.id))
     } else {
         let backoff = ms(app.config.retry_backoff);
@@ -297,20 +281,7 @@ pub async fn claim(
         // the leases they report on.
         let queued = app
             .db
-            .queue(move |c, now| {
-                let results = completed
-                    .iter()
-                    .map(|done| report(c, now, agent.id, done, backoff))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let beat = beat
-                    .map(|b| workers::heartbeat(c, now, agent.id, &b, times, "beat."))
-                    .transpose()?;
-                Ok((
-                    results,
-                    beat,
-                    workers::check_incarnation(c, agent.id, &incarnation),
-                ))
-            })
+            .queue_claim_record(agent.id, completed, beat, incarnation, backoff, times)
             .await?;
         // Parked before the reports commit: the round this asks for runs
         // after them in the writer, usually in their transaction, and sees
@@ -346,7 +317,7 @@ pub async fn claim(
                         crate::dispatch::release(&app, grants.collect()).await?;
                     }
                 }
-                return Err(e);
+                return Err(e.into());
             }
         }
     };
@@ -389,29 +360,3 @@ pub async fn claim(
 
 /// Reports sent with one claim, at most.
 const MAX_COMPLETED: usize = 1024;
-
-/// Records one report of a claim's `completed`: a refusal (stale lease,
-/// unknown job) is that report's answer; a database failure fails the whole
-/// claim, whose transaction then rolls back. A refusal is decided before
-/// anything is written.
-fn report(
-    c: &rusqlite::Connection,
-    now: crate::db::Ms,
-    worker_id: i64,
-    done: &Completion,
-    backoff: crate::db::Ms,
-) -> Result<CompletionResult, ApiError> {
-    let (status, replay, error) =
-        match jobs::complete(c, now, worker_id, done.job_id, &done.report, backoff) {
-            Ok(r) => (Some(r.status), r.replay, None),
-            Err(e) if e.status.is_client_error() => (None, false, Some(e.detail())),
-            Err(e) => return Err(e),
-        };
-    Ok(CompletionResult {
-        job_id: done.job_id,
-        attempt: done.report.attempt,
-        status,
-        replay,
-        error,
-    })
-}

@@ -2,9 +2,9 @@
 //! server-sent events (`Accept: text/event-stream`), resumable by id
 //! (`after=` or `Last-Event-ID`).
 
-use super::{int_param, require_admin, streaming, AppState, MAX_WAIT_S};
-use crate::db::events;
+use super::{int_param, require_admin, streaming, views, AppState, MAX_WAIT_S};
 use crate::error::ApiError;
+use crate::model::Event;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap};
@@ -45,15 +45,10 @@ pub async fn events(
         // Subscribe before reading, so a commit in between still wakes us.
         let mut commits = app.db.commits();
         commits.borrow_and_update();
-        let events = app
-            .db
-            .read(move |c, _| events::events_after(c, after, limit))
-            .await?;
+        let events = app.db.events_after(after, limit).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
-            let last = events
-                .last()
-                .and_then(|e| e["id"].as_i64())
-                .unwrap_or(after);
+            let last = events.last().map_or(after, |e| e.id);
+            let events: Vec<Value> = events.iter().map(views::event).collect();
             return Ok(Json(json!({ "events": events, "last_id": last })).into_response());
         }
         tokio::select! {
@@ -63,12 +58,12 @@ pub async fn events(
     }
 }
 
-fn frame(e: &Value) -> Bytes {
+fn frame(e: &Event) -> Bytes {
     format!(
         "id: {}\nevent: {}\ndata: {}\n\n",
-        e["id"],
-        e["kind"].as_str().unwrap_or("event"),
-        e
+        e.id,
+        e.kind,
+        views::event(e)
     )
     .into()
 }
@@ -77,11 +72,7 @@ async fn follow(app: AppState, mut after: i64, tx: mpsc::Sender<Bytes>) {
     loop {
         let mut commits = app.db.commits();
         commits.borrow_and_update();
-        let events = match app
-            .db
-            .read(move |c, _| events::events_after(c, after, 500))
-            .await
-        {
+        let events = match app.db.events_after(after, 500).await {
             Ok(e) => e,
             Err(e) => {
                 log::warn!("event stream stopped: {e}");
@@ -89,7 +80,7 @@ async fn follow(app: AppState, mut after: i64, tx: mpsc::Sender<Bytes>) {
             }
         };
         for e in &events {
-            after = e["id"].as_i64().unwrap_or(after);
+            after = e.id;
             if tx.send(frame(e)).await.is_err() {
                 return;
             }

@@ -9,7 +9,8 @@ use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
 
 /// Most jobs in one batch submission.
 const MAX_BATCH: usize = 10_000;
-use crate::db::{dispatch, jobs, logs, ms};
+use super::views;
+use crate::db::ms;
 use crate::error::ApiError;
 use crate::lifecycle::JobStatus;
 use crate::spec::{JobSpec, NewJob};
@@ -58,20 +59,7 @@ pub async fn submit(
         vec![parse_json::<JobSpec>(&bytes)?.validate()?]
     };
     let results = app
-        .write_waking(move |c, now| {
-            specs
-                .iter()
-                .enumerate()
-                .map(|(i, job)| {
-                    jobs::submit(c, now, job).map_err(|mut e| {
-                        if is_batch {
-                            e.field = Some(format!("[{i}].{}", e.field.unwrap_or_default()));
-                        }
-                        e
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .write_waking(app.db.queue_submit(specs, is_batch))
         .await?;
     let created = results.iter().any(|(c, _)| *c);
     let status = if created {
@@ -80,20 +68,14 @@ pub async fn submit(
         StatusCode::OK
     };
     // Say at once why a job that is still queued waits (no worker fits...).
-    let mut jobs: Vec<_> = results.into_iter().map(|(_, j)| j).collect();
-    let reserved = app.dispatcher.reserved_jobs();
-    let jobs = app
-        .db
-        .read(move |c, now| {
-            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
-            Ok(jobs)
-        })
-        .await?;
+    let jobs: Vec<_> = results.into_iter().map(|(_, j)| j).collect();
+    let jobs = app.db.explain(jobs, app.dispatcher.reserved_jobs()).await?;
+    let mut jobs = views::jobs(&jobs, app.db.clock().now());
     if is_batch {
         log::info!("jobs submitted count={}", jobs.len());
         Ok((status, Json(json!({ "jobs": jobs }))).into_response())
     } else {
-        let job = jobs.into_iter().next().unwrap_or_default();
+        let job = jobs.pop().unwrap_or_default();
         log::debug!("job submitted job_id={}", job["id"]);
         Ok((status, Json(job)).into_response())
     }
@@ -108,9 +90,9 @@ pub async fn retry(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
-    let job = app.db.write(move |c, now| jobs::retry(c, now, id)).await?;
+    let job = app.db.retry(id).await?;
     app.wake_claimers();
-    Ok(Json(job).into_response())
+    Ok(Json(views::job(&job, app.db.clock().now())).into_response())
 }
 
 pub async fn list(
@@ -134,15 +116,11 @@ pub async fn list(
         },
     };
     let limit = int_param(&query, "limit", 100, 1, 1000)?;
-    let reserved = app.dispatcher.reserved_jobs();
     let jobs = app
         .db
-        .read(move |c, now| {
-            let mut jobs = jobs::list(c, now, status, limit)?;
-            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
-            Ok(jobs)
-        })
+        .jobs(status, limit, app.dispatcher.reserved_jobs())
         .await?;
+    let jobs = views::jobs(&jobs, app.db.clock().now());
     Ok(Json(json!({ "jobs": jobs })).into_response())
 }
 
@@ -153,17 +131,9 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
-    let reserved = app.dispatcher.reserved_for(id);
-    let job = app
-        .db
-        .read(move |c, now| {
-            let mut job = jobs::get(c, now, id)?;
-            // A queued job says why it is not running.
-            job["waiting_reason"] = dispatch::why_waiting(c, now, id, reserved, &mut None)?.into();
-            Ok(job)
-        })
-        .await?;
-    Ok(Json(job).into_response())
+    // A queued job says why it is not running.
+    let job = app.db.job(id, app.dispatcher.reserved_for(id)).await?;
+    Ok(Json(views::job(&job, app.db.clock().now())).into_response())
 }
 
 pub async fn cancel(
@@ -173,10 +143,10 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
-    let job = app.db.write(move |c, now| jobs::cancel(c, now, id)).await?;
+    let job = app.db.cancel(id).await?;
     // A parked claim of the job's agent carries the cancel to it at once.
     app.wake_claimers();
-    Ok(Json(job).into_response())
+    Ok(Json(views::job(&job, app.db.clock().now())).into_response())
 }
 
 pub async fn complete(
@@ -192,7 +162,7 @@ pub async fn complete(
     check_report(&req, "")?;
     let backoff = ms(app.config.retry_backoff);
     let resp = app
-        .write_waking(move |c, now| jobs::complete(c, now, agent.id, id, &req, backoff))
+        .write_waking(app.db.queue_complete(agent.id, id, req, backoff))
         .await?;
     if !resp.replay {
         log::info!(
@@ -259,7 +229,7 @@ pub async fn append_log(
     let cap = app.config.log_cap;
     let truncated = app
         .db
-        .write(move |c, now| logs::append_log(c, now, agent.id, id, attempt, &stream, &data, cap))
+        .append_log(agent.id, id, attempt, stream, data, cap)
         .await?;
     Ok(Json(json!({ "truncated": truncated })).into_response())
 }
@@ -281,17 +251,12 @@ pub async fn read_log(
     let follow = matches!(query_param(&query, "follow"), Some("1" | "true"));
     if follow {
         // Fail here (404) rather than inside the stream.
-        app.db
-            .read(move |c, _| logs::log_after(c, id, attempt, i64::MAX))
-            .await?;
+        app.db.log_after(id, attempt, i64::MAX).await?;
         return Ok(streaming("text/plain; charset=utf-8", move |tx| {
             follow_log(app, id, attempt, tx)
         }));
     }
-    let (attempt, bytes) = app
-        .db
-        .read(move |c, _| logs::read_log(c, id, attempt))
-        .await?;
+    let (attempt, bytes) = app.db.read_log(id, attempt).await?;
     Ok((
         [
             (
@@ -318,11 +283,7 @@ async fn follow_log(
     loop {
         let mut commits = app.db.commits();
         commits.borrow_and_update();
-        let (a, rows, live) = match app
-            .db
-            .read(move |c, _| logs::log_after(c, id, attempt, after))
-            .await
-        {
+        let (a, rows, live) = match app.db.log_after(id, attempt, after).await {
             Ok(r) => r,
             Err(e) => {
                 log::warn!("log follow stopped job_id={id}: {e}");

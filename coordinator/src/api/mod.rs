@@ -7,6 +7,7 @@ mod events;
 #[cfg(test)]
 mod fuzz;
 mod jobs;
+mod views;
 mod workers;
 
 use crate::auth;
@@ -84,10 +85,7 @@ pub fn router(app: AppState) -> Router {
 
 async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
     app.db.writable()?;
-    let version = app
-        .db
-        .read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?))
-        .await?;
+    let version = app.db.schema_version_on_disk().await?;
     Ok(Json(serde_json::json!({
         "status": "ok",
         "schema_version": version,
@@ -101,28 +99,34 @@ async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
 /// histograms kept in memory.
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
     use std::fmt::Write;
-    let stats = app.db.read(crate::db::workers::stats).await?;
+    let stats = app.db.stats().await?;
     let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, label: &str, map: &serde_json::Value| {
+    let mut gauge = |name: &str, help: &str, label: &str, values: &[(&str, i64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        if let Some(m) = map.as_object() {
-            for (k, v) in m {
-                let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {}", v.as_i64().unwrap_or(0));
-            }
+        for (k, v) in values {
+            let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
         }
+    };
+    let pairs = |m: &std::collections::BTreeMap<&'static str, i64>| -> Vec<(&str, i64)> {
+        m.iter().map(|(k, v)| (*k, *v)).collect()
     };
     gauge(
         "drover_workers",
         "Workers by state.",
         "state",
-        &stats["workers"],
+        &pairs(&stats.workers),
     );
-    gauge("drover_jobs", "Jobs by status.", "status", &stats["jobs"]);
+    gauge(
+        "drover_jobs",
+        "Jobs by status.",
+        "status",
+        &pairs(&stats.jobs),
+    );
     gauge(
         "drover_gpus",
         "GPUs of live workers, and those held by running jobs.",
         "kind",
-        &stats["gpus"],
+        &[("busy", stats.gpus_busy), ("total", stats.gpus_total)],
     );
     let wal = std::fs::metadata(app.config.db.with_extension("db-wal"))
         .or_else(|_| std::fs::metadata(format!("{}-wal", app.config.db.display())))

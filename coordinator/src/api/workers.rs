@@ -1,7 +1,7 @@
 //! Worker routes (admin): list, detail, pre-register, approve, reject,
 //! drain, undrain, decommission, tags; fleet stats.
 
-use super::{parse_json, path_id, read_body, require_admin, AppState, JSON_LIMIT};
+use super::{parse_json, path_id, read_body, require_admin, views, AppState, JSON_LIMIT};
 use crate::db::workers;
 use crate::error::ApiError;
 use crate::{auth, spec};
@@ -15,7 +15,7 @@ use serde_json::json;
 
 pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let workers = app.db.read(|c, _| workers::list(c)).await?;
+    let workers: Vec<_> = app.db.workers().await?.iter().map(views::worker).collect();
     Ok(Json(json!({ "workers": workers })).into_response())
 }
 
@@ -26,7 +26,7 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("worker", &id)?;
-    Ok(Json(app.db.read(move |c, now| workers::get(c, now, id)).await?).into_response())
+    Ok(Json(views::worker_detail(&app.db.worker(id).await?)).into_response())
 }
 
 pub async fn approve(
@@ -36,20 +36,16 @@ pub async fn approve(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("worker", &id)?;
-    let worker = app
-        .db
-        .write(move |c, now| workers::approve(c, now, id))
-        .await?;
+    let worker = app.db.approve(id).await?;
     app.wake_claimers();
-    Ok(Json(worker).into_response())
+    Ok(Json(views::worker_detail(&worker)).into_response())
 }
 
 pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let mut stats = app.db.read(workers::stats).await?;
+    let stats = app.db.stats().await?;
     // Agents with a claim parked right now: ready for work.
-    stats["agents_waiting"] = app.dispatcher.waiting().into();
-    Ok(Json(stats).into_response())
+    Ok(Json(views::stats(&stats, app.dispatcher.waiting())).into_response())
 }
 
 /// Optional body of an admin action: `{"reason": "..."}`.
@@ -78,16 +74,13 @@ async fn action(
     if why.reason.as_deref().is_some_and(|r| r.len() > 500) {
         return Err(ApiError::invalid("reason", "at most 500 characters"));
     }
-    let worker = app
-        .db
-        .write(move |c, now| workers::act(c, now, id, action, why.reason.as_deref()))
-        .await?;
+    let worker = app.db.act(id, action, why.reason).await?;
     if action == workers::Action::Decommission || action == workers::Action::Reject {
         app.tokens.revoke_worker(id);
         app.dispatcher.dismiss(id);
     }
     app.wake_claimers();
-    Ok(Json(worker).into_response())
+    Ok(Json(views::worker_detail(&worker)).into_response())
 }
 
 pub async fn reject(
@@ -142,12 +135,9 @@ pub async fn set_tags(
     let id = path_id("worker", &id)?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let tags = spec::tags("tags", parse_json::<TagsBody>(&bytes)?.tags)?;
-    let worker = app
-        .db
-        .write(move |c, now| workers::set_tags(c, now, id, &tags))
-        .await?;
+    let worker = app.db.set_tags(id, tags).await?;
     app.wake_claimers();
-    Ok(Json(worker).into_response())
+    Ok(Json(views::worker_detail(&worker)).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -178,11 +168,8 @@ pub async fn preregister(
     let tags = spec::tags("tags", w.tags)?;
     let token = auth::new_token("drv_agent_")?;
     let hash = auth::hash_token(&token);
-    let name = w.name;
-    let mut worker = app
-        .db
-        .write(move |c, now| workers::preregister(c, now, &name, &tags, slots, &hash))
-        .await?;
+    let worker = app.db.preregister(w.name, tags, slots, hash).await?;
+    let mut worker = views::worker_detail(&worker);
     worker["token"] = token.into();
     Ok((StatusCode::CREATED, Json(worker)).into_response())
 }
@@ -195,7 +182,7 @@ pub async fn agent_log(
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
     let id = path_id("worker", &id)?;
-    let text = app.db.read(move |c, _| workers::agent_log(c, id)).await?;
+    let text = app.db.agent_log(id).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

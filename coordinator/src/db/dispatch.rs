@@ -11,9 +11,11 @@
 use super::jobs::grant;
 use super::leases::take_orders;
 use super::workers;
+use super::StoreError;
 use super::{iso, Ms};
-use crate::error::ApiError;
+use crate::lifecycle::JobStatus;
 use crate::matching::{self, Needs, Offer, WorkerView};
+use crate::model::Job;
 use drover_proto::{Assignment, GpuInfo, GpuMetrics, Order};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -98,7 +100,7 @@ fn needs_from(
 }
 
 /// Every approved, live worker's offer (and, for explanations, the rest).
-fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, ApiError> {
+fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
     let mut running: HashMap<i64, (u32, Vec<u32>)> = HashMap::new();
     let mut stmt = conn.prepare_cached(RUNNING_SQL)?;
     for row in stmt.query_map([], |r| {
@@ -167,9 +169,9 @@ struct Shape {
 const MAX_SHAPES: usize = 128;
 
 /// The distinct shapes of queued jobs, by index seeks (a few per shape).
-fn shapes(conn: &Connection) -> Result<Vec<Shape>, ApiError> {
+fn shapes(conn: &Connection) -> Result<Vec<Shape>, StoreError> {
     type Key = (i64, String, i64);
-    let seek = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<Option<Key>, ApiError> {
+    let seek = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<Option<Key>, StoreError> {
         Ok(conn
             .prepare_cached(sql)?
             .query_row(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -218,7 +220,7 @@ fn heads(
     shape: &Shape,
     ready_by: Ms,
     limit: usize,
-) -> Result<Vec<Candidate>, ApiError> {
+) -> Result<Vec<Candidate>, StoreError> {
     let mut stmt = conn.prepare_cached(HEADS_SQL)?;
     let rows = stmt.query_map(
         params![shape.gpus, shape.tags_json, shape.min_vram_mb, ready_by],
@@ -235,7 +237,7 @@ fn candidates(
     shapes: &[Shape],
     offers: &[Offer],
     reserved: bool,
-) -> Result<Vec<Candidate>, ApiError> {
+) -> Result<Vec<Candidate>, StoreError> {
     let open: Vec<&Offer> = offers.iter().filter(|o| o.free_slots() > 0).collect();
     // Jobs of one shape fit the same offers, and each one granted takes a
     // slot: the free slots bound what a shape can use. A held worker only
@@ -280,7 +282,7 @@ fn reserve(
     views: &[WorkerView],
     reserve_after: Ms,
     reservations: &mut HashMap<i64, i64>,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     for shape in shapes.iter().filter(|s| s.gpus > 1) {
         for job in heads(conn, shape, now - reserve_after, 4)? {
             if reservations.values().any(|j| *j == job.id) {
@@ -323,7 +325,7 @@ pub fn round(
     lease_ttl: Ms,
     reserve_after: Ms,
     reservations: &HashMap<i64, i64>,
-) -> Result<Round, ApiError> {
+) -> Result<Round, StoreError> {
     let mut round = Round::default();
     // Built only when needed (orders pending, jobs ready): with 10,000
     // agents re-parking every heartbeat interval, most rounds find neither.
@@ -404,7 +406,7 @@ pub fn why_waiting(
     job_id: i64,
     reserved_on: Option<i64>,
     fleet_seen: &mut Option<Vec<WorkerView>>,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, StoreError> {
     let row = conn
         .prepare_cached(
             "SELECT status, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback, attempts_used
@@ -453,16 +455,13 @@ pub fn why_waiting(
 pub fn explain_waiting(
     c: &Connection,
     now: Ms,
-    jobs: &mut [serde_json::Value],
+    jobs: &mut [Job],
     reserved: &std::collections::HashMap<i64, i64>,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     let mut fleet = None;
-    for job in jobs.iter_mut().filter(|j| j["status"] == "queued") {
-        let Some(id) = job["id"].as_i64() else {
-            continue;
-        };
-        let why = why_waiting(c, now, id, reserved.get(&id).copied(), &mut fleet)?;
-        job["waiting_reason"] = why.into();
+    for job in jobs.iter_mut().filter(|j| j.status == JobStatus::Queued) {
+        job.waiting_reason =
+            why_waiting(c, now, job.id, reserved.get(&job.id).copied(), &mut fleet)?;
     }
     Ok(())
 }

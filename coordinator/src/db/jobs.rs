@@ -8,13 +8,14 @@
 //! stale ([`apply`]). What an ended attempt does to its job is decided by
 //! [`crate::lifecycle::decide`].
 
+use super::StoreError;
 use super::{event, iso, json_col, wall_offset, workers, Ms};
-use crate::error::ApiError;
 use crate::lifecycle::{
     self, AttemptEnd, Counters, JobStatus, LostReason, Policy, Transition, BACKOFF_CAP_MS,
 };
+use crate::model::{Attempt, Job};
 use crate::spec::NewJob;
-use drover_proto::{Assignment, CompleteRequest, CompleteResponse};
+use drover_proto::{Assignment, CompleteRequest, CompleteResponse, Completion, CompletionResult};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
@@ -49,7 +50,7 @@ pub fn retime_not_before(
     now: Ms,
     offset: Ms,
     was: Ms,
-) -> Result<usize, ApiError> {
+) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached(
             "UPDATE jobs SET run_after = max(not_before - ?1, created_at)
@@ -64,7 +65,7 @@ pub fn retime_not_before(
 /// `not_before` wait for that wall time again, and no retry waits longer
 /// than its own backoff (with the most jitter) from now. Returns how many
 /// were re-timed.
-pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usize, ApiError> {
+pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usize, StoreError> {
     let planned = conn
         .prepare_cached(
             "UPDATE jobs SET run_after = not_before
@@ -84,7 +85,7 @@ pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usiz
 
 /// Inserts a job, or returns the one already submitted under the same
 /// idempotency key (409 if that one's spec differs). `true` when created.
-pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value), ApiError> {
+pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), StoreError> {
     let fingerprint = job.fingerprint();
     if let Some(key) = &job.idempotency_key {
         let existing: Option<(i64, String)> = conn
@@ -93,13 +94,13 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value),
             .optional()?;
         if let Some((id, fp)) = existing {
             if fp != fingerprint {
-                return Err(ApiError::conflict(
+                return Err(StoreError::conflict(
                     "idempotency_conflict",
                     format!("idempotency key {key:?} was used by job {id} with a different spec"),
                 )
                 .with_field("idempotency_key"));
             }
-            return Ok((false, get(conn, now, id)?));
+            return Ok((false, get(conn, id)?));
         }
     }
     conn.prepare_cached(
@@ -137,7 +138,7 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Value),
         None,
         json!({"priority": job.priority, "gpus": job.gpus}),
     )?;
-    Ok((true, get(conn, now, id)?))
+    Ok((true, get(conn, id)?))
 }
 
 /// JSON text of a submission part (these types always serialize).
@@ -171,8 +172,9 @@ pub(super) fn grant(
     job_id: i64,
     gpu_indices: &[u32],
     lease_ttl: Ms,
-) -> Result<Assignment, ApiError> {
-    let gpus = serde_json::to_string(gpu_indices).map_err(|e| ApiError::internal(e.to_string()))?;
+) -> Result<Assignment, StoreError> {
+    let gpus =
+        serde_json::to_string(gpu_indices).map_err(|e| StoreError::internal(e.to_string()))?;
     // A SELECT then a plain UPDATE: `UPDATE .. RETURNING` costs SQLite an
     // ephemeral table and a statement journal per call, about a tenth of
     // the writer's time at full throughput.
@@ -195,7 +197,7 @@ pub(super) fn grant(
         })
         .optional()?;
     let a = read
-        .ok_or_else(|| ApiError::internal(format!("job {job_id} was not queued when granted")))?;
+        .ok_or_else(|| StoreError::internal(format!("job {job_id} was not queued when granted")))?;
     conn.prepare_cached(
         "UPDATE jobs SET status = 'running', attempt = ?2, attempts_used = attempts_used + 1,
          worker_id = ?3, gpu_indices = ?4, lease_expires_at = ?5, started_at = ?6,
@@ -242,7 +244,7 @@ pub(super) struct Current {
     pub(super) counters: Counters,
 }
 
-pub(super) fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, ApiError> {
+pub(super) fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, StoreError> {
     Ok(conn
         .prepare_cached(
             "SELECT status, attempt, worker_id, attempts_used, max_attempts, lease_losses,
@@ -275,7 +277,7 @@ pub struct Fence {
 /// Applies `t` to the attempt `f` under the fence, with its attempt row,
 /// event and the worker's load. False when the fence does not hold (a stale
 /// report): then nothing was written.
-fn apply(conn: &Connection, now: Ms, f: Fence, t: &Transition) -> Result<bool, ApiError> {
+fn apply(conn: &Connection, now: Ms, f: Fence, t: &Transition) -> Result<bool, StoreError> {
     let terminal = t.status.is_terminal();
     let changed = conn
         .prepare_cached(fenced!(
@@ -355,7 +357,7 @@ pub(super) fn end_attempt(
     counters: Counters,
     end: AttemptEnd,
     retry_backoff: Ms,
-) -> Result<Option<JobStatus>, ApiError> {
+) -> Result<Option<JobStatus>, StoreError> {
     let t = lifecycle::decide(counters, end, policy(retry_backoff), now, jitter);
     if !apply(conn, now, f, &t)? {
         return Ok(None);
@@ -382,7 +384,7 @@ pub(super) fn lose(
     now: Ms,
     job_id: i64,
     reason: LostReason,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     let Some(cur) = current(conn, job_id)? else {
         return Ok(());
     };
@@ -407,9 +409,9 @@ pub fn complete(
     job_id: i64,
     req: &CompleteRequest,
     retry_backoff: Ms,
-) -> Result<CompleteResponse, ApiError> {
+) -> Result<CompleteResponse, StoreError> {
     let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {job_id}")))?;
     let f = Fence {
         job_id,
         attempt: req.attempt,
@@ -439,8 +441,8 @@ pub fn complete(
     Err(stale(f, &cur))
 }
 
-fn stale(f: Fence, cur: &Current) -> ApiError {
-    ApiError::conflict(
+fn stale(f: Fence, cur: &Current) -> StoreError {
+    StoreError::conflict(
         "stale_lease",
         format!(
             "job {} attempt {} is not leased to worker {}: the job is {} at attempt {}",
@@ -455,7 +457,7 @@ fn stale(f: Fence, cur: &Current) -> ApiError {
 }
 
 /// Checks that the attempt `f` holds its job's live lease (409 if not).
-pub(super) fn check_fence(conn: &Connection, f: Fence) -> Result<(), ApiError> {
+pub(super) fn check_fence(conn: &Connection, f: Fence) -> Result<(), StoreError> {
     let holds = conn
         .prepare_cached(fenced!("SELECT 1 FROM jobs"))?
         .query_row(params![f.job_id, f.attempt, f.worker_id], |_| Ok(()))
@@ -464,16 +466,19 @@ pub(super) fn check_fence(conn: &Connection, f: Fence) -> Result<(), ApiError> {
         return Ok(());
     }
     match current(conn, f.job_id)? {
-        None => Err(ApiError::not_found(format!("no job with id {}", f.job_id))),
+        None => Err(StoreError::not_found(format!(
+            "no job with id {}",
+            f.job_id
+        ))),
         Some(cur) => Err(stale(f, &cur)),
     }
 }
 
 /// Cancels a queued job at once; a running one is marked, and its agent is
 /// ordered to stop it at its next heartbeat.
-pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
+pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Job, StoreError> {
     let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {job_id}")))?;
     match cur.status {
         JobStatus::Queued => {
             conn.prepare_cached(
@@ -508,21 +513,21 @@ pub fn cancel(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError
         }
         JobStatus::Running => {}
         other => {
-            return Err(ApiError::conflict(
+            return Err(StoreError::conflict(
                 "already_finished",
                 format!("job {job_id} is already {}", other.as_str()),
             ))
         }
     }
-    get(conn, now, job_id)
+    get(conn, job_id)
 }
 
 /// Re-queues a failed or cancelled job with its attempts reset.
-pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
+pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Job, StoreError> {
     let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {job_id}")))?;
     if !matches!(cur.status, JobStatus::Failed | JobStatus::Cancelled) {
-        return Err(ApiError::conflict(
+        return Err(StoreError::conflict(
             "not_retryable",
             format!(
                 "job {job_id} is {}; only failed or cancelled jobs can be retried",
@@ -545,7 +550,7 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError>
         json!({"after": cur.status.as_str()}),
     )?;
     log::info!("job retried job_id={job_id} after={}", cur.status.as_str());
-    get(conn, now, job_id)
+    get(conn, job_id)
 }
 
 const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
@@ -553,86 +558,115 @@ const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, req
     attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
     exit_code, result, error, created_at, started_at, finished_at, run_after, progress, cpu_fallback";
 
-fn job_json(r: &rusqlite::Row, now: Ms) -> rusqlite::Result<Value> {
-    let text = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
-    let result: Option<String> = r.get(22)?;
-    let status: JobStatus = r.get(1)?;
-    let run_after: Ms = r.get(27)?;
-    let lease: Option<Ms> = r.get(19)?;
-    Ok(json!({
-        "id": r.get::<_, i64>(0)?,
-        "status": status.as_str(),
-        "command": text(2)?,
-        "env": text(3)?,
-        "cwd": r.get::<_, Option<String>>(4)?,
-        "gpus": r.get::<_, i64>(5)?,
-        "min_vram_mb": r.get::<_, i64>(6)?,
-        "required_tags": text(7)?,
-        "preferred_tags": text(8)?,
-        "priority": r.get::<_, i64>(9)?,
-        "max_attempts": r.get::<_, i64>(10)?,
-        "timeout_s": r.get::<_, Option<i64>>(11)?,
-        "not_before": iso(r.get(12)?),
-        "idempotency_key": r.get::<_, Option<String>>(13)?,
-        "metadata": text(14)?,
-        "attempt": r.get::<_, i64>(15)?,
-        "attempts_used": r.get::<_, i64>(16)?,
-        "worker_id": r.get::<_, Option<i64>>(17)?,
-        "gpu_indices": text(18)?,
-        "lease_expires_in_s": lease.filter(|_| status == JobStatus::Running).map(|l| (l - now).max(0) as f64 / 1000.0),
-        "cancel_requested": r.get::<_, bool>(20)?,
-        "exit_code": r.get::<_, Option<i64>>(21)?,
-        "result": result.map(|t| json_col(&t)),
-        "error": r.get::<_, Option<String>>(23)?,
-        "created_at": iso(r.get(24)?),
-        "started_at": iso(r.get(25)?),
-        "finished_at": iso(r.get(26)?),
-        // As wall time, like not_before (the clocks differ once the wall
-        // clock steps).
-        "run_after": (status == JobStatus::Queued && run_after > now)
-            .then(|| iso(Some(run_after + wall_offset(now)))),
-        "progress": r.get::<_, Option<String>>(28)?.map(|t| json_col(&t)),
-        "cpu_fallback": r.get::<_, bool>(29)?,
-    }))
+fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+    let json = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
+    let opt_json = |i: usize| -> rusqlite::Result<Option<Value>> {
+        Ok(r.get::<_, Option<String>>(i)?.map(|t| json_col(&t)))
+    };
+    Ok(Job {
+        id: r.get(0)?,
+        status: r.get(1)?,
+        command: json(2)?,
+        env: json(3)?,
+        cwd: r.get(4)?,
+        gpus: r.get(5)?,
+        min_vram_mb: r.get(6)?,
+        required_tags: json(7)?,
+        preferred_tags: json(8)?,
+        priority: r.get(9)?,
+        max_attempts: r.get(10)?,
+        timeout_s: r.get(11)?,
+        not_before: r.get(12)?,
+        idempotency_key: r.get(13)?,
+        metadata: json(14)?,
+        attempt: r.get(15)?,
+        attempts_used: r.get(16)?,
+        worker_id: r.get(17)?,
+        gpu_indices: json(18)?,
+        lease_expires_at: r.get(19)?,
+        cancel_requested: r.get(20)?,
+        exit_code: r.get(21)?,
+        result: opt_json(22)?,
+        error: r.get(23)?,
+        created_at: r.get(24)?,
+        started_at: r.get(25)?,
+        finished_at: r.get(26)?,
+        run_after: r.get(27)?,
+        progress: opt_json(28)?,
+        cpu_fallback: r.get(29)?,
+        waiting_reason: None,
+        attempts: None,
+    })
+}
+
+/// Records one report of a claim's `completed`: a refusal (stale lease,
+/// unknown job) is that report's answer; a store failure is the caller's
+/// (the claim's transaction then rolls back). A refusal is decided before
+/// anything is written.
+pub fn report(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    done: &Completion,
+    retry_backoff: Ms,
+) -> Result<CompletionResult, StoreError> {
+    let (status, replay, error) = match complete(
+        conn,
+        now,
+        worker_id,
+        done.job_id,
+        &done.report,
+        retry_backoff,
+    ) {
+        Ok(r) => (Some(r.status), r.replay, None),
+        Err(e) if e.is_refusal() => (None, false, Some(e.detail())),
+        Err(e) => return Err(e),
+    };
+    Ok(CompletionResult {
+        job_id: done.job_id,
+        attempt: done.report.attempt,
+        status,
+        replay,
+        error,
+    })
 }
 
 /// One job with its attempts.
-pub fn get(conn: &Connection, now: Ms, job_id: i64) -> Result<Value, ApiError> {
+pub fn get(conn: &Connection, job_id: i64) -> Result<Job, StoreError> {
     let mut job = conn
         .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
-        .query_row([job_id], |r| job_json(r, now))
+        .query_row([job_id], job_row)
         .optional()?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
-    let attempts: Vec<Value> = conn
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {job_id}")))?;
+    let attempts = conn
         .prepare_cached(
             "SELECT attempt, worker_id, gpu_indices, started_at, ended_at, outcome, exit_code, error, log_bytes
              FROM job_attempts WHERE job_id = ?1 ORDER BY attempt",
         )?
         .query_map([job_id], |r| {
-            Ok(json!({
-                "attempt": r.get::<_, i64>(0)?,
-                "worker_id": r.get::<_, i64>(1)?,
-                "gpu_indices": json_col(&r.get::<_, String>(2)?),
-                "started_at": iso(r.get(3)?),
-                "ended_at": iso(r.get(4)?),
-                "outcome": r.get::<_, Option<String>>(5)?,
-                "exit_code": r.get::<_, Option<i64>>(6)?,
-                "error": r.get::<_, Option<String>>(7)?,
-                "log_bytes": r.get::<_, i64>(8)?,
-            }))
+            Ok(Attempt {
+                attempt: r.get(0)?,
+                worker_id: r.get(1)?,
+                gpu_indices: json_col(&r.get::<_, String>(2)?),
+                started_at: r.get(3)?,
+                ended_at: r.get(4)?,
+                outcome: r.get(5)?,
+                exit_code: r.get(6)?,
+                error: r.get(7)?,
+                log_bytes: r.get(8)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
-    job["attempts"] = Value::Array(attempts);
+    job.attempts = Some(attempts);
     Ok(job)
 }
 
 /// Newest first, optionally of one status.
 pub fn list(
     conn: &Connection,
-    now: Ms,
     status: Option<JobStatus>,
     limit: i64,
-) -> Result<Vec<Value>, ApiError> {
+) -> Result<Vec<Job>, StoreError> {
     // Each status reads its partial index (finished ones in id order,
     // queued and running ones sorted), never a scan of the whole history.
     let (index, filter) = match status {
@@ -653,7 +687,7 @@ pub fn list(
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs {index} WHERE {filter} ORDER BY id DESC LIMIT ?2"
     ))?;
-    let rows = stmt.query_map(params![status, limit], |r| job_json(r, now))?;
+    let rows = stmt.query_map(params![status, limit], job_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -702,7 +736,7 @@ mod tests {
             c.query_row("SELECT status FROM jobs WHERE id = 1", [], |r| r.get(0))
                 .unwrap()
         };
-        let stale = |r: Result<CompleteResponse, ApiError>| match r {
+        let stale = |r: Result<CompleteResponse, StoreError>| match r {
             Err(e) => e.code == "stale_lease",
             Ok(_) => false,
         };
@@ -808,10 +842,10 @@ mod tests {
         )
         .unwrap();
         let ids = |status: Option<&str>, limit: i64| -> Vec<i64> {
-            list(&conn, 0, status.and_then(JobStatus::parse), limit)
+            list(&conn, status.and_then(JobStatus::parse), limit)
                 .unwrap()
                 .iter()
-                .map(|j| j["id"].as_i64().unwrap())
+                .map(|j| j.id)
                 .collect()
         };
         assert_eq!(ids(None, 100), [7, 6, 5, 4, 3, 2, 1]);
@@ -823,9 +857,16 @@ mod tests {
         assert_eq!(ids(Some("failed"), 100), [4]);
         assert_eq!(ids(Some("cancelled"), 100), [7]);
         let stats = super::super::workers::stats(&conn, 0).unwrap();
+        let jobs: Vec<(&str, i64)> = stats.jobs.into_iter().collect();
         assert_eq!(
-            stats["jobs"],
-            json!({"queued": 2, "running": 1, "succeeded": 2, "failed": 1, "cancelled": 1})
+            jobs,
+            [
+                ("cancelled", 1),
+                ("failed", 1),
+                ("queued", 2),
+                ("running", 1),
+                ("succeeded", 2)
+            ]
         );
     }
 

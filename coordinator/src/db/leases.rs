@@ -4,7 +4,7 @@
 
 use super::jobs::{current, end_attempt, lose, Fence};
 use super::Ms;
-use crate::error::ApiError;
+use super::StoreError;
 use crate::lifecycle::{AttemptEnd, LostReason};
 use drover_proto::{LeaseRef, Order, Progress};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -33,7 +33,7 @@ pub fn renew_leases(
     leases: &[LeaseRef],
     (lease_ttl, report_grace): (Ms, Ms),
     stopping: bool,
-) -> Result<Renewal, ApiError> {
+) -> Result<Renewal, StoreError> {
     let mut orders = Vec::new();
     for lease in leases {
         // One statement renews the lease and says whether a cancel is pending.
@@ -97,7 +97,7 @@ pub fn renew_leases(
 pub fn take_orders(
     conn: &Connection,
     waiting: impl Fn(i64) -> bool,
-) -> Result<std::collections::HashMap<i64, Vec<Order>>, ApiError> {
+) -> Result<std::collections::HashMap<i64, Vec<Order>>, StoreError> {
     let mut out: std::collections::HashMap<i64, Vec<Order>> = std::collections::HashMap::new();
     let pending: Vec<(i64, i64, i64)> = conn
         .prepare_cached(
@@ -125,7 +125,7 @@ pub fn record_progress(
     conn: &Connection,
     worker_id: i64,
     progress: &[Progress],
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     for p in progress {
         conn.prepare_cached(fenced!("UPDATE jobs SET progress = ?4"))?
             .execute(params![
@@ -146,7 +146,7 @@ pub fn release_undelivered(
     worker_id: i64,
     job_id: i64,
     attempt: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     if let Some(cur) = current(conn, job_id)? {
         let f = Fence {
             job_id,
@@ -165,7 +165,7 @@ pub fn release_worker_jobs(
     now: Ms,
     worker_id: i64,
     reason: LostReason,
-) -> Result<usize, ApiError> {
+) -> Result<usize, StoreError> {
     let running: Vec<i64> = conn
         .prepare_cached("SELECT id FROM jobs WHERE worker_id = ?1 AND status = 'running'")?
         .query_map([worker_id], |r| r.get(0))?
@@ -177,7 +177,7 @@ pub fn release_worker_jobs(
 }
 
 /// The sweep: ends leases past their deadline (at most a batch per call).
-pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
+pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, StoreError> {
     let expired: Vec<i64> = conn
         .prepare_cached(
             "SELECT id FROM jobs INDEXED BY jobs_running_lease WHERE status = 'running' AND lease_expires_at < ?1
@@ -193,7 +193,7 @@ pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
 
 /// At start: every running lease gets `now + grace`; stored deadlines are
 /// not trusted across a restart.
-pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, ApiError> {
+pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE status = 'running'")?
         .execute([now + grace])?)
@@ -202,7 +202,7 @@ pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, Api
 /// After the writer could not commit for `by` (a lock held from outside, a
 /// full disk): running leases move on by that long, since no heartbeat could
 /// renew them meanwhile.
-pub fn extend_leases(conn: &Connection, by: Ms) -> Result<usize, ApiError> {
+pub fn extend_leases(conn: &Connection, by: Ms) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached(
             "UPDATE jobs SET lease_expires_at = lease_expires_at + ?1 WHERE status = 'running'",

@@ -3,7 +3,7 @@
 
 use super::jobs::{check_fence, current, Fence};
 use super::Ms;
-use crate::error::ApiError;
+use super::StoreError;
 use crate::lifecycle::JobStatus;
 use rusqlite::{params, Connection};
 
@@ -22,7 +22,7 @@ pub fn append_log(
     stream: &str,
     data: &[u8],
     cap: u64,
-) -> Result<bool, ApiError> {
+) -> Result<bool, StoreError> {
     check_fence(
         conn,
         Fence {
@@ -75,9 +75,9 @@ pub fn log_after(
     job_id: i64,
     attempt: Option<i64>,
     after: i64,
-) -> Result<(i64, LogRows, bool), ApiError> {
+) -> Result<(i64, LogRows, bool), StoreError> {
     let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {job_id}")))?;
     let attempt = attempt.unwrap_or(cur.attempt);
     // A queued job's next attempt, or a running one, may still write.
     let live = (cur.status == JobStatus::Running && cur.attempt == attempt)
@@ -96,9 +96,9 @@ pub fn read_log(
     conn: &Connection,
     job_id: i64,
     attempt: Option<i64>,
-) -> Result<(i64, Vec<u8>), ApiError> {
+) -> Result<(i64, Vec<u8>), StoreError> {
     let cur = current(conn, job_id)?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {job_id}")))?;
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {job_id}")))?;
     let attempt = attempt.unwrap_or(cur.attempt);
     let mut out = Vec::new();
     let mut stmt = conn.prepare_cached(

@@ -29,11 +29,14 @@ pub mod events;
 pub mod jobs;
 pub mod leases;
 pub mod logs;
+mod ops;
 pub mod retention;
 pub mod workers;
 
-use crate::error::ApiError;
+mod error;
 use crate::metrics::Histogram;
+pub use error::{Kind, StoreError};
+pub use ops::{BeatTimes, ClaimRecord, Pass};
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -53,6 +56,10 @@ const STATEMENT_CACHE: usize = 512;
 
 /// Milliseconds since the Unix epoch.
 pub type Ms = i64;
+
+/// A change of the wall clock's offset that counts as a step (NTP slewing
+/// adds up to one too, eventually).
+pub const CLOCK_STEP: Ms = 1000;
 
 /// The coordinator's clock: wall time at start plus monotonic time since.
 /// Stepping the system clock while running moves no lease deadline; leases
@@ -102,13 +109,13 @@ pub fn ms(d: Duration) -> Ms {
     d.as_millis() as Ms
 }
 
-type Finish = Box<dyn FnOnce(Option<ApiError>) + Send>;
+type Finish = Box<dyn FnOnce(Option<StoreError>) + Send>;
 
 trait WriteOp: Send {
     /// Sets `stalled` when the operation failed for want of storage (the
     /// database locked from outside, a full disk).
     fn run(self: Box<Self>, conn: &Connection, now: Ms, stalled: &mut bool) -> Finish;
-    fn fail(self: Box<Self>, e: ApiError);
+    fn fail(self: Box<Self>, e: StoreError);
     /// Runs on its own, outside any transaction (a checkpoint).
     fn maintenance(&self) -> bool {
         false
@@ -117,7 +124,7 @@ trait WriteOp: Send {
 
 /// A checkpoint, run by the writer between transactions.
 struct Checkpoint {
-    reply: oneshot::Sender<Result<(i64, i64), ApiError>>,
+    reply: oneshot::Sender<Result<(i64, i64), StoreError>>,
 }
 
 impl WriteOp for Checkpoint {
@@ -136,13 +143,13 @@ impl WriteOp for Checkpoint {
                     Ok((log, done))
                 }
             })
-            .map_err(ApiError::from);
+            .map_err(StoreError::from);
         Box::new(move |_| {
             let _ = self.reply.send(result);
         })
     }
 
-    fn fail(self: Box<Self>, e: ApiError) {
+    fn fail(self: Box<Self>, e: StoreError) {
         let _ = self.reply.send(Err(e));
     }
 
@@ -153,18 +160,18 @@ impl WriteOp for Checkpoint {
 
 struct Op<F, R> {
     f: F,
-    reply: oneshot::Sender<Result<R, ApiError>>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
 }
 
 impl<F, R> WriteOp for Op<F, R>
 where
-    F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+    F: FnOnce(&Connection, Ms) -> Result<R, StoreError> + Send + 'static,
     R: Send + 'static,
 {
     fn run(self: Box<Self>, conn: &Connection, now: Ms, stalled: &mut bool) -> Finish {
         let Op { f, reply } = *self;
         let result = match exec(conn, "SAVEPOINT op") {
-            Err(e) => Err(ApiError::from(e)),
+            Err(e) => Err(StoreError::from(e)),
             Ok(()) => {
                 let r = f(conn, now);
                 let end = match r {
@@ -173,11 +180,11 @@ where
                 };
                 match end {
                     Ok(()) => r,
-                    Err(e) => Err(ApiError::from(e)),
+                    Err(e) => Err(StoreError::from(e)),
                 }
             }
         };
-        if result.as_ref().is_err_and(ApiError::is_storage) {
+        if result.as_ref().is_err_and(StoreError::is_storage) {
             *stalled = true;
         }
         Box::new(move |commit_error| {
@@ -188,7 +195,7 @@ where
         })
     }
 
-    fn fail(self: Box<Self>, e: ApiError) {
+    fn fail(self: Box<Self>, e: StoreError) {
         let _ = self.reply.send(Err(e));
     }
 }
@@ -202,18 +209,18 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 
 /// A write handed to the writer, not yet committed.
 pub struct Queued<R> {
-    rx: oneshot::Receiver<Result<R, ApiError>>,
+    rx: oneshot::Receiver<Result<R, StoreError>>,
     start: std::time::Instant,
     write_seconds: Arc<Histogram>,
 }
 
 impl<R> Queued<R> {
     /// The write's result, once committed (or refused).
-    pub async fn done(self) -> Result<R, ApiError> {
+    pub async fn done(self) -> Result<R, StoreError> {
         let r = self
             .rx
             .await
-            .map_err(|_| ApiError::internal("the database writer dropped a request"))?;
+            .map_err(|_| StoreError::internal("the database writer dropped a request"))?;
         self.write_seconds
             .observe(self.start.elapsed().as_secs_f64());
         r
@@ -259,8 +266,8 @@ impl OpenedFile {
         self.lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn refusal(&self) -> ApiError {
-        ApiError::unavailable(
+    fn refusal(&self) -> StoreError {
+        StoreError::unavailable(
             "database_gone",
             format!(
                 "the database file {} was deleted or replaced under the running coordinator; \
@@ -320,7 +327,7 @@ impl Db {
 
     /// Refused (503 `database_gone`) once the file was found deleted or
     /// replaced.
-    pub fn writable(&self) -> Result<(), ApiError> {
+    pub fn writable(&self) -> Result<(), StoreError> {
         match self.file.is_lost() {
             true => Err(self.file.refusal()),
             false => Ok(()),
@@ -369,9 +376,14 @@ impl Db {
 
     /// Runs `f` in the writer's transaction; its changes commit (durably)
     /// before this returns Ok, or not at all.
-    pub async fn write<R, F>(&self, f: F) -> Result<R, ApiError>
+    ///
+    /// `write`, `queue` and `read` are the SQLite engine's raw access: the
+    /// operations in `ops.rs` use them, and so does the white-box store
+    /// benchmark (tests/bench/claim_cost.rs). Nothing else outside `db/`
+    /// does: the coordinator calls the operations.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
-        F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+        F: FnOnce(&Connection, Ms) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         self.queue(f).await?.done().await
@@ -380,9 +392,9 @@ impl Db {
     /// Hands `f` to the writer and returns once it is queued; `done` waits
     /// for its commit. Between the two a caller can ask for follow-up work
     /// that then usually joins the same transaction.
-    pub async fn queue<R, F>(&self, f: F) -> Result<Queued<R>, ApiError>
+    pub async fn queue<R, F>(&self, f: F) -> Result<Queued<R>, StoreError>
     where
-        F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+        F: FnOnce(&Connection, Ms) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         self.writable()?;
@@ -391,7 +403,7 @@ impl Db {
         self.writer
             .send(Box::new(Op { f, reply }))
             .await
-            .map_err(|_| ApiError::internal("the database writer has stopped"))?;
+            .map_err(|_| StoreError::internal("the database writer has stopped"))?;
         Ok(Queued {
             rx,
             start,
@@ -401,35 +413,35 @@ impl Db {
 
     /// Checkpoints the WAL into the database file and truncates it, between
     /// transactions. Returns (WAL frames, frames checkpointed).
-    pub async fn checkpoint(&self) -> Result<(i64, i64), ApiError> {
+    pub async fn checkpoint(&self) -> Result<(i64, i64), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(Box::new(Checkpoint { reply }))
             .await
-            .map_err(|_| ApiError::internal("the database writer has stopped"))?;
+            .map_err(|_| StoreError::internal("the database writer has stopped"))?;
         rx.await
-            .map_err(|_| ApiError::internal("the database writer dropped a request"))?
+            .map_err(|_| StoreError::internal("the database writer dropped a request"))?
     }
 
     /// Runs `f` on a read-only connection in the blocking pool.
-    pub async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
+    pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
-        F: FnOnce(&Connection, Ms) -> Result<R, ApiError> + Send + 'static,
+        F: FnOnce(&Connection, Ms) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         let _permit = self
             .reader_permits
             .acquire()
             .await
-            .map_err(|_| ApiError::internal("database readers closed"))?;
+            .map_err(|_| StoreError::internal("database readers closed"))?;
         let readers = self.readers.clone();
         let now = self.clock.now();
         tokio::task::spawn_blocking(move || {
             let conn = readers
                 .lock()
-                .map_err(|_| ApiError::internal("database reader pool poisoned"))?
+                .map_err(|_| StoreError::internal("database reader pool poisoned"))?
                 .pop()
-                .ok_or_else(|| ApiError::internal("no free database reader"))?;
+                .ok_or_else(|| StoreError::internal("no free database reader"))?;
             let r = f(&conn, now);
             if let Ok(mut pool) = readers.lock() {
                 pool.push(conn);
@@ -437,7 +449,7 @@ impl Db {
             r
         })
         .await
-        .map_err(|e| ApiError::internal(format!("database reader task failed: {e}")))?
+        .map_err(|e| StoreError::internal(format!("database reader task failed: {e}")))?
     }
 }
 
@@ -637,7 +649,7 @@ fn writer_loop(
             continue;
         }
         if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
-            let e = ApiError::from(e);
+            let e = StoreError::from(e);
             log::warn!("could not begin a write transaction: {e}");
             stall.failing = true;
             for op in batch {
@@ -680,7 +692,7 @@ fn writer_loop(
                 None
             }
             Err(e) => {
-                let e = ApiError::from(e);
+                let e = StoreError::from(e);
                 log::error!(
                     "commit failed, {} requests rolled back: {e}",
                     finishers.len()
@@ -735,9 +747,9 @@ pub fn event(
     job_id: Option<i64>,
     worker_id: Option<i64>,
     data: impl serde::Serialize,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     let data = serde_json::to_string(&data)
-        .map_err(|e| ApiError::internal(format!("event {kind}: {e}")))?;
+        .map_err(|e| StoreError::internal(format!("event {kind}: {e}")))?;
     conn.prepare_cached(
         "INSERT INTO events (at, kind, job_id, worker_id, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?

@@ -2,13 +2,13 @@
 //! older than the cutoff go, a batch at a time.
 
 use super::Ms;
-use crate::error::ApiError;
+use super::StoreError;
 use rusqlite::Connection;
 
 /// Deletes events older than `cutoff` among the oldest `PRUNE_EVENTS` (by id, which
 /// follows time; one written before a backwards clock step waits for a
 /// later pass). At most a batch per call.
-pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
+pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached(&format!(
             "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT {PRUNE_EVENTS}) AND at < ?1"
@@ -22,7 +22,7 @@ pub const PRUNE_EVENTS: usize = 5000;
 
 /// Deletes jobs finished before `cutoff`, with their attempts and logs, at
 /// most a batch per call. Returns how many jobs.
-pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
+pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError> {
     let ids: Vec<i64> = conn
         .prepare_cached(&format!(
             "SELECT id FROM jobs INDEXED BY jobs_finished WHERE finished_at < ?1

@@ -1,12 +1,12 @@
 //! Worker registry: registration, authentication, heartbeats, state changes.
 
+use super::StoreError;
 use super::{event, iso, json_col, leases, Ms};
-use crate::error::ApiError;
-use crate::lifecycle::WorkerState;
-use crate::spec::shell_quote;
+use crate::lifecycle::{JobStatus, WorkerState};
+use crate::model::{GpuSample, HealthChange, RecentAttempt, Stats, Worker, WorkerDetail};
 use drover_proto::{HeartbeatRequest, Order, RegisterRequest};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// States in which a worker is approved and alive.
 pub const LIVE_STATES: &str = "('idle', 'busy', 'draining')";
@@ -19,7 +19,7 @@ const MAX_PENDING: i64 = 1000;
 const AGENT_LOG_KEEP: i64 = 500;
 
 /// The last lines a worker's agent logged, oldest first.
-pub fn agent_log(conn: &Connection, worker_id: i64) -> Result<String, ApiError> {
+pub fn agent_log(conn: &Connection, worker_id: i64) -> Result<String, StoreError> {
     state_of(conn, worker_id)?;
     let lines: Vec<(Ms, String)> = conn
         .prepare_cached("SELECT at, line FROM agent_log WHERE worker_id = ?1 ORDER BY id")?
@@ -42,7 +42,7 @@ pub struct Agent {
 
 /// The worker a token belongs to; a decommissioned worker's token is
 /// refused with its own code, so its agent knows to stop for good.
-pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>, ApiError> {
+pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>, StoreError> {
     let found: Option<(i64, WorkerState)> = conn
         .prepare_cached("SELECT id, state FROM workers WHERE token_hash = ?1")?
         .query_row([token_hash], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -55,7 +55,7 @@ pub fn authenticate(conn: &Connection, token_hash: &str) -> Result<Option<Agent>
 
 /// Refuses a decommissioned worker's agent (its token may still sit in a
 /// cache); checked again inside every heartbeat and claim.
-fn check_not_decommissioned(conn: &Connection, worker_id: i64) -> Result<WorkerState, ApiError> {
+fn check_not_decommissioned(conn: &Connection, worker_id: i64) -> Result<WorkerState, StoreError> {
     let state = state_of(conn, worker_id)?;
     if state == WorkerState::Decommissioned {
         return Err(decommissioned(worker_id));
@@ -72,7 +72,7 @@ fn health_log(
     from: Option<WorkerState>,
     to: WorkerState,
     reason: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO worker_health_log (worker_id, at, from_state, to_state, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
@@ -88,7 +88,7 @@ pub fn transition(
     worker_id: i64,
     to: WorkerState,
     reason: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     let from = state_of(conn, worker_id)?;
     if from == to {
         return Ok(());
@@ -123,7 +123,7 @@ pub fn refresh_load(
     now: Ms,
     worker_id: i64,
     reason: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     // EXISTS, not count(*): this runs for every grant and every end, and a
     // count would walk all of a many-slot worker's running jobs each time.
     let (state, running): (WorkerState, bool) = conn
@@ -141,7 +141,7 @@ pub fn refresh_load(
 }
 
 /// A draining worker ran its last job: say so (it stays drained).
-fn drained(conn: &Connection, now: Ms, worker_id: i64) -> Result<(), ApiError> {
+fn drained(conn: &Connection, now: Ms, worker_id: i64) -> Result<(), StoreError> {
     event(
         conn,
         now,
@@ -156,7 +156,7 @@ fn drained(conn: &Connection, now: Ms, worker_id: i64) -> Result<(), ApiError> {
 
 /// An offline worker is heard from again: draining if it was drained, else
 /// idle or busy.
-fn back_online(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Result<(), ApiError> {
+fn back_online(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Result<(), StoreError> {
     let drain: bool = conn
         .prepare_cached("SELECT drain FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))?;
@@ -199,7 +199,7 @@ pub fn register(
     auto_approve: bool,
     who: Registrant,
     address: &str,
-) -> Result<(i64, String), ApiError> {
+) -> Result<(i64, String), StoreError> {
     let named: Option<(i64, WorkerState, Ms, Option<String>)> = conn
         .prepare_cached(
             "SELECT id, state, coalesce(last_seen_at, 0), incarnation FROM workers
@@ -211,7 +211,7 @@ pub fn register(
         .optional()?;
     let id = match (who, named) {
         (_, Some((_, WorkerState::Decommissioned, ..))) => {
-            return Err(ApiError::forbidden(
+            return Err(StoreError::forbidden(
                 "decommissioned",
                 format!(
                     "worker {:?} on this machine was decommissioned and may not register again",
@@ -220,7 +220,7 @@ pub fn register(
             ))
         }
         (Registrant::Proven(id), Some((other, ..))) if other != id => {
-            return Err(ApiError::conflict(
+            return Err(StoreError::conflict(
                 "name_taken",
                 format!(
                     "worker {other} already has the name {:?} on this machine; choose another --name",
@@ -267,8 +267,8 @@ pub fn register(
 }
 
 /// The refusal of the secret for a worker whose agent is alive.
-fn worker_alive(id: i64, name: &str) -> ApiError {
-    ApiError::conflict(
+fn worker_alive(id: i64, name: &str) -> StoreError {
+    StoreError::conflict(
         "worker_alive",
         format!(
             "worker {id} ({name:?} on this machine) is registered and its agent is alive; \
@@ -280,8 +280,8 @@ fn worker_alive(id: i64, name: &str) -> ApiError {
 }
 
 /// The refusal of a decommissioned worker's agent.
-pub fn decommissioned(id: i64) -> ApiError {
-    ApiError::revoked(
+pub fn decommissioned(id: i64) -> StoreError {
+    StoreError::revoked(
         "decommissioned",
         format!("worker {id} was decommissioned by an admin; its token no longer works"),
     )
@@ -296,7 +296,7 @@ fn update_registered(
     req: &RegisterRequest,
     token_hash: &str,
     address: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     let inv = &req.inventory;
     let (gpus, tags, slots) = stored_inventory(req)?;
     conn.prepare_cached(
@@ -338,9 +338,9 @@ fn update_registered(
 
 /// A registration's GPUs and tags as stored (JSON), and its slots (one per
 /// GPU, at least one, unless given).
-fn stored_inventory(req: &RegisterRequest) -> Result<(String, String, u32), ApiError> {
+fn stored_inventory(req: &RegisterRequest) -> Result<(String, String, u32), StoreError> {
     let json =
-        |v: Result<String, serde_json::Error>| v.map_err(|e| ApiError::internal(e.to_string()));
+        |v: Result<String, serde_json::Error>| v.map_err(|e| StoreError::internal(e.to_string()));
     let gpus = json(serde_json::to_string(&req.inventory.gpus))?;
     let tags = json(serde_json::to_string(&req.tags))?;
     let slots = req
@@ -357,7 +357,7 @@ fn insert_registered(
     token_hash: &str,
     auto_approve: bool,
     address: &str,
-) -> Result<(i64, String), ApiError> {
+) -> Result<(i64, String), StoreError> {
     let inv = &req.inventory;
     let (gpus, tags, slots) = stored_inventory(req)?;
     let state = if auto_approve {
@@ -370,7 +370,7 @@ fn insert_registered(
             .prepare_cached("SELECT count(*) FROM workers WHERE state = 'pending'")?
             .query_row([], |r| r.get(0))?;
         if pending >= MAX_PENDING {
-            return Err(ApiError::limited(
+            return Err(StoreError::limited(
                 "too_many_pending",
                 format!(
                     "{pending} workers already wait for approval: approve or reject them first"
@@ -440,12 +440,12 @@ pub fn heartbeat(
     req: &HeartbeatRequest,
     (lease_ttl, report_grace): (Ms, Ms),
     prefix: &str,
-) -> Result<Beat, ApiError> {
+) -> Result<Beat, StoreError> {
     let state = check_not_decommissioned(conn, worker_id)?;
     let mut released = adopt_incarnation(conn, now, worker_id, &req.incarnation)?;
     check_gpu_metrics(conn, worker_id, req, prefix)?;
     let metrics =
-        serde_json::to_string(&req.gpus).map_err(|e| ApiError::internal(e.to_string()))?;
+        serde_json::to_string(&req.gpus).map_err(|e| StoreError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET last_seen_at = ?2, gpu_metrics = ?3 WHERE id = ?1")?
         .execute(params![worker_id, now, metrics])?;
     let last_sample: Option<Ms> = conn
@@ -512,7 +512,7 @@ fn check_gpu_metrics(
     worker_id: i64,
     req: &HeartbeatRequest,
     prefix: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     if req.gpus.is_empty() {
         return Ok(());
     }
@@ -522,7 +522,7 @@ fn check_gpu_metrics(
     let mut seen = std::collections::HashSet::new();
     for (i, g) in req.gpus.iter().enumerate() {
         if i64::from(g.index) >= count || !seen.insert(g.index) {
-            return Err(ApiError::invalid(
+            return Err(StoreError::invalid(
                 &format!("{prefix}gpus[{i}].index"),
                 format!(
                     "GPU {} is not one of this worker's {count} registered GPUs (or is listed twice)",
@@ -543,7 +543,7 @@ fn adopt_incarnation(
     now: Ms,
     worker_id: i64,
     incarnation: &str,
-) -> Result<bool, ApiError> {
+) -> Result<bool, StoreError> {
     let known: Option<String> = conn
         .prepare_cached("SELECT incarnation FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))?;
@@ -570,8 +570,8 @@ fn adopt_incarnation(
     Ok(released)
 }
 
-fn stopped() -> ApiError {
-    ApiError::conflict(
+fn stopped() -> StoreError {
+    StoreError::conflict(
         "agent_stopped",
         "this agent process said it was stopping; a new process must be started",
     )
@@ -583,7 +583,7 @@ pub fn check_incarnation(
     conn: &Connection,
     worker_id: i64,
     incarnation: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), StoreError> {
     check_not_decommissioned(conn, worker_id)?;
     let known: Option<String> = conn
         .prepare_cached("SELECT incarnation FROM workers WHERE id = ?1")?
@@ -591,7 +591,7 @@ pub fn check_incarnation(
     match known.as_deref() {
         Some(k) if k == incarnation => Ok(()),
         Some(k) if k.strip_prefix(STOPPED) == Some(incarnation) => Err(stopped()),
-        _ => Err(ApiError::conflict(
+        _ => Err(StoreError::conflict(
             "unknown_incarnation",
             "no heartbeat from this agent process yet (or a newer one took over): heartbeat, then claim",
         )
@@ -599,14 +599,14 @@ pub fn check_incarnation(
     }
 }
 
-pub fn approve(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError> {
+pub fn approve(conn: &Connection, now: Ms, worker_id: i64) -> Result<WorkerDetail, StoreError> {
     let state = state_of(conn, worker_id)?;
     match state {
         WorkerState::Pending => {
             transition(conn, now, worker_id, WorkerState::Idle, "approved by admin")?;
             get(conn, now, worker_id)
         }
-        WorkerState::Decommissioned => Err(ApiError::conflict(
+        WorkerState::Decommissioned => Err(StoreError::conflict(
             "decommissioned",
             format!("worker {worker_id} is decommissioned and cannot be approved"),
         )),
@@ -629,13 +629,13 @@ pub fn act(
     worker_id: i64,
     action: Action,
     why: Option<&str>,
-) -> Result<Value, ApiError> {
+) -> Result<WorkerDetail, StoreError> {
     let state = state_of(conn, worker_id)?;
     let reason = |what: &str| match why {
         Some(w) if !w.is_empty() => format!("{what} by admin: {w}"),
         _ => format!("{what} by admin"),
     };
-    let conflict = |msg: String| Err(ApiError::conflict("invalid_state", msg));
+    let conflict = |msg: String| Err(StoreError::conflict("invalid_state", msg));
     match (action, state) {
         (_, WorkerState::Decommissioned) => {
             return conflict(format!("worker {worker_id} is decommissioned"))
@@ -697,9 +697,9 @@ pub fn set_tags(
     now: Ms,
     worker_id: i64,
     tags: &[String],
-) -> Result<Value, ApiError> {
+) -> Result<WorkerDetail, StoreError> {
     let state = state_of(conn, worker_id)?;
-    let text = serde_json::to_string(tags).map_err(|e| ApiError::internal(e.to_string()))?;
+    let text = serde_json::to_string(tags).map_err(|e| StoreError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET tags = ?2, tags_pinned = 1 WHERE id = ?1")?
         .execute(params![worker_id, text])?;
     let reason = format!("tags set by admin: {}", tags.join(", "));
@@ -725,8 +725,8 @@ pub fn preregister(
     tags: &[String],
     slots: u32,
     token_hash: &str,
-) -> Result<Value, ApiError> {
-    let tags_text = serde_json::to_string(tags).map_err(|e| ApiError::internal(e.to_string()))?;
+) -> Result<WorkerDetail, StoreError> {
+    let tags_text = serde_json::to_string(tags).map_err(|e| StoreError::internal(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO workers (name, state, token_hash, tags, tags_pinned, slots, registered_at)
          VALUES (?1, 'idle', ?2, ?3, ?4, ?5, ?6)",
@@ -760,11 +760,11 @@ pub fn preregister(
     get(conn, now, id)
 }
 
-fn state_of(conn: &Connection, worker_id: i64) -> Result<WorkerState, ApiError> {
+fn state_of(conn: &Connection, worker_id: i64) -> Result<WorkerState, StoreError> {
     conn.prepare_cached("SELECT state FROM workers WHERE id = ?1")?
         .query_row([worker_id], |r| r.get(0))
         .optional()?
-        .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id}")))
+        .ok_or_else(|| StoreError::not_found(format!("no worker with id {worker_id}")))
 }
 
 /// Marks workers silent since `cutoff` offline. Returns how many.
@@ -773,7 +773,7 @@ pub fn mark_silent_offline(
     now: Ms,
     cutoff: Ms,
     silence_s: u64,
-) -> Result<usize, ApiError> {
+) -> Result<usize, StoreError> {
     let silent: Vec<i64> = conn
         .prepare_cached(&format!(
             "SELECT id FROM workers WHERE state IN {LIVE_STATES} AND last_seen_at < ?1 LIMIT 500"
@@ -794,7 +794,7 @@ pub fn mark_silent_offline(
 
 /// At start: every live worker gets a fresh `last_seen_at`, since the
 /// coordinator cannot know when it last heard from it.
-pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
+pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached(&format!(
             "UPDATE workers SET last_seen_at = ?1 WHERE state IN {LIVE_STATES}"
@@ -804,7 +804,7 @@ pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, ApiError> {
 
 /// After the writer could not commit for `by`: live workers' silence
 /// excludes that time (their heartbeats could not be recorded).
-pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, ApiError> {
+pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached(&format!(
             "UPDATE workers SET last_seen_at = min(last_seen_at + ?2, ?1) WHERE state IN {LIVE_STATES}"
@@ -816,131 +816,114 @@ const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, g
     agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
     (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
 
-fn restore_hint(state: WorkerState, name: &str, address: Option<String>) -> Option<String> {
-    let address = address.filter(|_| state == WorkerState::Offline)?;
-    let host = if address.contains(':') {
-        format!("[{address}]")
-    } else {
-        address
-    };
-    // Every value is quoted: names in older databases were not validated.
-    // The secret comes from DROVER_REGISTRATION_SECRET, never argv.
-    Some(format!(
-        "drover-agent deploy {} --name {} --coordinator \"$DROVER_COORDINATOR\"",
-        shell_quote(&format!("root@{host}")),
-        shell_quote(name)
-    ))
+fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
+    Ok(Worker {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        state: r.get(2)?,
+        hostname: r.get(3)?,
+        cpu_cores: r.get(4)?,
+        memory_mb: r.get(5)?,
+        gpus: json_col(&r.get::<_, String>(6)?),
+        tags: json_col(&r.get::<_, String>(7)?),
+        slots: r.get(8)?,
+        agent_version: r.get(9)?,
+        gpu_metrics: json_col(&r.get::<_, String>(10)?),
+        registered_at: r.get(11)?,
+        last_seen_at: r.get(12)?,
+        drain: r.get(13)?,
+        tags_pinned: r.get(14)?,
+        address: r.get(15)?,
+        running_jobs: r.get(16)?,
+    })
 }
 
-fn worker_json(r: &rusqlite::Row) -> rusqlite::Result<Value> {
-    let gpus: String = r.get(6)?;
-    let tags: String = r.get(7)?;
-    let metrics: String = r.get(10)?;
-    Ok(json!({
-        "id": r.get::<_, i64>(0)?,
-        "name": r.get::<_, String>(1)?,
-        "state": r.get::<_, String>(2)?,
-        "hostname": r.get::<_, String>(3)?,
-        "cpu_cores": r.get::<_, i64>(4)?,
-        "memory_mb": r.get::<_, i64>(5)?,
-        "gpus": json_col(&gpus),
-        "tags": json_col(&tags),
-        "slots": r.get::<_, i64>(8)?,
-        "agent_version": r.get::<_, String>(9)?,
-        "gpu_metrics": json_col(&metrics),
-        "registered_at": iso(r.get(11)?),
-        "last_seen_at": iso(r.get(12)?),
-        "drain": r.get::<_, bool>(13)?,
-        "tags_pinned": r.get::<_, bool>(14)?,
-        "address": r.get::<_, Option<String>>(15)?,
-        // How to bring an offline worker back, without SSH keys here.
-        "restore": restore_hint(r.get(2)?, &r.get::<_, String>(1)?, r.get::<_, Option<String>>(15)?),
-        "running_jobs": r.get::<_, i64>(16)?,
-    }))
-}
-
-pub fn list(conn: &Connection) -> Result<Vec<Value>, ApiError> {
+pub fn list(conn: &Connection) -> Result<Vec<Worker>, StoreError> {
     Ok(conn
         .prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY id"))?
-        .query_map([], worker_json)?
+        .query_map([], worker_row)?
         .collect::<Result<_, _>>()?)
 }
 
-/// One worker with its health log and recent jobs.
-pub fn get(conn: &Connection, now: Ms, worker_id: i64) -> Result<Value, ApiError> {
-    let mut w = conn
+/// One worker with its health log, recent jobs and the last hour of GPU
+/// samples.
+pub fn get(conn: &Connection, now: Ms, worker_id: i64) -> Result<WorkerDetail, StoreError> {
+    let worker = conn
         .prepare_cached(&format!(
             "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"
         ))?
-        .query_row([worker_id], worker_json)
+        .query_row([worker_id], worker_row)
         .optional()?
-        .ok_or_else(|| ApiError::not_found(format!("no worker with id {worker_id}")))?;
-    let health: Vec<Value> = conn
+        .ok_or_else(|| StoreError::not_found(format!("no worker with id {worker_id}")))?;
+    let health_log = conn
         .prepare_cached(
             "SELECT at, from_state, to_state, reason FROM worker_health_log
              WHERE worker_id = ?1 ORDER BY id DESC LIMIT 100",
         )?
         .query_map([worker_id], |r| {
-            Ok(json!({
-                "at": iso(r.get(0)?),
-                "from": r.get::<_, Option<String>>(1)?,
-                "to": r.get::<_, String>(2)?,
-                "reason": r.get::<_, String>(3)?,
-            }))
+            Ok(HealthChange {
+                at: r.get(0)?,
+                from: r.get(1)?,
+                to: r.get(2)?,
+                reason: r.get(3)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
-    let recent: Vec<Value> = conn
+    let recent_jobs = conn
         .prepare_cached(
             "SELECT job_id, attempt, started_at, ended_at, outcome, exit_code FROM job_attempts
              WHERE worker_id = ?1 ORDER BY started_at DESC LIMIT 50",
         )?
         .query_map([worker_id], |r| {
-            Ok(json!({
-                "job_id": r.get::<_, i64>(0)?,
-                "attempt": r.get::<_, i64>(1)?,
-                "started_at": iso(r.get(2)?),
-                "ended_at": iso(r.get(3)?),
-                "outcome": r.get::<_, Option<String>>(4)?,
-                "exit_code": r.get::<_, Option<i64>>(5)?,
-            }))
+            Ok(RecentAttempt {
+                job_id: r.get(0)?,
+                attempt: r.get(1)?,
+                started_at: r.get(2)?,
+                ended_at: r.get(3)?,
+                outcome: r.get(4)?,
+                exit_code: r.get(5)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
-    let history: Vec<Value> = conn
+    let gpu_history = conn
         .prepare_cached(
             "SELECT gpu_index, at, utilization_pct, memory_used_mb, temperature_c, power_w FROM gpu_metrics
              WHERE worker_id = ?1 AND at > ?2 ORDER BY at",
         )?
         .query_map(params![worker_id, now - 3_600_000], |r| {
-            Ok(json!({
-                "gpu": r.get::<_, i64>(0)?,
-                "at": iso(r.get(1)?),
-                "utilization_pct": r.get::<_, f64>(2)?,
-                "memory_used_mb": r.get::<_, i64>(3)?,
-                "temperature_c": r.get::<_, f64>(4)?,
-                "power_w": r.get::<_, f64>(5)?,
-            }))
+            Ok(GpuSample {
+                gpu: r.get(0)?,
+                at: r.get(1)?,
+                utilization_pct: r.get(2)?,
+                memory_used_mb: r.get(3)?,
+                temperature_c: r.get(4)?,
+                power_w: r.get(5)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
-    w["gpu_history"] = Value::Array(history);
-    w["health_log"] = Value::Array(health);
-    w["recent_jobs"] = Value::Array(recent);
-    Ok(w)
+    Ok(WorkerDetail {
+        worker,
+        gpu_history,
+        health_log,
+        recent_jobs,
+    })
 }
 
 /// Fleet summary: workers by state, GPUs, jobs by status.
-pub fn stats(conn: &Connection, now: Ms) -> Result<Value, ApiError> {
-    let mut workers = serde_json::Map::new();
+pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
+    let mut stats = Stats::default();
     for state in WorkerState::ALL {
-        workers.insert(state.as_str().to_string(), json!(0));
+        stats.workers.insert(state.as_str(), 0);
     }
     let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM workers GROUP BY state")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+    for row in stmt.query_map([], |r| {
+        Ok((r.get::<_, WorkerState>(0)?, r.get::<_, i64>(1)?))
+    })? {
         let (state, n) = row?;
-        workers.insert(state, json!(n));
+        stats.workers.insert(state.as_str(), n);
     }
-    let mut jobs = serde_json::Map::new();
-    for status in crate::lifecycle::JobStatus::ALL {
-        jobs.insert(status.as_str().to_string(), json!(0));
+    for status in JobStatus::ALL {
+        stats.jobs.insert(status.as_str(), 0);
     }
     // Each part reads its partial index (there is no index on status alone).
     let mut stmt = conn.prepare_cached(
@@ -951,11 +934,11 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Value, ApiError> {
          SELECT status, count(*) FROM jobs INDEXED BY jobs_finished_by_status
          WHERE finished_at IS NOT NULL GROUP BY status",
     )?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+    for row in stmt.query_map([], |r| Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?)))? {
         let (status, n) = row?;
-        jobs.insert(status, json!(n));
+        stats.jobs.insert(status.as_str(), n);
     }
-    let (gpus_total, gpus_busy): (i64, i64) = conn
+    (stats.gpus_total, stats.gpus_busy) = conn
         .prepare_cached(&format!(
             "SELECT
                (SELECT coalesce(sum(json_array_length(gpus)), 0) FROM workers WHERE state IN {LIVE_STATES}),
@@ -963,33 +946,23 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Value, ApiError> {
         ))?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     // Queue wait of jobs dispatched in the last hour: first claim - submit.
-    let mut waits: Vec<i64> = conn
+    stats.queue_waits = conn
         .prepare_cached(
             "SELECT a.started_at - j.created_at FROM job_attempts a INDEXED BY job_attempts_by_start
              JOIN jobs j ON j.id = a.job_id WHERE a.started_at > ?1 AND a.attempt = 1",
         )?
         .query_map([now - 3_600_000], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    waits.sort_unstable();
-    let pct = |p: f64| -> Option<f64> {
-        let i = ((waits.len() as f64 - 1.0) * p).round() as usize;
-        waits.get(i).map(|w| *w as f64 / 1000.0)
-    };
-    let last_event_id: i64 = conn
+    stats.queue_waits.sort_unstable();
+    stats.last_event_id = conn
         .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
         .query_row([], |r| r.get(0))?;
-    Ok(json!({
-        "workers": workers,
-        "jobs": jobs,
-        "gpus": {"total": gpus_total, "busy": gpus_busy},
-        "last_event_id": last_event_id,
-        "queue_wait_s_last_hour": {"p50": pct(0.5), "p95": pct(0.95), "dispatched": waits.len()},
-    }))
+    Ok(stats)
 }
 
 /// Drops GPU samples older than `cutoff`, at most a batch per call (big
 /// deletes grow the WAL and hold the write lock).
-pub fn prune_gpu_history(conn: &Connection, cutoff: Ms) -> Result<usize, ApiError> {
+pub fn prune_gpu_history(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError> {
     Ok(conn
         .prepare_cached(
             "DELETE FROM gpu_metrics WHERE rowid IN (SELECT rowid FROM gpu_metrics WHERE at < ?1 ORDER BY at LIMIT 5000)",

@@ -1,0 +1,390 @@
+//! The store's operations: everything the rest of the coordinator asks of
+//! the database, each one transaction. This is the store boundary: outside
+//! `db/`, code calls these and sees typed rows ([`crate::model`]) and
+//! [`StoreError`], never SQL or a connection. A second engine implements
+//! the same list.
+
+use super::dispatch::{self, Round};
+use super::logs::{self, LogRows};
+use super::workers::{self, Action, Agent, Beat, Registrant};
+use super::{events, jobs, leases, retention, wall_offset, Db, Ms, Queued, StoreError};
+use crate::model::{Event, Job, Stats, Worker, WorkerDetail};
+use crate::spec::NewJob;
+use drover_proto::{
+    CompleteRequest, CompleteResponse, Completion, CompletionResult, HeartbeatRequest,
+    RegisterRequest,
+};
+use std::collections::HashMap;
+
+/// Lease time-to-live and the heartbeat interval (the grace for a report
+/// in flight), both in ms.
+pub type BeatTimes = (Ms, Ms);
+
+/// What one sweep pass changed in the store.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub expired: usize,
+    pub offline: usize,
+    /// Jobs waiting for `not_before` re-timed after a wall-clock step.
+    pub retimed: usize,
+    /// The wall clock's offset this pass went by.
+    pub wall_offset: Ms,
+}
+
+/// What a claim's piggy-backed reports and heartbeat came to: each
+/// report's answer, the heartbeat's, and the incarnation check.
+pub type ClaimRecord = (Vec<CompletionResult>, Option<Beat>, Result<(), StoreError>);
+
+impl Db {
+    // Startup and background work.
+
+    /// Re-times what was measured on the previous process's clock: running
+    /// leases get `grace` to be renewed, live workers a fresh silence
+    /// window, waiting jobs their backoff. (leases, workers, jobs) changed.
+    pub async fn prepare_start(
+        &self,
+        grace: Ms,
+        retry_base: Ms,
+    ) -> Result<(usize, usize, usize), StoreError> {
+        self.write(move |c, now| {
+            Ok((
+                leases::rebase_leases(c, now, grace)?,
+                workers::rebase_liveness(c, now)?,
+                jobs::rebase_waiting(c, now, retry_base)?,
+            ))
+        })
+        .await
+    }
+
+    /// One sweep: leases past their deadline, workers silent since
+    /// `silence`, GPU samples older than `history`; `was` is the wall
+    /// clock's offset at the last pass.
+    pub async fn sweep(&self, silence: Ms, history: Ms, was: Ms) -> Result<Pass, StoreError> {
+        self.write(move |c, now| {
+            let expired = leases::expire_leases(c, now)?;
+            let offline =
+                workers::mark_silent_offline(c, now, now - silence, (silence / 1000) as u64)?;
+            workers::prune_gpu_history(c, now - history)?;
+            let mut wall = wall_offset(now);
+            let mut retimed = 0;
+            if (wall - was).abs() >= super::CLOCK_STEP {
+                retimed = jobs::retime_not_before(c, now, wall, was)?;
+            } else {
+                wall = was;
+            }
+            Ok(Pass {
+                expired,
+                offline,
+                retimed,
+                wall_offset: wall,
+            })
+        })
+        .await
+    }
+
+    /// One batch of retention: finished jobs and events older than `keep`.
+    pub async fn prune(&self, keep: Ms) -> Result<(usize, usize), StoreError> {
+        self.write(move |c, now| {
+            let cutoff = now - keep;
+            Ok((
+                retention::prune_finished(c, cutoff)?,
+                retention::prune_events(c, cutoff)?,
+            ))
+        })
+        .await
+    }
+
+    /// The schema version the file holds.
+    pub async fn schema_version_on_disk(&self) -> Result<i64, StoreError> {
+        self.read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
+            .await
+    }
+
+    // Dispatch.
+
+    /// One dispatch round for the workers with a claim parked.
+    pub async fn dispatch_round(
+        &self,
+        waiting: Vec<i64>,
+        lease_ttl: Ms,
+        reserve_after: Ms,
+        reservations: HashMap<i64, i64>,
+    ) -> Result<Round, StoreError> {
+        self.write(move |c, now| {
+            dispatch::round(c, now, &waiting, lease_ttl, reserve_after, &reservations)
+        })
+        .await
+    }
+
+    /// Puts back grants no claim took: (worker, job, attempt).
+    pub async fn release_undelivered(
+        &self,
+        grants: Vec<(i64, i64, i64)>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c, now| {
+            for (worker, job, attempt) in &grants {
+                leases::release_undelivered(c, now, *worker, *job, *attempt)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // Agents.
+
+    /// The worker a token hash belongs to.
+    pub async fn authenticate(&self, token_hash: String) -> Result<Option<Agent>, StoreError> {
+        self.read(move |c, _| workers::authenticate(c, &token_hash))
+            .await
+    }
+
+    /// Registers (or re-registers) a worker: (id, state).
+    pub async fn register(
+        &self,
+        req: RegisterRequest,
+        token_hash: String,
+        auto_approve: bool,
+        who: Registrant,
+        address: String,
+    ) -> Result<(i64, String), StoreError> {
+        self.write(move |c, now| {
+            workers::register(c, now, &req, &token_hash, auto_approve, who, &address)
+        })
+        .await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        worker_id: i64,
+        req: HeartbeatRequest,
+        times: BeatTimes,
+    ) -> Result<Beat, StoreError> {
+        self.write(move |c, now| workers::heartbeat(c, now, worker_id, &req, times, ""))
+            .await
+    }
+
+    /// Refuses a claim from an agent process that is not the worker's
+    /// current one.
+    pub async fn check_incarnation(
+        &self,
+        worker_id: i64,
+        incarnation: String,
+    ) -> Result<(), StoreError> {
+        self.read(move |c, _| workers::check_incarnation(c, worker_id, &incarnation))
+            .await
+    }
+
+    /// Queues an agent's report of an attempt's end.
+    pub async fn queue_complete(
+        &self,
+        worker_id: i64,
+        job_id: i64,
+        req: CompleteRequest,
+        retry_backoff: Ms,
+    ) -> Result<Queued<CompleteResponse>, StoreError> {
+        self.queue(move |c, now| jobs::complete(c, now, worker_id, job_id, &req, retry_backoff))
+            .await
+    }
+
+    /// Queues what a claim carries, in one transaction: its reports first
+    /// (they stand on their own, and the heartbeat's new incarnation would
+    /// release the leases they report on), then the heartbeat, then the
+    /// incarnation check. A refused report is that report's answer; a
+    /// store failure fails the whole claim.
+    pub async fn queue_claim_record(
+        &self,
+        worker_id: i64,
+        completed: Vec<Completion>,
+        beat: Option<HeartbeatRequest>,
+        incarnation: String,
+        retry_backoff: Ms,
+        times: BeatTimes,
+    ) -> Result<Queued<ClaimRecord>, StoreError> {
+        self.queue(move |c, now| {
+            let results = completed
+                .iter()
+                .map(|done| jobs::report(c, now, worker_id, done, retry_backoff))
+                .collect::<Result<Vec<_>, _>>()?;
+            let beat = beat
+                .map(|b| workers::heartbeat(c, now, worker_id, &b, times, "beat."))
+                .transpose()?;
+            let fresh = workers::check_incarnation(c, worker_id, &incarnation);
+            Ok((results, beat, fresh))
+        })
+        .await
+    }
+
+    /// Appends a chunk of an attempt's output; true when the cap cut it.
+    pub async fn append_log(
+        &self,
+        worker_id: i64,
+        job_id: i64,
+        attempt: i64,
+        stream: String,
+        data: impl AsRef<[u8]> + Send + 'static,
+        cap: u64,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c, now| {
+            logs::append_log(
+                c,
+                now,
+                worker_id,
+                job_id,
+                attempt,
+                &stream,
+                data.as_ref(),
+                cap,
+            )
+        })
+        .await
+    }
+
+    // Jobs.
+
+    /// Queues submissions, all in one transaction: (created, job) each.
+    /// In a batch (`indexed`), an error names the job's index: `[3].field`.
+    pub async fn queue_submit(
+        &self,
+        specs: Vec<NewJob>,
+        indexed: bool,
+    ) -> Result<Queued<Vec<(bool, Job)>>, StoreError> {
+        self.queue(move |c, now| {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, job)| {
+                    jobs::submit(c, now, job).map_err(|mut e| {
+                        if indexed {
+                            e.field = Some(format!("[{i}].{}", e.field.unwrap_or_default()));
+                        }
+                        e
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Says why each queued job of `jobs` waits (`reserved`: job ->
+    /// the worker kept free for it).
+    pub async fn explain(
+        &self,
+        mut jobs: Vec<Job>,
+        reserved: HashMap<i64, i64>,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(move |c, now| {
+            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
+            Ok(jobs)
+        })
+        .await
+    }
+
+    /// Newest first, optionally of one status, each queued one explained.
+    pub async fn jobs(
+        &self,
+        status: Option<crate::lifecycle::JobStatus>,
+        limit: i64,
+        reserved: HashMap<i64, i64>,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(move |c, now| {
+            let mut jobs = jobs::list(c, status, limit)?;
+            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
+            Ok(jobs)
+        })
+        .await
+    }
+
+    /// One job with its attempts and, queued, why it waits.
+    pub async fn job(&self, id: i64, reserved_on: Option<i64>) -> Result<Job, StoreError> {
+        self.read(move |c, now| {
+            let mut job = jobs::get(c, id)?;
+            job.waiting_reason = dispatch::why_waiting(c, now, id, reserved_on, &mut None)?;
+            Ok(job)
+        })
+        .await
+    }
+
+    pub async fn cancel(&self, id: i64) -> Result<Job, StoreError> {
+        self.write(move |c, now| jobs::cancel(c, now, id)).await
+    }
+
+    pub async fn retry(&self, id: i64) -> Result<Job, StoreError> {
+        self.write(move |c, now| jobs::retry(c, now, id)).await
+    }
+
+    /// Output rows of an attempt (default: the latest) after row `after`:
+    /// (attempt, rows, whether the attempt still runs).
+    pub async fn log_after(
+        &self,
+        id: i64,
+        attempt: Option<i64>,
+        after: i64,
+    ) -> Result<(i64, LogRows, bool), StoreError> {
+        self.read(move |c, _| logs::log_after(c, id, attempt, after))
+            .await
+    }
+
+    /// The whole output of an attempt (default: the latest).
+    pub async fn read_log(
+        &self,
+        id: i64,
+        attempt: Option<i64>,
+    ) -> Result<(i64, Vec<u8>), StoreError> {
+        self.read(move |c, _| logs::read_log(c, id, attempt)).await
+    }
+
+    pub async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
+        self.read(move |c, _| events::events_after(c, after, limit))
+            .await
+    }
+
+    // Workers.
+
+    pub async fn workers(&self) -> Result<Vec<Worker>, StoreError> {
+        self.read(|c, _| workers::list(c)).await
+    }
+
+    pub async fn worker(&self, id: i64) -> Result<WorkerDetail, StoreError> {
+        self.read(move |c, now| workers::get(c, now, id)).await
+    }
+
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        self.read(workers::stats).await
+    }
+
+    /// The worker's agent log lines, as text.
+    pub async fn agent_log(&self, id: i64) -> Result<String, StoreError> {
+        self.read(move |c, _| workers::agent_log(c, id)).await
+    }
+
+    pub async fn approve(&self, id: i64) -> Result<WorkerDetail, StoreError> {
+        self.write(move |c, now| workers::approve(c, now, id)).await
+    }
+
+    pub async fn act(
+        &self,
+        id: i64,
+        action: Action,
+        reason: Option<String>,
+    ) -> Result<WorkerDetail, StoreError> {
+        self.write(move |c, now| workers::act(c, now, id, action, reason.as_deref()))
+            .await
+    }
+
+    pub async fn set_tags(&self, id: i64, tags: Vec<String>) -> Result<WorkerDetail, StoreError> {
+        self.write(move |c, now| workers::set_tags(c, now, id, &tags))
+            .await
+    }
+
+    /// Registers a worker ahead of its agent, approved.
+    pub async fn preregister(
+        &self,
+        name: String,
+        tags: Vec<String>,
+        slots: u32,
+        token_hash: String,
+    ) -> Result<WorkerDetail, StoreError> {
+        self.write(move |c, now| workers::preregister(c, now, &name, &tags, slots, &token_hash))
+            .await
+    }
+}
