@@ -94,7 +94,7 @@ pub enum Command {
         agents: usize,
         /// What their jobs do.
         #[arg(long, value_enum, default_value = "noop")]
-        job_mode: crate::simulate::JobMode,
+        job_mode: JobMode,
         /// Seconds to run.
         #[arg(long, default_value_t = 60)]
         duration: u64,
@@ -223,6 +223,15 @@ impl Config {
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
         })
     }
+}
+
+/// What virtual jobs do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JobMode {
+    /// Complete at once.
+    Noop,
+    /// Sleep 0-2 s, then complete.
+    Sleep,
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! only) keeps thousands of parked claims at a few KB each. Runs for `--duration` and
 //! stops by itself, printing figures (and a JSON summary line at the end).
 
-use crate::config::Args;
+use crate::config::{Args, JobMode};
 use drover_proto::{
     ClaimResponse, CompleteRequest, Completion, HeartbeatResponse, LeaseRef, Outcome,
     RegisterResponse,
@@ -20,15 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-/// What virtual jobs do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum JobMode {
-    /// Complete at once.
-    Noop,
-    /// Sleep 0-2 s, then complete.
-    Sleep,
-}
 
 /// One keep-alive HTTP/1.1 connection.
 struct Http {

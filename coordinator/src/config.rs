@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub const DEFAULT_DB: &str = "/var/lib/drover/drover.db";
+
 /// `drover-coordinator [FLAGS]` runs the coordinator; `install` sets it up.
 #[derive(Debug, Parser)]
 #[command(
@@ -28,7 +30,7 @@ pub enum Command {
     /// flags given (the admin token and registration secret are generated
     /// when not given); prints the command that adds workers.
     #[command(mut_arg("db", |a| a
-        .default_value(crate::install::DEFAULT_DB)
+        .default_value(DEFAULT_DB)
         .help("SQLite database file (under PREFIX when --prefix is given)")))]
     Install {
         /// Root of the install: PREFIX/bin (default /usr/local/bin), and when
@@ -227,6 +229,6 @@ mod tests {
             .find(|a| a.get_id() == "db")
             .unwrap();
         let defaults: Vec<_> = db.get_default_values().iter().collect();
-        assert_eq!(defaults, vec![crate::install::DEFAULT_DB]);
+        assert_eq!(defaults, vec![super::DEFAULT_DB]);
     }
 }

@@ -3,7 +3,7 @@
 //! from `systemd/` pointed at them, then systemd (or a detached process).
 
 use crate::auth;
-use crate::config::{Args, Config};
+use crate::config::{Args, Config, DEFAULT_DB};
 use crate::service::{
     env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
 };
@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const UNIT: &str = include_str!("../../systemd/drover-coordinator.service");
-pub const DEFAULT_DB: &str = "/var/lib/drover/drover.db";
 
 pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Result<(), String> {
     let root = prefix.unwrap_or(Path::new("/usr/local"));

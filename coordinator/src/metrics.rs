@@ -6,6 +6,10 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// Attempts that ended with their job back in the queue (for /metrics; a
+/// transaction that fails to commit after deciding one still counts it).
+pub static REQUEUES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A histogram with fixed bucket bounds, in seconds.
 pub struct Histogram {
     bounds: &'static [f64],
@@ -115,7 +119,7 @@ impl Metrics {
             out,
             "drover_jobs_requeued_total",
             "Attempts that ended with their job back in the queue (lease lost, retry, hand-back).",
-            crate::db::jobs::REQUEUES.load(Ordering::Relaxed),
+            REQUEUES.load(Ordering::Relaxed),
         );
         counter(
             out,

@@ -1,12 +1,46 @@
-//! What the store returns to read: jobs, workers, events and the fleet
+//! What the store takes to insert (a validated submission) and what it
+//! returns to read: jobs, workers, events and the fleet
 //! summary as typed rows. Any store fills them the same way; `api/views.rs`
 //! renders them as the API's JSON. Times are the store's milliseconds
 //! ([`Ms`]); JSON columns (commands, tags, metadata) stay JSON values.
 
 use crate::db::Ms;
 use crate::lifecycle::{JobStatus, WorkerState};
+use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+
+/// A validated submission, ready to insert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NewJob {
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub gpus: u32,
+    pub min_vram_mb: u64,
+    pub cpu_fallback: bool,
+    pub required_tags: Vec<String>,
+    pub preferred_tags: Vec<String>,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub timeout_s: Option<u64>,
+    /// Milliseconds since the epoch.
+    pub not_before: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub metadata: Value,
+}
+
+impl NewJob {
+    /// SHA-256 of the normalized spec: equal for equal submissions.
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
 
 /// A job as stored.
 #[derive(Debug, Clone)]

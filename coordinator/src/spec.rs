@@ -2,9 +2,10 @@
 //! and validated into a [`NewJob`] before anything is written.
 
 use crate::error::ApiError;
-use serde::{Deserialize, Serialize};
+use crate::model::NewJob;
+use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+
 use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
@@ -39,40 +40,9 @@ pub struct JobSpec {
     pub metadata: Option<Value>,
 }
 
-/// A validated submission, ready to insert.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NewJob {
-    pub command: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    pub gpus: u32,
-    pub min_vram_mb: u64,
-    pub cpu_fallback: bool,
-    pub required_tags: Vec<String>,
-    pub preferred_tags: Vec<String>,
-    pub priority: i32,
-    pub max_attempts: u32,
-    pub timeout_s: Option<u64>,
-    /// Milliseconds since the epoch.
-    pub not_before: Option<i64>,
-    pub idempotency_key: Option<String>,
-    pub metadata: Value,
-}
-
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const MAX_ARGS_BYTES: usize = 256 * 1024;
 const MAX_METADATA_BYTES: usize = 64 * 1024;
-
-impl NewJob {
-    /// SHA-256 of the normalized spec: equal for equal submissions.
-    pub fn fingerprint(&self) -> String {
-        let text = serde_json::to_string(self).unwrap_or_default();
-        Sha256::digest(text.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-}
 
 fn no_nul(field: &str, s: &str) -> Result<(), ApiError> {
     if s.contains('\0') {

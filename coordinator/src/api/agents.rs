@@ -1,6 +1,5 @@
 //! Agent routes: register, heartbeat, claim (long-poll).
 
-use super::jobs::check_report;
 use super::{int_param, parse_json, read_body, AppState, AGENT_LIMIT, JSON_LIMIT, MAX_WAIT_S};
 use crate::auth;
 use crate::db::{ms, workers};
@@ -14,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use drover_proto::{
-    ClaimRequest, ClaimResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse,
+    ClaimRequest, ClaimResponse, CompleteRequest, HeartbeatRequest, HeartbeatResponse,
+    RegisterRequest, RegisterResponse,
 };
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -356,6 +355,24 @@ pub async fn claim(
         })
         .into_response(),
     })
+}
+
+/// Checks an agent's report of an attempt's end; `at` prefixes the field
+/// names (a report inside a claim's `completed` list).
+pub fn check_report(req: &CompleteRequest, at: &str) -> Result<(), ApiError> {
+    if req.attempt < 1 {
+        return Err(ApiError::invalid(
+            &format!("{at}attempt"),
+            "must be 1 or more",
+        ));
+    }
+    if req.error.as_ref().is_some_and(|e| e.len() > 4096) {
+        return Err(ApiError::invalid(
+            &format!("{at}error"),
+            "at most 4096 bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// Reports sent with one claim, at most.

@@ -3,7 +3,7 @@
 //! and never panic.
 
 use super::agents::check_beat;
-use super::jobs::check_report;
+use super::agents::check_report;
 use super::parse_json;
 use crate::error::ApiError;
 use crate::spec::JobSpec;

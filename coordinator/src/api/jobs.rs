@@ -1,7 +1,7 @@
 //! Job routes: submit, list, get, cancel (admin); complete and log chunks
 //! (the agent holding the lease); read logs (admin).
 
-use super::agents::authenticate;
+use super::agents::{authenticate, check_report};
 use super::{
     int_param, parse_json, path_id, query_param, read_body, require_admin, streaming, AppState,
 };
@@ -13,7 +13,8 @@ use super::views;
 use crate::db::ms;
 use crate::error::ApiError;
 use crate::lifecycle::JobStatus;
-use crate::spec::{JobSpec, NewJob};
+use crate::model::NewJob;
+use crate::spec::JobSpec;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -172,24 +173,6 @@ pub async fn complete(
         );
     }
     Ok(Json(resp).into_response())
-}
-
-/// Checks an agent's report of an attempt's end; `at` prefixes the field
-/// names (a report inside a claim's `completed` list).
-pub fn check_report(req: &CompleteRequest, at: &str) -> Result<(), ApiError> {
-    if req.attempt < 1 {
-        return Err(ApiError::invalid(
-            &format!("{at}attempt"),
-            "must be 1 or more",
-        ));
-    }
-    if req.error.as_ref().is_some_and(|e| e.len() > 4096) {
-        return Err(ApiError::invalid(
-            &format!("{at}error"),
-            "at most 4096 bytes",
-        ));
-    }
-    Ok(())
 }
 
 pub async fn append_log(

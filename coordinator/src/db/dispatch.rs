@@ -10,7 +10,7 @@
 
 use super::jobs::grant;
 use super::leases::take_orders;
-use super::workers;
+use super::worker_state;
 use super::StoreError;
 use super::{iso, Ms};
 use crate::lifecycle::JobStatus;
@@ -389,7 +389,7 @@ pub fn round(
             // A worker already running something is busy: only its first
             // job can change its state.
             if offers[i].running == 0 {
-                workers::refresh_load(conn, now, worker, &format!("claimed job {}", job.id))?;
+                worker_state::refresh_load(conn, now, worker, &format!("claimed job {}", job.id))?;
             }
             round.waits.push(now - job.claimable_since);
             offers[i].take(&gpus);

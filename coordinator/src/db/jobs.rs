@@ -9,19 +9,15 @@
 //! [`crate::lifecycle::decide`].
 
 use super::StoreError;
-use super::{event, iso, json_col, wall_offset, workers, Ms};
+use super::{event, iso, json_col, wall_offset, worker_state, Ms};
 use crate::lifecycle::{
     self, AttemptEnd, Counters, JobStatus, LostReason, Policy, Transition, BACKOFF_CAP_MS,
 };
+use crate::model::NewJob;
 use crate::model::{Attempt, Job};
-use crate::spec::NewJob;
 use drover_proto::{Assignment, CompleteRequest, CompleteResponse, Completion, CompletionResult};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
-
-/// Attempts that ended with their job back in the queue (for /metrics; a
-/// transaction that fails to commit after deciding one still counts it).
-pub static REQUEUES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Backoff after the second and later lease losses: 10 s x 2^n, capped.
 const LOSS_BACKOFF_MS: Ms = 10_000;
@@ -164,7 +160,7 @@ struct Ended<'a> {
 }
 
 /// Gives `job_id` to `worker_id` with a new lease on `gpu_indices`. The
-/// caller moves an idle worker to busy (`workers::refresh_load`).
+/// caller moves an idle worker to busy (`worker_state::refresh_load`).
 pub(super) fn grant(
     conn: &Connection,
     now: Ms,
@@ -303,7 +299,7 @@ fn apply(conn: &Connection, now: Ms, f: Fence, t: &Transition) -> Result<bool, S
         return Ok(false);
     }
     if !terminal {
-        REQUEUES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::REQUEUES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     conn.prepare_cached(
         "UPDATE job_attempts SET ended_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
@@ -331,7 +327,7 @@ fn apply(conn: &Connection, now: Ms, f: Fence, t: &Transition) -> Result<bool, S
             run_after: iso(Some(t.run_after)),
         },
     )?;
-    workers::refresh_load(
+    worker_state::refresh_load(
         conn,
         now,
         f.worker_id,

@@ -31,6 +31,7 @@ pub mod leases;
 pub mod logs;
 mod ops;
 pub mod retention;
+pub mod worker_state;
 pub mod workers;
 
 mod error;

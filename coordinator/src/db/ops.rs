@@ -8,8 +8,8 @@ use super::dispatch::{self, Round};
 use super::logs::{self, LogRows};
 use super::workers::{self, Action, Agent, Beat, Registrant};
 use super::{events, jobs, leases, retention, wall_offset, Db, Ms, Queued, StoreError};
+use crate::model::NewJob;
 use crate::model::{Event, Job, Stats, Worker, WorkerDetail};
-use crate::spec::NewJob;
 use drover_proto::{
     CompleteRequest, CompleteResponse, Completion, CompletionResult, HeartbeatRequest,
     RegisterRequest,
