@@ -2,24 +2,17 @@
 //! claims the jobs it can run, runs them, and reports. `main.rs` parses
 //! flags and calls [`run`].
 
-/// `println!` that ignores a closed stdout (output piped into `head`, say):
-/// an install must not stop half way because nobody reads its report.
-macro_rules! say {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
-    }};
-}
+#[macro_use]
+extern crate drover_host;
+
+use drover_host::lockfile;
 
 pub mod client;
 pub mod config;
-pub mod deploy;
 pub mod inventory;
 pub mod job;
-pub mod lockfile;
 pub mod logring;
-pub mod service;
-pub mod setup;
+pub mod ops;
 pub mod simulate;
 pub mod spawn;
 pub mod state;

@@ -1,5 +1,5 @@
 use agent::config::{Cli, Command, Config};
-use agent::{deploy, setup};
+use agent::ops::{deploy, setup};
 use clap::Parser;
 use std::process::ExitCode;
 

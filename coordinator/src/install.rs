@@ -4,7 +4,7 @@
 
 use crate::auth;
 use crate::config::{Args, Config, DEFAULT_DB};
-use crate::service::{
+use drover_host::service::{
     env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
 };
 use std::collections::BTreeMap;

@@ -1,14 +1,8 @@
 //! Drover coordinator: the worker registry and the job queue in one SQLite
 //! file behind an HTTP+JSON API. `main.rs` parses flags and calls [`run`].
 
-/// `println!` that ignores a closed stdout (output piped into `head`, say):
-/// an install must not stop half way because nobody reads its report.
-macro_rules! say {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
-    }};
-}
+#[macro_use]
+extern crate drover_host;
 
 pub mod api;
 pub mod app;
@@ -20,21 +14,18 @@ pub mod error;
 pub mod http;
 pub mod install;
 pub mod lifecycle;
-#[path = "../../agent/src/lockfile.rs"]
-mod lockfile;
 pub mod matching;
 pub mod metrics;
 pub mod model;
 pub mod parked;
 pub mod ratelimit;
-#[path = "../../agent/src/service.rs"]
-mod service;
 pub mod spec;
 pub mod sweep;
 
 use app::App;
 use config::Config;
 use db::{ms, Clock, Db};
+use drover_host::lockfile;
 use std::sync::Arc;
 
 /// Runs the coordinator until SIGTERM or SIGINT.

@@ -5,7 +5,7 @@
 
 use crate::config::{Args, Config};
 use crate::inventory::GpuSource;
-use crate::service::{
+use drover_host::service::{
     env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
 };
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const UNIT: &str = include_str!("../../systemd/drover-agent.service");
+const UNIT: &str = include_str!("../../../systemd/drover-agent.service");
 const DEFAULT_STATE_DIR: &str = "/var/lib/drover-agent";
 
 /// Where an install puts things.

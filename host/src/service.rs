@@ -3,6 +3,7 @@
 //! files. Shared by `drover-agent install` and `drover-coordinator install`
 //! (the coordinator includes this file).
 
+use rustix::process::{kill_process, Pid, Signal};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -92,6 +93,13 @@ pub fn systemctl(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Sends `sig` to `pid`; a process already gone is no error.
+fn signal(pid: i32, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = kill_process(pid, sig);
+    }
+}
+
 /// A program run without systemd: detached, with `STEM.pid` and `STEM.log`
 /// in `dir`.
 pub struct Detached {
@@ -133,19 +141,13 @@ impl Detached {
             return;
         };
         say!("stopping the running {} (pid {pid})", self.stem);
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
+        signal(pid, Signal::TERM);
         let start = Instant::now();
         while self.running_pid().is_some() && start.elapsed() < patience {
             std::thread::sleep(Duration::from_millis(100));
         }
         if self.running_pid().is_some() {
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            signal(pid, Signal::KILL);
         }
         let _ = std::fs::remove_file(self.pid_file());
     }

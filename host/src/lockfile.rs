@@ -2,9 +2,9 @@
 //! holder. The kernel drops the lock when the holder dies, so a lock left by
 //! a `kill -9` never blocks a restart. Shared with drover-coordinator.
 
+use rustix::fs::FlockOperation;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// Held while alive; dropping it (or the process ending) releases the lock.
@@ -26,11 +26,9 @@ pub fn acquire(path: &Path, holder: &str) -> Result<Lock, LockError> {
         .mode(0o600)
         .open(path)
         .map_err(io)?;
-    // SAFETY: flock only takes a descriptor that `file` keeps open.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(io(e));
+    if let Err(e) = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        if e != rustix::io::Errno::WOULDBLOCK {
+            return Err(io(e.into()));
         }
         let mut text = String::new();
         let _ = file.take(4096).read_to_string(&mut text);
