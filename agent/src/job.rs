@@ -7,6 +7,7 @@ use crate::client::{backoff, Client};
 use crate::spawn;
 use crate::state::{Spooled, StateDir};
 use drover_proto::{Assignment, CompleteRequest, Outcome};
+use rustix::process::{kill_process, kill_process_group, Pid, Signal};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -73,12 +74,9 @@ pub async fn run(ctx: Arc<Ctx>, a: Assignment, control: mpsc::UnboundedReceiver<
     }
 }
 
-fn signal_group(pgid: i32, sig: i32) {
-    if pgid > 0 {
-        // SAFETY: killpg has no memory-safety preconditions.
-        unsafe {
-            libc::killpg(pgid, sig);
-        }
+fn signal_group(pgid: i32, sig: Signal) {
+    if let Some(pgid) = Pid::from_raw(pgid) {
+        let _ = kill_process_group(pgid, sig);
     }
 }
 
@@ -168,7 +166,7 @@ async fn supervise(
     let spool = match OutputSpool::create(dir.join("output.spool")).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            signal_group(pgid, libc::SIGKILL);
+            signal_group(pgid, Signal::KILL);
             let _ = child.wait().await;
             return Some(failed(format!(
                 "creating the output spool in {}: {e}",
@@ -206,7 +204,7 @@ async fn supervise(
                 Some(Control::Cancel(reason)) => Stop::Cancel(reason),
                 Some(Control::Abandon) => {
                     log::warn!("killing job job_id={} attempt={}: this agent was revoked", a.job_id, a.attempt);
-                    signal_group(pgid, libc::SIGKILL);
+                    signal_group(pgid, Signal::KILL);
                     stop = Some(Stop::Abandoned);
                     continue;
                 }
@@ -222,7 +220,7 @@ async fn supervise(
             },
             _ = sleep_until(kill_at) => {
                 log::warn!("job ignored SIGTERM for {}s, killing job_id={} attempt={}", ctx.kill_grace.as_secs(), a.job_id, a.attempt);
-                signal_group(pgid, libc::SIGKILL);
+                signal_group(pgid, Signal::KILL);
                 kill_at = None;
                 continue;
             }
@@ -233,13 +231,13 @@ async fn supervise(
             a.attempt,
             describe(&new_stop)
         );
-        signal_group(pgid, libc::SIGTERM);
+        signal_group(pgid, Signal::TERM);
         kill_at = Some(Instant::now() + ctx.kill_grace);
         stop = Some(new_stop);
     };
     log::debug!("job process exited job_id={} status={status:?}", a.job_id);
     // Whatever the job left running in its group ends with it.
-    signal_group(pgid, libc::SIGKILL);
+    signal_group(pgid, Signal::KILL);
     for p in pumps {
         let abort = p.abort_handle();
         if tokio::time::timeout(Duration::from_secs(5), p)
@@ -356,11 +354,8 @@ pub fn reap_leftovers(state: &crate::state::StateDir) -> usize {
             .into_iter()
             .filter(|pid| environ_has(*pid, &marks))
             .collect::<Vec<_>>();
-        for pid in &pids {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe {
-                libc::kill(*pid, libc::SIGKILL);
-            }
+        for pid in pids.iter().filter_map(|p| Pid::from_raw(*p)) {
+            let _ = kill_process(pid, Signal::KILL);
         }
         if !pids.is_empty() {
             log::warn!(

@@ -17,15 +17,17 @@
 //! [`spawn`] from a thread that lives as long as the agent (a tokio worker,
 //! never `spawn_blocking`, whose threads exit when idle).
 
+use rustix::process::{waitpid, Pid, PidfdFlags, WaitOptions};
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
@@ -55,7 +57,7 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     fds: [RawFd; 3],
     parent: libc::pid_t,
-    errno: libc::c_int,
+    errno: AtomicI32,
 }
 
 /// Starts `argv` with exactly the environment `env`, in `cwd`, stdin from
@@ -101,30 +103,21 @@ pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) ->
         envp: envp_p.as_ptr(),
         cwd: cwd_c.as_ptr(),
         fds: [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()],
-        // SAFETY: getpid has no preconditions.
-        parent: unsafe { libc::getpid() },
-        errno: 0,
+        parent: rustix::process::getpid().as_raw_nonzero().get(),
+        errno: AtomicI32::new(0),
     };
 
-    // SAFETY: a fresh anonymous mapping, unmapped below once the child has
-    // exec'd or exited (CLONE_VFORK: clone returns only then).
-    let stack = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            STACK,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-            -1,
-            0,
-        )
-    };
-    if stack == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the signal masks are plain values owned here. Every signal is
-    // blocked across the clone so that no handler of the agent's runs on the
-    // child's side (it shares the agent's memory); the child sets the
-    // dispositions back to default before unblocking.
+    // The child's stack: 16-byte aligned, freed when this returns (the
+    // child has exec'd or exited by then: CLONE_VFORK). Never read here,
+    // so it need not be initialized.
+    let mut stack: Vec<u128> = Vec::with_capacity(STACK / 16);
+    // SAFETY: the stack top is one past the end of `stack`'s allocation,
+    // which outlives the clone. The signal masks are plain values owned
+    // here. Every signal is blocked across the clone so that no handler of
+    // the agent's runs on the child's side (it shares the agent's memory);
+    // the child sets the dispositions back to default before unblocking.
+    // `args` outlives the clone, which returns only once the child is done
+    // with it.
     let (pid, clone_error) = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
@@ -132,31 +125,29 @@ pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) ->
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let pid = libc::clone(
             child_main,
-            stack.cast::<u8>().add(STACK).cast(),
+            stack.as_mut_ptr().add(STACK / 16).cast(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             (&mut args as *mut ChildArgs).cast(),
         );
         let clone_error = io::Error::last_os_error();
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        libc::munmap(stack, STACK);
         (pid, clone_error)
     };
     drop(fds);
     if pid < 0 {
         return Err(clone_error);
     }
-    // SAFETY: the child wrote it (or not) before clone returned.
-    let errno = unsafe { std::ptr::read_volatile(&args.errno) };
+    drop(stack);
+    // The child wrote it (or not) before clone returned.
+    let errno = args.errno.load(Ordering::Acquire);
     if errno != 0 {
         // It exited with 127 before exec: collect it, report why.
         reap(pid)?;
         return Err(io::Error::from_raw_os_error(errno));
     }
-    // SAFETY: pidfd_open has no memory-safety preconditions; the pid is our
-    // unreaped child, so it cannot name another process.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a non-negative result is a new descriptor nothing else owns.
-    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+    // The pid is our unreaped child, so it cannot name another process.
+    let pidfd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()).ok());
     Ok(Child {
         pid,
         stdout: Some(pipe::Receiver::from_owned_fd(out_r)?),
@@ -227,10 +218,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if ok {
             libc::execve(a.path, a.argv, a.envp);
         }
-        a.errno = match *libc::__errno_location() {
+        let errno = match *libc::__errno_location() {
             0 => libc::EINVAL,
             e => e,
         };
+        a.errno.store(errno, Ordering::Release);
         libc::_exit(127)
     }
 }
@@ -279,13 +271,7 @@ fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
 
 /// A pipe, both ends close-on-exec: (read, write).
 fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh descriptors owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 /// `fd` itself when it is above 2 (always, unless the agent was started
@@ -294,26 +280,18 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > 2 {
         return Ok(fd);
     }
-    // SAFETY: fcntl on a descriptor we own; the copy is fresh.
-    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
-    if copy < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `copy` is the fresh descriptor fcntl just made; only this owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
 }
 
 /// Collects an exited (or exiting) child's status.
 fn reap(pid: i32) -> io::Result<ExitStatus> {
-    let mut status = 0;
+    let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::ECHILD))?;
     loop {
-        // SAFETY: waitpid writes the status into a local.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match waitpid(Some(pid), WaitOptions::empty()) {
+            Ok(Some((_, status))) => return Ok(ExitStatus::from_raw(status.as_raw())),
+            Ok(None) => return Err(io::Error::from_raw_os_error(libc::ECHILD)),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -121,26 +121,21 @@ fn lock_database(config: &Config) -> Result<lockfile::Lock, String> {
 /// a soft limit of 1,024: raise it to the hard limit (as nginx and Go's
 /// runtime do). Returns the limit now in force.
 pub fn raise_open_files_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // None is "unlimited".
+    let (current, maximum) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    let raised = Rlimit {
+        current: lim.maximum,
+        maximum: lim.maximum,
     };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return None;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
+    if current < maximum && setrlimit(Resource::Nofile, raised).is_ok() {
+        return Some(maximum);
     }
-    Some(lim.rlim_cur)
+    Some(current)
 }
 
 /// Plain HTTP beyond loopback sends every token in the clear: say so.

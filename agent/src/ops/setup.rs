@@ -290,9 +290,22 @@ pub fn check(args: Args) -> Result<bool, String> {
 }
 
 fn libc_version() -> String {
-    // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
-    let v = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
-    format!("glibc {}", v.to_string_lossy())
+    // ldd --version's first line ends with the version of the C library
+    // it belongs to (the one programs here run with).
+    let out = std::process::Command::new("ldd")
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    match text
+        .as_deref()
+        .ok()
+        .and_then(|t| t.lines().next()?.split_whitespace().last())
+    {
+        Some(v) => format!("glibc {v}"),
+        None => "glibc (version unknown: ldd --version failed)".to_string(),
+    }
 }
 
 fn coordinator_checks(config: &Config) -> Vec<Check> {
