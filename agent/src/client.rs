@@ -1,6 +1,7 @@
 //! The coordinator's HTTP API, as the agent calls it (blocking ureq, run on
 //! tokio's blocking pool by the callers), with errors that carry a hint.
 
+use drover_proto::routes;
 use drover_proto::{
     ClaimRequest, ClaimResponse, CompleteRequest, CompleteResponse, ErrorBody, ErrorDetail,
     HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse,
@@ -327,7 +328,7 @@ impl Client {
     /// Whether the coordinator accepts `secret`, without registering: an
     /// empty registration is refused 422 past the secret check, 401 before.
     pub fn probe_secret(&self, secret: &str) -> Result<(), ClientError> {
-        let path = "/api/v1/agents/register";
+        let path = routes::REGISTER;
         match self.json::<_, serde_json::Value>(
             path,
             format!("Bearer {secret}"),
@@ -347,7 +348,7 @@ impl Client {
         secret: &str,
         req: &RegisterRequest,
     ) -> Result<RegisterResponse, ClientError> {
-        let path = "/api/v1/agents/register";
+        let path = routes::REGISTER;
         Self::some(
             path,
             self.json(path, format!("Bearer {secret}"), TIMEOUT, req)?,
@@ -355,7 +356,7 @@ impl Client {
     }
 
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
-        let path = "/api/v1/agents/heartbeat";
+        let path = routes::HEARTBEAT;
         Self::some(path, self.json(path, self.bearer(), TIMEOUT, req)?)
     }
 
@@ -365,7 +366,7 @@ impl Client {
         req: &ClaimRequest,
         wait: Duration,
     ) -> Result<Option<ClaimResponse>, ClientError> {
-        let path = format!("/api/v1/agents/claim?wait={}", wait.as_secs());
+        let path = routes::claim(wait.as_secs());
         // The answer may take the whole wait: read timeout = wait + 10 s.
         self.json(&path, self.bearer(), wait + Duration::from_secs(10), req)
     }
@@ -379,7 +380,7 @@ impl Client {
         stream: &str,
         data: &[u8],
     ) -> Result<bool, ClientError> {
-        let path = format!("/api/v1/jobs/{job_id}/logs?attempt={attempt}&stream={stream}");
+        let path = routes::logs(job_id, attempt, stream);
         match self.call(&path, self.bearer(), TIMEOUT, Body::Bytes(data))? {
             None => Ok(false),
             Some(resp) => {
@@ -396,7 +397,7 @@ impl Client {
         job_id: i64,
         req: &CompleteRequest,
     ) -> Result<CompleteResponse, ClientError> {
-        let path = format!("/api/v1/jobs/{job_id}/complete");
+        let path = routes::complete(job_id);
         Self::some(&path, self.json(&path, self.bearer(), TIMEOUT, req)?)
     }
 }

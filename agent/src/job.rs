@@ -119,39 +119,66 @@ fn environment(a: &Assignment, dir: &Path) -> BTreeMap<OsString, OsString> {
 async fn supervise(
     ctx: &Ctx,
     a: &Assignment,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    control: mpsc::UnboundedReceiver<Control>,
     dir: &Path,
 ) -> Option<CompleteRequest> {
-    let failed = |error: String| CompleteRequest {
-        attempt: a.attempt,
-        outcome: Outcome::Failed,
-        exit_code: None,
-        result: None,
-        error: Some(error),
+    let mut job = match start(ctx, a, dir).await {
+        Ok(job) => job,
+        Err(error) => {
+            return Some(CompleteRequest {
+                attempt: a.attempt,
+                outcome: Outcome::Failed,
+                exit_code: None,
+                result: None,
+                error: Some(error),
+            })
+        }
     };
+    let (status, stop) = watch(ctx, a, &mut job, control).await;
+    log::debug!("job process exited job_id={} status={status:?}", a.job_id);
+    // Whatever the job left running in its group ends with it.
+    signal_group(job.pgid, Signal::KILL);
+    collect_output(a.job_id, std::mem::take(&mut job.pumps)).await;
+    job.spool.close();
+    log::debug!("job output collected job_id={}", a.job_id);
+    let (outcome, exit_code, error) = ending(a, &status, stop)?;
+    let report = report(a, dir, outcome, exit_code, error);
+    deliver_after_output(ctx, a, job, report).await
+}
+
+/// A started attempt: its process group, the pumps copying its output into
+/// the spool, and the shipper sending the spool on (it says when the
+/// coordinator answers that the lease is lost).
+struct Started {
+    exited: std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<std::process::ExitStatus>> + Send>,
+    >,
+    pgid: i32,
+    spool: Arc<OutputSpool>,
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+    shipper: tokio::task::JoinHandle<()>,
+    lost: oneshot::Receiver<()>,
+}
+
+/// Creates the job dir, spawns the process and starts moving its output;
+/// an error is the attempt's failure message.
+async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String> {
     if a.command.is_empty() {
-        return Some(failed("empty command".into()));
+        return Err("empty command".into());
     }
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        return Some(failed(format!(
-            "creating the job dir {}: {e}",
-            dir.display()
-        )));
-    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("creating the job dir {}: {e}", dir.display()))?;
     let cwd = a.cwd.as_deref().map(Path::new).unwrap_or(dir);
     // On the runtime's thread, which lives as long as the agent: the job's
     // death signal follows the thread that spawns it.
-    let mut child = match spawn::spawn(&a.command, &environment(a, dir), cwd) {
-        Ok(c) => c,
-        Err(e) => {
-            log::warn!(
-                "job could not start job_id={} attempt={}: {e}",
-                a.job_id,
-                a.attempt
-            );
-            return Some(failed(format!("could not start {:?}: {e}", a.command[0])));
-        }
-    };
+    let mut child = spawn::spawn(&a.command, &environment(a, dir), cwd).map_err(|e| {
+        log::warn!(
+            "job could not start job_id={} attempt={}: {e}",
+            a.job_id,
+            a.attempt
+        );
+        format!("could not start {:?}: {e}", a.command[0])
+    })?;
     let pgid = child.pid;
     if let Err(e) = ctx.state.record_group(a.job_id, a.attempt, pgid) {
         log::warn!("{e}: a crash of this agent would leave the job's processes running");
@@ -162,26 +189,27 @@ async fn supervise(
         a.attempt,
         a.gpu_indices
     );
-
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let exited = Box::pin(child.wait());
     let spool = match OutputSpool::create(dir.join("output.spool")).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
             signal_group(pgid, Signal::KILL);
-            let _ = child.wait().await;
-            return Some(failed(format!(
+            let _ = exited.await;
+            return Err(format!(
                 "creating the output spool in {}: {e}",
                 dir.display()
-            )));
+            ));
         }
     };
     let mut pumps = Vec::new();
-    if let Some(out) = child.stdout.take() {
+    if let Some(out) = stdout {
         pumps.push(tokio::spawn(pump(out, 0, spool.clone())));
     }
-    if let Some(err) = child.stderr.take() {
+    if let Some(err) = stderr {
         pumps.push(tokio::spawn(pump(err, 1, spool.clone())));
     }
-    let (lost_tx, mut lost_rx) = oneshot::channel();
+    let (lost_tx, lost) = oneshot::channel();
     let shipper = tokio::spawn(ship(
         ctx.client.clone(),
         a.job_id,
@@ -189,17 +217,35 @@ async fn supervise(
         spool.clone(),
         lost_tx,
     ));
+    Ok(Started {
+        exited,
+        pgid,
+        spool,
+        pumps,
+        shipper,
+        lost,
+    })
+}
 
-    let exited = child.wait();
-    tokio::pin!(exited);
+/// Waits for the process to exit, stopping it on a cancel, a hand-back, its
+/// timeout or a lost lease (TERM, then KILL after the grace), or killing it
+/// at once when the agent is revoked. Returns its status and why it was
+/// stopped, if it was.
+async fn watch(
+    ctx: &Ctx,
+    a: &Assignment,
+    job: &mut Started,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) -> (std::io::Result<std::process::ExitStatus>, Option<Stop>) {
+    let pgid = job.pgid;
     let deadline = a.timeout_s.map(|t| Instant::now() + Duration::from_secs(t));
     let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
     let mut lost_open = true;
-    let status = loop {
+    loop {
         let stopping = stop.is_some();
         let new_stop = tokio::select! {
-            status = &mut exited => break status,
+            status = &mut job.exited => return (status, stop),
             c = control.recv(), if !stopping => match c {
                 Some(Control::Cancel(reason)) => Stop::Cancel(reason),
                 Some(Control::Abandon) => {
@@ -211,7 +257,7 @@ async fn supervise(
                 Some(Control::Release) | None => Stop::Release,
             },
             _ = sleep_until(deadline), if !stopping => Stop::Timeout(a.timeout_s.unwrap_or(0)),
-            r = &mut lost_rx, if !stopping && lost_open => {
+            r = &mut job.lost, if !stopping && lost_open => {
                 lost_open = false;
                 match r {
                     Ok(()) => Stop::LeaseLost,
@@ -234,27 +280,32 @@ async fn supervise(
         signal_group(pgid, Signal::TERM);
         kill_at = Some(Instant::now() + ctx.kill_grace);
         stop = Some(new_stop);
-    };
-    log::debug!("job process exited job_id={} status={status:?}", a.job_id);
-    // Whatever the job left running in its group ends with it.
-    signal_group(pgid, Signal::KILL);
+    }
+}
+
+/// Lets the pumps copy what the pipes still hold, at most 5 s each (a
+/// process the job left behind may keep a pipe open).
+async fn collect_output(job_id: i64, pumps: Vec<tokio::task::JoinHandle<()>>) {
     for p in pumps {
         let abort = p.abort_handle();
         if tokio::time::timeout(Duration::from_secs(5), p)
             .await
             .is_err()
         {
-            log::warn!(
-                "job output still open after exit, dropping the rest job_id={}",
-                a.job_id
-            );
+            log::warn!("job output still open after exit, dropping the rest job_id={job_id}");
             abort.abort();
         }
     }
-    spool.close();
-    log::debug!("job output collected job_id={}", a.job_id);
+}
 
-    let (exit_code, exit_error) = match &status {
+/// How the attempt ended: (outcome, exit code, error); `None` when there is
+/// nothing to report (the lease is lost, or the agent revoked).
+fn ending(
+    a: &Assignment,
+    status: &std::io::Result<std::process::ExitStatus>,
+    stop: Option<Stop>,
+) -> Option<(Outcome, Option<i32>, Option<String>)> {
+    let (exit_code, exit_error) = match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(c), _) => (Some(c), (c != 0).then(|| format!("exit code {c}"))),
             (None, Some(sig)) => (Some(128 + sig), Some(format!("killed by signal {sig}"))),
@@ -262,7 +313,7 @@ async fn supervise(
         },
         Err(e) => (None, Some(format!("waiting for the process: {e}"))),
     };
-    let (outcome, mut error) = match stop {
+    let (outcome, error) = match stop {
         None if exit_code == Some(0) => (Outcome::Succeeded, None),
         None => (Outcome::Failed, exit_error),
         Some(Stop::Cancel(reason)) => (Outcome::Cancelled, Some(reason)),
@@ -278,6 +329,18 @@ async fn supervise(
             return None;
         }
     };
+    Some((outcome, exit_code, error))
+}
+
+/// The attempt's report, with the job's result file (a bad one adds to the
+/// error).
+fn report(
+    a: &Assignment,
+    dir: &Path,
+    outcome: Outcome,
+    exit_code: Option<i32>,
+    mut error: Option<String>,
+) -> Spooled {
     let result = match read_json_file(&dir.join("result.json"), RESULT_MAX) {
         Ok(r) => r,
         Err(e) => {
@@ -295,7 +358,7 @@ async fn supervise(
         a.attempt,
         outcome.as_str()
     );
-    let report = Spooled {
+    Spooled {
         job_id: a.job_id,
         report: CompleteRequest {
             attempt: a.attempt,
@@ -304,7 +367,18 @@ async fn supervise(
             result,
             error,
         },
-    };
+    }
+}
+
+/// Spools the report, waits for the output to go out (logs precede the
+/// report that closes the lease), and returns the report to send; `None`
+/// when the coordinator said the lease is lost meanwhile.
+async fn deliver_after_output(
+    ctx: &Ctx,
+    a: &Assignment,
+    mut job: Started,
+    report: Spooled,
+) -> Option<CompleteRequest> {
     // On disk before waiting for the output to go out, so an agent killed
     // during an outage still delivers the result when it comes back.
     let (state, spooled) = (ctx.state.clone(), report.clone());
@@ -314,8 +388,8 @@ async fn supervise(
             a.job_id
         );
     }
-    let _ = shipper.await;
-    if matches!(lost_rx.try_recv(), Ok(())) {
+    let _ = (&mut job.shipper).await;
+    if matches!(job.lost.try_recv(), Ok(())) {
         log::warn!(
             "lease lost, result dropped job_id={} attempt={}",
             a.job_id,

@@ -1,4 +1,4 @@
-use agent::config::{Cli, Command, Config};
+use agent::config::{Args, Cli, Command, Config};
 use agent::ops::{deploy, setup};
 use clap::Parser;
 use std::process::ExitCode;
@@ -6,37 +6,32 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     agent::logring::init();
     let cli = Cli::parse();
-    let done = |r: Result<(), String>| match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let fix = agent::suggest::suggest(&e)
-                .map(|s| format!("\n  → {s}"))
-                .unwrap_or_default();
-            eprintln!("drover-agent: {e}{fix}");
-            ExitCode::FAILURE
-        }
-    };
-    let args = match cli.command {
-        None => cli.run,
-        Some(Command::Install {
+    match cli.command {
+        None => run_agent(cli.run),
+        Some(command) => operator(command),
+    }
+}
+
+/// An operator's command (install, uninstall, deploy, check, simulate).
+fn operator(command: Command) -> ExitCode {
+    match command {
+        Command::Install {
             prefix,
             no_systemd,
             agent,
-        }) => return done(setup::install(prefix.as_deref(), no_systemd, agent)),
-        Some(Command::Uninstall {
+        } => done(setup::install(prefix.as_deref(), no_systemd, agent)),
+        Command::Uninstall {
             prefix,
             no_systemd,
             purge,
             state_dir,
-        }) => {
-            return done(setup::uninstall(
-                prefix.as_deref(),
-                no_systemd,
-                purge,
-                state_dir.as_deref(),
-            ))
-        }
-        Some(Command::Deploy {
+        } => done(setup::uninstall(
+            prefix.as_deref(),
+            no_systemd,
+            purge,
+            state_dir.as_deref(),
+        )),
+        Command::Deploy {
             targets,
             identity,
             ssh_options,
@@ -46,7 +41,7 @@ fn main() -> ExitCode {
             json,
             admin_token,
             agent,
-        }) => {
+        } => {
             let targets = match targets
                 .iter()
                 .map(|t| deploy::Target::parse(t))
@@ -66,40 +61,36 @@ fn main() -> ExitCode {
             };
             let outcomes = deploy::deploy(targets, opts, agent);
             deploy::report(&outcomes, json);
-            return if outcomes.iter().all(|o| o.ok) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
+            exit_if(outcomes.iter().all(|o| o.ok))
         }
-        Some(Command::Simulate {
+        Command::Simulate {
             agents,
             job_mode,
             duration,
             agent,
-        }) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
+        } => done(
+            tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return done(Err(format!("starting the async runtime: {e}"))),
-            };
-            return done(rt.block_on(agent::simulate::run(
-                agent,
-                agents,
-                job_mode,
-                std::time::Duration::from_secs(duration),
-            )));
-        }
-        Some(Command::Check { agent }) => {
-            return match setup::check(agent) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => done(Err(e)),
-            }
-        }
-    };
+                .map_err(|e| format!("starting the async runtime: {e}"))
+                .and_then(|rt| {
+                    rt.block_on(agent::simulate::run(
+                        agent,
+                        agents,
+                        job_mode,
+                        std::time::Duration::from_secs(duration),
+                    ))
+                }),
+        ),
+        Command::Check { agent } => match setup::check(agent) {
+            Ok(ok) => exit_if(ok),
+            Err(e) => done(Err(e)),
+        },
+    }
+}
+
+/// The agent itself, until it is stopped (or revoked).
+fn run_agent(args: Args) -> ExitCode {
     let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -133,5 +124,27 @@ fn main() -> ExitCode {
             eprintln!("drover-agent: {message}");
             ExitCode::from(code as u8)
         }
+    }
+}
+
+/// A command's result: an error is printed with a suggested fix.
+fn done(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let fix = agent::suggest::suggest(&e)
+                .map(|s| format!("\n  → {s}"))
+                .unwrap_or_default();
+            eprintln!("drover-agent: {e}{fix}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit_if(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

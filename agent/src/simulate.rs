@@ -4,14 +4,17 @@
 //! virtual agent holds one keep-alive connection for its claims, which carry
 //! its heartbeats (as the real agent's do) and the reports of its no-op jobs
 //! (one round trip per batch); the reports of sleeping jobs, which run side
-//! by side, use a second one. A tiny HTTP/1.1 client on tokio (plain http
-//! only) keeps thousands of parked claims at a few KB each. Runs for `--duration` and
+//! by side, use a second one. Requests are the agent's own types
+//! (`drover_proto`) on the protocol's routes (`drover_proto::routes`); the
+//! transport is a tiny HTTP/1.1 client on tokio (plain http only) that keeps
+//! thousands of parked claims at a few KB each, where the agent's blocking
+//! client would need a thread per parked claim (decision 0037). Runs for `--duration` and
 //! stops by itself, printing figures (and a JSON summary line at the end).
 
 use crate::config::{Args, JobMode};
 use drover_proto::{
-    ClaimResponse, CompleteRequest, Completion, HeartbeatResponse, LeaseRef, Outcome,
-    RegisterResponse,
+    routes, Assignment, ClaimRequest, ClaimResponse, CompleteRequest, Completion, HeartbeatRequest,
+    HeartbeatResponse, Inventory, LeaseRef, Outcome, RegisterRequest, RegisterResponse,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -39,9 +42,10 @@ impl Http {
         &mut self,
         path: &str,
         token: &str,
-        body: &serde_json::Value,
+        body: &impl serde::Serialize,
     ) -> Result<(u16, Vec<u8>), String> {
-        let r = self.try_post(path, token, body).await;
+        let body = serde_json::to_string(body).map_err(|e| e.to_string())?;
+        let r = self.try_post(path, token, &body).await;
         if r.is_err() {
             self.conn = None;
         }
@@ -52,7 +56,7 @@ impl Http {
         &mut self,
         path: &str,
         token: &str,
-        body: &serde_json::Value,
+        body: &str,
     ) -> Result<(u16, Vec<u8>), String> {
         if self.conn.is_none() {
             let s = TcpStream::connect(&self.addr)
@@ -62,7 +66,6 @@ impl Http {
             self.conn = Some(BufReader::new(s));
         }
         let conn = self.conn.as_mut().ok_or("no connection")?;
-        let body = body.to_string();
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.addr,
@@ -121,6 +124,16 @@ struct Stats {
     heartbeat_ms: Mutex<Vec<(f64, f64)>>,
 }
 
+impl Stats {
+    /// (seconds since the start, latency ms) of every heartbeat so far.
+    fn samples(&self) -> Vec<(f64, f64)> {
+        self.heartbeat_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// Heartbeats in the first seconds meet the registration storm; the summary
 /// also gives the figures after it.
 const WARM_UP_S: f64 = 30.0;
@@ -131,6 +144,19 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// What every virtual agent shares.
+struct Fleet {
+    addr: String,
+    secret: String,
+    run_id: String,
+    gpus: Vec<drover_proto::GpuInfo>,
+    args: Args,
+    mode: JobMode,
+    started: Instant,
+    deadline: Instant,
+    stats: Stats,
 }
 
 /// Runs the virtual fleet until `duration` has passed.
@@ -154,58 +180,50 @@ pub async fn run(
         Some(spec) => crate::inventory::parse_fake_gpus(spec)?,
         None => Vec::new(),
     };
-    let run_id = format!("{:08x}", crate::random_u64() as u32);
-    let stats = Arc::new(Stats::default());
     let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = Vec::with_capacity(agents);
-    for i in 0..agents {
-        let (addr, secret, stats, gpus, args, run_id) = (
-            addr.clone(),
-            secret.clone(),
-            stats.clone(),
-            gpus.clone(),
-            args.clone(),
-            run_id.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            // Spread the registrations over the first seconds, as a real fleet.
-            tokio::time::sleep(Duration::from_millis(crate::random_below(2000))).await;
-            if let Err(e) = agent(
-                i,
-                &addr,
-                &secret,
-                &run_id,
-                gpus,
-                &args,
-                mode,
-                (started, deadline),
-                stats.clone(),
-            )
-            .await
-            {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                log::debug!("virtual agent {i}: {e}");
-            }
-        }));
+    let fleet = Arc::new(Fleet {
+        addr,
+        secret,
+        run_id: format!("{:08x}", crate::random_u64() as u32),
+        gpus,
+        args,
+        mode,
+        started,
+        deadline: started + duration,
+        stats: Stats::default(),
+    });
+    let tasks: Vec<_> = (0..agents)
+        .map(|i| {
+            let fleet = fleet.clone();
+            tokio::spawn(async move {
+                // Spread the registrations over the first seconds, as a real fleet.
+                tokio::time::sleep(Duration::from_millis(crate::random_below(2000))).await;
+                if let Err(e) = agent(i, fleet.clone()).await {
+                    fleet.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("virtual agent {i}: {e}");
+                }
+            })
+        })
+        .collect();
+    report_progress(&fleet).await;
+    for t in tasks {
+        t.abort();
     }
-    let mut last = 0;
-    while Instant::now() < deadline {
-        tokio::time::sleep(
-            Duration::from_secs(10).min(deadline.saturating_duration_since(Instant::now())),
-        )
-        .await;
+    say!("{}", summary(&fleet));
+    Ok(())
+}
+
+/// A line every 10 s until the deadline.
+async fn report_progress(fleet: &Fleet) {
+    let (stats, mut last) = (&fleet.stats, 0);
+    while Instant::now() < fleet.deadline {
+        let left = fleet.deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(Duration::from_secs(10).min(left)).await;
         let done = stats.completed.load(Ordering::Relaxed);
-        let mut hb: Vec<f64> = stats
-            .heartbeat_ms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(_, ms)| *ms)
-            .collect();
+        let mut hb: Vec<f64> = stats.samples().iter().map(|(_, ms)| *ms).collect();
         log::info!(
             "simulate t={:.0}s agents={} jobs_done={done} (+{}) heartbeat p50={:.1}ms p99={:.1}ms errors={}",
-            started.elapsed().as_secs_f64(),
+            fleet.started.elapsed().as_secs_f64(),
             stats.registered.load(Ordering::Relaxed),
             done - last,
             pct(&mut hb, 0.5),
@@ -214,21 +232,19 @@ pub async fn run(
         );
         last = done;
     }
-    for t in tasks {
-        t.abort();
-    }
-    let samples = stats
-        .heartbeat_ms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+}
+
+/// The run's figures as one JSON line.
+fn summary(fleet: &Fleet) -> serde_json::Value {
+    let stats = &fleet.stats;
+    let samples = stats.samples();
     let mut hb: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
     let mut steady: Vec<f64> = samples
         .iter()
         .filter(|(t, _)| *t >= WARM_UP_S)
         .map(|(_, ms)| *ms)
         .collect();
-    let summary = json!({
+    json!({
         "agents": stats.registered.load(Ordering::Relaxed),
         "jobs_completed": stats.completed.load(Ordering::Relaxed),
         "errors": stats.errors.load(Ordering::Relaxed),
@@ -240,164 +256,43 @@ pub async fn run(
         "steady_heartbeat_p50_ms": pct(&mut steady, 0.5),
         "steady_heartbeat_p99_ms": pct(&mut steady, 0.99),
         "steady_heartbeat_max_ms": steady.last().copied().unwrap_or(0.0),
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    say!("{summary}");
-    Ok(())
+        "seconds": fleet.started.elapsed().as_secs_f64(),
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn agent(
-    i: usize,
-    addr: &str,
-    secret: &str,
-    run_id: &str,
-    gpus: Vec<drover_proto::GpuInfo>,
-    args: &Args,
-    mode: JobMode,
-    (started, deadline): (Instant, Instant),
-    stats: Arc<Stats>,
-) -> Result<(), String> {
-    let mut http = Http::new(addr);
-    let register = json!({
-        "name": format!("sim-{i}"), "machine_id": format!("sim-{run_id}"),
-        "inventory": {"hostname": format!("sim-{i}"), "cpu_cores": 8, "memory_mb": 65536, "gpus": gpus},
-        "tags": args.tags, "slots": args.slots, "agent_version": "simulate",
-    });
-    let (status, body) = http
-        .post("/api/v1/agents/register", secret, &register)
-        .await?;
-    if status != 200 {
-        return Err(format!(
-            "register: {status} {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    let reg: RegisterResponse = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    stats.registered.fetch_add(1, Ordering::Relaxed);
-    let token = reg.token;
-    let incarnation = format!("sim-{run_id}-{i}");
-    let leases: Arc<Mutex<HashSet<LeaseRef>>> = Arc::default();
+/// One virtual agent, registered.
+struct Virtual<'a> {
+    fleet: &'a Fleet,
+    http: Http,
+    token: String,
+    incarnation: String,
+    leases: Arc<Mutex<HashSet<LeaseRef>>>,
+    interval: Duration,
+    /// When the next heartbeat is due.
+    due: Instant,
+}
 
-    // The first heartbeat introduces the process; the later ones ride on
-    // claims, as the real agent's do.
-    let first = beat(&mut http, &token, &incarnation, &leases).await?;
-    let mut interval = Duration::from_secs(first.heartbeat_interval_s.max(1));
-    let mut due = jittered(interval);
+/// Registers virtual agent `i`, then claims and runs jobs until the
+/// deadline, its heartbeats riding on its claims as the real agent's do.
+async fn agent(i: usize, fleet: Arc<Fleet>) -> Result<(), String> {
+    let mut v = register(i, &fleet).await?;
     // Sleeping jobs report on their own connection as they end; no-op jobs
     // are reported with the next claim (one round trip per batch).
-    let (ended, mut reports) = tokio::sync::mpsc::unbounded_channel::<Completion>();
-    let reporter = {
-        let (addr, token, leases, stats) = (
-            addr.to_string(),
-            token.clone(),
-            leases.clone(),
-            stats.clone(),
-        );
-        tokio::spawn(async move {
-            let mut http = Http::new(&addr);
-            while let Some(done) = reports.recv().await {
-                let body = serde_json::to_value(&done.report).unwrap_or_default();
-                let path = format!("/api/v1/jobs/{}/complete", done.job_id);
-                match http.post(&path, &token, &body).await {
-                    Ok((200, _)) => stats.completed.fetch_add(1, Ordering::Relaxed),
-                    _ => stats.errors.fetch_add(1, Ordering::Relaxed),
-                };
-                leases
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&LeaseRef {
-                        job_id: done.job_id,
-                        attempt: done.report.attempt,
-                    });
-            }
-        })
-    };
+    let (ended, reports) = tokio::sync::mpsc::unbounded_channel::<Completion>();
+    let reporter = tokio::spawn(reporter(
+        fleet.clone(),
+        v.token.clone(),
+        v.leases.clone(),
+        reports,
+    ));
     let mut done: Vec<Completion> = Vec::new();
-    while Instant::now() < deadline {
-        let carry = due.saturating_duration_since(Instant::now()) <= Duration::from_secs(1);
-        let mut body = json!({"incarnation": incarnation, "completed": done});
-        if carry {
-            body["beat"] = json!({"incarnation": incarnation, "leases": held(&leases)});
-            due = jittered(interval);
-        }
-        let wait = due
-            .saturating_duration_since(Instant::now())
-            .as_secs()
-            .clamp(1, 30);
-        let sent_ms = crate::now_ms();
-        let (status, body) = match http
-            .post(&format!("/api/v1/agents/claim?wait={wait}"), &token, &body)
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                if carry {
-                    due = Instant::now();
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
+    while Instant::now() < fleet.deadline {
+        let Some(resp) = v.claim(std::mem::take(&mut done)).await? else {
+            continue;
         };
-        if status == 204 {
-            continue;
-        }
-        if status != 200 {
-            // Refused (its reports, if any, are sent again: a replay; its
-            // heartbeat, if any, goes with the next claim).
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-            if carry {
-                due = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let resp: ClaimResponse = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        if let Some(answer) = &resp.beat {
-            // Recorded when the claim arrived (the coordinator's clock in the
-            // answer; the same machine's clock as ours, 1 ms resolution).
-            interval = Duration::from_secs(answer.heartbeat_interval_s.max(1));
-            let ms = (answer.now_ms - sent_ms).max(0) as f64;
-            let at = started.elapsed().as_secs_f64();
-            stats
-                .heartbeat_ms
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((at, ms));
-        }
-        {
-            let mut held = leases.lock().unwrap_or_else(|e| e.into_inner());
-            for r in &resp.completed {
-                let counter = if r.error.is_none() {
-                    &stats.completed
-                } else {
-                    &stats.errors
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                held.remove(&LeaseRef {
-                    job_id: r.job_id,
-                    attempt: r.attempt,
-                });
-            }
-            held.extend(resp.jobs.iter().map(|j| LeaseRef {
-                job_id: j.job_id,
-                attempt: j.attempt,
-            }));
-        }
-        done.clear();
-        for job in resp.jobs {
-            let report = Completion {
-                job_id: job.job_id,
-                report: CompleteRequest {
-                    attempt: job.attempt,
-                    outcome: Outcome::Succeeded,
-                    exit_code: Some(0),
-                    result: None,
-                    error: None,
-                },
-            };
-            match mode {
+        v.record(&resp);
+        for report in resp.jobs.iter().map(succeeded) {
+            match fleet.mode {
                 JobMode::Noop => done.push(report),
                 JobMode::Sleep => {
                     let ended = ended.clone();
@@ -411,6 +306,186 @@ async fn agent(
     }
     reporter.abort();
     Ok(())
+}
+
+/// Registers virtual agent `i` and sends its first heartbeat (which
+/// introduces the process).
+async fn register(i: usize, fleet: &Fleet) -> Result<Virtual<'_>, String> {
+    let mut http = Http::new(&fleet.addr);
+    let req = RegisterRequest {
+        name: format!("sim-{i}"),
+        machine_id: format!("sim-{}", fleet.run_id),
+        inventory: Inventory {
+            hostname: format!("sim-{i}"),
+            cpu_cores: 8,
+            memory_mb: 65536,
+            gpus: fleet.gpus.clone(),
+        },
+        tags: fleet.args.tags.clone(),
+        slots: fleet.args.slots,
+        agent_version: "simulate".into(),
+    };
+    let (status, body) = http.post(routes::REGISTER, &fleet.secret, &req).await?;
+    if status != 200 {
+        return Err(format!(
+            "register: {status} {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let reg: RegisterResponse = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    fleet.stats.registered.fetch_add(1, Ordering::Relaxed);
+    let mut v = Virtual {
+        fleet,
+        http,
+        token: reg.token,
+        incarnation: format!("sim-{}-{i}", fleet.run_id),
+        leases: Arc::default(),
+        interval: Duration::ZERO,
+        due: Instant::now(),
+    };
+    let req = v.heartbeat();
+    let (status, body) = v.http.post(routes::HEARTBEAT, &v.token, &req).await?;
+    if status != 200 {
+        return Err(format!("heartbeat: {status}"));
+    }
+    let first: HeartbeatResponse = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    v.interval = Duration::from_secs(first.heartbeat_interval_s.max(1));
+    v.due = jittered(v.interval);
+    Ok(v)
+}
+
+impl Virtual<'_> {
+    fn heartbeat(&self) -> HeartbeatRequest {
+        HeartbeatRequest {
+            incarnation: self.incarnation.clone(),
+            leases: held(&self.leases),
+            gpus: Vec::new(),
+            stopping: false,
+            progress: Vec::new(),
+            log_lines: Vec::new(),
+        }
+    }
+
+    /// One claim carrying `completed` (and the heartbeat when it is about
+    /// due); `None` when it came back empty or failed (counted, retried).
+    async fn claim(&mut self, completed: Vec<Completion>) -> Result<Option<ClaimResponse>, String> {
+        let carry = self.due.saturating_duration_since(Instant::now()) <= Duration::from_secs(1);
+        let beat = carry.then(|| self.heartbeat());
+        if carry {
+            self.due = jittered(self.interval);
+        }
+        let req = ClaimRequest {
+            incarnation: self.incarnation.clone(),
+            completed,
+            beat,
+        };
+        let wait = self
+            .due
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            .clamp(1, 30);
+        let sent_ms = crate::now_ms();
+        let answer = self
+            .http
+            .post(&routes::claim(wait), &self.token, &req)
+            .await;
+        match answer {
+            Ok((200, body)) => {
+                let resp: ClaimResponse =
+                    serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                if let Some(beat) = &resp.beat {
+                    self.beat_answered(beat, sent_ms);
+                }
+                Ok(Some(resp))
+            }
+            Ok((204, _)) => Ok(None),
+            // Refused or failed: its reports, if any, are sent again (a
+            // replay); its heartbeat, if any, goes with the next claim.
+            _ => {
+                self.fleet.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if carry {
+                    self.due = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Records a heartbeat's latency: from sending the claim to the
+    /// coordinator recording it (its clock in the answer; the same
+    /// machine's clock as ours, 1 ms resolution).
+    fn beat_answered(&mut self, answer: &HeartbeatResponse, sent_ms: i64) {
+        self.interval = Duration::from_secs(answer.heartbeat_interval_s.max(1));
+        let ms = (answer.now_ms - sent_ms).max(0) as f64;
+        let at = self.fleet.started.elapsed().as_secs_f64();
+        self.fleet
+            .stats
+            .heartbeat_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((at, ms));
+    }
+
+    /// Counts the answered reports and updates the leases held.
+    fn record(&self, resp: &ClaimResponse) {
+        let stats = &self.fleet.stats;
+        let mut held = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for r in &resp.completed {
+            let counter = if r.error.is_none() {
+                &stats.completed
+            } else {
+                &stats.errors
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            held.remove(&LeaseRef {
+                job_id: r.job_id,
+                attempt: r.attempt,
+            });
+        }
+        held.extend(resp.jobs.iter().map(|j| LeaseRef {
+            job_id: j.job_id,
+            attempt: j.attempt,
+        }));
+    }
+}
+
+/// The report of a virtual job that succeeded.
+fn succeeded(job: &Assignment) -> Completion {
+    Completion {
+        job_id: job.job_id,
+        report: CompleteRequest {
+            attempt: job.attempt,
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            result: None,
+            error: None,
+        },
+    }
+}
+
+/// Sends the reports of sleeping jobs as they end, on its own connection.
+async fn reporter(
+    fleet: Arc<Fleet>,
+    token: String,
+    leases: Arc<Mutex<HashSet<LeaseRef>>>,
+    mut reports: tokio::sync::mpsc::UnboundedReceiver<Completion>,
+) {
+    let mut http = Http::new(&fleet.addr);
+    while let Some(done) = reports.recv().await {
+        let path = routes::complete(done.job_id);
+        match http.post(&path, &token, &done.report).await {
+            Ok((200, _)) => fleet.stats.completed.fetch_add(1, Ordering::Relaxed),
+            _ => fleet.stats.errors.fetch_add(1, Ordering::Relaxed),
+        };
+        leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&LeaseRef {
+                job_id: done.job_id,
+                attempt: done.report.attempt,
+            });
+    }
 }
 
 /// An instant one interval from now, +-10 %.
@@ -427,23 +502,4 @@ fn held(leases: &Mutex<HashSet<LeaseRef>>) -> Vec<LeaseRef> {
         .iter()
         .copied()
         .collect()
-}
-
-async fn beat(
-    http: &mut Http,
-    token: &str,
-    incarnation: &str,
-    leases: &Mutex<HashSet<LeaseRef>>,
-) -> Result<HeartbeatResponse, String> {
-    let (status, body) = http
-        .post(
-            "/api/v1/agents/heartbeat",
-            token,
-            &json!({"incarnation": incarnation, "leases": held(leases)}),
-        )
-        .await?;
-    if status != 200 {
-        return Err(format!("heartbeat: {status}"));
-    }
-    serde_json::from_slice(&body).map_err(|e| e.to_string())
 }

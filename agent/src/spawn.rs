@@ -60,31 +60,54 @@ struct ChildArgs {
     errno: AtomicI32,
 }
 
+/// What the child needs as C strings, made before the clone (the child
+/// may not allocate).
+struct CStrings {
+    /// The program, resolved in the job's `PATH`.
+    path: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+}
+
+impl CStrings {
+    fn new(
+        argv: &[String],
+        env: &BTreeMap<OsString, OsString>,
+        cwd: &Path,
+    ) -> io::Result<CStrings> {
+        let program = argv
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+        let argv_c = argv
+            .iter()
+            .map(|a| c_string(OsStr::new(a)))
+            .collect::<io::Result<Vec<_>>>()?;
+        let path = c_string(resolve(program, env, cwd)?.as_os_str())?;
+        let envp = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.clone();
+                kv.push("=");
+                kv.push(v);
+                c_string(&kv)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(CStrings {
+            path,
+            argv: argv_c,
+            envp,
+            cwd: c_string(cwd.as_os_str())?,
+        })
+    }
+}
+
 /// Starts `argv` with exactly the environment `env`, in `cwd`, stdin from
 /// /dev/null, stdout and stderr piped, in a new process group, killed when
 /// the calling thread's process dies.
 pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) -> io::Result<Child> {
-    let program = argv
-        .first()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
-    let argv_c = argv
-        .iter()
-        .map(|a| c_string(OsStr::new(a)))
-        .collect::<io::Result<Vec<_>>>()?;
-    let path = c_string(resolve(program, env, cwd)?.as_os_str())?;
-    let envp_c = env
-        .iter()
-        .map(|(k, v)| {
-            let mut kv = k.clone();
-            kv.push("=");
-            kv.push(v);
-            c_string(&kv)
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    let cwd_c = c_string(cwd.as_os_str())?;
-    let argv_p = null_terminated(&argv_c);
-    let envp_p = null_terminated(&envp_c);
-
+    let c = CStrings::new(argv, env, cwd)?;
+    let (argv_p, envp_p) = (null_terminated(&c.argv), null_terminated(&c.envp));
     let stdin = std::fs::File::open("/dev/null")?;
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
@@ -98,10 +121,10 @@ pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) ->
     ];
 
     let mut args = ChildArgs {
-        path: path.as_ptr(),
+        path: c.path.as_ptr(),
         argv: argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
-        cwd: cwd_c.as_ptr(),
+        cwd: c.cwd.as_ptr(),
         fds: [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()],
         parent: rustix::process::getpid().as_raw_nonzero().get(),
         errno: AtomicI32::new(0),

@@ -64,23 +64,72 @@ pub struct Supervisor {
     pub beat_now: Arc<Notify>,
 }
 
+/// Where the agent is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Claiming and running jobs.
+    Working,
+    /// Shutting down: no new claims; running jobs get the grace, then are
+    /// handed back.
+    Stopping,
+    /// The coordinator refused this agent's token: jobs are killed, then it
+    /// exits.
+    Revoked,
+}
+
+/// The loop's state, changed one event at a time.
+struct Loop {
+    running: HashMap<Key, Running>,
+    phase: Phase,
+    /// Claims wait for the first heartbeat: it introduces this process.
+    introduced: bool,
+    approved: bool,
+    warned_pending: bool,
+    /// A claim is parked (or on its way).
+    claiming: bool,
+    claim_failures: u32,
+    claim_errors: Explainer,
+    tx: mpsc::Sender<Event>,
+    leases: watch::Sender<Leases>,
+}
+
+impl Loop {
+    /// One claim is always parked, also while pending approval or when
+    /// every slot is busy: the coordinator hands out only what may run and
+    /// fits, and a parked claim is how a cancel or an approval reaches this
+    /// agent at once.
+    fn wants_claim(&self) -> bool {
+        self.phase == Phase::Working && self.introduced && !self.claiming
+    }
+
+    fn claim_delay(&self) -> Duration {
+        if self.claim_failures > 0 {
+            backoff(self.claim_failures)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn publish(&self) {
+        publish(&self.leases, &self.running);
+    }
+
+    /// Sends `control` to every running job.
+    fn tell_all(&self, control: impl Fn() -> Control) {
+        for r in self.running.values() {
+            if let Some(c) = &r.control {
+                let _ = c.send(control());
+            }
+        }
+    }
+}
+
 impl Supervisor {
     /// Runs until a shutdown has handed every job back or finished it.
     /// Err when the coordinator revoked this agent: (exit status, why).
     pub async fn run(self, heartbeat_interval: Duration) -> Result<(), (i32, String)> {
         let (tx, mut rx) = mpsc::channel::<Event>(256);
         let (leases_tx, leases_rx) = watch::channel::<Leases>(Vec::new());
-        let mut running: HashMap<Key, Running> = HashMap::new();
-        let mut revoked = false;
-        // Claims wait for the first heartbeat: it introduces this process.
-        let mut introduced = false;
-        let mut approved = false;
-        let mut warned_pending = false;
-        let mut claiming = false;
-        let mut claim_failures = 0u32;
-        let mut claim_errors = Explainer::default();
-        let mut stopping = false;
-
         let beats = Arc::new(Beats {
             ctx: self.ctx.clone(),
             incarnation: self.incarnation.clone(),
@@ -93,149 +142,165 @@ impl Supervisor {
         });
         tokio::spawn(heartbeat_loop(beats.clone(), self.beat_now.clone()));
         tokio::spawn(signals(tx.clone()));
-
+        let mut st = Loop {
+            running: HashMap::new(),
+            phase: Phase::Working,
+            introduced: false,
+            approved: false,
+            warned_pending: false,
+            claiming: false,
+            claim_failures: 0,
+            claim_errors: Explainer::default(),
+            tx,
+            leases: leases_tx,
+        };
         loop {
-            if revoked && running.is_empty() {
-                return Err(self.revoked_exit());
+            match st.phase {
+                Phase::Revoked if st.running.is_empty() => return Err(self.revoked_exit()),
+                Phase::Stopping if st.running.is_empty() => break,
+                _ => {}
             }
-            if stopping && running.is_empty() {
-                break;
-            }
-            // One claim is always parked, also while pending approval or when
-            // every slot is busy: the coordinator hands out only what may run
-            // and fits, and a parked claim is how a cancel or an approval
-            // reaches this agent at once.
-            if !stopping && !revoked && introduced && !claiming {
-                claiming = true;
-                let delay = if claim_failures > 0 {
-                    backoff(claim_failures)
-                } else {
-                    Duration::ZERO
-                };
-                tokio::spawn(claim(beats.clone(), delay));
+            if st.wants_claim() {
+                st.claiming = true;
+                tokio::spawn(claim(beats.clone(), st.claim_delay()));
             }
             let Some(event) = rx.recv().await else { break };
-            match event {
-                Event::Claimed(jobs, orders) => {
-                    claiming = false;
-                    claim_failures = 0;
-                    claim_errors.recovered("claims work again");
-                    apply_orders(&running, orders);
-                    if !jobs.is_empty() && !approved && warned_pending {
-                        log::info!(
-                            "approved by the coordinator; running work (worker_id={})",
-                            self.worker_id
-                        );
-                    }
-                    for a in jobs {
-                        approved = true;
-                        let (job_id, attempt) = (a.job_id, a.attempt);
-                        if stopping || revoked {
-                            // Granted before the coordinator heard we are
-                            // stopping: hand it straight back, unstarted.
-                            running.insert(
-                                (job_id, attempt),
-                                Running {
-                                    gpus: Vec::new(),
-                                    control: None,
-                                },
-                            );
-                            let (ctx, done) = (self.ctx.clone(), tx.clone());
-                            tokio::spawn(async move {
-                                job::spool_and_deliver(
-                                    &ctx.client,
-                                    &ctx.state,
-                                    job_id,
-                                    released(a.attempt),
-                                )
-                                .await;
-                                let _ = done.send(Event::JobDone { job_id, attempt }).await;
-                            });
-                            continue;
-                        }
-                        let (control_tx, control_rx) = mpsc::unbounded_channel();
-                        running.insert(
-                            (job_id, attempt),
-                            Running {
-                                gpus: a.gpu_indices.clone(),
-                                control: Some(control_tx),
-                            },
-                        );
-                        let (ctx, done) = (self.ctx.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            job::run(ctx, a, control_rx).await;
-                            let _ = done.send(Event::JobDone { job_id, attempt }).await;
-                        });
-                    }
-                    publish(&leases_tx, &running);
-                }
-                Event::ClaimEnded(error) => {
-                    claiming = false;
-                    match error {
-                        None => claim_failures = 0,
-                        Some(e) => {
-                            claim_failures += 1;
-                            claim_errors.explain("claiming work", &e);
-                        }
-                    }
-                }
-                Event::JobDone { job_id, attempt } => {
-                    running.remove(&(job_id, attempt));
-                    publish(&leases_tx, &running);
-                }
-                Event::Beat(resp) => {
-                    let now_approved = resp.state != "pending";
-                    if now_approved && !approved && warned_pending {
-                        log::info!("approved by the coordinator (worker_id={})", self.worker_id);
-                    }
-                    if !now_approved && !warned_pending {
-                        self.warn_pending();
-                        warned_pending = true;
-                    }
-                    approved = now_approved;
-                    introduced = true;
-                    apply_orders(&running, resp.orders);
-                }
-                Event::Revoked(e) if !revoked => {
-                    revoked = true;
-                    self.revoked(&e, &running, tx.clone());
-                }
-                Event::Revoked(_) => {}
-                Event::RevokedExit => {
-                    log::error!("{} jobs did not stop within 5 s; exiting", running.len());
-                    return Err(self.revoked_exit());
-                }
-                Event::Shutdown if !stopping => {
-                    stopping = true;
-                    // Tell the coordinator now: no more jobs for this process.
-                    self.stopping.store(true, Ordering::SeqCst);
-                    self.beat_now.notify_one();
-                    log::info!(
-                        "stopping: no new claims; {} running jobs get {}s to finish, then are handed back",
-                        running.len(),
-                        self.shutdown_grace.as_secs()
-                    );
-                    let done = tx.clone();
-                    let grace = self.shutdown_grace;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(grace).await;
-                        let _ = done.send(Event::GraceOver).await;
-                    });
-                }
-                Event::Shutdown | Event::GraceOver => {
-                    if !running.is_empty() {
-                        log::info!("handing back {} running jobs", running.len());
-                    }
-                    for r in running.values() {
-                        if let Some(c) = &r.control {
-                            let _ = c.send(Control::Release);
-                        }
+            self.handle(&mut st, event)?;
+        }
+        self.say_stopped().await;
+        Ok(())
+    }
+
+    /// One event; Err when the agent must exit now.
+    fn handle(&self, st: &mut Loop, event: Event) -> Result<(), (i32, String)> {
+        match event {
+            Event::Claimed(jobs, orders) => self.claimed(st, jobs, orders),
+            Event::ClaimEnded(error) => {
+                st.claiming = false;
+                match error {
+                    None => st.claim_failures = 0,
+                    Some(e) => {
+                        st.claim_failures += 1;
+                        st.claim_errors.explain("claiming work", &e);
                     }
                 }
             }
+            Event::JobDone { job_id, attempt } => {
+                st.running.remove(&(job_id, attempt));
+                st.publish();
+            }
+            Event::Beat(resp) => self.beat(st, resp),
+            Event::Revoked(e) if st.phase != Phase::Revoked => {
+                st.phase = Phase::Revoked;
+                self.revoked(&e, st);
+            }
+            Event::Revoked(_) => {}
+            Event::RevokedExit => {
+                log::error!("{} jobs did not stop within 5 s; exiting", st.running.len());
+                return Err(self.revoked_exit());
+            }
+            Event::Shutdown if st.phase == Phase::Working => self.shutdown(st),
+            Event::Shutdown | Event::GraceOver => {
+                if !st.running.is_empty() {
+                    log::info!("handing back {} running jobs", st.running.len());
+                }
+                st.tell_all(|| Control::Release);
+            }
         }
-        // Tell the coordinator this agent holds nothing and claims nothing
-        // more, so a claim still parked for it cannot hand out a job.
+        Ok(())
+    }
+
+    /// A claim's answer: orders for running jobs, and jobs to start (or,
+    /// once stopping or revoked, to hand straight back unstarted).
+    fn claimed(&self, st: &mut Loop, jobs: Vec<Assignment>, orders: Vec<Order>) {
+        st.claiming = false;
+        st.claim_failures = 0;
+        st.claim_errors.recovered("claims work again");
+        apply_orders(&st.running, orders);
+        if !jobs.is_empty() && !st.approved && st.warned_pending {
+            log::info!(
+                "approved by the coordinator; running work (worker_id={})",
+                self.worker_id
+            );
+        }
+        for a in jobs {
+            st.approved = true;
+            let key = (a.job_id, a.attempt);
+            let (ctx, done) = (self.ctx.clone(), st.tx.clone());
+            if st.phase != Phase::Working {
+                // Granted before the coordinator heard we are stopping.
+                let running = Running {
+                    gpus: Vec::new(),
+                    control: None,
+                };
+                st.running.insert(key, running);
+                tokio::spawn(async move {
+                    job::spool_and_deliver(&ctx.client, &ctx.state, key.0, released(key.1)).await;
+                    let _ = done
+                        .send(Event::JobDone {
+                            job_id: key.0,
+                            attempt: key.1,
+                        })
+                        .await;
+                });
+                continue;
+            }
+            let (control_tx, control_rx) = mpsc::unbounded_channel();
+            let running = Running {
+                gpus: a.gpu_indices.clone(),
+                control: Some(control_tx),
+            };
+            st.running.insert(key, running);
+            tokio::spawn(async move {
+                job::run(ctx, a, control_rx).await;
+                let _ = done
+                    .send(Event::JobDone {
+                        job_id: key.0,
+                        attempt: key.1,
+                    })
+                    .await;
+            });
+        }
+        st.publish();
+    }
+
+    /// A heartbeat's answer: approval, and orders for running jobs.
+    fn beat(&self, st: &mut Loop, resp: HeartbeatResponse) {
+        let now_approved = resp.state != "pending";
+        if now_approved && !st.approved && st.warned_pending {
+            log::info!("approved by the coordinator (worker_id={})", self.worker_id);
+        }
+        if !now_approved && !st.warned_pending {
+            self.warn_pending();
+            st.warned_pending = true;
+        }
+        st.approved = now_approved;
+        st.introduced = true;
+        apply_orders(&st.running, resp.orders);
+    }
+
+    /// SIGTERM or SIGINT: no more claims; running jobs get the grace.
+    fn shutdown(&self, st: &mut Loop) {
+        st.phase = Phase::Stopping;
+        // Tell the coordinator now: no more jobs for this process.
+        self.stopping.store(true, Ordering::SeqCst);
+        self.beat_now.notify_one();
+        log::info!(
+            "stopping: no new claims; {} running jobs get {}s to finish, then are handed back",
+            st.running.len(),
+            self.shutdown_grace.as_secs()
+        );
+        let done = st.tx.clone();
+        let grace = self.shutdown_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let _ = done.send(Event::GraceOver).await;
+        });
+    }
+
+    /// Tells the coordinator this agent holds nothing and claims nothing
+    /// more, so a claim still parked for it cannot hand out a job.
+    async fn say_stopped(&self) {
         let req = HeartbeatRequest {
             incarnation: self.incarnation.clone(),
             leases: Vec::new(),
@@ -249,7 +314,6 @@ impl Supervisor {
             Ok(_) => log::info!("stopped; the coordinator knows"),
             Err(e) => log::warn!("stopped; could not tell the coordinator: {e}"),
         }
-        Ok(())
     }
 
     fn revoked_exit(&self) -> (i32, String) {
@@ -265,13 +329,10 @@ impl Supervisor {
     /// The coordinator refused this agent for good: say why, forget the
     /// identity, kill every job at once (they are someone else's now), and
     /// exit once they are gone (or after 5 s).
-    fn revoked(&self, e: &ClientError, running: &HashMap<Key, Running>, tx: mpsc::Sender<Event>) {
-        let jobs = running.len();
-        for r in running.values() {
-            if let Some(c) = &r.control {
-                let _ = c.send(Control::Abandon);
-            }
-        }
+    fn revoked(&self, e: &ClientError, st: &Loop) {
+        let jobs = st.running.len();
+        st.tell_all(|| Control::Abandon);
+        let tx = st.tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let _ = tx.send(Event::RevokedExit).await;

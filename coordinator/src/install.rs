@@ -20,29 +20,11 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
     let env_file = prefix
         .unwrap_or(Path::new("/"))
         .join("etc/drover/coordinator.env");
-    let unit = match prefix {
-        Some(p) => p.join("etc/systemd/system/drover-coordinator.service"),
-        None => PathBuf::from("/etc/systemd/system/drover-coordinator.service"),
-    };
     // The default database goes under the prefix, when there is one.
     if let (Some(p), true) = (prefix, args.db == Path::new(DEFAULT_DB)) {
         args.db = p.join("var/lib/drover/drover.db");
     }
-    // Keep the secrets of an earlier install unless new ones are given.
-    let earlier = std::fs::read_to_string(&env_file).unwrap_or_default();
-    let earlier_value = |key: &str| env_file_value(&earlier, key);
-    if args.admin_token.is_none() && args.admin_token_file.is_none() {
-        args.admin_token = Some(match earlier_value("DROVER_ADMIN_TOKEN") {
-            Some(t) => t,
-            None => auth::new_token("drv_admin_").map_err(|e| e.to_string())?,
-        });
-    }
-    if args.registration_secret.is_none() {
-        args.registration_secret = Some(match earlier_value("DROVER_REGISTRATION_SECRET") {
-            Some(s) => s,
-            None => auth::new_token("drv_reg_").map_err(|e| e.to_string())?,
-        });
-    }
+    keep_or_make_secrets(&mut args, &env_file)?;
     let config = Config::from_args(args.clone())?;
     let systemd = !no_systemd;
     if systemd && prefix.is_none() && !systemd_running() {
@@ -82,21 +64,7 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
             .map_err(|e| format!("creating {}: {e}", db_dir.display()))?;
     }
     if systemd {
-        let own = own_state_dir(prefix, &config.db);
-        let text = unit_text(&bin, &env_file, &config.db, own)?;
-        if !staged && !own {
-            prepare_service_user(&db_dir)?;
-        }
-        write_file(&unit, text.as_bytes(), 0o644)?;
-        say!("✓ unit        {}", unit.display());
-        if prefix.is_some() {
-            say!("  staged under a prefix: systemd is not told; link the unit into /etc/systemd/system to use it");
-        } else {
-            systemctl(&["daemon-reload"])?;
-            systemctl(&["enable", "drover-coordinator"])?;
-            systemctl(&["restart", "drover-coordinator"])?;
-            say!("✓ service     drover-coordinator enabled and (re)started; logs: journalctl -u drover-coordinator");
-        }
+        install_unit(prefix, &bin, &env_file, &config.db, staged)?;
     } else {
         let pid = detached.start(&env)?;
         say!(
@@ -104,6 +72,65 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
             detached.log_file().display()
         );
     }
+    say_next_steps(&config, &env_file);
+    Ok(())
+}
+
+/// Keeps the admin token and the registration secret of an earlier install
+/// unless new ones are given; makes them on a first install.
+fn keep_or_make_secrets(args: &mut Args, env_file: &Path) -> Result<(), String> {
+    let earlier = std::fs::read_to_string(env_file).unwrap_or_default();
+    let earlier_value = |key: &str| env_file_value(&earlier, key);
+    if args.admin_token.is_none() && args.admin_token_file.is_none() {
+        args.admin_token = Some(match earlier_value("DROVER_ADMIN_TOKEN") {
+            Some(t) => t,
+            None => auth::new_token("drv_admin_").map_err(|e| e.to_string())?,
+        });
+    }
+    if args.registration_secret.is_none() {
+        args.registration_secret = Some(match earlier_value("DROVER_REGISTRATION_SECRET") {
+            Some(s) => s,
+            None => auth::new_token("drv_reg_").map_err(|e| e.to_string())?,
+        });
+    }
+    Ok(())
+}
+
+/// Writes the unit and, unless staged under a prefix, enables and
+/// (re)starts it.
+fn install_unit(
+    prefix: Option<&Path>,
+    bin: &Path,
+    env_file: &Path,
+    db: &Path,
+    staged: bool,
+) -> Result<(), String> {
+    let unit = match prefix {
+        Some(p) => p.join("etc/systemd/system/drover-coordinator.service"),
+        None => PathBuf::from("/etc/systemd/system/drover-coordinator.service"),
+    };
+    let own = own_state_dir(prefix, db);
+    let text = unit_text(bin, env_file, db, own)?;
+    if !staged && !own {
+        let db_dir = db.parent().unwrap_or(Path::new("."));
+        prepare_service_user(db_dir)?;
+    }
+    write_file(&unit, text.as_bytes(), 0o644)?;
+    say!("✓ unit        {}", unit.display());
+    if prefix.is_some() {
+        say!("  staged under a prefix: systemd is not told; link the unit into /etc/systemd/system to use it");
+        return Ok(());
+    }
+    systemctl(&["daemon-reload"])?;
+    systemctl(&["enable", "drover-coordinator"])?;
+    systemctl(&["restart", "drover-coordinator"])?;
+    say!("✓ service     drover-coordinator enabled and (re)started; logs: journalctl -u drover-coordinator");
+    Ok(())
+}
+
+/// Where the dashboard is and how to add workers. The secrets stay in the
+/// env file: the commands read them from there, never from this output.
+fn say_next_steps(config: &Config, env_file: &Path) {
     let port = config.listen.port();
     let scheme = if config.tls.is_some() {
         "https"
@@ -119,17 +146,18 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "THIS-HOST".into());
-    say!(
-        "\nDashboard: {scheme}://{host}:{port}/#token=<DROVER_ADMIN_TOKEN from {}>",
-        env_file.display()
-    );
+    let env = env_file.display();
+    say!("\nDashboard: {scheme}://{host}:{port}/#token=<DROVER_ADMIN_TOKEN from {env}>");
     say!("Next, add workers (from a machine with SSH access to them):");
+    let read = |key: &str| format!("\"$(sudo sed -n 's/^{key}=\"\\(.*\\)\"/\\1/p' {env})\"");
     say!(
-        "  drover-agent deploy root@WORKER --coordinator {scheme}://{host}:{port} --registration-secret {} --admin-token \"$(sudo sed -n 's/^DROVER_ADMIN_TOKEN=\"\\(.*\\)\"/\\1/p' {})\"",
-        args.registration_secret.unwrap_or_default(),
-        env_file.display()
+        "  export DROVER_REGISTRATION_SECRET={}",
+        read("DROVER_REGISTRATION_SECRET")
     );
-    Ok(())
+    say!(
+        "  drover-agent deploy root@WORKER --coordinator {scheme}://{host}:{port} --admin-token {}",
+        read("DROVER_ADMIN_TOKEN")
+    );
 }
 
 /// The env file's settings: every flag given to install applies to the

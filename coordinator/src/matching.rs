@@ -165,62 +165,18 @@ pub fn explain(needs: &Needs, workers: &[WorkerView]) -> String {
         .filter(|w| w.offer.has_tags(&needs.required_tags))
         .collect();
     if tagged.is_empty() {
-        let missing: Vec<&str> = needs
-            .required_tags
-            .iter()
-            .filter(|t| !workers.iter().any(|w| w.offer.tags.contains(t)))
-            .map(String::as_str)
-            .collect();
-        return if missing.is_empty() {
-            format!(
-                "no worker has all the required tags [{}] together",
-                needs.required_tags.join(", ")
-            )
-        } else {
-            format!("no worker has tag {}", missing.join(", "))
-        };
+        return missing_tags(needs, workers);
     }
-    let fits: Vec<&&WorkerView> = tagged
+    let fits: Vec<&WorkerView> = tagged
         .iter()
+        .copied()
         .filter(|w| w.offer.could_host(needs))
         .collect();
     if fits.is_empty() {
-        let largest = tagged
-            .iter()
-            .flat_map(|w| w.offer.gpus.iter().map(|g| g.vram_mb))
-            .max()
-            .unwrap_or(0);
-        if needs.min_vram_mb > largest {
-            return if largest == 0 {
-                format!(
-                    "the job needs {} GPU(s) and no matching worker has a GPU",
-                    needs.gpus
-                )
-            } else {
-                format!(
-                    "the largest GPU among matching workers has {largest} MB; the job needs {} MB per GPU",
-                    needs.min_vram_mb
-                )
-            };
-        }
-        let most = tagged
-            .iter()
-            .map(|w| {
-                w.offer
-                    .gpus
-                    .iter()
-                    .filter(|g| g.vram_mb >= needs.min_vram_mb)
-                    .count()
-            })
-            .max()
-            .unwrap_or(0);
-        return format!(
-            "the job needs {} GPUs on one worker; the most any matching worker has is {most}",
-            needs.gpus
-        );
+        return too_small(needs, &tagged);
     }
-    let live: Vec<&&&WorkerView> = fits.iter().filter(|w| w.takes_work()).collect();
-    if live.is_empty() {
+    let live = fits.iter().filter(|w| w.takes_work()).count();
+    if live == 0 {
         let mut states: Vec<String> = fits
             .iter()
             .map(|w| format!("{} is {}", w.name, w.label()))
@@ -236,7 +192,63 @@ pub fn explain(needs: &Needs, workers: &[WorkerView]) -> String {
     } else {
         "a free slot".to_string()
     };
-    format!("waiting for {what} on {} worker(s) that fit", live.len())
+    format!("waiting for {what} on {live} worker(s) that fit")
+}
+
+/// No worker has every required tag: which tag nobody has, if any.
+fn missing_tags(needs: &Needs, workers: &[WorkerView]) -> String {
+    let missing: Vec<&str> = needs
+        .required_tags
+        .iter()
+        .filter(|t| !workers.iter().any(|w| w.offer.tags.contains(t)))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        format!(
+            "no worker has all the required tags [{}] together",
+            needs.required_tags.join(", ")
+        )
+    } else {
+        format!("no worker has tag {}", missing.join(", "))
+    }
+}
+
+/// Workers with the tags exist but none could ever host the job: its GPUs
+/// are too small, or too few on any one worker.
+fn too_small(needs: &Needs, tagged: &[&WorkerView]) -> String {
+    let largest = tagged
+        .iter()
+        .flat_map(|w| w.offer.gpus.iter().map(|g| g.vram_mb))
+        .max()
+        .unwrap_or(0);
+    if needs.min_vram_mb > largest {
+        return if largest == 0 {
+            format!(
+                "the job needs {} GPU(s) and no matching worker has a GPU",
+                needs.gpus
+            )
+        } else {
+            format!(
+                "the largest GPU among matching workers has {largest} MB; the job needs {} MB per GPU",
+                needs.min_vram_mb
+            )
+        };
+    }
+    let most = tagged
+        .iter()
+        .map(|w| {
+            w.offer
+                .gpus
+                .iter()
+                .filter(|g| g.vram_mb >= needs.min_vram_mb)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    format!(
+        "the job needs {} GPUs on one worker; the most any matching worker has is {most}",
+        needs.gpus
+    )
 }
 
 #[cfg(test)]

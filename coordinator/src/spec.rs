@@ -127,7 +127,50 @@ pub fn parse_time(field: &str, s: &str) -> Result<i64, ApiError> {
 }
 
 impl JobSpec {
+    /// Checks every field, in the order of the document: the first one at
+    /// fault is named.
     pub fn validate(self) -> Result<NewJob, ApiError> {
+        self.check_command()?;
+        self.check_resources()?;
+        let max_attempts = self.check_scheduling()?;
+        let not_before = match &self.not_before {
+            Some(s) => Some(parse_time("not_before", s)?),
+            None => None,
+        };
+        if let Some(k) = &self.idempotency_key {
+            if k.is_empty() || k.len() > 200 {
+                return Err(ApiError::invalid(
+                    "idempotency_key",
+                    "must be 1 to 200 characters",
+                ));
+            }
+        }
+        let metadata = metadata(self.metadata)?;
+        Ok(NewJob {
+            command: self.command,
+            env: self.env,
+            cwd: self.cwd,
+            gpus: self.gpus,
+            min_vram_mb: self.min_vram_mb,
+            cpu_fallback: self.cpu_fallback,
+            // Sorted: jobs needing the same tags form one shape for dispatch.
+            required_tags: {
+                let mut t = tags("required_tags", self.required_tags)?;
+                t.sort();
+                t
+            },
+            preferred_tags: tags("preferred_tags", self.preferred_tags)?,
+            priority: self.priority,
+            max_attempts,
+            timeout_s: self.timeout_s,
+            not_before,
+            idempotency_key: self.idempotency_key,
+            metadata,
+        })
+    }
+
+    /// The argv, the environment and their size, the working directory.
+    fn check_command(&self) -> Result<(), ApiError> {
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(ApiError::invalid(
                 "command",
@@ -163,20 +206,20 @@ impl JobSpec {
                 return Err(ApiError::invalid("cwd", "must be an absolute path"));
             }
         }
+        Ok(())
+    }
+
+    /// GPUs, CPU fallback, VRAM.
+    fn check_resources(&self) -> Result<(), ApiError> {
         if self.gpus > 64 {
             return Err(ApiError::invalid("gpus", "at most 64 GPUs per job"));
         }
+        let no_gpus = "is set but the job asks for no GPUs (gpus: 0)";
         if self.cpu_fallback && self.gpus == 0 {
-            return Err(ApiError::invalid(
-                "cpu_fallback",
-                "is set but the job asks for no GPUs (gpus: 0)",
-            ));
+            return Err(ApiError::invalid("cpu_fallback", no_gpus));
         }
         if self.min_vram_mb > 0 && self.gpus == 0 {
-            return Err(ApiError::invalid(
-                "min_vram_mb",
-                "is set but the job asks for no GPUs (gpus: 0)",
-            ));
+            return Err(ApiError::invalid("min_vram_mb", no_gpus));
         }
         if self.min_vram_mb > 16 * 1024 * 1024 {
             return Err(ApiError::invalid(
@@ -184,6 +227,11 @@ impl JobSpec {
                 "is larger than any GPU (16 TiB)",
             ));
         }
+        Ok(())
+    }
+
+    /// Priority, attempts and timeout; returns the attempts allowed.
+    fn check_scheduling(&self) -> Result<u32, ApiError> {
         if !(-1_000_000..=1_000_000).contains(&self.priority) {
             return Err(ApiError::invalid(
                 "priority",
@@ -205,52 +253,24 @@ impl JobSpec {
                 ));
             }
         }
-        let not_before = match &self.not_before {
-            Some(s) => Some(parse_time("not_before", s)?),
-            None => None,
-        };
-        if let Some(k) = &self.idempotency_key {
-            if k.is_empty() || k.len() > 200 {
+        Ok(max_attempts)
+    }
+}
+
+/// Metadata: a JSON object of bounded size (none is an empty object).
+fn metadata(m: Option<Value>) -> Result<Value, ApiError> {
+    match m {
+        None | Some(Value::Null) => Ok(Value::Object(Default::default())),
+        Some(m @ Value::Object(_)) => {
+            if m.to_string().len() > MAX_METADATA_BYTES {
                 return Err(ApiError::invalid(
-                    "idempotency_key",
-                    "must be 1 to 200 characters",
+                    "metadata",
+                    format!("is larger than {MAX_METADATA_BYTES} bytes"),
                 ));
             }
+            Ok(m)
         }
-        let metadata = match self.metadata {
-            None | Some(Value::Null) => Value::Object(Default::default()),
-            Some(m @ Value::Object(_)) => {
-                if m.to_string().len() > MAX_METADATA_BYTES {
-                    return Err(ApiError::invalid(
-                        "metadata",
-                        format!("is larger than {MAX_METADATA_BYTES} bytes"),
-                    ));
-                }
-                m
-            }
-            Some(_) => return Err(ApiError::invalid("metadata", "must be a JSON object")),
-        };
-        Ok(NewJob {
-            command: self.command,
-            env: self.env,
-            cwd: self.cwd,
-            gpus: self.gpus,
-            min_vram_mb: self.min_vram_mb,
-            cpu_fallback: self.cpu_fallback,
-            // Sorted: jobs needing the same tags form one shape for dispatch.
-            required_tags: {
-                let mut t = tags("required_tags", self.required_tags)?;
-                t.sort();
-                t
-            },
-            preferred_tags: tags("preferred_tags", self.preferred_tags)?,
-            priority: self.priority,
-            max_attempts,
-            timeout_s: self.timeout_s,
-            not_before,
-            idempotency_key: self.idempotency_key,
-            metadata,
-        })
+        Some(_) => Err(ApiError::invalid("metadata", "must be a JSON object")),
     }
 }
 

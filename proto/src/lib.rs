@@ -12,6 +12,31 @@ use std::collections::BTreeMap;
 /// API prefix shared by every route.
 pub const API: &str = "/api/v1";
 
+/// The agent protocol's routes: the coordinator serves these patterns; the
+/// agent and the simulator call them through the functions.
+pub mod routes {
+    pub const REGISTER: &str = "/api/v1/agents/register";
+    pub const HEARTBEAT: &str = "/api/v1/agents/heartbeat";
+    pub const CLAIM: &str = "/api/v1/agents/claim";
+    pub const COMPLETE: &str = "/api/v1/jobs/{id}/complete";
+    pub const LOGS: &str = "/api/v1/jobs/{id}/logs";
+
+    /// A claim that parks up to `wait_s` seconds.
+    pub fn claim(wait_s: u64) -> String {
+        format!("{CLAIM}?wait={wait_s}")
+    }
+
+    pub fn complete(job_id: i64) -> String {
+        COMPLETE.replace("{id}", &job_id.to_string())
+    }
+
+    /// Output of an attempt, `stream` being stdout or stderr.
+    pub fn logs(job_id: i64, attempt: i64, stream: &str) -> String {
+        let path = LOGS.replace("{id}", &job_id.to_string());
+        format!("{path}?attempt={attempt}&stream={stream}")
+    }
+}
+
 /// One GPU as seen by the agent (NVML or the `--fake-gpus` fixture).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuInfo {

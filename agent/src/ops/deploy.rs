@@ -277,75 +277,52 @@ fn deploy_one(
 ) -> Outcome {
     let host = target.label();
     let ssh = Ssh { target, opts };
-    progress(&host, "connecting");
-    let probe = match ssh.run(
-        "uname -m; hostname; id -u; test -d /run/systemd/system && echo systemd || echo no-systemd",
-    ) {
-        Ok(out) => out,
-        Err(e) => return fail(&host, "connect", e),
-    };
-    let lines: Vec<&str> = probe.lines().collect();
-    let (arch, hostname, uid, systemd) = match lines.as_slice() {
-        [a, h, u, s, ..] => (arch_of(a), *h, *u, *s == "systemd"),
-        _ => {
-            return fail(
-                &host,
-                "connect",
-                format!("unexpected answer to the probe: {probe:?}"),
-            )
-        }
-    };
-    if arch != std::env::consts::ARCH {
-        return fail(
-            &host,
-            "connect",
-            format!(
-                "{host} is {arch} but this drover-agent is {}: cannot execute binary file",
-                std::env::consts::ARCH
-            ),
-        );
+    match install_on(&ssh, &host, agent, progress) {
+        Ok(hostname) => registered(&host, opts, agent, &hostname, progress),
+        Err((step, e)) => fail(&host, step, e),
     }
-    if !systemd && !opts.no_systemd && opts.prefix.is_none() {
-        return fail(
-            &host,
-            "connect",
-            format!("systemd is not running on {host}"),
-        );
-    }
-    let sudo = if uid.trim() == "0" { "" } else { SUDO };
+}
+
+/// A step of a deploy that failed, and why.
+type StepError = (&'static str, String);
+
+/// Probes the host, copies this binary, checks and installs it there;
+/// returns the host's name.
+fn install_on(
+    ssh: &Ssh,
+    host: &str,
+    agent: &Args,
+    progress: &dyn Fn(&str, &str),
+) -> Result<String, StepError> {
+    let opts = ssh.opts;
+    progress(host, "connecting");
+    let probe = probe(ssh, host).map_err(|e| ("connect", e))?;
+    let sudo = if probe.root { "" } else { SUDO };
     let secrets = secrets(agent);
+    progress(host, "copying the binary");
     let remote = format!("/tmp/drover-agent-{:016x}", crate::random_u64());
-    progress(&host, "copying the binary");
-    let me = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => return fail(&host, "copy", format!("finding this executable: {e}")),
-    };
-    if let Err(e) = ssh.copy(&me, &remote) {
-        return fail(&host, "copy", e);
-    }
+    let me =
+        std::env::current_exe().map_err(|e| ("copy", format!("finding this executable: {e}")))?;
+    ssh.copy(&me, &remote).map_err(|e| ("copy", e))?;
     let flags: Vec<String> = agent_flags(agent).iter().map(|w| sh_quote(w)).collect();
     let flags = flags.join(" ");
-    let cleanup = format!("; status=$?; rm -f {remote}; exit $status");
-    progress(&host, "checking");
+    progress(host, "checking");
     // `check` needs no root and changes nothing, except a state dir it may create.
     let check_dir = format!("/tmp/drover-check-{:08x}", crate::random_u64() as u32);
     let check = format!(
         "chmod 755 {remote} && {remote} check {flags} --state-dir {check_dir}; s=$?; rm -rf {check_dir}; [ $s = 0 ] || rm -f {remote}; exit $s"
     );
-    if let Err(e) = ssh.run_with_secrets(&check, &secrets) {
+    ssh.run_with_secrets(&check, &secrets).map_err(|e| {
         // The failed checks are the story; the passing ones are noise here.
         let failed: Vec<&str> = e.lines().filter(|l| l.starts_with('✗')).collect();
-        return fail(
-            &host,
-            "check",
-            if failed.is_empty() {
-                e.clone()
-            } else {
-                failed.join("\n")
-            },
-        );
-    }
-    progress(&host, "installing");
+        let why = if failed.is_empty() {
+            e.clone()
+        } else {
+            failed.join("\n")
+        };
+        ("check", why)
+    })?;
+    progress(host, "installing");
     let mut install = format!("{sudo}{remote} install {flags}");
     install.push_str(&state_dir_flag(agent).unwrap_or_default());
     if let Some(p) = &opts.prefix {
@@ -354,41 +331,80 @@ fn deploy_one(
     if opts.no_systemd {
         install.push_str(" --no-systemd");
     }
-    if let Err(e) = ssh.run_with_secrets(&format!("{install}{cleanup}"), &secrets) {
-        return fail(&host, "install", e);
-    }
-    let name = agent
-        .name
-        .clone()
-        .unwrap_or_else(|| hostname.trim().to_string());
-    let Some(admin) = &opts.admin_token else {
-        return Outcome {
-            host,
-            ok: true,
-            step: "done".into(),
-            error: None,
-            suggestion: Some("pass --admin-token (DROVER_ADMIN_TOKEN) to see it register".into()),
-            worker_id: None,
-            state: None,
-        };
+    let cleanup = format!("; status=$?; rm -f {remote}; exit $status");
+    ssh.run_with_secrets(&format!("{install}{cleanup}"), &secrets)
+        .map_err(|e| ("install", e))?;
+    Ok(probe.hostname)
+}
+
+/// What the probe learnt of a host.
+struct Probe {
+    hostname: String,
+    root: bool,
+}
+
+/// Connects and checks that the host can take this binary (same
+/// architecture; systemd unless installing without it).
+fn probe(ssh: &Ssh, host: &str) -> Result<Probe, String> {
+    let out = ssh.run(
+        "uname -m; hostname; id -u; test -d /run/systemd/system && echo systemd || echo no-systemd",
+    )?;
+    let lines: Vec<&str> = out.lines().collect();
+    let [a, h, u, s, ..] = lines.as_slice() else {
+        return Err(format!("unexpected answer to the probe: {out:?}"));
     };
-    progress(&host, "waiting for it to register");
+    let arch = arch_of(a);
+    if arch != std::env::consts::ARCH {
+        return Err(format!(
+            "{host} is {arch} but this drover-agent is {}: cannot execute binary file",
+            std::env::consts::ARCH
+        ));
+    }
+    let opts = ssh.opts;
+    if *s != "systemd" && !opts.no_systemd && opts.prefix.is_none() {
+        return Err(format!("systemd is not running on {host}"));
+    }
+    Ok(Probe {
+        hostname: h.trim().to_string(),
+        root: u.trim() == "0",
+    })
+}
+
+/// The outcome once installed: with an admin token, waits for the worker
+/// to register and says whether it needs approval.
+fn registered(
+    host: &str,
+    opts: &Options,
+    agent: &Args,
+    hostname: &str,
+    progress: &dyn Fn(&str, &str),
+) -> Outcome {
+    let name = agent.name.clone().unwrap_or_else(|| hostname.to_string());
+    let done = |suggestion, worker_id, state| Outcome {
+        host: host.to_string(),
+        ok: true,
+        step: "done".into(),
+        error: None,
+        suggestion,
+        worker_id,
+        state,
+    };
+    let Some(admin) = &opts.admin_token else {
+        let hint = "pass --admin-token (DROVER_ADMIN_TOKEN) to see it register";
+        return done(Some(hint.into()), None, None);
+    };
+    progress(host, "waiting for it to register");
     match wait_registered(agent, admin, &name) {
-        Ok((id, state)) => Outcome {
-            host,
-            ok: true,
-            step: "done".into(),
-            error: None,
-            suggestion: (state == "pending").then(|| {
+        Ok((id, state)) => {
+            let approve = (state == "pending").then(|| {
                 format!(
                     "approve it: curl -X POST -H \"Authorization: Bearer $DROVER_ADMIN_TOKEN\" {}/api/v1/workers/{id}/approve",
                     agent.coordinator
                 )
-            }),
-            worker_id: Some(id),
-            state: Some(state),
-        },
-        Err(e) => fail(&host, "register", e),
+            });
+            done(approve, Some(id), Some(state))
+        }
+        Err(e) => fail(host, "register", e),
     }
 }
 

@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use drover_proto::{
-    ClaimRequest, ClaimResponse, CompleteRequest, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse,
+    ClaimRequest, ClaimResponse, CompleteRequest, CompletionResult, HeartbeatRequest,
+    HeartbeatResponse, RegisterRequest, RegisterResponse,
 };
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -234,6 +234,40 @@ pub async fn claim(
     // through the park, they would pin it while hyper reads into a new one
     // (8 KB per parked agent).
     drop(headers);
+    check_claim(&req)?;
+    // A pending (or draining) worker's claim parks like any other and gets
+    // a job once it may run one: approval wakes parked claims.
+    let (completed, beat, parked) = record_and_park(&app, agent.id, req).await?;
+    // Orders in the heartbeat's answer (cancels) must not wait for the park.
+    let wait = match &beat {
+        Some(b) if !b.orders.is_empty() => 0,
+        _ => wait,
+    };
+    // None: the wait ran out, or a newer claim of the same worker replaced
+    // this one.
+    Ok(match wait_for_grant(&app, agent.id, parked, wait).await {
+        Some(resp) => Json(ClaimResponse {
+            completed,
+            beat,
+            ..resp
+        })
+        .into_response(),
+        None if completed.is_empty() && beat.is_none() => StatusCode::NO_CONTENT.into_response(),
+        None => Json(ClaimResponse {
+            jobs: Vec::new(),
+            orders: Vec::new(),
+            completed,
+            beat,
+        })
+        .into_response(),
+    })
+}
+
+/// A parked claim: its ticket, and where its answer comes.
+type Parked = (u64, tokio::sync::oneshot::Receiver<ClaimResponse>);
+
+/// Checks a claim's sizes and its heartbeat.
+fn check_claim(req: &ClaimRequest) -> Result<(), ApiError> {
     check_name("incarnation", &req.incarnation)?;
     if req.completed.len() > MAX_COMPLETED {
         return Err(ApiError::invalid(
@@ -259,102 +293,96 @@ pub async fn claim(
             ));
         }
     }
-    // A pending (or draining) worker's claim parks like any other and gets
-    // a job once it may run one: approval wakes parked claims.
+    Ok(())
+}
+
+/// Records what the claim carries (reports, heartbeat) and parks it: the
+/// answers to the reports and to the heartbeat, and the parked claim.
+async fn record_and_park(
+    app: &AppState,
+    agent_id: i64,
+    req: ClaimRequest,
+) -> Result<(Vec<CompletionResult>, Option<HeartbeatResponse>, Parked), ApiError> {
     let ClaimRequest {
         incarnation,
         completed,
         beat,
     } = req;
-    let (completed, beat, (ticket, mut answer)) = if completed.is_empty() && beat.is_none() {
-        app.db.check_incarnation(agent.id, incarnation).await?;
-        (Vec::new(), None, app.dispatcher.park(agent.id))
-    } else {
-        let backoff = ms(app.config.retry_backoff);
-        let times = beat_times(&app);
-        let reports = !completed.is_empty();
-        // The reports stand on their own (an agent's spool may hold some
-        // from before a restart): they are recorded even when the
-        // incarnation check then refuses the claim, and a resend replays.
-        // They go before the heartbeat, whose new incarnation would release
-        // the leases they report on.
-        let queued = app
-            .db
-            .queue_claim_record(agent.id, completed, beat, incarnation, backoff, times)
-            .await?;
-        // Parked before the reports commit: the round this asks for runs
-        // after them in the writer, usually in their transaction, and sees
-        // the slots they freed. One commit for "done, give me more".
-        let (ticket, answer) = app.dispatcher.park(agent.id);
-        if reports {
-            // Freed slots: a change of work, not a mere re-park.
-            app.wake_claimers();
-        }
-        let outcome = match queued.done().await {
-            Ok((results, beat, Ok(()))) => Ok((results, beat)),
-            Ok((_, _, Err(e))) | Err(e) => Err(e),
-        };
-        match outcome {
-            Ok((results, beat)) => {
-                for r in results.iter().filter(|r| r.error.is_none() && !r.replay) {
-                    log::info!(
-                        "job reported job_id={} worker_id={} status={}",
-                        r.job_id,
-                        agent.id,
-                        r.status.as_deref().unwrap_or("")
-                    );
-                }
-                let beat = beat.map(|b| answer_beat(&app, b));
-                (results, beat, (ticket, answer))
+    if completed.is_empty() && beat.is_none() {
+        app.db.check_incarnation(agent_id, incarnation).await?;
+        return Ok((Vec::new(), None, app.dispatcher.park(agent_id)));
+    }
+    let backoff = ms(app.config.retry_backoff);
+    let reports = !completed.is_empty();
+    // The reports stand on their own (an agent's spool may hold some from
+    // before a restart): they are recorded even when the incarnation check
+    // then refuses the claim, and a resend replays. They go before the
+    // heartbeat, whose new incarnation would release the leases they report
+    // on.
+    let queued = app
+        .db
+        .queue_claim_record(
+            agent_id,
+            completed,
+            beat,
+            incarnation,
+            backoff,
+            beat_times(app),
+        )
+        .await?;
+    // Parked before the reports commit: the round this asks for runs after
+    // them in the writer, usually in their transaction, and sees the slots
+    // they freed. One commit for "done, give me more".
+    let (ticket, answer) = app.dispatcher.park(agent_id);
+    if reports {
+        // Freed slots: a change of work, not a mere re-park.
+        app.wake_claimers();
+    }
+    match queued.done().await {
+        Ok((results, beat, Ok(()))) => {
+            for r in results.iter().filter(|r| r.error.is_none() && !r.replay) {
+                log::info!(
+                    "job reported job_id={} worker_id={agent_id} status={}",
+                    r.job_id,
+                    r.status.as_deref().unwrap_or("")
+                );
             }
-            Err(e) => {
-                // Refused after parking: whatever a round granted meanwhile
-                // goes back to the queue.
-                if !app.dispatcher.unpark(agent.id, ticket) {
-                    if let Ok(resp) = answer.await {
-                        let grants = resp.jobs.iter().map(|a| (agent.id, a.job_id, a.attempt));
-                        crate::dispatch::release(&app, grants.collect()).await?;
-                    }
-                }
-                return Err(e.into());
-            }
+            let beat = beat.map(|b| answer_beat(app, b));
+            Ok((results, beat, (ticket, answer)))
         }
-    };
-    // Orders in the heartbeat's answer (cancels) must not wait for the park.
-    let wait = match &beat {
-        Some(b) if !b.orders.is_empty() => 0,
-        _ => wait,
-    };
+        Ok((_, _, Err(e))) | Err(e) => {
+            // Refused after parking: whatever a round granted meanwhile
+            // goes back to the queue.
+            if !app.dispatcher.unpark(agent_id, ticket) {
+                if let Ok(resp) = answer.await {
+                    let grants = resp.jobs.iter().map(|a| (agent_id, a.job_id, a.attempt));
+                    crate::dispatch::release(app, grants.collect()).await?;
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// The parked claim's answer, if one comes within `wait` seconds.
+async fn wait_for_grant(
+    app: &AppState,
+    agent_id: i64,
+    (ticket, mut answer): Parked,
+    wait: i64,
+) -> Option<ClaimResponse> {
     let deadline = tokio::time::sleep(Duration::from_secs(wait as u64));
-    let granted = tokio::select! {
+    tokio::select! {
         r = &mut answer => r.ok(),
         _ = deadline => {
-            if app.dispatcher.unpark(agent.id, ticket) {
+            if app.dispatcher.unpark(agent_id, ticket) {
                 None
             } else {
                 // A round took this claim just now: its answer is on the way.
                 answer.await.ok()
             }
         }
-    };
-    // None: the wait ran out, or a newer claim of the same worker replaced
-    // this one.
-    Ok(match granted {
-        Some(resp) => Json(ClaimResponse {
-            completed,
-            beat,
-            ..resp
-        })
-        .into_response(),
-        None if completed.is_empty() && beat.is_none() => StatusCode::NO_CONTENT.into_response(),
-        None => Json(ClaimResponse {
-            jobs: Vec::new(),
-            orders: Vec::new(),
-            completed,
-            beat,
-        })
-        .into_response(),
-    })
+    }
 }
 
 /// Checks an agent's report of an attempt's end; `at` prefixes the field

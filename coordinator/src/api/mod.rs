@@ -19,6 +19,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use drover_proto::routes;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,18 +49,15 @@ pub fn router(app: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/agents/register", post(agents::register))
-        .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
-        .route("/api/v1/agents/claim", post(agents::claim))
+        .route(routes::REGISTER, post(agents::register))
+        .route(routes::HEARTBEAT, post(agents::heartbeat))
+        .route(routes::CLAIM, post(agents::claim))
         .route("/api/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/v1/jobs/{id}/complete", post(jobs::complete))
-        .route(
-            "/api/v1/jobs/{id}/logs",
-            post(jobs::append_log).get(jobs::read_log),
-        )
+        .route(routes::COMPLETE, post(jobs::complete))
+        .route(routes::LOGS, post(jobs::append_log).get(jobs::read_log))
         .route(
             "/api/v1/workers",
             get(workers::list).post(workers::preregister),

@@ -634,18 +634,7 @@ fn writer_loop(
         failing: false,
     };
     while let Some(first) = rx.blocking_recv() {
-        let mut batch = Vec::new();
-        let mut next = Some(first);
-        while let Some(op) = next.take() {
-            if op.maintenance() {
-                op.run(&conn, clock.now(), &mut stall.failing)(None);
-            } else {
-                batch.push(op);
-            }
-            if batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
+        let batch = gather(first, &mut rx, &conn, &clock, &mut stall);
         if batch.is_empty() {
             continue;
         }
@@ -675,34 +664,14 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let commit_error = match exec(&conn, "COMMIT") {
-            Ok(()) => {
-                commits.send_modify(|n| *n = n.wrapping_add(1));
-                if let Some((stalled, leases)) = granted {
-                    log::warn!(
-                        "writes failed for {:.1}s (database locked or full); {leases} running leases and the live workers get that time back",
-                        stalled.as_secs_f64()
-                    );
-                }
-                // Some requests of a committed batch may still have failed
-                // for storage (a full disk refuses the larger writes).
-                stall = Stall {
-                    last_commit: Instant::now(),
-                    failing,
-                };
-                None
-            }
-            Err(e) => {
-                let e = StoreError::from(e);
-                log::error!(
-                    "commit failed, {} requests rolled back: {e}",
-                    finishers.len()
-                );
-                let _ = exec(&conn, "ROLLBACK");
-                stall.failing = true;
-                Some(e)
-            }
-        };
+        let commit_error = commit(
+            &conn,
+            &commits,
+            granted,
+            failing,
+            finishers.len(),
+            &mut stall,
+        );
         for finish in finishers {
             finish(commit_error.clone());
         }
@@ -711,6 +680,67 @@ fn writer_loop(
         }
     }
     log::debug!("database writer stopped");
+}
+
+/// The requests waiting now, up to a batch; maintenance (a checkpoint)
+/// runs at once, between transactions.
+fn gather(
+    first: Box<dyn WriteOp>,
+    rx: &mut mpsc::Receiver<Box<dyn WriteOp>>,
+    conn: &Connection,
+    clock: &Clock,
+    stall: &mut Stall,
+) -> Vec<Box<dyn WriteOp>> {
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(op) = next.take() {
+        if op.maintenance() {
+            op.run(conn, clock.now(), &mut stall.failing)(None);
+        } else {
+            batch.push(op);
+        }
+        if batch.len() < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    batch
+}
+
+/// Commits the batch's transaction (rolls it back when that fails) and
+/// keeps the stall bookkeeping; the error every request of it then gets.
+fn commit(
+    conn: &Connection,
+    commits: &watch::Sender<u64>,
+    granted: Option<(Duration, usize)>,
+    failing: bool,
+    requests: usize,
+    stall: &mut Stall,
+) -> Option<StoreError> {
+    match exec(conn, "COMMIT") {
+        Ok(()) => {
+            commits.send_modify(|n| *n = n.wrapping_add(1));
+            if let Some((stalled, leases)) = granted {
+                log::warn!(
+                    "writes failed for {:.1}s (database locked or full); {leases} running leases and the live workers get that time back",
+                    stalled.as_secs_f64()
+                );
+            }
+            // Some requests of a committed batch may still have failed for
+            // storage (a full disk refuses the larger writes).
+            *stall = Stall {
+                last_commit: Instant::now(),
+                failing,
+            };
+            None
+        }
+        Err(e) => {
+            let e = StoreError::from(e);
+            log::error!("commit failed, {requests} requests rolled back: {e}");
+            let _ = exec(conn, "ROLLBACK");
+            stall.failing = true;
+            Some(e)
+        }
+    }
 }
 
 /// States are stored as their names (`schema.sql` checks them).
