@@ -30,18 +30,34 @@ pub fn agent_bin() -> PathBuf {
             p.display()
         );
     };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
-    let newest = fs::read_dir(&src)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newest = ["agent/src", "host/src", "proto/src"]
+        .iter()
+        .filter_map(|d| newest_file(&root.join(d)))
         .max();
     assert!(
         newest.is_none_or(|n| n <= built),
-        "{} is older than agent/src: run the tests with `cargo test --workspace`",
+        "{} is older than its sources: run the tests with `cargo test --workspace`",
         p.display()
     );
     p
+}
+
+/// When the newest file under `dir` was changed.
+fn newest_file(dir: &Path) -> Option<std::time::SystemTime> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            if meta.is_dir() {
+                newest_file(&e.path())
+            } else {
+                meta.modified().ok()
+            }
+        })
+        .max()
 }
 
 /// Polls `f` every 25 ms until it returns Some, or fails after `limit`.
