@@ -152,7 +152,7 @@ impl Detached {
         let _ = std::fs::remove_file(self.pid_file());
     }
 
-    /// Starts the binary in its own session with `env` (and no other
+    /// Starts the binary in its own process group with `env` (and no other
     /// `DROVER_*`), output to the log file. Fails if it exits at once.
     pub fn start(&self, env: &BTreeMap<&'static str, String>) -> Result<u32, String> {
         std::fs::create_dir_all(&self.dir)
@@ -174,15 +174,9 @@ impl Detached {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Its own process group: a terminal's hangup or ^C reaches the
+        // installer's foreground group, not this one.
+        cmd.process_group(0);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.bin.display()))?;

@@ -290,7 +290,6 @@ impl Db {
     /// writer thread.
     pub fn open(path: &Path, synchronous_full: bool, clock: Clock) -> Result<Db, String> {
         let ctx = |e: rusqlite::Error| format!("opening the database at {}: {e}", path.display());
-        disable_memstatus();
         create_private(path)?;
         let file = Arc::new(OpenedFile::open(path)?);
         let mut conn = Connection::open(path).map_err(ctx)?;
@@ -473,22 +472,6 @@ pub(crate) fn create_private(path: &Path) -> Result<(), String> {
         .open(path)
         .map(drop)
         .map_err(|e| format!("creating the database file {}: {e}", path.display()))
-}
-
-/// Turns off SQLite's memory statistics, which nothing here reads: with
-/// them on (the bundled build's default), every allocation SQLite makes
-/// takes a process-wide mutex, 7 % of the coordinator's CPU at full
-/// throughput. Takes effect only before SQLite's first use in the process;
-/// a later call (tests open many databases) changes nothing.
-fn disable_memstatus() {
-    // SAFETY: sqlite3_config is safe to call before sqlite3_initialize, and
-    // returns SQLITE_MISUSE (ignored) after it; MEMSTATUS takes one int.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int)
-    };
-    if rc != rusqlite::ffi::SQLITE_OK {
-        log::debug!("SQLite memory statistics stay on (SQLite was already in use): rc={rc}");
-    }
 }
 
 fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
@@ -803,6 +786,25 @@ pub fn json_col(text: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bundled SQLite is built without memory statistics
+    /// (`.cargo/config.toml`): with them, every allocation takes a global
+    /// mutex.
+    #[test]
+    fn sqlite_is_built_without_memory_statistics() {
+        let conn = Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+    }
 
     /// A request queued while a transaction runs joins it: one commit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
