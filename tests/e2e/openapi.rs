@@ -8,12 +8,35 @@ use std::collections::BTreeSet;
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
 
 /// (METHOD, path) of every `.route(...)` in the router's source.
+/// The path of a `.route(` call: a string literal, or a constant of the
+/// protocol's route table (`routes::NAME`).
+fn route_path(call: &str) -> String {
+    use drover_proto::routes;
+    let arg = call.trim_start();
+    let Some(name) = arg.strip_prefix("routes::") else {
+        return call.split('"').nth(1).unwrap_or_default().to_string();
+    };
+    let name: String = name
+        .chars()
+        .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+        .collect();
+    match name.as_str() {
+        "REGISTER" => routes::REGISTER,
+        "HEARTBEAT" => routes::HEARTBEAT,
+        "CLAIM" => routes::CLAIM,
+        "COMPLETE" => routes::COMPLETE,
+        "LOGS" => routes::LOGS,
+        other => panic!("unknown route constant routes::{other}"),
+    }
+    .to_string()
+}
+
 fn served_routes() -> BTreeSet<(String, String)> {
     let src = include_str!("../../coordinator/src/api/mod.rs");
     let table = &src[..src.find(".fallback(").unwrap_or(src.len())];
     let mut out = BTreeSet::new();
     for part in table.split(".route(").skip(1) {
-        let path = part.split('"').nth(1).unwrap_or_default().to_string();
+        let path = route_path(part);
         for m in METHODS {
             let call = format!("{}(", m.to_lowercase());
             let found = part.match_indices(&call).any(|(i, _)| {

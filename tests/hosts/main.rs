@@ -1,0 +1,325 @@
+//! Drover on real hosts: booted systemd, units installed by the product's
+//! own `install` commands, jobs crossing a real network. Needs root and
+//! systemd-container; skipped (saying so) without them, required in CI
+//! (DROVER_REQUIRE_HOSTS=1).
+//!
+//!   cargo test --workspace --test hosts -- --nocapture
+
+#[allow(dead_code)]
+#[path = "../e2e/harness.rs"]
+mod harness;
+#[macro_use]
+mod net;
+
+use harness::{agent_bin, coordinator_bin, wait_for, Api, TestResult};
+use net::{Host, Hosts};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 8700;
+
+/// A coordinator and agents installed on booted hosts, agents approved.
+struct Installed<'a> {
+    hosts: &'a Hosts,
+    api: Api,
+    admin: String,
+}
+
+/// Installs the coordinator on `coordinator` and an agent on each of
+/// `agents` (named after its host), as an operator would: the product's
+/// `install` commands, the secret passed on stdin, approval over the API.
+/// `flags` go to the coordinator's install (and so to its service).
+fn install<'a>(
+    hosts: &'a Hosts,
+    coordinator: &str,
+    agents: &[&str],
+    flags: &str,
+) -> TestResult<Installed<'a>> {
+    let c = hosts.get(coordinator);
+    c.sh(&format!(
+        "{} install --listen 0.0.0.0:{PORT} {flags}",
+        coordinator_bin().display()
+    ))?;
+    let setting = |key: &str| -> TestResult<String> {
+        let v = c.sh(&format!(
+            "sed -n 's/^{key}=\"\\(.*\\)\"/\\1/p' /etc/drover/coordinator.env"
+        ))?;
+        Ok(v.trim().to_string())
+    };
+    let admin = setting("DROVER_ADMIN_TOKEN")?;
+    let secret = setting("DROVER_REGISTRATION_SECRET")?;
+    let url = format!("http://{}:{PORT}", c.addr);
+    let api = Api::new(&url);
+    wait_for("the coordinator to answer", Duration::from_secs(30), || {
+        Ok(api.healthy().then_some(()))
+    })?;
+    for name in agents {
+        hosts.get(name).sh_in(
+            &format!(
+                "DROVER_REGISTRATION_SECRET=\"$(cat)\" {} install --coordinator {url} --name {name} --shutdown-grace 2 --kill-grace 2",
+                agent_bin().display()
+            ),
+            Some(secret.as_bytes()),
+        )?;
+    }
+    let installed = Installed { hosts, api, admin };
+    for name in agents {
+        let id = installed.worker(name)?;
+        let r = installed.admin("POST", &format!("/api/v1/workers/{id}/approve"), None)?;
+        assert_eq!(r["state"], "idle", "{r}");
+    }
+    Ok(installed)
+}
+
+impl Installed<'_> {
+    fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> TestResult<Value> {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let r = self
+            .api
+            .call(method, path, Some(&self.admin), bytes.as_deref())?;
+        if r.status >= 300 {
+            return Err(format!("{method} {path}: {} {}", r.status, r.text).into());
+        }
+        Ok(r.body)
+    }
+
+    /// The id of worker `name`, once it has registered.
+    fn worker(&self, name: &str) -> TestResult<i64> {
+        wait_for(
+            &format!("worker {name} to register"),
+            Duration::from_secs(30),
+            || {
+                let list = self.admin("GET", "/api/v1/workers", None)?;
+                let workers = list["workers"].as_array().cloned().unwrap_or_default();
+                Ok(workers
+                    .iter()
+                    .find(|w| w["name"] == name)
+                    .and_then(|w| w["id"].as_i64()))
+            },
+        )
+    }
+
+    fn job(&self, id: i64) -> TestResult<Value> {
+        self.admin("GET", &format!("/api/v1/jobs/{id}"), None)
+    }
+
+    /// Job `id` once its status is `status`, within `limit`.
+    fn job_in(&self, id: i64, status: &str, limit: Duration) -> TestResult<Value> {
+        wait_for(&format!("job {id} {status}"), limit, || {
+            let j = self.job(id)?;
+            Ok((j["status"] == status).then_some(j))
+        })
+    }
+
+    /// The host whose agent is worker `id`.
+    fn host_of(&self, worker_id: i64) -> TestResult<&Host> {
+        let w = self.admin("GET", &format!("/api/v1/workers/{worker_id}"), None)?;
+        let name = w["name"].as_str().ok_or("worker without a name")?;
+        Ok(self.hosts.get(name))
+    }
+}
+
+fn active(host: &Host, unit: &str) -> TestResult<bool> {
+    let (_, out, _) = host.exec(&format!("systemctl is-active {unit}"), None)?;
+    Ok(out.trim() == "active")
+}
+
+/// Installed with the product's own commands on booted hosts, the units
+/// run under systemd, a job submitted with curl from another host runs on
+/// an agent host, and journald has the coordinator's log.
+#[test]
+fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
+    let t0 = Instant::now();
+    let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "")?;
+    println!(
+        "installed 1 coordinator + 2 agents in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(active(hosts.get("drv-c"), "drover-coordinator")?);
+    assert!(active(hosts.get("drv-a1"), "drover-agent")?);
+    assert!(active(hosts.get("drv-a2"), "drover-agent")?);
+
+    let spec = json!({"command": ["sh", "-c", "echo ran-on $(hostname)"]}).to_string();
+    let reply = hosts.get("drv-a2").sh_in(
+        &format!(
+            "curl -sf -H \"Authorization: Bearer $(cat)\" -H 'Content-Type: application/json' -d '{spec}' http://{}:{PORT}/api/v1/jobs",
+            hosts.get("drv-c").addr
+        ),
+        Some(fleet.admin.as_bytes()),
+    )?;
+    let id = serde_json::from_str::<Value>(&reply)?["id"]
+        .as_i64()
+        .ok_or("no job id in the reply")?;
+    let t1 = Instant::now();
+    let job = fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
+    println!(
+        "job {id} submitted from drv-a2 succeeded in {:.2}s",
+        t1.elapsed().as_secs_f64()
+    );
+    let worker = job["worker_id"].as_i64().ok_or("no worker")?;
+    let log = fleet.api.call(
+        "GET",
+        &format!("/api/v1/jobs/{id}/logs"),
+        Some(&fleet.admin),
+        None,
+    )?;
+    let ran_on = &fleet.host_of(worker)?.name;
+    assert_eq!(log.text.trim(), format!("ran-on {ran_on}"));
+
+    let journal = hosts
+        .get("drv-c")
+        .sh("journalctl -u drover-coordinator --no-pager -o cat")?;
+    assert!(journal.contains("listening on"), "{journal}");
+    Ok(())
+}
+
+/// `systemctl stop` of the agent running a job hands it back at once and
+/// it finishes on the other host; `kill -9` of an agent is answered by
+/// systemd restarting it, under the same worker id.
+#[test]
+fn agent_stop_and_kill_under_systemd() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "")?;
+    let spec = json!({"command": ["sh", "-c", "sleep 6; echo finished"], "max_attempts": 3});
+    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    let first = fleet.job_in(id, "running", Duration::from_secs(20))?;
+    let first_worker = first["worker_id"].as_i64().ok_or("no worker")?;
+    let host = fleet.host_of(first_worker)?;
+    let t0 = Instant::now();
+    host.sh("systemctl stop drover-agent")?;
+    let stopped = t0.elapsed();
+    let moved = wait_for("the job to run elsewhere", Duration::from_secs(20), || {
+        let j = fleet.job(id)?;
+        let elsewhere = j["status"] == "running" && j["worker_id"].as_i64() != Some(first_worker);
+        Ok(elsewhere.then_some(j))
+    })?;
+    println!(
+        "systemctl stop took {:.1}s; the job ran again elsewhere {:.1}s after the stop began",
+        stopped.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    let done = fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
+    let attempts = done["attempts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 2, "{done}");
+    assert_eq!(attempts[0]["outcome"], "released", "{done}");
+    assert_eq!(
+        done["attempts_used"], 1,
+        "a hand-back does not count: {done}"
+    );
+    assert_eq!(done["worker_id"], moved["worker_id"]);
+
+    // kill -9: systemd restarts the agent; it comes back as the same worker.
+    let other = fleet.host_of(moved["worker_id"].as_i64().ok_or("no worker")?)?;
+    let worker_id = fleet.worker(&other.name)?;
+    let main_pid = || -> TestResult<String> {
+        Ok(other
+            .sh("systemctl show -p MainPID --value drover-agent")?
+            .trim()
+            .to_string())
+    };
+    let before = main_pid()?;
+    let t1 = Instant::now();
+    other.sh(&format!("kill -9 {before}"))?;
+    wait_for(
+        "systemd to restart the agent",
+        Duration::from_secs(30),
+        || {
+            let now = main_pid()?;
+            Ok((now != before && now != "0" && active(other, "drover-agent")?).then_some(()))
+        },
+    )?;
+    println!(
+        "kill -9 -> restarted by systemd in {:.1}s",
+        t1.elapsed().as_secs_f64()
+    );
+    let id2 = fleet.admin(
+        "POST",
+        "/api/v1/jobs",
+        Some(&json!({"command": ["true"], "required_tags": []})),
+    )?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    fleet.job_in(id2, "succeeded", Duration::from_secs(30))?;
+    assert_eq!(
+        fleet.worker(&other.name)?,
+        worker_id,
+        "same worker id after the restart"
+    );
+    let list = fleet.admin("GET", "/api/v1/workers", None)?;
+    assert_eq!(
+        list["workers"].as_array().map(Vec::len),
+        Some(2),
+        "no new worker: {list}"
+    );
+    Ok(())
+}
+
+/// Submits `command` (run by sh) and returns the job once it runs, with
+/// the host it runs on.
+fn start_job<'a>(fleet: &'a Installed, command: &str) -> TestResult<(i64, i64, &'a Host)> {
+    let spec = json!({"command": ["sh", "-c", command], "max_attempts": 3});
+    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    let running = fleet.job_in(id, "running", Duration::from_secs(20))?;
+    let worker = running["worker_id"].as_i64().ok_or("no worker")?;
+    Ok((id, worker, fleet.host_of(worker)?))
+}
+
+/// An agent host cut off mid-job. Healed within the lease: nothing moves,
+/// one attempt. Cut off past the lease: the job runs again on the other
+/// host after about a TTL, and when the cable is back the cut-off copy's
+/// report is refused: the job ends once, with the second attempt's result.
+#[test]
+fn a_partitioned_agent_host() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "--lease-ttl 6")?;
+
+    let (id, worker, host) = start_job(&fleet, "sleep 6; echo short")?;
+    host.cable(false)?;
+    std::thread::sleep(Duration::from_secs(3));
+    host.cable(true)?;
+    let done = fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
+    assert_eq!(done["worker_id"], worker, "{done}");
+    assert_eq!(done["attempts"].as_array().map(Vec::len), Some(1), "{done}");
+    println!("cut off for 3 s (lease 6 s): the job stayed, 1 attempt");
+
+    let (id, worker, host) = start_job(&fleet, "sleep 15; echo $(hostname)")?;
+    let cut = Instant::now();
+    host.cable(false)?;
+    let moved = wait_for("the job to run elsewhere", Duration::from_secs(30), || {
+        let j = fleet.job(id)?;
+        let elsewhere = j["status"] == "running" && j["worker_id"].as_i64() != Some(worker);
+        Ok(elsewhere.then_some(j))
+    })?;
+    println!(
+        "cut off past the lease (6 s): the job ran again elsewhere after {:.1}s",
+        cut.elapsed().as_secs_f64()
+    );
+    let (status, _, _) = host.exec("pgrep -x sleep", None)?;
+    println!(
+        "the cut-off host's copy still runs when the cable comes back: {}",
+        status == 0
+    );
+    host.cable(true)?;
+    let done = fleet.job_in(id, "succeeded", Duration::from_secs(40))?;
+    assert_eq!(done["worker_id"], moved["worker_id"], "{done}");
+    let attempts = done["attempts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 2, "{done}");
+    assert_eq!(attempts[0]["worker_id"], worker, "{done}");
+    let log = fleet.api.call(
+        "GET",
+        &format!("/api/v1/jobs/{id}/logs"),
+        Some(&fleet.admin),
+        None,
+    )?;
+    let second = fleet.host_of(moved["worker_id"].as_i64().ok_or("no worker")?)?;
+    assert_eq!(log.text.trim(), second.name, "the second attempt's output");
+    Ok(())
+}
