@@ -166,6 +166,12 @@ pub struct Args {
     /// and handed back to the coordinator.
     #[arg(long, env = "DROVER_SHUTDOWN_GRACE", default_value_t = 60)]
     pub shutdown_grace: u64,
+
+    /// User jobs run as, when the agent runs as root (default: drover-job,
+    /// which install makes; jobs must not run as the user that holds the
+    /// agent's token).
+    #[arg(long, env = "DROVER_JOB_USER")]
+    pub job_user: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +187,8 @@ pub struct Config {
     pub fake_gpus: Option<Vec<GpuInfo>>,
     pub kill_grace: Duration,
     pub shutdown_grace: Duration,
+    /// None: jobs run as the agent's own user.
+    pub job_user: Option<crate::jobuser::JobUser>,
 }
 
 impl Config {
@@ -221,6 +229,7 @@ impl Config {
             fake_gpus,
             kill_grace: Duration::from_secs(args.kill_grace),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
+            job_user: crate::jobuser::resolve(args.job_user.as_deref().filter(|u| !u.is_empty()))?,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! spooled on disk until the coordinator has it.
 
 use crate::client::{backoff, Client};
+use crate::jobuser::JobUser;
 use crate::spawn;
 use crate::state::{Spooled, StateDir};
 use drover_proto::{Assignment, CompleteRequest, Outcome};
@@ -13,7 +14,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +29,8 @@ use tokio::time::Instant;
 const READ_CHUNK: usize = 64 * 1024;
 /// Most bytes sent in one log request.
 const SHIP_MAX: usize = 512 * 1024;
+/// The job's own dir inside its job dir (cwd, result and progress files).
+pub const WORK: &str = "work";
 /// Largest result document read from `DROVER_RESULT_FILE`.
 const RESULT_MAX: u64 = 1024 * 1024;
 
@@ -34,6 +39,8 @@ pub struct Ctx {
     pub client: Arc<Client>,
     pub state: Arc<StateDir>,
     pub kill_grace: Duration,
+    /// Who jobs run as; None: the agent's own user.
+    pub user: Option<JobUser>,
 }
 
 /// Orders from the supervisor to a running job.
@@ -89,10 +96,16 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The job's whole environment: the agent's own, less its settings (the
 /// registration secret among them), then the job's, then Drover's.
-fn environment(a: &Assignment, dir: &Path) -> BTreeMap<OsString, OsString> {
+fn environment(a: &Assignment, dir: &Path, user: Option<&JobUser>) -> BTreeMap<OsString, OsString> {
     let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
         .filter(|(key, _)| !key.as_bytes().starts_with(b"DROVER_"))
         .collect();
+    if let Some(u) = user {
+        for key in ["USER", "LOGNAME"] {
+            env.insert(key.into(), u.name.as_str().into());
+        }
+        env.insert("HOME".into(), u.home.as_os_str().into());
+    }
     env.extend(a.env.iter().map(|(k, v)| (k.into(), v.into())));
     let gpus = a
         .gpu_indices
@@ -162,16 +175,34 @@ struct Started {
 
 /// Creates the job dir, spawns the process and starts moving its output;
 /// an error is the attempt's failure message.
+///
+/// The job dir holds the agent's files (the process group, the output
+/// spool) and is the agent's; the job's own files (its default cwd, result
+/// and progress files) are in `work/` inside it, which belongs to the job's
+/// user: a job cannot put a link where the agent writes.
 async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String> {
     if a.command.is_empty() {
         return Err("empty command".into());
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("creating the job dir {}: {e}", dir.display()))?;
-    let cwd = a.cwd.as_deref().map(Path::new).unwrap_or(dir);
+    let work = dir.join(WORK);
+    std::fs::create_dir_all(&work)
+        .map_err(|e| format!("creating the job dir {}: {e}", work.display()))?;
+    if let Some(u) = &ctx.user {
+        // Traversable (the unit's umask makes dirs 0700), not listable.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("opening the job dir {} to its job: {e}", dir.display()))?;
+        let owner = (
+            rustix::fs::Uid::from_raw(u.uid),
+            rustix::fs::Gid::from_raw(u.gid),
+        );
+        rustix::fs::chown(&work, Some(owner.0), Some(owner.1))
+            .map_err(|e| format!("giving the job dir {} to {}: {e}", work.display(), u.name))?;
+    }
+    let cwd = a.cwd.as_deref().map(Path::new).unwrap_or(&work);
     // On the runtime's thread, which lives as long as the agent: the job's
     // death signal follows the thread that spawns it.
-    let mut child = spawn::spawn(&a.command, &environment(a, dir), cwd).map_err(|e| {
+    let env = environment(a, &work, ctx.user.as_ref());
+    let mut child = spawn::spawn_as(&a.command, &env, cwd, ctx.user.as_ref()).map_err(|e| {
         log::warn!(
             "job could not start job_id={} attempt={}: {e}",
             a.job_id,
@@ -341,7 +372,7 @@ fn report(
     exit_code: Option<i32>,
     mut error: Option<String>,
 ) -> Spooled {
-    let result = match read_json_file(&dir.join("result.json"), RESULT_MAX) {
+    let result = match read_json_file(&dir.join(WORK).join("result.json"), RESULT_MAX) {
         Ok(r) => r,
         Err(e) => {
             let note = format!("result file: {e}");
@@ -487,6 +518,12 @@ pub fn read_json_file(path: &Path, max: u64) -> Result<Option<Value>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot open it (a symlink is refused): {e}")),
     };
+    // A hard link to another file (the agent's token, say) is not the
+    // job's own document.
+    let meta = file.metadata().map_err(|e| format!("reading it: {e}"))?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err("refused: not a plain file of its own (a hard link or a special file)".into());
+    }
     let mut bytes = Vec::new();
     file.take(max + 1)
         .read_to_end(&mut bytes)
@@ -801,6 +838,11 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", &p).unwrap();
         assert!(read_json_file(&p, 100).unwrap_err().contains("symlink"));
+        std::fs::remove_file(&p).unwrap();
+        let secret = dir.join("identity.json");
+        std::fs::write(&secret, br#"{"token": "drv_agent_x"}"#).unwrap();
+        std::fs::hard_link(&secret, &p).unwrap();
+        assert!(read_json_file(&p, 100).unwrap_err().contains("hard link"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

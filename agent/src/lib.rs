@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod inventory;
 pub mod job;
+pub mod jobuser;
 pub mod logring;
 pub mod ops;
 pub mod simulate;
@@ -166,6 +167,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         client: client.clone(),
         state: state.clone(),
         kill_grace: config.kill_grace,
+        user: config.job_user.clone(),
     });
     let slots = config
         .slots

@@ -17,6 +17,7 @@
 //! [`spawn`] from a thread that lives as long as the agent (a tokio worker,
 //! never `spawn_blocking`, whose threads exit when idle).
 
+use crate::jobuser::JobUser;
 use rustix::process::{waitpid, Pid, PidfdFlags, WaitOptions};
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -57,6 +58,13 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     fds: [RawFd; 3],
     parent: libc::pid_t,
+    /// Whether to take on `uid`, `gid` and the `ngroups` groups at
+    /// `groups` before exec.
+    switch: bool,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: *const libc::gid_t,
+    ngroups: usize,
     errno: AtomicI32,
 }
 
@@ -106,7 +114,19 @@ impl CStrings {
 /// /dev/null, stdout and stderr piped, in a new process group, killed when
 /// the calling thread's process dies.
 pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) -> io::Result<Child> {
+    spawn_as(argv, env, cwd, None)
+}
+
+/// As [`spawn`], the process running as `user` (its uid, gid and groups)
+/// when given.
+pub fn spawn_as(
+    argv: &[String],
+    env: &BTreeMap<OsString, OsString>,
+    cwd: &Path,
+    user: Option<&JobUser>,
+) -> io::Result<Child> {
     let c = CStrings::new(argv, env, cwd)?;
+    let groups: &[u32] = user.map_or(&[], |u| &u.groups);
     let (argv_p, envp_p) = (null_terminated(&c.argv), null_terminated(&c.envp));
     let stdin = std::fs::File::open("/dev/null")?;
     let (out_r, out_w) = pipe_pair()?;
@@ -127,6 +147,11 @@ pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) ->
         cwd: c.cwd.as_ptr(),
         fds: [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()],
         parent: rustix::process::getpid().as_raw_nonzero().get(),
+        switch: user.is_some(),
+        uid: user.map_or(0, |u| u.uid),
+        gid: user.map_or(0, |u| u.gid),
+        groups: groups.as_ptr(),
+        ngroups: groups.len(),
         errno: AtomicI32::new(0),
     };
 
@@ -222,7 +247,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::sigaction(sig, &dfl, std::ptr::null_mut());
             }
         }
+        // Raw syscalls for the credentials: glibc's wrappers would signal
+        // every thread of the agent (whose memory this side shares) to
+        // change theirs too. Before the death signal, which a change of
+        // credentials clears.
         let ok = libc::setpgid(0, 0) == 0
+            && (!a.switch
+                || libc::syscall(libc::SYS_setgroups, a.ngroups, a.groups) == 0
+                    && libc::syscall(libc::SYS_setgid, a.gid) == 0
+                    && libc::syscall(libc::SYS_setuid, a.uid) == 0)
             && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == 0
             // The agent died before the death signal was armed.
             && (libc::getppid() == a.parent || {

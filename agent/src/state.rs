@@ -29,7 +29,8 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Creates the dir (0700) and checks that it is writable.
+    /// Creates the dir (0711: only traversable by others) and checks that
+    /// it is writable.
     pub fn open(root: &Path) -> Result<StateDir, String> {
         let hint = "Try: create it and give it to the agent's user (sudo install -d -m 0700 -o $USER DIR), or pass --state-dir";
         fs::create_dir_all(root).map_err(|e| {
@@ -38,11 +39,16 @@ impl StateDir {
                 root.display()
             )
         })?;
-        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
-        for sub in ["spool", "jobs"] {
-            fs::create_dir_all(root.join(sub)).map_err(|e| {
+        // Jobs running as another user reach their own dirs under jobs/
+        // (traverse only: nobody else lists or reads anything here; the
+        // identity and the spool are the agent's alone).
+        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o711));
+        for (sub, mode) in [("spool", 0o700), ("jobs", 0o711)] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(|e| {
                 format!("state dir {} is not writable: {e}. {hint}", root.display())
             })?;
+            let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
         }
         let probe = root.join(".write-test");
         fs::write(&probe, b"ok")

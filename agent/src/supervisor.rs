@@ -460,6 +460,7 @@ impl Beats {
                         .ctx
                         .state
                         .job_dir(l.job_id, l.attempt)
+                        .join(job::WORK)
                         .join("progress.json"),
                     64 * 1024,
                 );

@@ -5,7 +5,8 @@
 use crate::auth;
 use crate::config::{Args, Config, DEFAULT_DB};
 use drover_host::service::{
-    env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
+    env_file_text, env_file_value, install_self, system_user, systemctl, systemd_running,
+    write_file, Detached,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,36 +261,17 @@ const SERVICE_USER: &str = "drover";
 /// Creates the service user (when missing) and gives it the database's
 /// directory.
 fn prepare_service_user(dir: &Path) -> Result<(), String> {
-    let run = |program: &str, args: &[&str]| -> Result<bool, String> {
-        std::process::Command::new(program)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .map_err(|e| format!("running {program}: {e}"))
-    };
-    if !run("id", &["-u", SERVICE_USER])? {
-        let home = dir.display().to_string();
-        let args = [
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            &home,
-            "--shell",
-            "/usr/sbin/nologin",
-            SERVICE_USER,
-        ];
-        if !run("useradd", &args)? {
-            return Err(format!(
-                "creating the system user {SERVICE_USER} (useradd) failed"
-            ));
-        }
+    let home = dir.display().to_string();
+    if system_user(SERVICE_USER, &home, &[])? {
         say!("✓ user        {SERVICE_USER} (system user: owns {home})");
     }
     let owner = format!("{SERVICE_USER}:{SERVICE_USER}");
-    if !run("chown", &["-R", &owner, &dir.display().to_string()])? {
-        return Err(format!("chown {owner} {} failed", dir.display()));
+    let chowned = std::process::Command::new("chown")
+        .args(["-R", &owner, &home])
+        .status()
+        .map_err(|e| format!("running chown: {e}"))?;
+    if !chowned.success() {
+        return Err(format!("chown {owner} {home} failed"));
     }
     Ok(())
 }

@@ -93,6 +93,47 @@ pub fn systemctl(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Runs an administration command quietly; whether it succeeded.
+fn admin(program: &str, args: &[&str]) -> Result<bool, String> {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .map_err(|e| format!("running {program}: {e}"))
+}
+
+/// Makes system user `name` (with its own group, no login, `home` not
+/// created) unless it exists, and adds it to those of `groups` this
+/// machine has. True when it was made now.
+pub fn system_user(name: &str, home: &str, groups: &[&str]) -> Result<bool, String> {
+    let made = !admin("id", &["-u", name])?;
+    if made {
+        let args = [
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            home,
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ];
+        if !admin("useradd", &args)? {
+            return Err(format!("creating the system user {name} (useradd) failed"));
+        }
+    }
+    for group in groups {
+        if admin("getent", &["group", group])? && !admin("usermod", &["-aG", group, name])? {
+            return Err(format!(
+                "adding {name} to the group {group} (usermod) failed"
+            ));
+        }
+    }
+    Ok(made)
+}
+
 /// Sends `sig` to `pid`; a process already gone is no error.
 fn signal(pid: i32, sig: Signal) {
     if let Some(pid) = Pid::from_raw(pid) {

@@ -103,11 +103,26 @@ impl Installed<'_> {
         self.admin("GET", &format!("/api/v1/jobs/{id}"), None)
     }
 
-    /// Job `id` once its status is `status`, within `limit`.
+    /// Job `id` once its status is `status`, within `limit` (else the
+    /// error shows the job and its agents' last log lines).
     fn job_in(&self, id: i64, status: &str, limit: Duration) -> TestResult<Value> {
-        wait_for(&format!("job {id} {status}"), limit, || {
+        let waited = wait_for(&format!("job {id} {status}"), limit, || {
             let j = self.job(id)?;
             Ok((j["status"] == status).then_some(j))
+        });
+        waited.map_err(|e| {
+            let job = self.job(id).map(|j| j.to_string()).unwrap_or_default();
+            let logs: Vec<String> = self
+                .hosts
+                .hosts
+                .iter()
+                .filter_map(|h| {
+                    let cmd = "journalctl -u drover-agent --no-pager -o cat -n 15";
+                    let (_, out, _) = h.exec(cmd, None).ok()?;
+                    Some(format!("{}: {out}", h.name))
+                })
+                .collect();
+            format!("{e}; job: {job}; agents: {}", logs.join("\n")).into()
         })
     }
 
@@ -321,5 +336,48 @@ fn a_partitioned_agent_host() -> TestResult {
     )?;
     let second = fleet.host_of(moved["worker_id"].as_i64().ok_or("no worker")?)?;
     assert_eq!(log.text.trim(), second.name, "the second attempt's output");
+    Ok(())
+}
+
+/// Jobs run as the job user `install` made, not root: they cannot read or
+/// list the agent's state dir (its token), a result file linked to the
+/// token uploads nothing, and the job's own dir is writable.
+#[test]
+fn jobs_run_as_their_own_user_and_cannot_reach_the_agents_token() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1"], "")?;
+    let script = "id -un; id -u; touch own-file && echo WROTE-CWD; \
+        cat /var/lib/drover-agent/identity.json && echo READ-THE-TOKEN; \
+        ls /var/lib/drover-agent >/dev/null 2>&1 && echo LISTED-THE-STATE-DIR; \
+        ln -s /var/lib/drover-agent/identity.json \"$DROVER_RESULT_FILE\"; ls -l \"$DROVER_RESULT_FILE\"; true";
+    let spec = json!({"command": ["sh", "-c", script]});
+    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    let job = fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
+    let log = fleet
+        .api
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{id}/logs"),
+            Some(&fleet.admin),
+            None,
+        )?
+        .text;
+    println!("the job said: {log:?}; its error: {}", job["error"]);
+    let mut lines = log.lines();
+    assert_eq!(lines.next(), Some("drover-job"), "{log}");
+    assert_ne!(lines.next(), Some("0"), "{log}");
+    assert!(log.contains("WROTE-CWD"), "{log}");
+    assert!(!log.contains("READ-THE-TOKEN"), "{log}");
+    assert!(!log.contains("drv_agent_"), "{log}");
+    assert!(!log.contains("LISTED-THE-STATE-DIR"), "{log}");
+    // The link was made (the job says so) and refused: no token uploaded.
+    assert!(
+        log.contains("result.json -> /var/lib/drover-agent/identity.json"),
+        "{log}"
+    );
+    assert!(job["result"].is_null(), "{job}");
     Ok(())
 }

@@ -183,13 +183,18 @@ impl Host {
             &format!("host {} to start systemd", self.name),
             Duration::from_secs(30),
             || {
+                // nspawn's first child may be a helper that exits; the
+                // host's PID 1 is the child that runs systemd.
                 let children =
                     std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children"))
                         .unwrap_or_default();
                 Ok(children
                     .split_whitespace()
-                    .next()
-                    .and_then(|p| p.parse().ok()))
+                    .filter_map(|p| p.parse::<i32>().ok())
+                    .find(|p| {
+                        std::fs::read_to_string(format!("/proc/{p}/comm"))
+                            .is_ok_and(|c| c.trim() == "systemd")
+                    }))
             },
         )?;
         let mut state = String::new();

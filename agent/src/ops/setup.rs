@@ -6,7 +6,8 @@
 use crate::config::{Args, Config};
 use crate::inventory::GpuSource;
 use drover_host::service::{
-    env_file_text, env_file_value, install_self, systemctl, systemd_running, write_file, Detached,
+    env_file_text, env_file_value, install_self, system_user, systemctl, systemd_running,
+    write_file, Detached,
 };
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -137,9 +138,21 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, args: Args) -> Result<()
         0o600,
     )?;
     say!("✓ settings    {} (0600)", layout.env_file.display());
+    if !layout.staged && rustix::process::geteuid().is_root() {
+        // GPUs are reached through the video and render groups.
+        system_user(
+            crate::jobuser::DEFAULT,
+            "/nonexistent",
+            &["video", "render"],
+        )?;
+        say!(
+            "✓ job user    {} (jobs run as this user, never as root)",
+            crate::jobuser::DEFAULT
+        );
+    }
     std::fs::create_dir_all(&layout.state_dir)
         .and_then(|_| {
-            std::fs::set_permissions(&layout.state_dir, std::fs::Permissions::from_mode(0o700))
+            std::fs::set_permissions(&layout.state_dir, std::fs::Permissions::from_mode(0o711))
         })
         .map_err(|e| format!("creating the state dir {}: {e}", layout.state_dir.display()))?;
     say!("✓ state dir   {}", layout.state_dir.display());
