@@ -161,8 +161,13 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
             "this agent has no token and no --registration-secret (DROVER_REGISTRATION_SECRET) to register with".to_string(),
         ));
     }
+    tokio::spawn(systemd_watch());
     let identity = register(&config, &state, &client, &gpu, credentials).await?;
     client.set_token(identity.token.clone());
+    ready(&format!(
+        "registered as worker {} with {}",
+        identity.worker_id, config.coordinator
+    ));
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         state: state.clone(),
@@ -190,6 +195,46 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         beat_now: Default::default(),
     };
     supervisor.run(Duration::from_secs(10)).await
+}
+
+/// READY=1 went to systemd (`Type=notify`).
+static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells systemd the agent is up (once), with `status`.
+fn ready(status: &str) {
+    if !READY.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        drover_host::notify::ready(status);
+    } else {
+        drover_host::notify::status(status);
+    }
+}
+
+/// Under systemd: READY=1 at the latest after `READY_AT_THE_LATEST` (an
+/// unreachable coordinator must not hold the machine's boot; the status
+/// says why it is not registered), and the watchdog pinged from this
+/// runtime's thread, so a blocked agent gets restarted.
+async fn systemd_watch() {
+    const READY_AT_THE_LATEST: Duration = Duration::from_secs(30);
+    let interval = drover_host::notify::watchdog_interval();
+    let start = std::time::Instant::now();
+    loop {
+        let tick = interval
+            .unwrap_or(READY_AT_THE_LATEST)
+            .min(READY_AT_THE_LATEST);
+        tokio::time::sleep(tick).await;
+        if start.elapsed() >= READY_AT_THE_LATEST
+            && !READY.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            ready("started; not registered yet (see the journal)");
+        }
+        match interval {
+            Some(_) => {
+                drover_host::notify::watchdog();
+            }
+            None if READY.load(std::sync::atomic::Ordering::SeqCst) => return,
+            None => {}
+        }
+    }
 }
 
 /// One agent per state dir: a second would take over the first's worker
@@ -256,6 +301,10 @@ async fn register(
             }
             Err(e) if e.is_transient() => {
                 errors.explain("registering", &e);
+                drover_host::notify::status(&format!(
+                    "not registered yet, retrying: {} answers {e}",
+                    config.coordinator
+                ));
                 failures += 1;
                 tokio::time::sleep(backoff(failures)).await;
             }

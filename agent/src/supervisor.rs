@@ -112,6 +112,7 @@ impl Loop {
 
     fn publish(&self) {
         publish(&self.leases, &self.running);
+        drover_host::notify::status(&format!("{} jobs running", self.running.len()));
     }
 
     /// Sends `control` to every running job.
@@ -182,6 +183,10 @@ impl Supervisor {
                     Some(e) => {
                         st.claim_failures += 1;
                         st.claim_errors.explain("claiming work", &e);
+                        drover_host::notify::status(&format!(
+                            "{} jobs running; claims fail: {e}",
+                            st.running.len()
+                        ));
                     }
                 }
             }

@@ -5,8 +5,8 @@
 use crate::auth;
 use crate::config::{Args, Config, DEFAULT_DB};
 use drover_host::service::{
-    env_file_text, env_file_value, install_self, system_user, systemctl, systemd_running,
-    write_file, Detached,
+    env_file_text, env_file_value, install_self, restart_and_wait, system_user, systemctl,
+    systemd_running, write_file, Detached,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,8 +124,8 @@ fn install_unit(
     }
     systemctl(&["daemon-reload"])?;
     systemctl(&["enable", "drover-coordinator"])?;
-    systemctl(&["restart", "drover-coordinator"])?;
-    say!("✓ service     drover-coordinator enabled and (re)started; logs: journalctl -u drover-coordinator");
+    let status = restart_and_wait("drover-coordinator")?;
+    say!("✓ service     drover-coordinator enabled and ready: {status}; logs: journalctl -u drover-coordinator");
     Ok(())
 }
 

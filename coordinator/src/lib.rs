@@ -81,6 +81,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     let sweeper = tokio::spawn(sweep::run(app.clone()));
     let retention = tokio::spawn(sweep::retain(app.clone()));
     let dispatcher = tokio::spawn(dispatch::run(app.clone()));
+    // The listener is bound: connections queue until the loop accepts them.
+    drover_host::notify::ready(&format!("listening on {addr}"));
     http::serve(
         listener,
         api::router(app),

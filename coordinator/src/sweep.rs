@@ -31,8 +31,14 @@ pub async fn run(app: std::sync::Arc<App>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passes = 0u32;
     let mut offset = wall_offset(app.db.clock().now());
+    // systemd's watchdog (WatchdogSec=): a pass a second shows the runtime
+    // runs; a stuck one gets the coordinator restarted.
+    let watchdog = drover_host::notify::watchdog_interval().is_some();
     loop {
         tick.tick().await;
+        if watchdog {
+            drover_host::notify::watchdog();
+        }
         passes = passes.wrapping_add(1);
         if !app.db.check_file() {
             continue;

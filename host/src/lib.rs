@@ -15,4 +15,5 @@ macro_rules! say {
 }
 
 pub mod lockfile;
+pub mod notify;
 pub mod service;

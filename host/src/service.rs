@@ -93,6 +93,18 @@ pub fn systemctl(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// (Re)starts `unit` and waits until it says it is ready (`Type=notify`:
+/// systemctl returns then, or fails when the service exits first);
+/// returns the status line the service set.
+pub fn restart_and_wait(unit: &str) -> Result<String, String> {
+    systemctl(&["restart", unit]).map_err(|e| format!("{e}; see journalctl -u {unit}"))?;
+    let out = Command::new("systemctl")
+        .args(["show", "-p", "StatusText", "--value", unit])
+        .output()
+        .map_err(|e| format!("running systemctl show {unit}: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Runs an administration command quietly; whether it succeeded.
 fn admin(program: &str, args: &[&str]) -> Result<bool, String> {
     Command::new(program)

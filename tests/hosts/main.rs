@@ -155,6 +155,19 @@ fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
     assert!(active(hosts.get("drv-c"), "drover-coordinator")?);
     assert!(active(hosts.get("drv-a1"), "drover-agent")?);
     assert!(active(hosts.get("drv-a2"), "drover-agent")?);
+    // Type=notify: systemd knows when each is ready, and what it does.
+    for (host, unit, says) in [
+        ("drv-c", "drover-coordinator", "listening on"),
+        ("drv-a1", "drover-agent", "registered as worker"),
+    ] {
+        let show = hosts.get(host).sh(&format!(
+            "systemctl show -p Type -p StatusText -p WatchdogUSec {unit}"
+        ))?;
+        println!("{unit}: {}", show.replace('\n', "; "));
+        assert!(show.contains("Type=notify"), "{show}");
+        assert!(show.contains("WatchdogUSec=30s"), "{show}");
+        assert!(show.contains(says), "{show}");
+    }
 
     let spec = json!({"command": ["sh", "-c", "echo ran-on $(hostname)"]}).to_string();
     let reply = hosts.get("drv-a2").sh_in(

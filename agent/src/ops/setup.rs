@@ -6,8 +6,8 @@
 use crate::config::{Args, Config};
 use crate::inventory::GpuSource;
 use drover_host::service::{
-    env_file_text, env_file_value, install_self, system_user, systemctl, systemd_running,
-    write_file, Detached,
+    env_file_text, env_file_value, install_self, restart_and_wait, system_user, systemctl,
+    systemd_running, write_file, Detached,
 };
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -166,10 +166,8 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, args: Args) -> Result<()
         systemctl(&["daemon-reload"])?;
         systemctl(&["enable", "drover-agent"])?;
         // restart = graceful stop (jobs handed back) + start on the new binary.
-        systemctl(&["restart", "drover-agent"])?;
-        say!(
-            "✓ service     drover-agent enabled and (re)started; logs: journalctl -u drover-agent"
-        );
+        let status = restart_and_wait("drover-agent")?;
+        say!("✓ service     drover-agent enabled and ready: {status}; logs: journalctl -u drover-agent");
     } else {
         let d = layout.detached();
         let pid = d.start(&env)?;
