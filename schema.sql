@@ -316,3 +316,8 @@ SELECT j.id, j.priority, j.gpus, j.min_vram_mb, j.required_tags, j.attempt, j.at
 FROM jobs j
 WHERE j.status = 'queued'
 ORDER BY j.priority DESC, j.id;
+
+-- migration 6
+-- Exclusive jobs never run twice at once: the agent stops one it cannot
+-- renew before its lease ends, and the lease is held a margin longer.
+ALTER TABLE jobs ADD COLUMN exclusive INTEGER NOT NULL DEFAULT 0 CHECK (exclusive = 0 OR exclusive = 1);

@@ -41,6 +41,25 @@ pub struct Ctx {
     pub kill_grace: Duration,
     /// Who jobs run as; None: the agent's own user.
     pub user: Option<JobUser>,
+    /// The last heartbeat the coordinator answered: every lease it listed
+    /// runs at least a TTL from when it was sent.
+    pub renewed: tokio::sync::watch::Sender<Option<Renewal>>,
+}
+
+/// When a heartbeat the coordinator answered was sent (this machine's
+/// monotonic clock), and the lease TTL it gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    pub sent: Instant,
+    pub ttl: Duration,
+}
+
+impl Renewal {
+    /// When an exclusive job must be stopped (TERM) so that it is dead
+    /// (KILL after `kill_grace`) a second before its lease can run out.
+    fn fence(&self, kill_grace: Duration) -> Instant {
+        self.sent + self.ttl.saturating_sub(kill_grace + Duration::from_secs(1))
+    }
 }
 
 /// Orders from the supervisor to a running job.
@@ -61,6 +80,8 @@ enum Stop {
     Timeout(u64),
     LeaseLost,
     Abandoned,
+    /// An exclusive job whose lease could not be renewed in time.
+    Fenced,
 }
 
 /// Runs the attempt to its end and delivers its report.
@@ -270,6 +291,13 @@ async fn watch(
 ) -> (std::io::Result<std::process::ExitStatus>, Option<Stop>) {
     let pgid = job.pgid;
     let deadline = a.timeout_s.map(|t| Instant::now() + Duration::from_secs(t));
+    let mut renewals = ctx.renewed.subscribe();
+    let fence = |r: &Option<Renewal>| {
+        a.exclusive
+            .then(|| r.map(|r| r.fence(ctx.kill_grace)))
+            .flatten()
+    };
+    let mut fence_at = fence(&renewals.borrow_and_update());
     let mut stop: Option<Stop> = None;
     let mut kill_at: Option<Instant> = None;
     let mut lost_open = true;
@@ -288,6 +316,13 @@ async fn watch(
                 Some(Control::Release) | None => Stop::Release,
             },
             _ = sleep_until(deadline), if !stopping => Stop::Timeout(a.timeout_s.unwrap_or(0)),
+            changed = renewals.changed(), if !stopping && a.exclusive => {
+                if changed.is_ok() {
+                    fence_at = fence(&renewals.borrow_and_update());
+                }
+                continue;
+            }
+            _ = sleep_until(fence_at), if !stopping => Stop::Fenced,
             r = &mut job.lost, if !stopping && lost_open => {
                 lost_open = false;
                 match r {
@@ -351,6 +386,10 @@ fn ending(
         Some(Stop::Timeout(t)) => (Outcome::TimedOut, Some(format!("timeout after {t}s"))),
         Some(Stop::Release) => (Outcome::Released, None),
         Some(Stop::Abandoned) => return None,
+        Some(Stop::Fenced) => (
+            Outcome::Released,
+            Some("stopped: its lease could not be renewed in time (exclusive job)".into()),
+        ),
         Some(Stop::LeaseLost) => {
             log::warn!(
                 "lease lost, result dropped job_id={} attempt={}",
@@ -435,6 +474,7 @@ async fn deliver_after_output(
 
 fn describe(stop: &Stop) -> String {
     match stop {
+        Stop::Fenced => "exclusive job, lease not renewed in time".into(),
         Stop::Cancel(r) => format!("cancel ({r})"),
         Stop::Release => "agent stopping, handing back".into(),
         Stop::Timeout(t) => format!("timeout after {t}s"),
@@ -816,6 +856,23 @@ pub async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exclusive job is stopped early enough to be dead (TERM, then
+    /// KILL after the grace) a second before its lease can run out.
+    #[test]
+    fn the_fence_leaves_the_kill_grace_and_a_second() {
+        let sent = Instant::now();
+        let r = Renewal {
+            sent,
+            ttl: Duration::from_secs(30),
+        };
+        assert_eq!(
+            r.fence(Duration::from_secs(10)),
+            sent + Duration::from_secs(19)
+        );
+        // A grace longer than the lease: stop at once.
+        assert_eq!(r.fence(Duration::from_secs(60)), sent);
+    }
 
     #[test]
     fn result_file_rules() {

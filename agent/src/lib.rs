@@ -173,6 +173,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         state: state.clone(),
         kill_grace: config.kill_grace,
         user: config.job_user.clone(),
+        renewed: tokio::sync::watch::Sender::new(None),
     });
     let slots = config
         .slots

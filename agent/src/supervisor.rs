@@ -495,6 +495,16 @@ impl Beats {
         (sent, received): (i64, i64),
         reschedule: bool,
     ) -> bool {
+        // When it left this machine, on the monotonic clock: the leases it
+        // listed run at least a TTL from then.
+        let ago = Duration::from_millis((crate::now_ms() - sent).max(0) as u64);
+        let renewal = job::Renewal {
+            sent: tokio::time::Instant::now()
+                .checked_sub(ago)
+                .unwrap_or_else(tokio::time::Instant::now),
+            ttl: Duration::from_secs(resp.lease_ttl_s),
+        };
+        self.ctx.renewed.send_replace(Some(renewal));
         if !self.skew_warned.load(Ordering::Relaxed) && check_skew(sent, received, resp.now_ms) {
             self.skew_warned.store(true, Ordering::Relaxed);
         }

@@ -20,6 +20,10 @@ pub struct NewJob {
     pub gpus: u32,
     pub min_vram_mb: u64,
     pub cpu_fallback: bool,
+    /// Left out of the fingerprint when false: specs submitted before the
+    /// field existed keep their idempotency fingerprint.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exclusive: bool,
     pub required_tags: Vec<String>,
     pub preferred_tags: Vec<String>,
     pub priority: i32,
@@ -78,6 +82,7 @@ pub struct Job {
     pub run_after: Ms,
     pub progress: Option<Value>,
     pub cpu_fallback: bool,
+    pub exclusive: bool,
     /// Why a queued job is not running, when asked for.
     pub waiting_reason: Option<String>,
     /// Filled by the one-job read only.

@@ -22,6 +22,9 @@ pub struct JobSpec {
     pub min_vram_mb: u64,
     #[serde(default)]
     pub cpu_fallback: bool,
+    /// Never run twice at once, even across a partition.
+    #[serde(default)]
+    pub exclusive: bool,
     #[serde(default)]
     pub required_tags: Vec<String>,
     #[serde(default)]
@@ -153,6 +156,7 @@ impl JobSpec {
             gpus: self.gpus,
             min_vram_mb: self.min_vram_mb,
             cpu_fallback: self.cpu_fallback,
+            exclusive: self.exclusive,
             // Sorted: jobs needing the same tags form one shape for dispatch.
             required_tags: {
                 let mut t = tags("required_tags", self.required_tags)?;

@@ -230,6 +230,10 @@ pub struct Assignment {
     pub timeout_s: Option<u64>,
     #[serde(default)]
     pub lease_ttl_s: u64,
+    /// Never to run twice at once: the agent stops it when it cannot renew
+    /// its lease before the lease runs out.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// A claim's answer: jobs to run, and/or orders for jobs the agent runs (a

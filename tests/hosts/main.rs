@@ -11,7 +11,7 @@ mod harness;
 #[macro_use]
 mod net;
 
-use harness::{agent_bin, coordinator_bin, wait_for, Api, TestResult};
+use harness::{agent_bin, wait_for, Api, TestResult};
 use net::{Host, Hosts};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -36,9 +36,13 @@ fn install<'a>(
     flags: &str,
 ) -> TestResult<Installed<'a>> {
     let c = hosts.get(coordinator);
+    // The binaries as the hosts see them (bound from the build dir).
+    let bin = |name: &str| format!("{}/{name}", net::BIN_DIR);
+    // Checks the agent binary is fresh (and that it exists).
+    agent_bin();
     c.sh(&format!(
         "{} install --listen 0.0.0.0:{PORT} {flags}",
-        coordinator_bin().display()
+        bin("drover-coordinator")
     ))?;
     let setting = |key: &str| -> TestResult<String> {
         let v = c.sh(&format!(
@@ -57,7 +61,7 @@ fn install<'a>(
         hosts.get(name).sh_in(
             &format!(
                 "DROVER_REGISTRATION_SECRET=\"$(cat)\" {} install --coordinator {url} --name {name} --shutdown-grace 2 --kill-grace 2",
-                agent_bin().display()
+                bin("drover-agent")
             ),
             Some(secret.as_bytes()),
         )?;
@@ -392,5 +396,52 @@ fn jobs_run_as_their_own_user_and_cannot_reach_the_agents_token() -> TestResult 
         "{log}"
     );
     assert!(job["result"].is_null(), "{job}");
+    Ok(())
+}
+
+/// An exclusive job on an agent host cut off mid-job is stopped there
+/// before its next attempt starts elsewhere: the gap is printed and must
+/// be positive. (A plain job's cut-off copy runs on: see
+/// `a_partitioned_agent_host`.)
+#[test]
+fn an_exclusive_job_never_runs_twice_across_a_partition() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "--lease-ttl 9")?;
+    let spec = json!({"command": ["sleep", "300"], "exclusive": true, "max_attempts": 3});
+    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    let first = fleet.job_in(id, "running", Duration::from_secs(20))?;
+    assert_eq!(first["exclusive"], true, "{first}");
+    let worker = first["worker_id"].as_i64().ok_or("no worker")?;
+    let host = fleet.host_of(worker)?;
+    let cut = Instant::now();
+    host.cable(false)?;
+    let (mut gone, mut next) = (None, None);
+    while cut.elapsed() < Duration::from_secs(60) && (gone.is_none() || next.is_none()) {
+        if gone.is_none() && host.exec("pgrep -x sleep", None)?.0 != 0 {
+            gone = Some(cut.elapsed());
+        }
+        if next.is_none() {
+            let j = fleet.job(id)?;
+            if j["status"] == "running" && j["worker_id"].as_i64() != Some(worker) {
+                next = Some(cut.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    host.cable(true)?;
+    let (gone, next) = (
+        gone.ok_or("the cut-off copy never stopped")?,
+        next.ok_or("no second attempt")?,
+    );
+    println!(
+        "lease 9 s, kill grace 2 s: the cut-off copy stopped {:.1}s after the cut, the next attempt started {:.1}s after it: a gap of {:.1}s",
+        gone.as_secs_f64(),
+        next.as_secs_f64(),
+        (next.as_secs_f64() - gone.as_secs_f64())
+    );
+    assert!(gone < next, "the two attempts overlapped");
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! only the processes started here are killed. The recipe and its traps:
 //! `../shared/HOSTS.md`.
 
-use crate::harness::{wait_for, TestResult};
+use crate::harness::{coordinator_bin, wait_for, TestResult};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -116,9 +116,16 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for host in &mut self.hosts {
+        // The last booted first: agents hand their jobs back while the
+        // coordinator (booted first) still answers.
+        let start = Instant::now();
+        for host in self.hosts.iter_mut().rev() {
             host.stop();
         }
+        println!(
+            "tore the hosts down in {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
         let _ = run("ip", &["link", "del", BRIDGE]);
     }
 }
@@ -163,6 +170,7 @@ impl Host {
             .args(["-D", &root.display().to_string()])
             .args(["--register=no", "--keep-unit", &format!("--machine={name}")])
             .arg(format!("--network-bridge={BRIDGE}"))
+            .arg(format!("--bind-ro={}:{BIN_DIR}", build_dir().display()))
             .args(["-b", "--", "systemd.firstboot=off"])
             .stdin(Stdio::null())
             .stdout(console.try_clone()?)
@@ -182,20 +190,7 @@ impl Host {
         self.leader = wait_for(
             &format!("host {} to start systemd", self.name),
             Duration::from_secs(30),
-            || {
-                // nspawn's first child may be a helper that exits; the
-                // host's PID 1 is the child that runs systemd.
-                let children =
-                    std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children"))
-                        .unwrap_or_default();
-                Ok(children
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                    .find(|p| {
-                        std::fs::read_to_string(format!("/proc/{p}/comm"))
-                            .is_ok_and(|c| c.trim() == "systemd")
-                    }))
-            },
+            || Ok(host_init(nspawn as i32)),
         )?;
         let mut state = String::new();
         let booted = wait_for(
@@ -293,6 +288,41 @@ impl Host {
     }
 }
 
+/// The host's PID 1 (systemd) among nspawn's descendants: nspawn may start
+/// it through helpers that come and go.
+fn host_init(nspawn: i32) -> Option<i32> {
+    let children = |pid: i32| -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let mut level = children(nspawn);
+    for _ in 0..3 {
+        let init = level.iter().copied().find(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            // PID 1 in its own namespace: the last NSpid field is 1.
+            let pid1 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|ns| ns.split_whitespace().last() == Some("1"));
+            pid1 && comm.trim() == "systemd"
+        });
+        if init.is_some() {
+            return init;
+        }
+        level = level.into_iter().flat_map(children).collect();
+    }
+    None
+}
+
+/// Where the freshly built binaries are inside every host (bound read-only
+/// from this machine's build dir: nspawn gives each host its own /tmp, so
+/// a checkout under /tmp would not be seen).
+pub const BIN_DIR: &str = "/opt/drover-test-bin";
+
 /// Runs a command on this machine; an error says what failed.
 fn run(program: &str, args: &[&str]) -> TestResult {
     let out = Command::new(program).args(args).output()?;
@@ -305,6 +335,14 @@ fn run(program: &str, args: &[&str]) -> TestResult {
         .into());
     }
     Ok(())
+}
+
+/// The directory of the binaries under test (both are built there).
+fn build_dir() -> PathBuf {
+    coordinator_bin()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn rand32() -> u32 {

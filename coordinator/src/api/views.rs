@@ -46,6 +46,7 @@ pub fn job(j: &Job, now: Ms) -> Value {
             .then(|| iso(Some(j.run_after + wall_offset(now)))),
         "progress": j.progress,
         "cpu_fallback": j.cpu_fallback,
+        "exclusive": j.exclusive,
         "waiting_reason": j.waiting_reason,
     });
     if let Some(attempts) = &j.attempts {

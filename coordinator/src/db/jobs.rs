@@ -102,8 +102,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), S
     conn.prepare_cached(
         "INSERT INTO jobs (status, command, env, cwd, gpus, min_vram_mb, required_tags,
          preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
-         spec_sha256, metadata, run_after, created_at, cpu_fallback)
-         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+         spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive)
+         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )?
     .execute(params![
         to_json(&job.command),
@@ -123,7 +123,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), S
         job.not_before
             .map_or(now, |t| not_before_to_run_after(t, wall_offset(now), now)),
         now,
-        job.cpu_fallback
+        job.cpu_fallback,
+        job.exclusive
     ])?;
     let id = conn.last_insert_rowid();
     event(
@@ -159,6 +160,12 @@ struct Ended<'a> {
     run_after: Option<String>,
 }
 
+/// What an exclusive job's lease is held past its TTL: its agent stops it
+/// before the TTL runs out (kill grace included), and this covers clock
+/// rates and a slow kill, so a second attempt never starts while the first
+/// may still run.
+pub const EXCLUSIVE_MARGIN: Ms = 5_000;
+
 /// Gives `job_id` to `worker_id` with a new lease on `gpu_indices`. The
 /// caller moves an idle worker to busy (`worker_state::refresh_load`).
 pub(super) fn grant(
@@ -176,7 +183,7 @@ pub(super) fn grant(
     // the writer's time at full throughput.
     let read: Option<Assignment> = conn
         .prepare_cached(
-            "SELECT attempt + 1, command, env, cwd, timeout_s FROM jobs
+            "SELECT attempt + 1, command, env, cwd, timeout_s, exclusive FROM jobs
              WHERE id = ?1 AND status = 'queued'",
         )?
         .query_row([job_id], |r| {
@@ -189,6 +196,7 @@ pub(super) fn grant(
                 gpu_indices: gpu_indices.to_vec(),
                 timeout_s: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
                 lease_ttl_s: (lease_ttl / 1000).max(0) as u64,
+                exclusive: r.get(5)?,
             })
         })
         .optional()?;
@@ -205,7 +213,7 @@ pub(super) fn grant(
         a.attempt,
         worker_id,
         gpus,
-        now + lease_ttl,
+        now + lease_ttl + if a.exclusive { EXCLUSIVE_MARGIN } else { 0 },
         now
     ])?;
     conn.prepare_cached(
@@ -552,7 +560,8 @@ pub fn retry(conn: &Connection, now: Ms, job_id: i64) -> Result<Job, StoreError>
 const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
     preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key, metadata,
     attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
-    exit_code, result, error, created_at, started_at, finished_at, run_after, progress, cpu_fallback";
+    exit_code, result, error, created_at, started_at, finished_at, run_after, progress, cpu_fallback,
+    exclusive";
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
     let json = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
@@ -590,6 +599,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         run_after: r.get(27)?,
         progress: opt_json(28)?,
         cpu_fallback: r.get(29)?,
+        exclusive: r.get(30)?,
         waiting_reason: None,
         attempts: None,
     })

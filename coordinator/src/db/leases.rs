@@ -39,11 +39,17 @@ pub fn renew_leases(
         // One statement renews the lease and says whether a cancel is pending.
         let renewed: Option<bool> = conn
             .prepare_cached(fenced!(
-                "UPDATE jobs SET lease_expires_at = ?4",
+                "UPDATE jobs SET lease_expires_at = ?4 + exclusive * ?5",
                 " RETURNING cancel_requested"
             ))?
             .query_row(
-                params![lease.job_id, lease.attempt, worker_id, now + lease_ttl],
+                params![
+                    lease.job_id,
+                    lease.attempt,
+                    worker_id,
+                    now + lease_ttl,
+                    super::jobs::EXCLUSIVE_MARGIN
+                ],
                 |r| r.get(0),
             )
             .optional()?;
