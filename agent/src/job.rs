@@ -44,6 +44,8 @@ pub struct Ctx {
     /// The last heartbeat the coordinator answered: every lease it listed
     /// runs at least a TTL from when it was sent.
     pub renewed: tokio::sync::watch::Sender<Option<Renewal>>,
+    /// Where each job gets a cgroup of its own, when the agent may make them.
+    pub cgroups: Option<crate::cgroup::Cgroups>,
 }
 
 /// When a heartbeat the coordinator answered was sent (this machine's
@@ -170,9 +172,13 @@ async fn supervise(
     };
     let (status, stop) = watch(ctx, a, &mut job, control).await;
     log::debug!("job process exited job_id={} status={status:?}", a.job_id);
-    // Whatever the job left running in its group ends with it.
-    signal_group(job.pgid, Signal::KILL);
+    // Whatever the job left running (in its group, or escaped from it into
+    // its cgroup) ends with it.
+    job.kill_all();
     collect_output(a.job_id, std::mem::take(&mut job.pumps)).await;
+    if let Some(cgroup) = job.cgroup.take() {
+        off_thread(move || cgroup.remove()).await;
+    }
     job.spool.close();
     log::debug!("job output collected job_id={}", a.job_id);
     let (outcome, exit_code, error) = ending(a, &status, stop)?;
@@ -192,6 +198,18 @@ struct Started {
     pumps: Vec<tokio::task::JoinHandle<()>>,
     shipper: tokio::task::JoinHandle<()>,
     lost: oneshot::Receiver<()>,
+    cgroup: Option<crate::cgroup::JobCgroup>,
+}
+
+impl Started {
+    /// SIGKILL to the job's process group and to everything in its cgroup
+    /// (what left the group too).
+    fn kill_all(&self) {
+        signal_group(self.pgid, Signal::KILL);
+        if let Some(c) = &self.cgroup {
+            c.kill();
+        }
+    }
 }
 
 /// Creates the job dir, spawns the process and starts moving its output;
@@ -223,14 +241,20 @@ async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String>
     // On the runtime's thread, which lives as long as the agent: the job's
     // death signal follows the thread that spawns it.
     let env = environment(a, &work, ctx.user.as_ref());
-    let mut child = spawn::spawn_as(&a.command, &env, cwd, ctx.user.as_ref()).map_err(|e| {
-        log::warn!(
-            "job could not start job_id={} attempt={}: {e}",
-            a.job_id,
-            a.attempt
-        );
-        format!("could not start {:?}: {e}", a.command[0])
-    })?;
+    let cgroup = match &ctx.cgroups {
+        Some(c) => Some(c.job(a.job_id, a.attempt)?),
+        None => None,
+    };
+    let procs = cgroup.as_ref().map(|c| &c.procs);
+    let mut child =
+        spawn::spawn_as(&a.command, &env, cwd, ctx.user.as_ref(), procs).map_err(|e| {
+            log::warn!(
+                "job could not start job_id={} attempt={}: {e}",
+                a.job_id,
+                a.attempt
+            );
+            format!("could not start {:?}: {e}", a.command[0])
+        })?;
     let pgid = child.pid;
     if let Err(e) = ctx.state.record_group(a.job_id, a.attempt, pgid) {
         log::warn!("{e}: a crash of this agent would leave the job's processes running");
@@ -276,6 +300,7 @@ async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String>
         pumps,
         shipper,
         lost,
+        cgroup,
     })
 }
 
@@ -309,7 +334,7 @@ async fn watch(
                 Some(Control::Cancel(reason)) => Stop::Cancel(reason),
                 Some(Control::Abandon) => {
                     log::warn!("killing job job_id={} attempt={}: this agent was revoked", a.job_id, a.attempt);
-                    signal_group(pgid, Signal::KILL);
+                    job.kill_all();
                     stop = Some(Stop::Abandoned);
                     continue;
                 }
@@ -332,7 +357,7 @@ async fn watch(
             },
             _ = sleep_until(kill_at) => {
                 log::warn!("job ignored SIGTERM for {}s, killing job_id={} attempt={}", ctx.kill_grace.as_secs(), a.job_id, a.attempt);
-                signal_group(pgid, Signal::KILL);
+                job.kill_all();
                 kill_at = None;
                 continue;
             }

@@ -7,6 +7,7 @@ extern crate drover_host;
 
 use drover_host::lockfile;
 
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod inventory;
@@ -174,6 +175,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         kill_grace: config.kill_grace,
         user: config.job_user.clone(),
         renewed: tokio::sync::watch::Sender::new(None),
+        cgroups: job_cgroups(),
     });
     let slots = config
         .slots
@@ -196,6 +198,22 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         beat_now: Default::default(),
     };
     supervisor.run(Duration::from_secs(10)).await
+}
+
+/// Where jobs get cgroups of their own, if anywhere; kills what a killed
+/// predecessor left in them.
+fn job_cgroups() -> Option<cgroup::Cgroups> {
+    let Some(cgroups) = cgroup::Cgroups::detect() else {
+        log::info!(
+            "jobs share the agent's cgroup: a process a job moves out of its process group (setsid)              outlives a stop; run the agent under its unit (Delegate=yes) to give each job its own"
+        );
+        return None;
+    };
+    let left = cgroups.reap_leftovers();
+    if left > 0 {
+        log::warn!("killed what {left} jobs of an earlier agent process left in their cgroups");
+    }
+    Some(cgroups)
 }
 
 /// READY=1 went to systemd (`Type=notify`).

@@ -65,6 +65,8 @@ struct ChildArgs {
     gid: libc::gid_t,
     groups: *const libc::gid_t,
     ngroups: usize,
+    /// `cgroup.procs` of the job's cgroup, open for writing; -1: none.
+    cgroup_procs: RawFd,
     errno: AtomicI32,
 }
 
@@ -114,16 +116,17 @@ impl CStrings {
 /// /dev/null, stdout and stderr piped, in a new process group, killed when
 /// the calling thread's process dies.
 pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) -> io::Result<Child> {
-    spawn_as(argv, env, cwd, None)
+    spawn_as(argv, env, cwd, None, None)
 }
 
 /// As [`spawn`], the process running as `user` (its uid, gid and groups)
-/// when given.
+/// when given, and in the cgroup whose `cgroup.procs` is `cgroup_procs`.
 pub fn spawn_as(
     argv: &[String],
     env: &BTreeMap<OsString, OsString>,
     cwd: &Path,
     user: Option<&JobUser>,
+    cgroup_procs: Option<&std::fs::File>,
 ) -> io::Result<Child> {
     let c = CStrings::new(argv, env, cwd)?;
     let groups: &[u32] = user.map_or(&[], |u| &u.groups);
@@ -152,6 +155,7 @@ pub fn spawn_as(
         gid: user.map_or(0, |u| u.gid),
         groups: groups.as_ptr(),
         ngroups: groups.len(),
+        cgroup_procs: cgroup_procs.map_or(-1, |f| f.as_raw_fd()),
         errno: AtomicI32::new(0),
     };
 
@@ -251,7 +255,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // every thread of the agent (whose memory this side shares) to
         // change theirs too. Before the death signal, which a change of
         // credentials clears.
+        // Into the job's cgroup ("0": this process) while still root.
         let ok = libc::setpgid(0, 0) == 0
+            && (a.cgroup_procs < 0 || libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) == 1)
             && (!a.switch
                 || libc::syscall(libc::SYS_setgroups, a.ngroups, a.groups) == 0
                     && libc::syscall(libc::SYS_setgid, a.gid) == 0

@@ -171,6 +171,10 @@ fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
         assert!(show.contains("Type=notify"), "{show}");
         assert!(show.contains("WatchdogUSec=30s"), "{show}");
         assert!(show.contains(says), "{show}");
+        let (_, score, _) = hosts
+            .get(host)
+            .exec(&format!("systemd-analyze security --no-pager {unit} | tail -1"), None)?;
+        println!("{unit}: {}", score.trim());
     }
 
     let spec = json!({"command": ["sh", "-c", "echo ran-on $(hostname)"]}).to_string();
@@ -443,5 +447,111 @@ fn an_exclusive_job_never_runs_twice_across_a_partition() -> TestResult {
         (next.as_secs_f64() - gone.as_secs_f64())
     );
     assert!(gone < next, "the two attempts overlapped");
+    Ok(())
+}
+
+/// `drover-agent deploy` from the coordinator's host to another over the
+/// real sshd on its own address (not loopback): the worker registers,
+/// runs under systemd there, and runs a job. The secrets travel in the
+/// environment, never in argv.
+#[test]
+fn deploy_over_ssh_between_hosts() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
+    let fleet = install(&hosts, "drv-c", &[], "--auto-approve")?;
+    let (c, target) = (hosts.get("drv-c"), hosts.get("drv-a1"));
+    c.sh("mkdir -p -m 0700 /root/.ssh && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519")?;
+    let key = c.sh("cat /root/.ssh/id_ed25519.pub")?;
+    target.sh_in(
+        "mkdir -p -m 0700 /root/.ssh && cat >> /root/.ssh/authorized_keys && systemctl start ssh",
+        Some(key.as_bytes()),
+    )?;
+    let secret = c.sh(
+        "sed -n 's/^DROVER_REGISTRATION_SECRET=\"\\(.*\\)\"/\\1/p' /etc/drover/coordinator.env",
+    )?;
+    let creds = format!("{}\n{}\n", secret.trim(), fleet.admin);
+    let t0 = Instant::now();
+    let out = c.sh_in(
+        &format!(
+            "{{ read -r DROVER_REGISTRATION_SECRET; read -r DROVER_ADMIN_TOKEN; export DROVER_REGISTRATION_SECRET DROVER_ADMIN_TOKEN; }}; \
+             {}/drover-agent deploy root@{} --coordinator http://{}:{PORT} --name drv-a1 \
+             --ssh-option StrictHostKeyChecking=accept-new --json",
+            net::BIN_DIR,
+            target.addr,
+            c.addr
+        ),
+        Some(creds.as_bytes()),
+    )?;
+    println!(
+        "deploy took {:.1}s: {}",
+        t0.elapsed().as_secs_f64(),
+        out.trim()
+    );
+    let report: Value = serde_json::from_str(out.lines().last().unwrap_or_default())?;
+    assert_eq!(report["ok"], true, "{out}");
+    assert!(active(target, "drover-agent")?);
+    let spec = json!({"command": ["hostname"]});
+    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
+    let log = fleet.api.call(
+        "GET",
+        &format!("/api/v1/jobs/{id}/logs"),
+        Some(&fleet.admin),
+        None,
+    )?;
+    assert_eq!(log.text.trim(), "drv-a1");
+    Ok(())
+}
+
+/// Cancelling a job stops everything it started, a process that left its
+/// process group (`setsid`) included: each job has a cgroup of its own.
+#[test]
+fn a_cancelled_job_leaves_no_process_behind() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1"], "")?;
+    let host = hosts.get("drv-a1");
+    let spec = json!({"command": ["sh", "-c", "setsid sleep 4242 & sleep 4343"]});
+    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
+        .as_i64()
+        .ok_or("no job id")?;
+    fleet.job_in(id, "running", Duration::from_secs(20))?;
+    wait_for("the job's processes", Duration::from_secs(10), || {
+        let (a, _, _) = host.exec("pgrep -f 'slee[p] 4242'", None)?;
+        let (b, _, _) = host.exec("pgrep -f 'slee[p] 4343'", None)?;
+        Ok((a == 0 && b == 0).then_some(()))
+    })?;
+    let t0 = Instant::now();
+    fleet.admin("POST", &format!("/api/v1/jobs/{id}/cancel"), None)?;
+    fleet.job_in(id, "cancelled", Duration::from_secs(30))?;
+    let gone = wait_for(
+        "every process of the job to be gone",
+        Duration::from_secs(10),
+        || {
+            let (status, _, _) = host.exec("pgrep -f 'slee[p] 4[23]4[23]'", None)?;
+            Ok((status != 0).then_some(()))
+        },
+    );
+    if let Err(e) = gone {
+        let why = host.exec(
+            "for p in $(pgrep -f 'slee[p] 4[23]4[23]'); do cat /proc/$p/cgroup | tail -1; done; \
+             journalctl -u drover-agent -o cat | grep -i cgroup",
+            None,
+        )?;
+        return Err(format!("{e}: {}{}", why.1, why.2).into());
+    }
+    println!(
+        "cancelled: the job and its setsid child gone {:.1}s after the cancel",
+        t0.elapsed().as_secs_f64()
+    );
+    let cgroups = host.sh(
+        "ls $(awk '$9 == \"cgroup2\" {print $5}' /proc/self/mountinfo)/system.slice/drover-agent.service/",
+    )?;
+    assert!(
+        !cgroups.contains("job-"),
+        "a job cgroup was left: {cgroups}"
+    );
     Ok(())
 }
