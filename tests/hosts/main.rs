@@ -107,6 +107,18 @@ impl Installed<'_> {
         self.admin("GET", &format!("/api/v1/jobs/{id}"), None)
     }
 
+    /// Submits `spec`; the job's id.
+    fn submit(&self, spec: &Value) -> TestResult<i64> {
+        let job = self.admin("POST", "/api/v1/jobs", Some(spec))?;
+        Ok(job["id"].as_i64().ok_or("no job id")?)
+    }
+
+    /// The output of job `id`'s latest attempt.
+    fn log(&self, id: i64) -> TestResult<String> {
+        let path = format!("/api/v1/jobs/{id}/logs");
+        Ok(self.api.call("GET", &path, Some(&self.admin), None)?.text)
+    }
+
     /// Job `id` once its status is `status`, within `limit` (else the
     /// error shows the job and its agents' last log lines).
     fn job_in(&self, id: i64, status: &str, limit: Duration) -> TestResult<Value> {
@@ -171,9 +183,10 @@ fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
         assert!(show.contains("Type=notify"), "{show}");
         assert!(show.contains("WatchdogUSec=30s"), "{show}");
         assert!(show.contains(says), "{show}");
-        let (_, score, _) = hosts
-            .get(host)
-            .exec(&format!("systemd-analyze security --no-pager {unit} | tail -1"), None)?;
+        let (_, score, _) = hosts.get(host).exec(
+            &format!("systemd-analyze security --no-pager {unit} | tail -1"),
+            None,
+        )?;
         println!("{unit}: {}", score.trim());
     }
 
@@ -195,14 +208,9 @@ fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
         t1.elapsed().as_secs_f64()
     );
     let worker = job["worker_id"].as_i64().ok_or("no worker")?;
-    let log = fleet.api.call(
-        "GET",
-        &format!("/api/v1/jobs/{id}/logs"),
-        Some(&fleet.admin),
-        None,
-    )?;
+    let log = fleet.log(id)?;
     let ran_on = &fleet.host_of(worker)?.name;
-    assert_eq!(log.text.trim(), format!("ran-on {ran_on}"));
+    assert_eq!(log.trim(), format!("ran-on {ran_on}"));
 
     let journal = hosts
         .get("drv-c")
@@ -220,9 +228,7 @@ fn agent_stop_and_kill_under_systemd() -> TestResult {
     let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
     let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "")?;
     let spec = json!({"command": ["sh", "-c", "sleep 6; echo finished"], "max_attempts": 3});
-    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id = fleet.submit(&spec)?;
     let first = fleet.job_in(id, "running", Duration::from_secs(20))?;
     let first_worker = first["worker_id"].as_i64().ok_or("no worker")?;
     let host = fleet.host_of(first_worker)?;
@@ -273,13 +279,7 @@ fn agent_stop_and_kill_under_systemd() -> TestResult {
         "kill -9 -> restarted by systemd in {:.1}s",
         t1.elapsed().as_secs_f64()
     );
-    let id2 = fleet.admin(
-        "POST",
-        "/api/v1/jobs",
-        Some(&json!({"command": ["true"], "required_tags": []})),
-    )?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id2 = fleet.submit(&json!({"command": ["true"], "required_tags": []}))?;
     fleet.job_in(id2, "succeeded", Duration::from_secs(30))?;
     assert_eq!(
         fleet.worker(&other.name)?,
@@ -299,9 +299,7 @@ fn agent_stop_and_kill_under_systemd() -> TestResult {
 /// the host it runs on.
 fn start_job<'a>(fleet: &'a Installed, command: &str) -> TestResult<(i64, i64, &'a Host)> {
     let spec = json!({"command": ["sh", "-c", command], "max_attempts": 3});
-    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id = fleet.submit(&spec)?;
     let running = fleet.job_in(id, "running", Duration::from_secs(20))?;
     let worker = running["worker_id"].as_i64().ok_or("no worker")?;
     Ok((id, worker, fleet.host_of(worker)?))
@@ -349,14 +347,9 @@ fn a_partitioned_agent_host() -> TestResult {
     let attempts = done["attempts"].as_array().cloned().unwrap_or_default();
     assert_eq!(attempts.len(), 2, "{done}");
     assert_eq!(attempts[0]["worker_id"], worker, "{done}");
-    let log = fleet.api.call(
-        "GET",
-        &format!("/api/v1/jobs/{id}/logs"),
-        Some(&fleet.admin),
-        None,
-    )?;
+    let log = fleet.log(id)?;
     let second = fleet.host_of(moved["worker_id"].as_i64().ok_or("no worker")?)?;
-    assert_eq!(log.text.trim(), second.name, "the second attempt's output");
+    assert_eq!(log.trim(), second.name, "the second attempt's output");
     Ok(())
 }
 
@@ -373,19 +366,9 @@ fn jobs_run_as_their_own_user_and_cannot_reach_the_agents_token() -> TestResult 
         ls /var/lib/drover-agent >/dev/null 2>&1 && echo LISTED-THE-STATE-DIR; \
         ln -s /var/lib/drover-agent/identity.json \"$DROVER_RESULT_FILE\"; ls -l \"$DROVER_RESULT_FILE\"; true";
     let spec = json!({"command": ["sh", "-c", script]});
-    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id = fleet.submit(&spec)?;
     let job = fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
-    let log = fleet
-        .api
-        .call(
-            "GET",
-            &format!("/api/v1/jobs/{id}/logs"),
-            Some(&fleet.admin),
-            None,
-        )?
-        .text;
+    let log = fleet.log(id)?;
     println!("the job said: {log:?}; its error: {}", job["error"]);
     let mut lines = log.lines();
     assert_eq!(lines.next(), Some("drover-job"), "{log}");
@@ -413,9 +396,7 @@ fn an_exclusive_job_never_runs_twice_across_a_partition() -> TestResult {
     let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
     let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "--lease-ttl 9")?;
     let spec = json!({"command": ["sleep", "300"], "exclusive": true, "max_attempts": 3});
-    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id = fleet.submit(&spec)?;
     let first = fleet.job_in(id, "running", Duration::from_secs(20))?;
     assert_eq!(first["exclusive"], true, "{first}");
     let worker = first["worker_id"].as_i64().ok_or("no worker")?;
@@ -491,17 +472,10 @@ fn deploy_over_ssh_between_hosts() -> TestResult {
     assert_eq!(report["ok"], true, "{out}");
     assert!(active(target, "drover-agent")?);
     let spec = json!({"command": ["hostname"]});
-    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id = fleet.submit(&spec)?;
     fleet.job_in(id, "succeeded", Duration::from_secs(30))?;
-    let log = fleet.api.call(
-        "GET",
-        &format!("/api/v1/jobs/{id}/logs"),
-        Some(&fleet.admin),
-        None,
-    )?;
-    assert_eq!(log.text.trim(), "drv-a1");
+    let log = fleet.log(id)?;
+    assert_eq!(log.trim(), "drv-a1");
     Ok(())
 }
 
@@ -514,9 +488,7 @@ fn a_cancelled_job_leaves_no_process_behind() -> TestResult {
     let fleet = install(&hosts, "drv-c", &["drv-a1"], "")?;
     let host = hosts.get("drv-a1");
     let spec = json!({"command": ["sh", "-c", "setsid sleep 4242 & sleep 4343"]});
-    let id = fleet.admin("POST", "/api/v1/jobs", Some(&spec))?["id"]
-        .as_i64()
-        .ok_or("no job id")?;
+    let id = fleet.submit(&spec)?;
     fleet.job_in(id, "running", Duration::from_secs(20))?;
     wait_for("the job's processes", Duration::from_secs(10), || {
         let (a, _, _) = host.exec("pgrep -f 'slee[p] 4242'", None)?;
