@@ -186,6 +186,26 @@ async fn supervise(
     deliver_after_output(ctx, a, job, report).await
 }
 
+/// Makes the job dir (the agent's) and its `work/` (the job's, given to
+/// the job user); returns `work/`.
+fn job_dirs(dir: &Path, user: Option<&JobUser>) -> Result<std::path::PathBuf, String> {
+    let work = dir.join(WORK);
+    std::fs::create_dir_all(&work)
+        .map_err(|e| format!("creating the job dir {}: {e}", work.display()))?;
+    if let Some(u) = user {
+        // Traversable (the unit's umask makes dirs 0700), not listable.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("opening the job dir {} to its job: {e}", dir.display()))?;
+        let owner = (
+            rustix::fs::Uid::from_raw(u.uid),
+            rustix::fs::Gid::from_raw(u.gid),
+        );
+        rustix::fs::chown(&work, Some(owner.0), Some(owner.1))
+            .map_err(|e| format!("giving the job dir {} to {}: {e}", work.display(), u.name))?;
+    }
+    Ok(work)
+}
+
 /// A started attempt: its process group, the pumps copying its output into
 /// the spool, and the shipper sending the spool on (it says when the
 /// coordinator answers that the lease is lost).
@@ -223,20 +243,7 @@ async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String>
     if a.command.is_empty() {
         return Err("empty command".into());
     }
-    let work = dir.join(WORK);
-    std::fs::create_dir_all(&work)
-        .map_err(|e| format!("creating the job dir {}: {e}", work.display()))?;
-    if let Some(u) = &ctx.user {
-        // Traversable (the unit's umask makes dirs 0700), not listable.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| format!("opening the job dir {} to its job: {e}", dir.display()))?;
-        let owner = (
-            rustix::fs::Uid::from_raw(u.uid),
-            rustix::fs::Gid::from_raw(u.gid),
-        );
-        rustix::fs::chown(&work, Some(owner.0), Some(owner.1))
-            .map_err(|e| format!("giving the job dir {} to {}: {e}", work.display(), u.name))?;
-    }
+    let work = job_dirs(dir, ctx.user.as_ref())?;
     let cwd = a.cwd.as_deref().map(Path::new).unwrap_or(&work);
     // On the runtime's thread, which lives as long as the agent: the job's
     // death signal follows the thread that spawns it.

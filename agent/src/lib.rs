@@ -116,16 +116,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
     let fail = |e: String| (1, e);
     let state = Arc::new(StateDir::open(&config.state_dir).map_err(fail)?);
     let _lock = lock_state_dir(&config)?;
-    // Holding the lock, this is the only agent of this state dir: whatever
-    // its recorded jobs still run was left by a killed predecessor.
-    let reaped = off_thread({
-        let state = state.clone();
-        move || job::reap_leftovers(&state)
-    })
-    .await;
-    if reaped > 0 {
-        log::info!("stopped {reaped} leftover job processes before starting");
-    }
+    reap_leftovers(&state).await;
     let gpu = GpuSource::detect(config.fake_gpus.clone());
     let client =
         Arc::new(Client::new(&config.coordinator, config.ca_cert.as_deref()).map_err(|e| (2, e))?);
@@ -198,6 +189,16 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         beat_now: Default::default(),
     };
     supervisor.run(Duration::from_secs(10)).await
+}
+
+/// Holding the lock, this is the only agent of this state dir: whatever its
+/// recorded jobs still run was left by a killed predecessor.
+async fn reap_leftovers(state: &Arc<StateDir>) {
+    let state = state.clone();
+    let reaped = off_thread(move || job::reap_leftovers(&state)).await;
+    if reaped > 0 {
+        log::info!("stopped {reaped} leftover job processes before starting");
+    }
 }
 
 /// Where jobs get cgroups of their own, if anywhere; kills what a killed

@@ -131,17 +131,7 @@ pub fn spawn_as(
     let c = CStrings::new(argv, env, cwd)?;
     let groups: &[u32] = user.map_or(&[], |u| &u.groups);
     let (argv_p, envp_p) = (null_terminated(&c.argv), null_terminated(&c.envp));
-    let stdin = std::fs::File::open("/dev/null")?;
-    let (out_r, out_w) = pipe_pair()?;
-    let (err_r, err_w) = pipe_pair()?;
-    let stdin = OwnedFd::from(stdin);
-    // dup2 onto 0..=2 in the child must not overwrite a source still to be
-    // copied: every source is above 2.
-    let fds = [
-        above_stdio(stdin)?,
-        above_stdio(out_w)?,
-        above_stdio(err_w)?,
-    ];
+    let (fds, out_r, err_r) = stdio()?;
 
     let mut args = ChildArgs {
         path: c.path.as_ptr(),
@@ -329,6 +319,21 @@ fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
         .map(|s| s.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect()
+}
+
+/// The child's stdin (/dev/null), stdout and stderr (pipes), and the
+/// pipes' read ends. dup2 onto 0..=2 in the child must not overwrite a
+/// source still to be copied: every source is above 2.
+fn stdio() -> io::Result<([OwnedFd; 3], OwnedFd, OwnedFd)> {
+    let stdin = OwnedFd::from(std::fs::File::open("/dev/null")?);
+    let (out_r, out_w) = pipe_pair()?;
+    let (err_r, err_w) = pipe_pair()?;
+    let fds = [
+        above_stdio(stdin)?,
+        above_stdio(out_w)?,
+        above_stdio(err_w)?,
+    ];
+    Ok((fds, out_r, err_r))
 }
 
 /// A pipe, both ends close-on-exec: (read, write).
