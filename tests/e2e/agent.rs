@@ -352,8 +352,8 @@ fn result_survives_a_coordinator_outage() -> TestResult {
 
 /// U2: the coordinator is down while jobs finish on two agents, and one
 /// agent is SIGKILLed during the outage and restarted while it lasts. When
-/// the coordinator is back every result arrives: each job succeeded as
-/// attempt 1, ran once, and both spools are empty.
+/// the coordinator is back every result arrives: each job succeeded with
+/// the one attempt that ran, ran once, and both spools are empty.
 #[test]
 fn results_survive_an_outage_and_an_agent_killed_during_it() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -383,7 +383,13 @@ fn results_survive_an_outage_and_an_agent_killed_during_it() -> TestResult {
         Ok((api.jobs("succeeded")?.len() == 6).then_some(()))
     })?;
     for id in &ids {
-        assert_eq!(api.job(*id)?["attempt"], 1, "job {id}");
+        // One attempt ran (a grant that met a claim just expiring is handed
+        // back unrun as `not_reported`, spending nothing: a known race).
+        let job = api.job(*id)?;
+        let ran = job["attempts"]
+            .as_array()
+            .map(|a| a.iter().filter(|a| a["outcome"] != "not_reported").count());
+        assert_eq!(ran, Some(1), "job {id}: {job}");
     }
     wait_for("both spools empty", Duration::from_secs(10), || {
         let left = std::fs::read_dir(spool("killed"))?.count()
