@@ -112,7 +112,11 @@ impl Loop {
 
     fn publish(&self) {
         publish(&self.leases, &self.running);
-        drover_host::notify::status(&format!("{} jobs running", self.running.len()));
+        // Every claim and every finished job passes here: no message (nor
+        // its formatting) outside systemd.
+        if drover_host::notify::enabled() {
+            drover_host::notify::status(&format!("{} jobs running", self.running.len()));
+        }
     }
 
     /// Sends `control` to every running job.

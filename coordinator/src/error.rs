@@ -45,28 +45,8 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
-    /// A bound on what one party may hold was reached (429).
-    pub fn limited(code: &'static str, message: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
-        e.retry_after_s = Some(60);
-        e
-    }
-
-    /// A token that was valid and no longer is (401 with its own code).
-    pub fn revoked(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
-    }
-
-    pub fn forbidden(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, code, message)
-    }
-
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, code, message)
     }
 
     pub fn too_large(limit: usize) -> ApiError {
@@ -88,12 +68,6 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-    }
-
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message);
-        e.retry_after_s = Some(1);
-        e
     }
 }
 

@@ -7,6 +7,13 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
+/// Whether this process runs under systemd's notification protocol (read
+/// once: callers on busy paths skip building their messages otherwise).
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("NOTIFY_SOCKET").is_some())
+}
+
 /// Sends `state` (newline-separated assignments); false when there is no
 /// socket or it could not be reached.
 pub fn notify(state: &str) -> bool {
