@@ -172,6 +172,20 @@ pub struct Args {
     /// agent's token).
     #[arg(long, env = "DROVER_JOB_USER")]
     pub job_user: Option<String>,
+
+    /// The umask jobs start with, in octal (the agent's own is 0077).
+    #[arg(long, env = "DROVER_JOB_UMASK", default_value = "0022", value_parser = parse_umask)]
+    pub job_umask: u32,
+}
+
+/// An octal umask such as 0022 or 027.
+fn parse_umask(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim(), 8) {
+        Ok(mask) if mask <= 0o777 => Ok(mask),
+        _ => Err(format!(
+            "{s:?} is not an octal umask from 0000 to 0777 (e.g. 0022)"
+        )),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +203,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// None: jobs run as the agent's own user.
     pub job_user: Option<crate::jobuser::JobUser>,
+    pub job_umask: u32,
 }
 
 impl Config {
@@ -230,6 +245,7 @@ impl Config {
             kill_grace: Duration::from_secs(args.kill_grace),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
             job_user: crate::jobuser::resolve(args.job_user.as_deref().filter(|u| !u.is_empty()))?,
+            job_umask: args.job_umask,
         })
     }
 }

@@ -31,6 +31,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const SHIP_MAX: usize = 512 * 1024;
 /// The job's own dir inside its job dir (cwd, result and progress files).
 pub const WORK: &str = "work";
+/// The job's `TMPDIR`, next to `work/`: its own, gone with the job.
+const TMP: &str = "tmp";
 /// Largest result document read from `DROVER_RESULT_FILE`.
 const RESULT_MAX: u64 = 1024 * 1024;
 
@@ -41,6 +43,8 @@ pub struct Ctx {
     pub kill_grace: Duration,
     /// Who jobs run as; None: the agent's own user.
     pub user: Option<JobUser>,
+    /// The umask jobs start with.
+    pub job_umask: u32,
     /// The last heartbeat the coordinator answered: every lease it listed
     /// runs at least a TTL from when it was sent.
     pub renewed: tokio::sync::watch::Sender<Option<Renewal>>,
@@ -118,7 +122,8 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// The job's whole environment: the agent's own, less its settings (the
-/// registration secret among them), then the job's, then Drover's.
+/// registration secret among them), its own `TMPDIR`, then the job's, then
+/// Drover's. `dir` is the job's `work/`.
 fn environment(a: &Assignment, dir: &Path, user: Option<&JobUser>) -> BTreeMap<OsString, OsString> {
     let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
         .filter(|(key, _)| !key.as_bytes().starts_with(b"DROVER_"))
@@ -128,6 +133,9 @@ fn environment(a: &Assignment, dir: &Path, user: Option<&JobUser>) -> BTreeMap<O
             env.insert(key.into(), u.name.as_str().into());
         }
         env.insert("HOME".into(), u.home.as_os_str().into());
+    }
+    if let Some(job_dir) = dir.parent() {
+        env.insert("TMPDIR".into(), job_dir.join(TMP).into());
     }
     env.extend(a.env.iter().map(|(k, v)| (k.into(), v.into())));
     let gpus = a
@@ -186,22 +194,26 @@ async fn supervise(
     deliver_after_output(ctx, a, job, report).await
 }
 
-/// Makes the job dir (the agent's) and its `work/` (the job's, given to
-/// the job user); returns `work/`.
+/// Makes the job dir (the agent's), its `work/` and its `tmp/` (the
+/// job's, given to the job user); returns `work/`.
 fn job_dirs(dir: &Path, user: Option<&JobUser>) -> Result<std::path::PathBuf, String> {
     let work = dir.join(WORK);
-    std::fs::create_dir_all(&work)
-        .map_err(|e| format!("creating the job dir {}: {e}", work.display()))?;
-    if let Some(u) = user {
+    for own in [&work, &dir.join(TMP)] {
+        std::fs::create_dir_all(own)
+            .map_err(|e| format!("creating the job dir {}: {e}", own.display()))?;
+        if let Some(u) = user {
+            let owner = (
+                rustix::fs::Uid::from_raw(u.uid),
+                rustix::fs::Gid::from_raw(u.gid),
+            );
+            rustix::fs::chown(own, Some(owner.0), Some(owner.1))
+                .map_err(|e| format!("giving the job dir {} to {}: {e}", own.display(), u.name))?;
+        }
+    }
+    if user.is_some() {
         // Traversable (the unit's umask makes dirs 0700), not listable.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| format!("opening the job dir {} to its job: {e}", dir.display()))?;
-        let owner = (
-            rustix::fs::Uid::from_raw(u.uid),
-            rustix::fs::Gid::from_raw(u.gid),
-        );
-        rustix::fs::chown(&work, Some(owner.0), Some(owner.1))
-            .map_err(|e| format!("giving the job dir {} to {}: {e}", work.display(), u.name))?;
     }
     Ok(work)
 }
@@ -253,15 +265,19 @@ async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String>
         None => None,
     };
     let procs = cgroup.as_ref().map(|c| &c.procs);
-    let mut child =
-        spawn::spawn_as(&a.command, &env, cwd, ctx.user.as_ref(), procs).map_err(|e| {
-            log::warn!(
-                "job could not start job_id={} attempt={}: {e}",
-                a.job_id,
-                a.attempt
-            );
-            format!("could not start {:?}: {e}", a.command[0])
-        })?;
+    let launch = spawn::Launch {
+        user: ctx.user.as_ref(),
+        cgroup_procs: procs,
+        umask: Some(ctx.job_umask),
+    };
+    let mut child = spawn::spawn_as(&a.command, &env, cwd, &launch).map_err(|e| {
+        log::warn!(
+            "job could not start job_id={} attempt={}: {e}",
+            a.job_id,
+            a.attempt
+        );
+        format!("could not start {:?}: {e}", a.command[0])
+    })?;
     let pgid = child.pid;
     if let Err(e) = ctx.state.record_group(a.job_id, a.attempt, pgid) {
         log::warn!("{e}: a crash of this agent would leave the job's processes running");

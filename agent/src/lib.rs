@@ -165,6 +165,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         state: state.clone(),
         kill_grace: config.kill_grace,
         user: config.job_user.clone(),
+        job_umask: config.job_umask,
         renewed: tokio::sync::watch::Sender::new(None),
         cgroups: job_cgroups(),
     });

@@ -67,6 +67,8 @@ struct ChildArgs {
     ngroups: usize,
     /// `cgroup.procs` of the job's cgroup, open for writing; -1: none.
     cgroup_procs: RawFd,
+    /// The file mode creation mask the program starts with; -1: the agent's.
+    umask: i32,
     errno: AtomicI32,
 }
 
@@ -116,18 +118,29 @@ impl CStrings {
 /// /dev/null, stdout and stderr piped, in a new process group, killed when
 /// the calling thread's process dies.
 pub fn spawn(argv: &[String], env: &BTreeMap<OsString, OsString>, cwd: &Path) -> io::Result<Child> {
-    spawn_as(argv, env, cwd, None, None)
+    spawn_as(argv, env, cwd, &Launch::default())
 }
 
-/// As [`spawn`], the process running as `user` (its uid, gid and groups)
-/// when given, and in the cgroup whose `cgroup.procs` is `cgroup_procs`.
+/// How a job is started besides its command, environment and directory.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Run as this user (its uid, gid and groups); None: as the agent.
+    pub user: Option<&'a JobUser>,
+    /// `cgroup.procs` of the job's cgroup, to start in it.
+    pub cgroup_procs: Option<&'a std::fs::File>,
+    /// The umask the job starts with; None: the agent's own.
+    pub umask: Option<u32>,
+}
+
+/// As [`spawn`], started as `launch` says.
 pub fn spawn_as(
     argv: &[String],
     env: &BTreeMap<OsString, OsString>,
     cwd: &Path,
-    user: Option<&JobUser>,
-    cgroup_procs: Option<&std::fs::File>,
+    launch: &Launch,
 ) -> io::Result<Child> {
+    let (user, cgroup_procs) = (launch.user, launch.cgroup_procs);
+    let umask = launch.umask.map_or(-1, |m| (m & 0o777) as i32);
     let c = CStrings::new(argv, env, cwd)?;
     let groups: &[u32] = user.map_or(&[], |u| &u.groups);
     let (argv_p, envp_p) = (null_terminated(&c.argv), null_terminated(&c.envp));
@@ -146,6 +159,7 @@ pub fn spawn_as(
         groups: groups.as_ptr(),
         ngroups: groups.len(),
         cgroup_procs: cgroup_procs.map_or(-1, |f| f.as_raw_fd()),
+        umask,
         errno: AtomicI32::new(0),
     };
 
@@ -262,6 +276,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             && libc::dup2(a.fds[1], 1) == 1
             && libc::dup2(a.fds[2], 2) == 2
             && libc::chdir(a.cwd) == 0
+            && {
+                if a.umask >= 0 {
+                    libc::umask(a.umask as libc::mode_t);
+                }
+                true
+            }
             && {
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);

@@ -44,7 +44,9 @@ pub async fn run(app: Arc<App>) {
         }
         d.round_starts();
         let start = tokio::time::Instant::now();
-        match round(&app).await {
+        let result = round(&app).await;
+        d.release_held();
+        match result {
             Ok((next, stuck)) => {
                 next_ready = next;
                 stuck_at = stuck.then_some(start);
@@ -69,7 +71,7 @@ async fn sleep_ms(ms: Option<u64>) {
 /// whether it was stuck (jobs claimable, none placed, no orders).
 async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error::ApiError> {
     let d = &app.dispatcher;
-    let waiting = d.waiting_workers();
+    let waiting = d.hold_waiting();
     if waiting.is_empty() {
         return Ok((None, false));
     }

@@ -11,6 +11,11 @@ use tokio::sync::{oneshot, Notify};
 struct Parked {
     ticket: u64,
     reply: oneshot::Sender<ClaimResponse>,
+    /// A round is placing work on this claim: its deadline waits for the
+    /// round's answer (a grant, or nothing once the round ends).
+    held: bool,
+    /// Its deadline came while held: answered with nothing at round end.
+    expired: bool,
 }
 
 #[derive(Default)]
@@ -35,22 +40,54 @@ impl Dispatcher {
     pub fn park(&self, worker_id: i64) -> (u64, oneshot::Receiver<ClaimResponse>) {
         let (reply, rx) = oneshot::channel();
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        lock(&self.parked).insert(worker_id, Parked { ticket, reply });
+        let claim = Parked {
+            ticket,
+            reply,
+            held: false,
+            expired: false,
+        };
+        lock(&self.parked).insert(worker_id, claim);
         self.kick.notify_one();
         (ticket, rx)
     }
 
-    /// Takes a claim back at its deadline. False when a round already took
-    /// it (its answer is on the way).
+    /// Takes a claim back at its deadline. False when a round took it or
+    /// holds it: its answer is on the way (a grant, or nothing at the end
+    /// of the round). Without the hold, a round could grant a job to a
+    /// claim that left meanwhile, and the job would go back unrun with its
+    /// attempt spent as `not_reported`.
     pub fn unpark(&self, worker_id: i64, ticket: u64) -> bool {
         let mut parked = lock(&self.parked);
-        match parked.get(&worker_id) {
+        match parked.get_mut(&worker_id) {
+            Some(p) if p.ticket == ticket && p.held => {
+                p.expired = true;
+                false
+            }
             Some(p) if p.ticket == ticket => {
                 parked.remove(&worker_id);
                 true
             }
             _ => false,
         }
+    }
+
+    /// A round begins placing work: holds every parked claim and returns
+    /// their workers.
+    pub fn hold_waiting(&self) -> Vec<i64> {
+        let mut parked = lock(&self.parked);
+        for p in parked.values_mut() {
+            p.held = true;
+        }
+        parked.keys().copied().collect()
+    }
+
+    /// The round is done: claims whose deadline came meanwhile are answered
+    /// with nothing; the others wait on.
+    pub fn release_held(&self) {
+        lock(&self.parked).retain(|_, p| {
+            p.held = false;
+            !p.expired
+        });
     }
 
     /// Answers a worker's parked claim with nothing (204), e.g. when its
@@ -86,11 +123,6 @@ impl Dispatcher {
         lock(&self.parked).len()
     }
 
-    /// Workers with a claim parked now.
-    pub fn waiting_workers(&self) -> Vec<i64> {
-        lock(&self.parked).keys().copied().collect()
-    }
-
     /// Takes a worker's parked claim to answer it.
     pub fn take(&self, worker_id: i64) -> Option<oneshot::Sender<ClaimResponse>> {
         lock(&self.parked).remove(&worker_id).map(|p| p.reply)
@@ -123,5 +155,37 @@ impl Dispatcher {
     /// A round begins: changes from now on ask for another.
     pub fn round_starts(&self) {
         self.worked.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_during_a_round_waits_for_its_end() {
+        let d = Dispatcher::default();
+        let (ticket, mut rx) = d.park(7);
+        assert_eq!(d.hold_waiting(), vec![7]);
+        // The claim's deadline comes while the round places work.
+        assert!(!d.unpark(7, ticket), "held: the answer is on the way");
+        assert!(rx
+            .try_recv()
+            .is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+        // The round gave it nothing: answered with nothing at its end.
+        d.release_held();
+        assert_eq!(d.waiting(), 0);
+        assert!(rx
+            .try_recv()
+            .is_err_and(|e| e == oneshot::error::TryRecvError::Closed));
+        // Outside a round a deadline takes the claim back at once.
+        let (ticket, _rx) = d.park(8);
+        assert!(d.unpark(8, ticket));
+        // A held claim whose deadline did not come waits on after the round.
+        let (_, _rx) = d.park(9);
+        d.hold_waiting();
+        d.release_held();
+        assert_eq!(d.waiting(), 1);
+        assert!(d.take(9).is_some());
     }
 }

@@ -21,6 +21,10 @@ pub struct Swept {
     pub retimed: usize,
     /// The wall clock's offset this pass went by.
     pub wall_offset: Ms,
+    /// When a worker was last heard from, if a whole TTL ago: leases held.
+    pub deaf: Option<Ms>,
+    /// Leases given a fresh TTL on hearing a worker again.
+    pub rebased: usize,
 }
 
 /// Passes between WAL checkpoints.
@@ -31,6 +35,8 @@ pub async fn run(app: std::sync::Arc<App>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut passes = 0u32;
     let mut offset = wall_offset(app.db.clock().now());
+    // No worker heard from for a TTL at the last pass: leases held.
+    let mut deaf = false;
     // systemd's watchdog (WatchdogSec=): a pass a second shows the runtime
     // runs; a stuck one gets the coordinator restarted.
     let watchdog = drover_host::notify::watchdog_interval().is_some();
@@ -54,7 +60,7 @@ pub async fn run(app: std::sync::Arc<App>) {
                 Err(e) => log::warn!("WAL checkpoint failed: {e}"),
             }
         }
-        match run_once(&app, offset).await {
+        match run_once(&app, offset, deaf).await {
             Ok(swept) => {
                 if swept.wall_offset != offset {
                     log::warn!(
@@ -64,6 +70,8 @@ pub async fn run(app: std::sync::Arc<App>) {
                     );
                     offset = swept.wall_offset;
                 }
+                log_deafness(deaf, &swept, app.db.clock().now());
+                deaf = swept.deaf.is_some();
                 if swept.expired > 0 || swept.offline > 0 {
                     log::info!(
                         "sweep expired_leases={} workers_offline={} took_ms={:.1}",
@@ -78,19 +86,37 @@ pub async fn run(app: std::sync::Arc<App>) {
     }
 }
 
-/// One pass, `was` the wall clock's offset at the last; returns what
-/// changed.
-pub async fn run_once(app: &App, was: Ms) -> Result<Swept, ApiError> {
-    let silence = ms(app.config.lease_ttl);
+/// Says when the coordinator starts or stops hearing from no worker.
+fn log_deafness(was_deaf: bool, swept: &Swept, now: Ms) {
+    match (was_deaf, swept.deaf) {
+        (false, Some(heard)) => log::warn!(
+            "no agent heard from for {:.0} s: this coordinator may be the one cut off; \
+             leases are held (no job moves) until an agent is heard again",
+            (now - heard) as f64 / 1000.0
+        ),
+        (true, None) => log::warn!(
+            "an agent is heard again: {} running leases get a fresh TTL to be renewed",
+            swept.rebased
+        ),
+        _ => {}
+    }
+}
+
+/// One pass, `was` the wall clock's offset at the last and `was_deaf`
+/// whether it heard no worker; returns what changed.
+pub async fn run_once(app: &App, was: Ms, was_deaf: bool) -> Result<Swept, ApiError> {
+    let ttl = ms(app.config.lease_ttl);
     let history = ms(app.config.gpu_history);
     let start = std::time::Instant::now();
-    let pass = app.db.sweep(silence, history, was).await?;
+    let pass = app.db.sweep(ttl, history, was, was_deaf).await?;
     let swept = Swept {
         expired: pass.expired,
         offline: pass.offline,
         took: start.elapsed(),
         retimed: pass.retimed,
         wall_offset: pass.wall_offset,
+        deaf: pass.deaf,
+        rebased: pass.rebased,
     };
     app.metrics
         .leases_expired

@@ -1085,12 +1085,17 @@ fn mass_expiry_requeues_every_lease_in_batches() -> TestResult {
             .sum::<Result<usize, String>>()
     })?;
     assert_eq!(granted, agents * slots, "every job leased");
+    // One more agent, with no job, goes on heartbeating: the coordinator
+    // hears the fleet, so it is the silent agents that are gone (a
+    // coordinator that hears nobody holds every lease instead).
+    let witness = FakeAgent::register(&api, "witness")?;
     let silent = Instant::now();
     // All leases lapse together; the sweep re-queues them in batches.
     let requeued = wait_for(
         "every lease to be re-queued",
         Duration::from_secs(3 * (ttl + 3)),
         || {
+            witness.heartbeat(&api, &[])?;
             let r = api.admin("GET", "/api/v1/stats", None)?;
             Ok(
                 (r.body["jobs"]["queued"].as_u64() == Some((agents * slots) as u64))
@@ -1446,6 +1451,71 @@ fn wall_clock_steps_move_no_lease() -> TestResult {
     assert!(
         gap < Duration::from_secs(2),
         "run_after is not not_before: {job}"
+    );
+    Ok(())
+}
+
+/// A coordinator that hears from no agent for a whole lease may be the one
+/// cut off (its own cable out): it holds every lease, so no job moves. The
+/// first agent heard again gives every lease a fresh TTL: an agent that
+/// comes back keeps its job, one that does not loses it a TTL later.
+#[test]
+fn a_coordinator_that_hears_no_agent_holds_every_lease() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let ttl = 3;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let (a, b) = (
+        FakeAgent::register(&api, "a")?,
+        FakeAgent::register(&api, "b")?,
+    );
+    for _ in 0..2 {
+        api.submit(&json!({"command": ["true"]}))?;
+    }
+    let claim = |agent: &FakeAgent| -> TestResult<(i64, i64)> {
+        let r = agent.claim(&api, 5)?;
+        let job = &r.body["jobs"][0];
+        let id = job["job_id"]
+            .as_i64()
+            .ok_or_else(|| format!("no job: {}", r.text))?;
+        Ok((id, job["attempt"].as_i64().ok_or("no attempt")?))
+    };
+    let (la, lb) = (claim(&a)?, claim(&b)?);
+    // Every agent silent for three leases: nothing moves.
+    std::thread::sleep(Duration::from_secs(3 * ttl));
+    for (id, _) in [la, lb] {
+        let j = api.job(id)?;
+        assert_eq!(j["status"], "running", "held: {j}");
+    }
+    let log = dir.path().join("coordinator-1.log");
+    assert!(
+        read_lines(&log)
+            .iter()
+            .any(|l| l.contains("may be the one cut off")),
+        "the coordinator says why it holds the leases"
+    );
+    // A is heard again: b's lease gets a fresh TTL from then, not none.
+    let heard = Instant::now();
+    assert_eq!(a.heartbeat(&api, &[la])?.status, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    let j = api.job(lb.0)?;
+    assert_eq!(j["status"], "running", "a fresh TTL after hearing a: {j}");
+    let requeued = wait_for(
+        "b's job to be re-queued",
+        Duration::from_secs(4 * ttl),
+        || {
+            a.heartbeat(&api, &[la])?;
+            let j = api.job(lb.0)?;
+            Ok((j["status"] == "queued").then(|| heard.elapsed()))
+        },
+    )?;
+    let j = api.job(la.0)?;
+    assert_eq!(j["status"], "running", "a kept its job: {j}");
+    assert_eq!(j["attempt"], la.1, "{j}");
+    println!(
+        "deaf for {}s: 0 leases expired; after hearing a, b's job re-queued {:.1}s later (TTL {ttl}s), a's kept",
+        3 * ttl,
+        requeued.as_secs_f64()
     );
     Ok(())
 }

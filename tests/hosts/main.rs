@@ -188,6 +188,13 @@ fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
             None,
         )?;
         println!("{unit}: {}", score.trim());
+        let exposure: f64 = score
+            .split(':')
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no exposure level in {score:?}"))?;
+        assert!(exposure <= 4.5, "{unit}: {score}");
     }
 
     let spec = json!({"command": ["sh", "-c", "echo ran-on $(hostname)"]}).to_string();
@@ -361,7 +368,8 @@ fn jobs_run_as_their_own_user_and_cannot_reach_the_agents_token() -> TestResult 
     require_hosts!();
     let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
     let fleet = install(&hosts, "drv-c", &["drv-a1"], "")?;
-    let script = "id -un; id -u; touch own-file && echo WROTE-CWD; \
+    let script = "id -un; id -u; umask; touch own-file && echo WROTE-CWD; \
+        case \"$TMPDIR\" in */jobs/*/tmp) touch \"$TMPDIR/x\" && echo OWN-TMPDIR;; esac; \
         cat /var/lib/drover-agent/identity.json && echo READ-THE-TOKEN; \
         ls /var/lib/drover-agent >/dev/null 2>&1 && echo LISTED-THE-STATE-DIR; \
         ln -s /var/lib/drover-agent/identity.json \"$DROVER_RESULT_FILE\"; ls -l \"$DROVER_RESULT_FILE\"; true";
@@ -373,6 +381,8 @@ fn jobs_run_as_their_own_user_and_cannot_reach_the_agents_token() -> TestResult 
     let mut lines = log.lines();
     assert_eq!(lines.next(), Some("drover-job"), "{log}");
     assert_ne!(lines.next(), Some("0"), "{log}");
+    assert_eq!(lines.next(), Some("0022"), "the job's umask: {log}");
+    assert!(log.contains("OWN-TMPDIR"), "{log}");
     assert!(log.contains("WROTE-CWD"), "{log}");
     assert!(!log.contains("READ-THE-TOKEN"), "{log}");
     assert!(!log.contains("drv_agent_"), "{log}");

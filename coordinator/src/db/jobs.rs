@@ -9,7 +9,7 @@
 //! [`crate::lifecycle::decide`].
 
 use super::StoreError;
-use super::{event, iso, json_col, wall_offset, worker_state, Ms};
+use super::{event, iso, json_col, wall_offset, worker_state, Ms, CLOCK_STEP};
 use crate::lifecycle::{
     self, AttemptEnd, Counters, JobStatus, LostReason, Policy, Transition, BACKOFF_CAP_MS,
 };
@@ -31,9 +31,16 @@ pub(crate) fn jitter(delay: Ms) -> Ms {
 
 /// The `run_after` (coordinator's clock) of a job that waits for the wall
 /// time `not_before`, with the wall clock `offset` ahead; never before the
-/// job was created.
+/// job was created. An offset under a step is rounding and slewing: the job
+/// then waits for both clocks, so its `started_at` (coordinator's clock) is
+/// never before its `not_before` either.
 fn not_before_to_run_after(not_before: Ms, offset: Ms, created: Ms) -> Ms {
-    (not_before - offset).max(created)
+    let ahead = if offset >= CLOCK_STEP {
+        offset
+    } else {
+        offset.min(0)
+    };
+    (not_before - ahead).max(created)
 }
 
 /// After the wall clock stepped (its offset went from `was` to `offset`),
@@ -701,6 +708,18 @@ pub fn list(
 mod tests {
     use super::*;
     use crate::db::leases::{expire_leases, release_undelivered};
+
+    #[test]
+    fn not_before_waits_for_both_clocks_below_a_step() {
+        // Rounding puts the wall 1 ms ahead: still not before not_before.
+        assert_eq!(not_before_to_run_after(10_000, 1, 0), 10_000);
+        // The wall behind: wait until the wall reaches not_before.
+        assert_eq!(not_before_to_run_after(10_000, -300, 0), 10_300);
+        // A step forward: follow the wall.
+        assert_eq!(not_before_to_run_after(10_000, 5_000, 0), 5_000);
+        // Never before the job was created.
+        assert_eq!(not_before_to_run_after(10_000, 9_000, 4_000), 4_000);
+    }
 
     /// A database with two idle workers and job 1 granted to worker 1
     /// (attempt 1).

@@ -25,6 +25,11 @@ pub type BeatTimes = (Ms, Ms);
 pub struct Pass {
     pub expired: usize,
     pub offline: usize,
+    /// When a worker was last heard from, if that is a whole TTL ago: the
+    /// leases were held.
+    pub deaf: Option<Ms>,
+    /// Leases given a fresh TTL: the first pass that heard a worker again.
+    pub rebased: usize,
     /// Jobs waiting for `not_before` re-timed after a wall-clock step.
     pub retimed: usize,
     /// The wall clock's offset this pass went by.
@@ -56,14 +61,33 @@ impl Db {
         .await
     }
 
-    /// One sweep: leases past their deadline, workers silent since
-    /// `silence`, GPU samples older than `history`; `was` is the wall
-    /// clock's offset at the last pass.
-    pub async fn sweep(&self, silence: Ms, history: Ms, was: Ms) -> Result<Pass, StoreError> {
+    /// One sweep: leases past their deadline, workers silent for `ttl`,
+    /// GPU samples older than `history`; `was` is the wall clock's offset
+    /// at the last pass.
+    ///
+    /// A coordinator that heard from no worker for a whole `ttl` may be the
+    /// one cut off: it holds every lease (`Pass::deaf`) rather than give
+    /// the whole fleet's jobs away, and the first pass that hears a worker
+    /// again (`was_deaf`) gives every running lease a fresh `ttl`, as a
+    /// restart does.
+    pub async fn sweep(
+        &self,
+        ttl: Ms,
+        history: Ms,
+        was: Ms,
+        was_deaf: bool,
+    ) -> Result<Pass, StoreError> {
         self.write(move |c, now| {
-            let expired = leases::expire_leases(c, now)?;
-            let offline =
-                workers::mark_silent_offline(c, now, now - silence, (silence / 1000) as u64)?;
+            let heard = workers::last_heard(c)?;
+            let deaf = heard.filter(|h| *h < now - ttl);
+            let (mut expired, mut rebased) = (0, 0);
+            if deaf.is_none() {
+                if was_deaf {
+                    rebased = leases::rebase_leases(c, now, ttl)?;
+                }
+                expired = leases::expire_leases(c, now)?;
+            }
+            let offline = workers::mark_silent_offline(c, now, now - ttl, (ttl / 1000) as u64)?;
             workers::prune_gpu_history(c, now - history)?;
             let mut wall = wall_offset(now);
             let mut retimed = 0;
@@ -75,6 +99,8 @@ impl Db {
             Ok(Pass {
                 expired,
                 offline,
+                deaf,
+                rebased,
                 retimed,
                 wall_offset: wall,
             })

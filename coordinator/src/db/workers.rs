@@ -695,6 +695,13 @@ pub fn mark_silent_offline(
     Ok(silent.len())
 }
 
+/// When any worker (decommissioned ones aside) was last heard from.
+pub fn last_heard(conn: &Connection) -> Result<Option<Ms>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT max(last_seen_at) FROM workers WHERE state != 'decommissioned'")?
+        .query_row([], |r| r.get(0))?)
+}
+
 /// At start: every live worker gets a fresh `last_seen_at`, since the
 /// coordinator cannot know when it last heard from it.
 pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, StoreError> {
