@@ -537,3 +537,253 @@ fn a_cancelled_job_leaves_no_process_behind() -> TestResult {
     );
     Ok(())
 }
+
+/// Job `id` once it succeeded, having run once (one attempt) and said
+/// `want`.
+fn ran_once(fleet: &Installed, id: i64, want: &str, limit: Duration) -> TestResult<Value> {
+    let done = fleet.job_in(id, "succeeded", limit)?;
+    assert_eq!(
+        done["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "run once: {done}"
+    );
+    if !want.is_empty() {
+        assert_eq!(fleet.log(id)?.trim(), want, "{done}");
+    }
+    Ok(done)
+}
+
+/// The coordinator restarted, killed (-9: systemd starts it again) and
+/// stopped for a while, each mid-job: the job runs on and ends once, its
+/// report delivered when the coordinator is back.
+#[test]
+fn coordinator_restart_kill_and_stop_mid_job() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1"], "--lease-ttl 6")?;
+    let c = hosts.get("drv-c");
+    let main_pid = || -> TestResult<String> {
+        Ok(
+            c.sh("systemctl show -p MainPID --value drover-coordinator")?
+                .trim()
+                .to_string(),
+        )
+    };
+    let actions: [(&str, &dyn Fn() -> TestResult); 3] = [
+        ("systemctl restart", &|| {
+            c.sh("systemctl restart drover-coordinator")?;
+            Ok(())
+        }),
+        ("kill -9", &|| {
+            let before = main_pid()?;
+            c.sh(&format!("kill -9 {before}"))?;
+            wait_for(
+                "systemd to restart the coordinator",
+                Duration::from_secs(30),
+                || {
+                    let now = main_pid()?;
+                    Ok(
+                        (now != before && now != "0" && active(c, "drover-coordinator")?)
+                            .then_some(()),
+                    )
+                },
+            )
+        }),
+        ("systemctl stop, 8 s down, start", &|| {
+            c.sh("systemctl stop drover-coordinator")?;
+            std::thread::sleep(Duration::from_secs(8));
+            c.sh("systemctl start drover-coordinator")?;
+            Ok(())
+        }),
+    ];
+    for (what, act) in actions {
+        let (id, _, _) = start_job(&fleet, "sleep 5; echo once")?;
+        let t0 = Instant::now();
+        act()?;
+        let back = t0.elapsed();
+        ran_once(&fleet, id, "once", Duration::from_secs(40))?;
+        println!(
+            "coordinator {what} mid-job: back after {:.1}s; the job ended once, {:.1}s after it",
+            back.as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The coordinator's host cut off past the lease while agents run jobs:
+/// it hears no agent, so it holds every lease instead of re-running the
+/// whole fleet's jobs; healed, the jobs end once, on their first attempt.
+#[test]
+fn a_partitioned_coordinator_host() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1", "drv-a2"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1", "drv-a2"], "--lease-ttl 6")?;
+    let c = hosts.get("drv-c");
+    let ids = [
+        start_job(&fleet, "sleep 14; echo once")?.0,
+        start_job(&fleet, "sleep 14; echo once")?.0,
+    ];
+    c.cable(false)?;
+    std::thread::sleep(Duration::from_secs(12));
+    c.cable(true)?;
+    let healed = Instant::now();
+    for id in ids {
+        ran_once(&fleet, id, "once", Duration::from_secs(40))?;
+    }
+    let journal = c.sh("journalctl -u drover-coordinator --no-pager -o cat")?;
+    assert!(journal.contains("may be the one cut off"), "{journal}");
+    assert!(no_lease_expired(&journal), "{journal}");
+    println!(
+        "coordinator cut off 12 s (lease 6 s): 0 leases expired, both jobs ended once, {:.1}s after the heal",
+        healed.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A relay on an agent host, in front of the coordinator: what the agent
+/// sends waits `delay_ms` first (replies pass at once). The kernel here may
+/// lack sch_netem: this is its delay, and nftables its loss.
+const RELAY: &str = r#"
+import asyncio, sys
+port, host, target, delay = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) / 1000
+
+async def pipe(r, w, wait):
+    loop = asyncio.get_running_loop()
+    q = asyncio.Queue()
+    async def read():
+        while True:
+            data = await r.read(65536)
+            await q.put((loop.time() + wait, data))
+            if not data:
+                return
+    async def write():
+        while True:
+            at, data = await q.get()
+            await asyncio.sleep(max(0, at - loop.time()))
+            if not data:
+                w.write_eof()
+                return
+            w.write(data)
+            await w.drain()
+    await asyncio.gather(read(), write())
+
+async def serve(cr, cw):
+    try:
+        sr, sw = await asyncio.open_connection(host, target)
+        await asyncio.gather(pipe(cr, sw, delay), pipe(sr, cw, 0))
+    except Exception:
+        pass
+    finally:
+        cw.close()
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    await server.serve_forever()
+
+asyncio.run(main())
+"#;
+
+/// One agent behind 200 ms of delay and 5 % packet loss: its jobs run and
+/// end once, and it keeps every lease.
+#[test]
+fn an_agent_behind_a_slow_lossy_link() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
+    let fleet = install(&hosts, "drv-c", &[], "--lease-ttl 6 --auto-approve")?;
+    let (c, a) = (hosts.get("drv-c"), hosts.get("drv-a1"));
+    a.sh_in("cat > /root/relay.py", Some(RELAY.as_bytes()))?;
+    a.sh(&format!(
+        "systemd-run --unit=drvtest-relay python3 /root/relay.py 8701 {} {PORT} 200",
+        c.addr
+    ))?;
+    a.sh(&format!(
+        "nft add table inet drvtest && \
+         nft add chain inet drvtest out '{{ type filter hook output priority 0; }}' && \
+         nft add rule inet drvtest out ip daddr {} numgen random mod 100 '<' 5 counter drop",
+        c.addr
+    ))?;
+    // The fixture works: a request through the relay takes the delay.
+    let rtt: f64 = wait_for("the relay", Duration::from_secs(10), || {
+        let (status, out, _) = a.exec(
+            "curl -s -o /dev/null -w '%{time_total}' http://127.0.0.1:8701/healthz",
+            None,
+        )?;
+        Ok((status == 0).then(|| out.trim().parse().unwrap_or(0.0)))
+    })?;
+    assert!(rtt >= 0.2, "a request through the relay took {rtt}s");
+    let secret = c.sh(
+        "sed -n 's/^DROVER_REGISTRATION_SECRET=\"\\(.*\\)\"/\\1/p' /etc/drover/coordinator.env",
+    )?;
+    a.sh_in(
+        &format!(
+            "DROVER_REGISTRATION_SECRET=\"$(cat)\" {}/drover-agent install --coordinator http://127.0.0.1:8701 --name drv-a1 --slots 4",
+            net::BIN_DIR
+        ),
+        Some(secret.trim().as_bytes()),
+    )?;
+    fleet.worker("drv-a1")?;
+    let t0 = Instant::now();
+    let ids: Vec<i64> = (0..12)
+        .map(|i| fleet.submit(&json!({"command": ["sh", "-c", format!("sleep 3; echo job-{i}")]})))
+        .collect::<TestResult<_>>()?;
+    for (i, id) in ids.iter().enumerate() {
+        ran_once(&fleet, *id, &format!("job-{i}"), Duration::from_secs(90))?;
+    }
+    let dropped = a.sh("nft list table inet drvtest | grep -o 'packets [0-9]*'")?;
+    let sent = a.sh("cat /sys/class/net/host0/statistics/tx_packets")?;
+    println!(
+        "200 ms delay (a request took {rtt:.2}s) + 5 % loss: 12 jobs of 3 s on 4 slots ended once each in {:.1}s; {} of {} packets dropped",
+        t0.elapsed().as_secs_f64(),
+        dropped.trim(),
+        sent.trim()
+    );
+    let journal = c.sh("journalctl -u drover-coordinator --no-pager -o cat")?;
+    assert!(no_lease_expired(&journal), "no lease lost: {journal}");
+    Ok(())
+}
+
+/// An agent host whose clock is 30 s ahead (libfaketime, through a unit
+/// drop-in): its jobs see that clock, and still run once with their leases
+/// kept; times in the API are the coordinator's.
+#[test]
+fn an_agent_host_with_its_clock_30s_off() -> TestResult {
+    require_hosts!();
+    let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
+    let fleet = install(&hosts, "drv-c", &["drv-a1"], "--lease-ttl 6")?;
+    let a = hosts.get("drv-a1");
+    a.sh(&format!(
+        "mkdir -p /etc/systemd/system/drover-agent.service.d && \
+         printf '[Service]\\nEnvironment=LD_PRELOAD={} FAKETIME=+30s\\n' > /etc/systemd/system/drover-agent.service.d/clock.conf && \
+         systemctl daemon-reload && systemctl restart drover-agent",
+        net::FAKETIME
+    ))?;
+    let id = fleet.submit(&json!({"command": ["sh", "-c", "date +%s; sleep 9"]}))?;
+    let done = ran_once(&fleet, id, "", Duration::from_secs(40))?;
+    let job_clock: f64 = fleet.log(id)?.trim().parse()?;
+    let ours = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let ahead = job_clock - (ours - 9.0);
+    let took = secs(&done["finished_at"])? - secs(&done["started_at"])?;
+    println!(
+        "agent clock {ahead:+.0} s off: the job ran once over 1.5 leases (6 s), {took:.1}s by the coordinator's clock"
+    );
+    assert!(ahead > 20.0, "the job saw the agent's clock: {ahead}");
+    assert!((8.0..20.0).contains(&took), "{done}");
+    Ok(())
+}
+
+/// Whether a coordinator's journal shows no lease expired.
+fn no_lease_expired(journal: &str) -> bool {
+    journal
+        .lines()
+        .filter_map(|l| l.split("expired_leases=").nth(1)?.split(' ').next())
+        .all(|n| n == "0")
+}
+
+/// Seconds since the epoch of an RFC 3339 time in the API.
+fn secs(v: &Value) -> TestResult<f64> {
+    let t = humantime::parse_rfc3339(v.as_str().ok_or("no time")?)?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64())
+}

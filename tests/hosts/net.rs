@@ -20,6 +20,8 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 const LOCK_FILE: &str = "/run/drover-test-hosts.lock";
 
 const BRIDGE: &str = "drvbr0";
+/// libfaketime, to set a host's clock off (Debian's faketime).
+pub const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const SUBNET: &str = "10.213.0";
 
 /// Why these tests cannot run here, if they cannot (not root, no
@@ -31,6 +33,10 @@ pub fn unavailable() -> Option<String> {
         "systemd-nspawn is missing (apt-get install systemd-container)"
     } else if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
         "ip is missing (apt-get install iproute2)"
+    } else if !Path::new("/usr/sbin/nft").exists() {
+        "nft is missing (apt-get install nftables)"
+    } else if !Path::new(FAKETIME).exists() {
+        "libfaketime is missing (apt-get install faketime)"
     } else {
         return None;
     };
