@@ -321,3 +321,9 @@ ORDER BY j.priority DESC, j.id;
 -- Exclusive jobs never run twice at once: the agent stops one it cannot
 -- renew before its lease ends, and the lease is held a margin longer.
 ALTER TABLE jobs ADD COLUMN exclusive INTEGER NOT NULL DEFAULT 0 CHECK (exclusive = 0 OR exclusive = 1);
+
+-- migration 7
+-- Per-job memory and CPU limits (JSON {"memory_mb", "cpus"}), held by the
+-- job's cgroup; and whether a worker's agent can hold jobs to them.
+ALTER TABLE jobs ADD COLUMN limits TEXT;
+ALTER TABLE workers ADD COLUMN can_limit INTEGER NOT NULL DEFAULT 0 CHECK (can_limit = 0 OR can_limit = 1);

@@ -218,6 +218,8 @@ pub fn inventory(source: &GpuSource) -> Inventory {
             .unwrap_or(1),
         memory_mb: memory_mb(),
         gpus: source.gpus(),
+        // Known once the agent has looked at its cgroup (`cgroup`).
+        can_limit: false,
     }
 }
 

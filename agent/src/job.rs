@@ -121,12 +121,24 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// What systemd tells the agent alone: a job must not notify or feed the
+/// watchdog on the agent's behalf.
+const SERVICE_ONLY: [&str; 5] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+];
+
 /// The job's whole environment: the agent's own, less its settings (the
-/// registration secret among them), its own `TMPDIR`, then the job's, then
-/// Drover's. `dir` is the job's `work/`.
+/// registration secret among them) and its service's, its own `TMPDIR`,
+/// then the job's, then Drover's. `dir` is the job's `work/`.
 fn environment(a: &Assignment, dir: &Path, user: Option<&JobUser>) -> BTreeMap<OsString, OsString> {
     let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
-        .filter(|(key, _)| !key.as_bytes().starts_with(b"DROVER_"))
+        .filter(|(key, _)| {
+            !key.as_bytes().starts_with(b"DROVER_") && !SERVICE_ONLY.iter().any(|s| key == *s)
+        })
         .collect();
     if let Some(u) = user {
         for key in ["USER", "LOGNAME"] {
@@ -184,12 +196,18 @@ async fn supervise(
     // its cgroup) ends with it.
     job.kill_all();
     collect_output(a.job_id, std::mem::take(&mut job.pumps)).await;
+    let mut oom_kills = 0;
     if let Some(cgroup) = job.cgroup.take() {
+        oom_kills = cgroup.oom_kills();
         off_thread(move || cgroup.remove()).await;
     }
     job.spool.close();
     log::debug!("job output collected job_id={}", a.job_id);
-    let (outcome, exit_code, error) = ending(a, &status, stop)?;
+    let (outcome, exit_code, mut error) = ending(a, &status, stop)?;
+    if let (true, Some(mb)) = (oom_kills > 0, a.limits.and_then(|l| l.memory_mb)) {
+        let why = format!("the kernel's OOM killer ended it: over its memory limit of {mb} MB");
+        error = Some(error.map_or(why.clone(), |e| format!("{e}; {why}")));
+    }
     let report = report(a, dir, outcome, exit_code, error);
     deliver_after_output(ctx, a, job, report).await
 }
@@ -261,7 +279,8 @@ async fn start(ctx: &Ctx, a: &Assignment, dir: &Path) -> Result<Started, String>
     // death signal follows the thread that spawns it.
     let env = environment(a, &work, ctx.user.as_ref());
     let cgroup = match &ctx.cgroups {
-        Some(c) => Some(c.job(a.job_id, a.attempt)?),
+        Some(c) => Some(c.job(a.job_id, a.attempt, a.limits.as_ref())?),
+        None if a.limits.is_some() => return Err(crate::cgroup::CANNOT_LIMIT.into()),
         None => None,
     };
     let procs = cgroup.as_ref().map(|c| &c.procs);

@@ -154,7 +154,9 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         ));
     }
     tokio::spawn(systemd_watch());
-    let identity = register(&config, &state, &client, &gpu, credentials).await?;
+    let cgroups = job_cgroups();
+    let can_limit = cgroups.as_ref().is_some_and(cgroup::Cgroups::can_limit);
+    let identity = register(&config, &state, &client, &gpu, can_limit, credentials).await?;
     client.set_token(identity.token.clone());
     ready(&format!(
         "registered as worker {} with {}",
@@ -167,7 +169,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         user: config.job_user.clone(),
         job_umask: config.job_umask,
         renewed: tokio::sync::watch::Sender::new(None),
-        cgroups: job_cgroups(),
+        cgroups,
     });
     let slots = config
         .slots
@@ -207,10 +209,17 @@ async fn reap_leftovers(state: &Arc<StateDir>) {
 fn job_cgroups() -> Option<cgroup::Cgroups> {
     let Some(cgroups) = cgroup::Cgroups::detect() else {
         log::info!(
-            "jobs share the agent's cgroup: a process a job moves out of its process group (setsid)              outlives a stop; run the agent under its unit (Delegate=yes) to give each job its own"
+            "jobs share the agent's cgroup: a process a job moves out of its process group (setsid) \
+             outlives a stop; run the agent under its unit (Delegate=yes) to give each job its own"
         );
         return None;
     };
+    if !cgroups.can_limit() {
+        log::info!(
+            "{}: jobs with limits go to other workers",
+            cgroup::CANNOT_LIMIT
+        );
+    }
     let left = cgroups.reap_leftovers();
     if left > 0 {
         log::warn!("killed what {left} jobs of an earlier agent process left in their cgroups");
@@ -290,12 +299,16 @@ async fn register(
     state: &StateDir,
     client: &Arc<Client>,
     gpu: &GpuSource,
+    can_limit: bool,
     credentials: Vec<String>,
 ) -> Result<Identity, (i32, String)> {
     let req = RegisterRequest {
         name: config.name.clone(),
         machine_id: state.machine_id().map_err(|e| (1, e))?,
-        inventory: inventory::inventory(gpu),
+        inventory: drover_proto::Inventory {
+            can_limit,
+            ..inventory::inventory(gpu)
+        },
         tags: config.tags.clone(),
         slots: config.slots,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -320,6 +320,7 @@ async fn register(i: usize, fleet: &Fleet) -> Result<Virtual<'_>, String> {
             cpu_cores: 8,
             memory_mb: 65536,
             gpus: fleet.gpus.clone(),
+            can_limit: false,
         },
         tags: fleet.args.tags.clone(),
         slots: fleet.args.slots,

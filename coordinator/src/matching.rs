@@ -203,7 +203,13 @@ fn missing_tags(needs: &Needs, workers: &[WorkerView]) -> String {
         .filter(|t| !workers.iter().any(|w| w.offer.tags.contains(t)))
         .map(String::as_str)
         .collect();
-    if missing.is_empty() {
+    if missing.contains(&drover_proto::LIMITS_TAG) {
+        format!(
+            "no worker can hold a job to memory and CPU limits (tag {}): that takes an agent \
+             run by its systemd unit on cgroup v2 with the memory and cpu controllers",
+            drover_proto::LIMITS_TAG
+        )
+    } else if missing.is_empty() {
         format!(
             "no worker has all the required tags [{}] together",
             needs.required_tags.join(", ")

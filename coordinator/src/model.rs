@@ -24,6 +24,9 @@ pub struct NewJob {
     /// field existed keep their idempotency fingerprint.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exclusive: bool,
+    /// Left out of the fingerprint when none (as `exclusive`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<drover_proto::Limits>,
     pub required_tags: Vec<String>,
     pub preferred_tags: Vec<String>,
     pub priority: i32,
@@ -83,6 +86,7 @@ pub struct Job {
     pub progress: Option<Value>,
     pub cpu_fallback: bool,
     pub exclusive: bool,
+    pub limits: Option<drover_proto::Limits>,
     /// Why a queued job is not running, when asked for.
     pub waiting_reason: Option<String>,
     /// Filled by the one-job read only.
@@ -123,6 +127,8 @@ pub struct Worker {
     pub tags_pinned: bool,
     pub address: Option<String>,
     pub running_jobs: i64,
+    /// Its agent can hold jobs to their memory and CPU limits.
+    pub can_limit: bool,
 }
 
 /// One worker with its history.

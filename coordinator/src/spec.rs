@@ -3,6 +3,7 @@
 
 use crate::error::ApiError;
 use crate::model::NewJob;
+use drover_proto::LIMITS_TAG;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -25,6 +26,9 @@ pub struct JobSpec {
     /// Never run twice at once, even across a partition.
     #[serde(default)]
     pub exclusive: bool,
+    /// Memory and CPU the job may use at most.
+    #[serde(default)]
+    pub limits: Option<drover_proto::Limits>,
     #[serde(default)]
     pub required_tags: Vec<String>,
     #[serde(default)]
@@ -44,6 +48,8 @@ pub struct JobSpec {
 }
 
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The most memory a limit may name: 16 TiB.
+const MAX_MEMORY_MB: u64 = 16 * 1024 * 1024;
 const MAX_ARGS_BYTES: usize = 256 * 1024;
 const MAX_METADATA_BYTES: usize = 64 * 1024;
 
@@ -73,6 +79,12 @@ pub fn tags(field: &str, tags: Vec<String>) -> Result<Vec<String>, ApiError> {
             return Err(ApiError::invalid(
                 &f,
                 format!("tag {t:?} may only hold letters, digits and - _ . : / ="),
+            ));
+        }
+        if t.starts_with("drover:") && !(field == "required_tags" && t == LIMITS_TAG) {
+            return Err(ApiError::invalid(
+                &f,
+                format!("tags starting with drover: are Drover's own ({LIMITS_TAG}: the worker can enforce limits)"),
             ));
         }
         if !out.contains(&t) {
@@ -149,6 +161,9 @@ impl JobSpec {
             }
         }
         let metadata = metadata(self.metadata)?;
+        let limits = self
+            .limits
+            .filter(|l| l.memory_mb.is_some() || l.cpus.is_some());
         Ok(NewJob {
             command: self.command,
             env: self.env,
@@ -157,9 +172,14 @@ impl JobSpec {
             min_vram_mb: self.min_vram_mb,
             cpu_fallback: self.cpu_fallback,
             exclusive: self.exclusive,
+            limits,
             // Sorted: jobs needing the same tags form one shape for dispatch.
+            // A job with limits runs only where they hold (`LIMITS_TAG`).
             required_tags: {
                 let mut t = tags("required_tags", self.required_tags)?;
+                if limits.is_some() && !t.iter().any(|x| x == LIMITS_TAG) {
+                    t.push(LIMITS_TAG.to_string());
+                }
                 t.sort();
                 t
             },
@@ -229,6 +249,22 @@ impl JobSpec {
             return Err(ApiError::invalid(
                 "min_vram_mb",
                 "is larger than any GPU (16 TiB)",
+            ));
+        }
+        let limits = self.limits.unwrap_or_default();
+        if limits
+            .memory_mb
+            .is_some_and(|m| !(16..=MAX_MEMORY_MB).contains(&m))
+        {
+            return Err(ApiError::invalid(
+                "limits.memory_mb",
+                format!("must be from 16 to {MAX_MEMORY_MB} (MB)"),
+            ));
+        }
+        if limits.cpus.is_some_and(|c| !(0.01..=1024.0).contains(&c)) {
+            return Err(ApiError::invalid(
+                "limits.cpus",
+                "must be from 0.01 to 1024 (CPUs' worth of time)",
             ));
         }
         Ok(())
@@ -357,6 +393,47 @@ mod tests {
         check(
             r#"{"command": ["x"], "idempotency_key": ""}"#,
             Some("idempotency_key"),
+        );
+        check(
+            r#"{"command": ["x"], "limits": {"memory_mb": 8}}"#,
+            Some("limits.memory_mb"),
+        );
+        check(
+            r#"{"command": ["x"], "limits": {"cpus": 0}}"#,
+            Some("limits.cpus"),
+        );
+        check(
+            r#"{"command": ["x"], "preferred_tags": ["drover:limits"]}"#,
+            Some("preferred_tags[0]"),
+        );
+        check(
+            r#"{"command": ["x"], "required_tags": ["drover:other"]}"#,
+            Some("required_tags[0]"),
+        );
+        check(
+            r#"{"command": ["x"], "limits": {"memory_mb": 512, "cpus": 0.5}}"#,
+            None,
+        );
+    }
+
+    #[test]
+    fn a_job_with_limits_requires_a_worker_that_holds_them() {
+        let spec = |json: &str| -> NewJob {
+            serde_json::from_str::<JobSpec>(json)
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        let limited =
+            spec(r#"{"command": ["x"], "required_tags": ["gpu"], "limits": {"cpus": 2}}"#);
+        assert_eq!(limited.required_tags, vec!["drover:limits", "gpu"]);
+        let empty = spec(r#"{"command": ["x"], "limits": {}}"#);
+        assert_eq!(empty.limits, None, "no limit named: none");
+        assert!(empty.required_tags.is_empty());
+        // Jobs from before limits existed keep their idempotency fingerprint.
+        assert_eq!(
+            empty.fingerprint(),
+            spec(r#"{"command": ["x"]}"#).fingerprint()
         );
     }
 

@@ -6,10 +6,15 @@
 use rustix::process::{kill_process, Pid, Signal};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long a detached start waits for READY=1: past the 30 s after which
+/// the services send it anyway.
+const READY_WAIT: Duration = Duration::from_secs(35);
 
 /// Writes a file through a temp file and a rename, with `mode`.
 pub fn write_file(path: &Path, text: &[u8], mode: u32) -> Result<(), String> {
@@ -206,7 +211,9 @@ impl Detached {
     }
 
     /// Starts the binary in its own process group with `env` (and no other
-    /// `DROVER_*`), output to the log file. Fails if it exits at once.
+    /// `DROVER_*`), output to the log file, and waits until it says it is
+    /// ready (READY=1 on a notify socket of its own, as under systemd).
+    /// Fails if it exits first.
     pub fn start(&self, env: &BTreeMap<&'static str, String>) -> Result<u32, String> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
@@ -223,7 +230,14 @@ impl Detached {
                 cmd.env_remove(k);
             }
         }
+        let notify = self.dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify);
+        let socket =
+            UnixDatagram::bind(&notify).map_err(|e| format!("making {}: {e}", notify.display()))?;
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("NOTIFY_SOCKET", &notify)
+            // Not started by systemd: its READY=1 is for this wait alone.
+            .env_remove("INVOCATION_ID")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
@@ -235,18 +249,45 @@ impl Detached {
             .map_err(|e| format!("starting {}: {e}", self.bin.display()))?;
         let pid = child.id();
         write_file(&self.pid_file(), format!("{pid}\n").as_bytes(), 0o600)?;
-        // A moment to fail at start (bad flags, refused secret) and say why.
-        std::thread::sleep(Duration::from_millis(700));
-        if let Ok(Some(status)) = child.try_wait() {
-            let tail = std::fs::read_to_string(self.log_file()).unwrap_or_default();
-            let last: Vec<&str> = tail.lines().rev().take(3).collect();
-            return Err(format!(
-                "{} exited at once ({status}): {}",
-                self.stem,
-                last.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            ));
+        let waited = self.wait_ready(&socket, &mut child);
+        let _ = std::fs::remove_file(&notify);
+        waited.map(|()| pid)
+    }
+
+    /// Waits for READY=1 from `child` on `socket`, up to `READY_WAIT` (the
+    /// services send it within 30 s, ready or not, with a status saying
+    /// why). An exit first is an error with the log's last lines.
+    fn wait_ready(&self, socket: &UnixDatagram, child: &mut Child) -> Result<(), String> {
+        let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < READY_WAIT {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]);
+                if message.lines().any(|l| l == "READY=1") {
+                    if let Some(status) = message.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                        say!("{}: {status}", self.stem);
+                    }
+                    return Ok(());
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+                let last: Vec<&str> = tail.lines().rev().take(3).collect();
+                return Err(format!(
+                    "{} exited at start ({status}): {}",
+                    self.stem,
+                    last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ));
+            }
         }
-        Ok(pid)
+        say!(
+            "{} did not say it is ready within {}s; see {}",
+            self.stem,
+            READY_WAIT.as_secs(),
+            self.log_file().display()
+        );
+        Ok(())
     }
 }
 

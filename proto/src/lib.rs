@@ -57,6 +57,25 @@ pub struct Inventory {
     pub memory_mb: u64,
     #[serde(default)]
     pub gpus: Vec<GpuInfo>,
+    /// The agent can hold a job to its memory and CPU limits (a cgroup v2
+    /// of its own with the memory and cpu controllers).
+    #[serde(default)]
+    pub can_limit: bool,
+}
+
+/// The tag a worker that can enforce limits matches, and that a job with
+/// limits requires. Drover's own: agents and operators cannot set it.
+pub const LIMITS_TAG: &str = "drover:limits";
+
+/// What a job may use at most. The kernel holds it to them: over its
+/// memory it is killed (OOM), its CPU time is throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPUs' worth of time per second (1.5: one and a half cores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +253,9 @@ pub struct Assignment {
     /// its lease before the lease runs out.
     #[serde(default)]
     pub exclusive: bool,
+    /// Memory and CPU limits, held by the job's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
 }
 
 /// A claim's answer: jobs to run, and/or orders for jobs the agent runs (a

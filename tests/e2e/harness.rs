@@ -590,9 +590,23 @@ impl FakeAgent {
 
     /// Registers (and heartbeats once); `slots` as the agent would say.
     pub fn register_with_slots(api: &Api, name: &str, slots: Option<u32>) -> TestResult<FakeAgent> {
+        FakeAgent::register_as(api, name, slots, Value::Null)
+    }
+
+    /// Registers with `more` (an object) added to its inventory.
+    pub fn register_as(
+        api: &Api,
+        name: &str,
+        slots: Option<u32>,
+        more: Value,
+    ) -> TestResult<FakeAgent> {
+        let mut inventory =
+            serde_json::json!({"hostname": name, "cpu_cores": 1, "memory_mb": 1024});
+        if let (Some(inv), Value::Object(more)) = (inventory.as_object_mut(), more) {
+            inv.extend(more);
+        }
         let body = serde_json::json!({"name": name, "machine_id": format!("fake-{name}"),
-                          "inventory": {"hostname": name, "cpu_cores": 1, "memory_mb": 1024},
-                          "slots": slots});
+                          "inventory": inventory, "slots": slots});
         let r = api.call(
             "POST",
             "/api/v1/agents/register",

@@ -483,3 +483,51 @@ fn a_job_nobody_can_run_does_not_spin_the_dispatcher() -> TestResult {
     );
     Ok(())
 }
+
+/// A job with memory and CPU limits runs only where they hold: it waits,
+/// saying why, while no worker can hold them (and the tag that marks those
+/// workers is Drover's own); a worker that can gets it, limits included.
+#[test]
+fn a_job_with_limits_waits_for_a_worker_that_holds_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let plain = FakeAgent::register(&api, "plain")?;
+    let limits = json!({"memory_mb": 512, "cpus": 1.5});
+    let id = api.submit(&json!({"command": ["true"], "limits": limits}))?;
+    let r = plain.claim(&api, 1)?;
+    assert_eq!(r.status, 204, "the plain worker gets nothing: {}", r.text);
+    let j = api.job(id)?;
+    assert_eq!(j["limits"], limits, "{j}");
+    assert_eq!(j["required_tags"], json!(["drover:limits"]), "{j}");
+    let why = j["waiting_reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("no worker can hold a job to memory and CPU limits"),
+        "{j}"
+    );
+    // An operator cannot make a worker look able.
+    let plain_id = worker_ids(&api)?["plain"];
+    let r = api.admin(
+        "PUT",
+        &format!("/api/v1/workers/{plain_id}/tags"),
+        Some(&json!({"tags": ["drover:limits"]})),
+    )?;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(r.body["error"]["field"], "tags[0]", "{}", r.text);
+
+    let able = FakeAgent::register_as(&api, "able", None, json!({"can_limit": true}))?;
+    let r = able.claim(&api, 5)?;
+    assert_eq!(r.body["jobs"][0]["job_id"], id, "{}", r.text);
+    assert_eq!(r.body["jobs"][0]["limits"], limits, "{}", r.text);
+    let w = api.admin("GET", "/api/v1/workers", None)?;
+    let workers = w.body["workers"].as_array().cloned().unwrap_or_default();
+    let can = |name: &str| {
+        workers
+            .iter()
+            .find(|w| w["name"] == name)
+            .map(|w| w["can_limit"].clone())
+    };
+    assert_eq!(can("able"), Some(json!(true)), "{}", w.text);
+    assert_eq!(can("plain"), Some(json!(false)), "{}", w.text);
+    Ok(())
+}

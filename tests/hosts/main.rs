@@ -197,6 +197,26 @@ fn installed_units_run_a_job_submitted_from_another_host() -> TestResult {
         assert!(exposure <= 4.5, "{unit}: {score}");
     }
 
+    // The agent says it can hold jobs to limits exactly when its delegated
+    // cgroup has the memory and cpu controllers.
+    let controllers = hosts.get("drv-a1").sh(
+        "cat $(awk '$9 == \"cgroup2\" {print $5}' /proc/self/mountinfo)/system.slice/drover-agent.service/cgroup.controllers",
+    )?;
+    let able = ["memory", "cpu"]
+        .iter()
+        .all(|c| controllers.split_whitespace().any(|x| x == *c));
+    let w = fleet.admin(
+        "GET",
+        &format!("/api/v1/workers/{}", fleet.worker("drv-a1")?),
+        None,
+    )?;
+    println!(
+        "delegated controllers {:?}: can_limit {}",
+        controllers.trim(),
+        w["can_limit"]
+    );
+    assert_eq!(w["can_limit"], able, "{w}");
+
     let spec = json!({"command": ["sh", "-c", "echo ran-on $(hostname)"]}).to_string();
     let reply = hosts.get("drv-a2").sh_in(
         &format!(

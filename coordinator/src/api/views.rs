@@ -47,6 +47,7 @@ pub fn job(j: &Job, now: Ms) -> Value {
         "progress": j.progress,
         "cpu_fallback": j.cpu_fallback,
         "exclusive": j.exclusive,
+        "limits": j.limits,
         "waiting_reason": j.waiting_reason,
     });
     if let Some(attempts) = &j.attempts {
@@ -95,6 +96,7 @@ pub fn worker(w: &Worker) -> Value {
         // How to bring an offline worker back, without SSH keys here.
         "restore": restore_hint(w),
         "running_jobs": w.running_jobs,
+        "can_limit": w.can_limit,
     })
 }
 

@@ -114,7 +114,8 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
             .extend(serde_json::from_str::<Vec<u32>>(&gpus).unwrap_or_default());
     }
     let mut stmt = conn.prepare_cached(
-        "SELECT id, name, state, tags, gpus, slots, gpu_metrics, coalesce(incarnation LIKE 'stopped:%', 0)
+        "SELECT id, name, state, tags, gpus, slots, gpu_metrics, coalesce(incarnation LIKE 'stopped:%', 0),
+         can_limit
          FROM workers WHERE state != 'decommissioned'",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -127,11 +128,17 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
             r.get::<_, i64>(5)?,
             r.get::<_, String>(6)?,
             r.get::<_, bool>(7)?,
+            r.get::<_, bool>(8)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, name, state, tags, gpus, slots, metrics, stopping) = row?;
+        let (id, name, state, tags, gpus, slots, metrics, stopping, can_limit) = row?;
+        let mut tags: Vec<String> = serde_json::from_str(&tags).unwrap_or_default();
+        if can_limit {
+            // Matched by jobs with limits, which require it.
+            tags.push(drover_proto::LIMITS_TAG.to_string());
+        }
         let metrics: Vec<GpuMetrics> = serde_json::from_str(&metrics).unwrap_or_default();
         let gpu_util = if metrics.is_empty() {
             0.0
@@ -145,7 +152,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
             stopping,
             offer: Offer {
                 worker_id: id,
-                tags: serde_json::from_str(&tags).unwrap_or_default(),
+                tags,
                 gpus: serde_json::from_str::<Vec<GpuInfo>>(&gpus).unwrap_or_default(),
                 busy_gpus: busy,
                 slots: slots.max(0) as u32,

@@ -109,8 +109,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), S
     conn.prepare_cached(
         "INSERT INTO jobs (status, command, env, cwd, gpus, min_vram_mb, required_tags,
          preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
-         spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive)
-         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+         spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits)
+         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
     )?
     .execute(params![
         to_json(&job.command),
@@ -131,7 +131,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), S
             .map_or(now, |t| not_before_to_run_after(t, wall_offset(now), now)),
         now,
         job.cpu_fallback,
-        job.exclusive
+        job.exclusive,
+        job.limits.map(|l| to_json(&l))
     ])?;
     let id = conn.last_insert_rowid();
     event(
@@ -190,7 +191,7 @@ pub(super) fn grant(
     // the writer's time at full throughput.
     let read: Option<Assignment> = conn
         .prepare_cached(
-            "SELECT attempt + 1, command, env, cwd, timeout_s, exclusive FROM jobs
+            "SELECT attempt + 1, command, env, cwd, timeout_s, exclusive, limits FROM jobs
              WHERE id = ?1 AND status = 'queued'",
         )?
         .query_row([job_id], |r| {
@@ -204,6 +205,7 @@ pub(super) fn grant(
                 timeout_s: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
                 lease_ttl_s: (lease_ttl / 1000).max(0) as u64,
                 exclusive: r.get(5)?,
+                limits: limits_col(r.get(6)?),
             })
         })
         .optional()?;
@@ -568,7 +570,12 @@ const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, req
     preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key, metadata,
     attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
     exit_code, result, error, created_at, started_at, finished_at, run_after, progress, cpu_fallback,
-    exclusive";
+    exclusive, limits";
+
+/// A job's `limits` column (written by `submit` from checked limits).
+fn limits_col(text: Option<String>) -> Option<drover_proto::Limits> {
+    serde_json::from_str(&text?).ok()
+}
 
 fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
     let json = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
@@ -607,6 +614,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
         progress: opt_json(28)?,
         cpu_fallback: r.get(29)?,
         exclusive: r.get(30)?,
+        limits: limits_col(r.get(31)?),
         waiting_reason: None,
         attempts: None,
     })

@@ -213,7 +213,7 @@ fn update_registered(
         "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
          gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
          agent_version = ?9, last_seen_at = ?10, incarnation = NULL,
-         machine_id = ?11, name = ?12, address = ?13 WHERE id = ?1",
+         machine_id = ?11, name = ?12, address = ?13, can_limit = ?14 WHERE id = ?1",
     )?
     .execute(params![
         id,
@@ -228,7 +228,8 @@ fn update_registered(
         now,
         req.machine_id,
         req.name,
-        address
+        address,
+        inv.can_limit
     ])?;
     // Whatever the old token's agent ran is gone with it.
     leases::release_worker_jobs(conn, now, id, crate::lifecycle::LostReason::AgentRestarted)?;
@@ -290,8 +291,8 @@ fn insert_registered(
     }
     conn.prepare_cached(
         "INSERT INTO workers (name, machine_id, state, token_hash, hostname, cpu_cores,
-         memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at, address)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
+         memory_mb, gpus, tags, slots, agent_version, registered_at, last_seen_at, address, can_limit)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13, ?14)",
     )?
     .execute(params![
         req.name,
@@ -306,7 +307,8 @@ fn insert_registered(
         slots,
         req.agent_version,
         now,
-        address
+        address,
+        inv.can_limit
     ])?;
     let id = conn.last_insert_rowid();
     let reason = if auto_approve {
@@ -724,7 +726,8 @@ pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, Stor
 
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
     agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
-    (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running')";
+    (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running'),
+    can_limit";
 
 fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
     Ok(Worker {
@@ -745,6 +748,7 @@ fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
         tags_pinned: r.get(14)?,
         address: r.get(15)?,
         running_jobs: r.get(16)?,
+        can_limit: r.get(17)?,
     })
 }
 
