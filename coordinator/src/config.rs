@@ -44,6 +44,16 @@ pub enum Command {
         #[command(flatten)]
         args: Args,
     },
+    /// Writes a consistent copy of the database to PATH, also while the
+    /// coordinator runs (SQLite's online backup); the copy is checked and
+    /// appears whole or not at all.
+    Backup {
+        /// Where the copy goes; it must not exist.
+        path: PathBuf,
+        /// The database to copy.
+        #[arg(long, env = "DROVER_DB", default_value = "drover.db")]
+        db: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -22,6 +22,10 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Cli {
+            command: Some(Command::Backup { path, db }),
+            ..
+        } => return backup(&db, &path),
         Cli { run, .. } => run,
     };
     let config = match Config::from_args(args) {
@@ -46,6 +50,28 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("{e}");
             eprintln!("drover-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `drover-coordinator backup PATH`.
+fn backup(db: &std::path::Path, path: &std::path::Path) -> ExitCode {
+    match coordinator::db::backup::backup(db, path) {
+        Ok(c) => {
+            println!(
+                "copied {} ({} pages, {} bytes, schema version {}) to {} in {} ms",
+                db.display(),
+                c.pages,
+                c.bytes,
+                c.schema_version,
+                path.display(),
+                c.took.as_millis()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("drover-coordinator backup: {e}");
             ExitCode::FAILURE
         }
     }

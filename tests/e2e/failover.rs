@@ -844,8 +844,8 @@ fn a_database_locked_from_outside_answers_503_then_recovers() -> TestResult {
     Ok(())
 }
 
-/// D6: an online backup (`VACUUM INTO`, as an operator's sqlite3 would run
-/// it) taken while jobs are submitted and run holds every job acknowledged
+/// D6: an online backup (`drover-coordinator backup`, SQLite's backup API)
+/// taken while jobs are submitted and run holds every job acknowledged
 /// before it began, passes integrity_check, and a fresh coordinator started
 /// on it re-queues the jobs it finds running once the restart grace is over.
 #[test]
@@ -877,9 +877,20 @@ fn an_online_backup_under_load_holds_every_acknowledged_job_and_restores() -> Te
     std::fs::create_dir(&restored)?;
     let backup = restored.join("drover.db");
     let t = Instant::now();
-    rusqlite::Connection::open(coord.db_path())?
-        .execute("VACUUM INTO ?1", [backup.to_string_lossy()])?;
+    let out = std::process::Command::new(coordinator_bin())
+        .arg("backup")
+        .arg(&backup)
+        .arg("--db")
+        .arg(coord.db_path())
+        .output()?;
     let took = t.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.starts_with("copied "), "{said}");
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     submitter.join().map_err(|_| "submitter panicked")??;

@@ -14,6 +14,7 @@ mod hostile;
 mod openapi;
 mod operations;
 mod queue;
+mod recovery;
 mod scheduling;
 mod setup;
 mod tls;

@@ -24,6 +24,7 @@ macro_rules! fenced {
     };
 }
 
+pub mod backup;
 pub mod dispatch;
 pub mod events;
 pub mod jobs;
@@ -57,6 +58,11 @@ const STATEMENT_CACHE: usize = 512;
 
 /// Milliseconds since the Unix epoch.
 pub type Ms = i64;
+
+/// How long a statement waits for a lock another connection holds.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a checkpoint waits for readers to leave the WAL.
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(100);
 
 /// A change of the wall clock's offset that counts as a step (NTP slewing
 /// adds up to one too, eventually).
@@ -131,6 +137,10 @@ struct Checkpoint {
 impl WriteOp for Checkpoint {
     fn run(self: Box<Self>, conn: &Connection, _now: Ms, _: &mut bool) -> Finish {
         // TRUNCATE waits for readers; RESTART is the fallback when they stay.
+        // Each waits CHECKPOINT_WAIT at most, not the writer's busy timeout:
+        // a reader that stays (Litestream holds one while it copies the WAL)
+        // would otherwise stall every write for twice that.
+        let _ = conn.busy_timeout(CHECKPOINT_WAIT);
         let result = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -145,6 +155,7 @@ impl WriteOp for Checkpoint {
                 }
             })
             .map_err(StoreError::from);
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
         Box::new(move |_| {
             let _ = self.reply.send(result);
         })
@@ -303,7 +314,7 @@ impl Db {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(ctx)?;
-            r.busy_timeout(Duration::from_secs(5)).map_err(ctx)?;
+            r.busy_timeout(BUSY_TIMEOUT).map_err(ctx)?;
             r.execute_batch("PRAGMA query_only = ON").map_err(ctx)?;
             r.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             readers.push(r);
@@ -483,7 +494,7 @@ fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
             "the database refused WAL mode (journal_mode is {mode}); is it on a network filesystem?"
         ));
     }
-    conn.busy_timeout(Duration::from_secs(5))
+    conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| format!("setting busy_timeout: {e}"))?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let sync = if synchronous_full { "FULL" } else { "NORMAL" };
