@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long)]
         no_systemd: bool,
         #[command(flatten)]
-        args: Args,
+        args: Box<Args>,
     },
     /// Writes a consistent copy of the database to PATH, also while the
     /// coordinator runs (SQLite's online backup); the copy is checked and

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
                 }),
             ..
         } => {
-            return match coordinator::install::install(prefix.as_deref(), no_systemd, args) {
+            return match coordinator::install::install(prefix.as_deref(), no_systemd, *args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("drover-coordinator: {e}");
