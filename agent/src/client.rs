@@ -8,6 +8,7 @@ use drover_proto::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -158,16 +159,20 @@ pub struct Health {
     pub time_ms: i64,
 }
 
-/// The agent's connection to its coordinator.
+/// The agent's connection to its coordinator: one of several, when the
+/// coordinators share a store (a lease renewed on any of them counts).
 pub struct Client {
-    base: String,
+    bases: Vec<String>,
+    /// The one in use: the next after one is unreachable or answers 5xx.
+    current: AtomicUsize,
     http: ureq::Agent,
     token: RwLock<Option<String>>,
 }
 
 impl Client {
-    /// A client for `base`; `ca` is a PEM file of the CA that signed an
-    /// HTTPS coordinator's certificate (else the public web roots apply).
+    /// A client for `base` (a comma-separated list: several coordinators);
+    /// `ca` is a PEM file of the CA that signed an HTTPS coordinator's
+    /// certificate (else the public web roots apply).
     pub fn new(base: &str, ca: Option<&std::path::Path>) -> Result<Client, String> {
         let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
@@ -176,14 +181,36 @@ impl Client {
             builder = builder.tls_config(tls_config(ca)?);
         }
         Ok(Client {
-            base: base.to_string(),
+            bases: crate::config::coordinator_urls(base)
+                .map(str::to_string)
+                .collect(),
+            current: AtomicUsize::new(0),
             http: builder.build(),
             token: RwLock::new(None),
         })
     }
 
+    /// The coordinator in use.
     pub fn base(&self) -> &str {
-        &self.base
+        let i = self.current.load(Ordering::Relaxed) % self.bases.len().max(1);
+        self.bases.get(i).map_or("", String::as_str)
+    }
+
+    /// After `e` from the coordinator in use: moves on to the next one when
+    /// it is unreachable or failing (5xx). The caller's retry (with its
+    /// backoff and jitter) then reaches the next one.
+    fn fail_over(&self, e: &ClientError) {
+        let failing = match e {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => *status >= 500,
+            _ => false,
+        };
+        if !failing || self.bases.len() < 2 {
+            return;
+        }
+        let from = self.base().to_string();
+        self.current.fetch_add(1, Ordering::Relaxed);
+        log::warn!("coordinator {from}: {e}; moving on to {}", self.base());
     }
 
     pub fn set_token(&self, token: String) {
@@ -209,7 +236,7 @@ impl Client {
         timeout: Duration,
         body: Body,
     ) -> Result<Option<ureq::Response>, ClientError> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{path}", self.base());
         let req = self
             .http
             .post(&url)
@@ -224,7 +251,11 @@ impl Client {
         match result {
             Ok(resp) if resp.status() == 204 => Ok(None),
             Ok(resp) => Ok(Some(resp)),
-            Err(e) => Err(self.error(e)),
+            Err(e) => {
+                let e = self.error(e);
+                self.fail_over(&e);
+                Err(e)
+            }
         }
     }
 
@@ -241,7 +272,7 @@ impl Client {
                         error: b.error,
                     },
                     Err(_) => ClientError::NotDrover {
-                        url: self.base.clone(),
+                        url: self.base().to_string(),
                         detail: format!(
                             "it answered {status} with {kind}, not Drover's JSON error"
                         ),
@@ -249,7 +280,7 @@ impl Client {
                 }
             }
             ureq::Error::Transport(t) => ClientError::Unreachable {
-                url: self.base.clone(),
+                url: self.base().to_string(),
                 reason: t.to_string(),
             },
         }
@@ -279,7 +310,7 @@ impl Client {
         let kind = resp.content_type().to_string();
         if kind != "application/json" {
             return Err(ClientError::NotDrover {
-                url: self.base.clone(),
+                url: self.base().to_string(),
                 detail: format!("{path} answered {} with {kind}", resp.status()),
             });
         }
@@ -297,7 +328,7 @@ impl Client {
         path: &str,
         admin_token: Option<&str>,
     ) -> Result<serde_json::Value, ClientError> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{path}", self.base());
         let mut req = self.http.get(&url).timeout(Duration::from_secs(5));
         if let Some(t) = admin_token {
             req = req.set("Authorization", &format!("Bearer {t}"));

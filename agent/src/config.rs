@@ -111,7 +111,9 @@ pub enum Command {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Coordinator base URL, e.g. http://10.0.0.5:8700
+    /// Coordinator base URL, e.g. http://10.0.0.5:8700; or several,
+    /// comma-separated, of coordinators sharing one store: the agent moves
+    /// to the next when one is unreachable or answers 5xx.
     #[arg(
         long,
         env = "DROVER_COORDINATOR",
@@ -178,6 +180,29 @@ pub struct Args {
     pub job_umask: u32,
 }
 
+/// `--coordinator`: one URL or several, comma-separated, each normalized
+/// (no trailing slash); the list comes back comma-joined.
+fn coordinator_list(text: &str) -> Result<String, String> {
+    let urls: Vec<&str> = text
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/'))
+        .collect();
+    for url in &urls {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "--coordinator {url:?} must be an http:// or https:// URL, e.g. http://10.0.0.5:8700 \
+                 (several: comma-separated)"
+            ));
+        }
+    }
+    Ok(urls.join(","))
+}
+
+/// The URLs of a `--coordinator` list.
+pub fn coordinator_urls(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',')
+}
+
 /// An octal umask such as 0022 or 027.
 fn parse_umask(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s.trim(), 8) {
@@ -208,12 +233,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: Args) -> Result<Config, String> {
-        let coordinator = args.coordinator.trim_end_matches('/').to_string();
-        if !(coordinator.starts_with("http://") || coordinator.starts_with("https://")) {
-            return Err(format!(
-                "--coordinator {coordinator:?} must be an http:// or https:// URL, e.g. http://10.0.0.5:8700"
-            ));
-        }
+        let coordinator = coordinator_list(&args.coordinator)?;
         let name = match args.name {
             Some(n) if !n.trim().is_empty() => n.trim().to_string(),
             Some(_) => return Err("--name must not be empty".into()),

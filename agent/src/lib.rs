@@ -123,7 +123,12 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
     let known = state
         .load_identity()
         .map_err(fail)?
-        .filter(|id| id.coordinator == config.coordinator);
+        // Its token holds wherever the store is the same: any coordinator
+        // it registered with is still in the list.
+        .filter(|id| {
+            config::coordinator_urls(&id.coordinator)
+                .any(|u| config::coordinator_urls(&config.coordinator).any(|c| c == u))
+        });
     let token = known
         .as_ref()
         .map(|id| id.token.clone())

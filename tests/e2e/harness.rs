@@ -109,10 +109,20 @@ impl Coordinator {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> TestResult<Coordinator> {
+        Coordinator::start_on(dir, 0, extra, env)
+    }
+
+    /// The same, listening on `port` (0: any free one).
+    pub fn start_on(
+        dir: &Path,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestResult<Coordinator> {
         let mut c = Coordinator {
             child: None,
             dir: dir.to_path_buf(),
-            port: 0,
+            port,
             url: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: env
@@ -460,6 +470,13 @@ pub fn hold_write_lock(
 }
 
 /// Lines of a file each job appends its id (and attempt) to.
+/// A port nothing listens on now (the OS's pick, released).
+pub fn free_port() -> TestResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 pub fn read_lines(path: &Path) -> Vec<String> {
     match fs::File::open(path) {
         Ok(f) => BufReader::new(f).lines().map_while(Result::ok).collect(),

@@ -169,3 +169,67 @@ fn litestream_restores_every_job_acknowledged_before_its_lag() -> TestResult {
     }
     Ok(())
 }
+
+/// An agent given two coordinator URLs moves to the next one when the one
+/// it uses is unreachable: first past a standby that is not up yet, then,
+/// when the primary dies, to the standby started on a backup of its
+/// database. It keeps its identity (same worker, no new registration) and
+/// runs jobs there without a manual step.
+#[test]
+fn an_agent_follows_its_coordinator_list_to_a_standby() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let standby_dir = dir.path().join("standby");
+    std::fs::create_dir(&standby_dir)?;
+    let standby_port = free_port()?;
+    let mut primary = Coordinator::start(dir.path(), &["--lease-ttl", "5"])?;
+    let standby_url = format!("http://127.0.0.1:{standby_port}");
+    let list = format!("{standby_url},{}", primary.url);
+    let _agent = Agent::start(&list, dir.path(), "a", &[])?;
+    let api = primary.api();
+    let worker = wait_for("the agent to register", Duration::from_secs(30), || {
+        let w = api.admin("GET", "/api/v1/workers", None)?;
+        Ok(w.body["workers"][0]["id"].as_i64())
+    })?;
+    api.admin("POST", &format!("/api/v1/workers/{worker}/approve"), None)?;
+    let first = api.submit(&json!({"command": ["echo", "on the primary"]}))?;
+    assert_eq!(finished(&api, first)?["status"], "succeeded");
+
+    // The primary's machine dies; its database is copied to the standby
+    // (as a restore from a replica would) and the standby starts.
+    primary.kill9();
+    let lost = Instant::now();
+    let out = Command::new(coordinator_bin())
+        .arg("backup")
+        .arg(standby_dir.join("drover.db"))
+        .arg("--db")
+        .arg(primary.db_path())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let standby = Coordinator::start_on(&standby_dir, standby_port, &["--lease-ttl", "5"], &[])?;
+    let api = standby.api();
+    let second = api.submit(&json!({"command": ["echo", "on the standby"]}))?;
+    let done = finished(&api, second)?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["worker_id"], worker, "the same worker: {done}");
+    let workers = api.admin("GET", "/api/v1/workers", None)?;
+    assert_eq!(
+        workers.body["workers"].as_array().map(Vec::len),
+        Some(1),
+        "no new registration: {}",
+        workers.text
+    );
+    let moved = read_lines(&dir.path().join("agent-a.log"))
+        .into_iter()
+        .filter(|l| l.contains("moving on to"))
+        .count();
+    println!(
+        "agent with 2 coordinator URLs: a job ran on the standby {:.1}s after the primary died; {moved} moves logged",
+        lost.elapsed().as_secs_f64()
+    );
+    assert!(moved >= 2, "it moved past the standby, then back to it");
+    Ok(())
+}
