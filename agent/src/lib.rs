@@ -120,33 +120,7 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
     let gpu = GpuSource::detect(config.fake_gpus.clone());
     let client =
         Arc::new(Client::new(&config.coordinator, config.ca_cert.as_deref()).map_err(|e| (2, e))?);
-    let known = state
-        .load_identity()
-        .map_err(fail)?
-        // Its token holds wherever the store is the same: any coordinator
-        // it registered with is still in the list.
-        .filter(|id| {
-            config::coordinator_urls(&id.coordinator)
-                .any(|u| config::coordinator_urls(&config.coordinator).any(|c| c == u))
-        });
-    let token = known
-        .as_ref()
-        .map(|id| id.token.clone())
-        .or_else(|| config.token.clone());
-    if let Some(token) = &token {
-        // Reports of jobs that finished while they could not be delivered go
-        // first: registering again, or this process's first heartbeat,
-        // releases whatever the previous process still held.
-        client.set_token(token.clone());
-        for s in state.spooled() {
-            log::info!(
-                "delivering a spooled report job_id={} attempt={}",
-                s.job_id,
-                s.report.attempt
-            );
-            job::deliver(&client, &state, s.job_id, s.report).await;
-        }
-    }
+    let token = known_token(&config, &state, &client).await.map_err(fail)?;
     // Register at every start, so the coordinator has this start's
     // inventory, tags and slots: with the agent's own token when it has one
     // (it proves this is the same worker), else with the secret.
@@ -197,6 +171,36 @@ pub async fn run(config: Config) -> Result<(), (i32, String)> {
         beat_now: Default::default(),
     };
     supervisor.run(Duration::from_secs(10)).await
+}
+
+/// The agent's own token, when it has one for these coordinators (any
+/// coordinator it registered with still in the list: the store is the
+/// same) or was given one; with it, delivers the reports spooled while the
+/// coordinator could not be reached. They go first: registering again, or
+/// this process's first heartbeat, releases whatever the previous process
+/// still held.
+async fn known_token(
+    config: &Config,
+    state: &Arc<StateDir>,
+    client: &Arc<Client>,
+) -> Result<Option<String>, String> {
+    let known = state.load_identity()?.filter(|id| {
+        config::coordinator_urls(&id.coordinator)
+            .any(|u| config::coordinator_urls(&config.coordinator).any(|c| c == u))
+    });
+    let token = known.map(|id| id.token).or_else(|| config.token.clone());
+    if let Some(token) = &token {
+        client.set_token(token.clone());
+        for s in state.spooled() {
+            log::info!(
+                "delivering a spooled report job_id={} attempt={}",
+                s.job_id,
+                s.report.attempt
+            );
+            job::deliver(client, state, s.job_id, s.report).await;
+        }
+    }
+    Ok(token)
 }
 
 /// Holding the lock, this is the only agent of this state dir: whatever its

@@ -28,6 +28,30 @@ use db::{ms, Clock, Db};
 use drover_host::lockfile;
 use std::sync::Arc;
 
+/// A database behind its high-water mark was restored (or copied): new ids
+/// and attempts start past what its lost window may have handed out.
+async fn guard_restore(db: &Db) -> Result<(), String> {
+    let mark = db::highwater::read(db.path());
+    let (next, moved) = db
+        .guard_restore(mark)
+        .await
+        .map_err(|e| format!("checking the high-water mark: {e}"))?;
+    if let Some(moved) = moved {
+        log::warn!(
+            "the database is behind its high-water mark ({}): restored or copied; \
+             new job ids start at {next} and {moved} queued jobs' attempt numbers move on by {}, \
+             so nothing handed out in the lost window is handed out again",
+            mark.map_or("none beside it".to_string(), |m| format!(
+                "job ids went up to {}",
+                m - 1
+            )),
+            db::highwater::ATTEMPT_GAP
+        );
+    }
+    // From now on the mark is this database's (the sweep moves it on).
+    db::highwater::write(db.path(), next)
+}
+
 /// Runs the coordinator until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), String> {
     let tls = match &config.tls {
@@ -36,6 +60,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     };
     let _lock = lock_database(&config)?;
     let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
+    guard_restore(&db).await?;
     let grace = ms(config.restart_grace);
     let retry_base = ms(config.retry_backoff);
     let (leases, live, retimed) = db

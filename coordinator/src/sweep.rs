@@ -4,7 +4,7 @@
 //! own loop: a batch a second, or one every 100 ms while it is behind.
 
 use crate::app::App;
-use crate::db::{ms, retention, wall_offset, Ms};
+use crate::db::{highwater, ms, retention, wall_offset, Ms};
 use crate::error::ApiError;
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ pub struct Swept {
     pub deaf: Option<Ms>,
     /// Leases given a fresh TTL on hearing a worker again.
     pub rebased: usize,
+    /// The next job id the database would hand out.
+    pub next_job_id: Ms,
 }
 
 /// Passes between WAL checkpoints.
@@ -37,6 +39,8 @@ pub async fn run(app: std::sync::Arc<App>) {
     let mut offset = wall_offset(app.db.clock().now());
     // No worker heard from for a TTL at the last pass: leases held.
     let mut deaf = false;
+    // The high-water mark last written beside the database.
+    let mut mark = None;
     // systemd's watchdog (WatchdogSec=): a pass a second shows the runtime
     // runs; a stuck one gets the coordinator restarted.
     let watchdog = drover_host::notify::watchdog_interval().is_some();
@@ -72,6 +76,13 @@ pub async fn run(app: std::sync::Arc<App>) {
                 }
                 log_deafness(deaf, &swept, app.db.clock().now());
                 deaf = swept.deaf.is_some();
+                let next = swept.next_job_id.max(app.db.id_floor());
+                if mark != Some(next) {
+                    match highwater::write(app.db.path(), next) {
+                        Ok(()) => mark = Some(next),
+                        Err(e) => log::warn!("{e}: a restore could not tell how far ids went"),
+                    }
+                }
                 if swept.expired > 0 || swept.offline > 0 {
                     log::info!(
                         "sweep expired_leases={} workers_offline={} took_ms={:.1}",
@@ -117,6 +128,7 @@ pub async fn run_once(app: &App, was: Ms, was_deaf: bool) -> Result<Swept, ApiEr
         wall_offset: pass.wall_offset,
         deaf: pass.deaf,
         rebased: pass.rebased,
+        next_job_id: pass.next_job_id,
     };
     app.metrics
         .leases_expired

@@ -150,6 +150,19 @@ fn litestream_restores_every_job_acknowledged_before_its_lag() -> TestResult {
         slowest.lock().map(|s| s.as_millis()).unwrap_or(0)
     );
     assert!(acked.len() > 50, "load ran: {}", acked.len());
+    // No id of the lost window is handed out again: the database was behind
+    // its high-water mark, which lives beside it.
+    let fresh = api.submit(&json!({"command": ["true"]}))?;
+    let highest = acked.iter().map(|(id, _)| *id).max().unwrap_or(0);
+    assert!(
+        fresh > highest,
+        "new job {fresh} reuses an id up to {highest}"
+    );
+    let log = read_lines(&dir.path().join("coordinator-2.log"));
+    assert!(
+        log.iter().any(|l| l.contains("behind its high-water mark")),
+        "the restore is noticed"
+    );
     // Only the last moments may be lost: Litestream syncs every second.
     let old: Vec<_> = missing
         .iter()

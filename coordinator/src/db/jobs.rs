@@ -88,7 +88,30 @@ pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usiz
 
 /// Inserts a job, or returns the one already submitted under the same
 /// idempotency key (409 if that one's spec differs). `true` when created.
-pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), StoreError> {
+/// The id the next submitted job gets (without a floor).
+pub fn next_id(conn: &Connection) -> Result<Ms, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM jobs")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Moves every queued job's attempt number on by `gap` (after a restore:
+/// an attempt granted in the lost window is then never granted again).
+/// Returns how many.
+pub fn move_attempts_on(conn: &Connection, gap: i64) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE jobs SET attempt = attempt + ?1 WHERE status = 'queued'")?
+        .execute([gap])?)
+}
+
+/// Submits `job`, its id at least `floor` (past a restored database's lost
+/// window, `highwater`).
+pub fn submit(
+    conn: &Connection,
+    now: Ms,
+    job: &NewJob,
+    floor: i64,
+) -> Result<(bool, Job), StoreError> {
     let fingerprint = job.fingerprint();
     if let Some(key) = &job.idempotency_key {
         let existing: Option<(i64, String)> = conn
@@ -107,10 +130,11 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), S
         }
     }
     conn.prepare_cached(
-        "INSERT INTO jobs (status, command, env, cwd, gpus, min_vram_mb, required_tags,
+        "INSERT INTO jobs (id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
          preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
          spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits)
-         VALUES ('queued', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+         VALUES (max((SELECT coalesce(max(id), 0) + 1 FROM jobs), ?20), 'queued',
+         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
     )?
     .execute(params![
         to_json(&job.command),
@@ -132,7 +156,8 @@ pub fn submit(conn: &Connection, now: Ms, job: &NewJob) -> Result<(bool, Job), S
         now,
         job.cpu_fallback,
         job.exclusive,
-        job.limits.map(|l| to_json(&l))
+        job.limits.map(|l| to_json(&l)),
+        floor
     ])?;
     let id = conn.last_insert_rowid();
     event(

@@ -27,6 +27,7 @@ macro_rules! fenced {
 pub mod backup;
 pub mod dispatch;
 pub mod events;
+pub mod highwater;
 pub mod jobs;
 pub mod leases;
 pub mod logs;
@@ -252,6 +253,9 @@ pub struct Db {
     write_seconds: Arc<Histogram>,
     /// The file this handle opened, to notice it deleted or replaced.
     file: Arc<OpenedFile>,
+    /// New job ids start here at the least (`highwater`): past what a
+    /// restored database's lost window handed out.
+    id_floor: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// The database file as opened: its path and (device, inode). Once the
@@ -333,7 +337,18 @@ impl Db {
             commits,
             write_seconds: Arc::new(Histogram::new(crate::metrics::FAST)),
             file,
+            id_floor: Arc::default(),
         })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.file.path
+    }
+
+    /// Where new job ids start at the least.
+    pub fn id_floor(&self) -> i64 {
+        self.id_floor.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Refused (503 `database_gone`) once the file was found deleted or

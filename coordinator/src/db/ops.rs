@@ -7,7 +7,7 @@
 use super::dispatch::{self, Round};
 use super::logs::{self, LogRows};
 use super::workers::{self, Action, Agent, Beat, Registrant};
-use super::{events, jobs, leases, retention, wall_offset, Db, Ms, Queued, StoreError};
+use super::{events, highwater, jobs, leases, retention, wall_offset, Db, Ms, Queued, StoreError};
 use crate::model::NewJob;
 use crate::model::{Event, Job, Stats, Worker, WorkerDetail};
 use drover_proto::{
@@ -30,6 +30,8 @@ pub struct Pass {
     pub deaf: Option<Ms>,
     /// Leases given a fresh TTL: the first pass that heard a worker again.
     pub rebased: usize,
+    /// The next job id the database would hand out.
+    pub next_job_id: i64,
     /// Jobs waiting for `not_before` re-timed after a wall-clock step.
     pub retimed: usize,
     /// The wall clock's offset this pass went by.
@@ -88,6 +90,7 @@ impl Db {
                 expired = leases::expire_leases(c, now)?;
             }
             let offline = workers::mark_silent_offline(c, now, now - ttl, (ttl / 1000) as u64)?;
+            let next_job_id = jobs::next_id(c)?;
             workers::prune_gpu_history(c, now - history)?;
             let mut wall = wall_offset(now);
             let mut retimed = 0;
@@ -101,11 +104,40 @@ impl Db {
                 offline,
                 deaf,
                 rebased,
+                next_job_id,
                 retimed,
                 wall_offset: wall,
             })
         })
         .await
+    }
+
+    /// After a restore (`highwater`): when the database is behind `mark`
+    /// (or has jobs and no mark), new job ids start past it and queued
+    /// jobs' attempt numbers move on. Returns the next job id, and (the
+    /// queued jobs moved on) when the database was behind.
+    pub async fn guard_restore(
+        &self,
+        mark: Option<i64>,
+    ) -> Result<(i64, Option<usize>), StoreError> {
+        let (next, floor, moved) = self
+            .write(move |c, _| {
+                let next = jobs::next_id(c)?;
+                Ok(match highwater::restored_floor(next, mark) {
+                    Some(floor) => (
+                        floor,
+                        Some(floor),
+                        Some(jobs::move_attempts_on(c, highwater::ATTEMPT_GAP)?),
+                    ),
+                    None => (next, None, None),
+                })
+            })
+            .await?;
+        if let Some(floor) = floor {
+            self.id_floor
+                .store(floor, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok((next, moved))
     }
 
     /// One batch of retention: finished jobs and events older than `keep`.
@@ -274,12 +306,13 @@ impl Db {
         specs: Vec<NewJob>,
         indexed: bool,
     ) -> Result<Queued<Vec<(bool, Job)>>, StoreError> {
+        let floor = self.id_floor();
         self.queue(move |c, now| {
             specs
                 .iter()
                 .enumerate()
                 .map(|(i, job)| {
-                    jobs::submit(c, now, job).map_err(|mut e| {
+                    jobs::submit(c, now, job, floor).map_err(|mut e| {
                         if indexed {
                             e.field = Some(format!("[{i}].{}", e.field.unwrap_or_default()));
                         }
