@@ -308,6 +308,21 @@ fn agent_stop_and_kill_under_systemd() -> TestResult {
     );
     let id2 = fleet.submit(&json!({"command": ["true"], "required_tags": []}))?;
     fleet.job_in(id2, "succeeded", Duration::from_secs(30))?;
+
+    // systemctl restart mid-job: the job is handed back (no attempt spent)
+    // and ends once.
+    let (id3, worker3, host3) = start_job(&fleet, "sleep 4; echo once")?;
+    let t2 = Instant::now();
+    host3.sh("systemctl restart drover-agent")?;
+    let done = fleet.job_in(id3, "succeeded", Duration::from_secs(40))?;
+    assert_eq!(done["attempts_used"], 1, "{done}");
+    assert_eq!(fleet.log(id3)?.trim(), "once", "{done}");
+    println!(
+        "systemctl restart of worker {worker3}'s agent mid-job: the job ended once, {:.1}s later, after {} attempts ({} spent)",
+        t2.elapsed().as_secs_f64(),
+        done["attempts"].as_array().map_or(0, Vec::len),
+        done["attempts_used"]
+    );
     assert_eq!(
         fleet.worker(&other.name)?,
         worker_id,
