@@ -132,6 +132,36 @@ pub struct Args {
     /// `normal` (never corrupts, may lose the last commits on power loss).
     #[arg(long, env = "DROVER_SQLITE_SYNCHRONOUS", default_value = "full")]
     pub sqlite_synchronous: String,
+
+    /// An origin (scheme://host[:port]) whose pages may call the API from a
+    /// browser (CORS); repeat for several. None by default.
+    #[arg(
+        long = "cors-origin",
+        env = "DROVER_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+/// Checks `--cors-origin` values: an origin exactly as a browser sends it.
+fn cors_origins(origins: Vec<String>) -> Result<Vec<String>, String> {
+    for o in &origins {
+        let rest = o
+            .strip_prefix("https://")
+            .or_else(|| o.strip_prefix("http://"));
+        let plain = rest.is_some_and(|r| {
+            !r.is_empty()
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        });
+        if !plain {
+            return Err(format!(
+                "--cors-origin {o:?} is not an origin: scheme://host[:port], no path, no wildcard \
+                 (e.g. https://dash.example.com)"
+            ));
+        }
+    }
+    Ok(origins)
 }
 
 /// Validated settings, passed explicitly to every part.
@@ -154,6 +184,8 @@ pub struct Config {
     pub synchronous_full: bool,
     /// Certificate and key files, when serving HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Origins allowed to call the API from a browser.
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -220,6 +252,7 @@ impl Config {
                 .then(|| Duration::from_secs(args.retention_days * 86_400)),
             synchronous_full,
             tls: args.tls_cert.zip(args.tls_key),
+            cors_origins: cors_origins(args.cors_origins)?,
         })
     }
 }

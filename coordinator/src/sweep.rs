@@ -39,8 +39,8 @@ pub async fn run(app: std::sync::Arc<App>) {
     let mut offset = wall_offset(app.db.clock().now());
     // No worker heard from for a TTL at the last pass: leases held.
     let mut deaf = false;
-    // The high-water mark last written beside the database.
-    let mut mark = None;
+    // The high-water mark beside the database, as last written.
+    let mut mark = highwater::read(app.db.path());
     // systemd's watchdog (WatchdogSec=): a pass a second shows the runtime
     // runs; a stuck one gets the coordinator restarted.
     let watchdog = drover_host::notify::watchdog_interval().is_some();
@@ -76,8 +76,10 @@ pub async fn run(app: std::sync::Arc<App>) {
                 }
                 log_deafness(deaf, &swept, app.db.clock().now());
                 deaf = swept.deaf.is_some();
+                // Only ever up: retention deleting the newest job must not
+                // lower it.
                 let next = swept.next_job_id.max(app.db.id_floor());
-                if mark != Some(next) {
+                if mark.is_none_or(|m| next > m) {
                     match highwater::write(app.db.path(), next) {
                         Ok(()) => mark = Some(next),
                         Err(e) => log::warn!("{e}: a restore could not tell how far ids went"),

@@ -684,3 +684,78 @@ fn retention_catches_up_with_a_long_history() -> TestResult {
     assert!(count("SELECT count(*) FROM events WHERE job_id IS NOT NULL")? > 0);
     Ok(())
 }
+
+/// One raw HTTP/1.1 request (custom method and headers); the answer's
+/// status line and headers, lowercased.
+fn raw_head(port: u16, request: &str) -> TestResult<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut head = String::new();
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    Ok(head)
+}
+
+/// CORS: only the origins `--cors-origin` names may call the API from a
+/// browser; their preflights are answered, other origins get nothing.
+#[test]
+fn cors_answers_only_the_origins_named() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--cors-origin", "https://dash.example.com"])?;
+    let preflight = |origin: &str| {
+        raw_head(
+            coord.port,
+            &format!(
+                "OPTIONS /api/v1/jobs HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n\
+                 Access-Control-Request-Method: POST\r\n\
+                 Access-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    let ok = preflight("https://dash.example.com")?;
+    assert!(ok.starts_with("http/1.1 204"), "{ok}");
+    assert!(
+        ok.contains("access-control-allow-origin: https://dash.example.com"),
+        "{ok}"
+    );
+    assert!(
+        ok.contains("access-control-allow-headers: authorization, content-type"),
+        "{ok}"
+    );
+    let other = preflight("https://evil.example.com")?;
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+    let get = |origin: &str| {
+        raw_head(
+            coord.port,
+            &format!(
+                "GET /api/v1/stats HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n\
+                 Authorization: Bearer {ADMIN}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    let read = get("https://dash.example.com")?;
+    assert!(read.starts_with("http/1.1 200"), "{read}");
+    assert!(
+        read.contains("access-control-allow-origin: https://dash.example.com"),
+        "{read}"
+    );
+    assert!(read.contains("vary: origin"), "{read}");
+    assert!(!get("https://evil.example.com")?.contains("access-control-allow-origin"));
+    // A path or a wildcard is not an origin.
+    let out = std::process::Command::new(coordinator_bin())
+        .args(["--registration-secret", SECRET, "--cors-origin", "*"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not an origin"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -14,7 +14,7 @@ use crate::auth;
 use crate::error::ApiError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -78,7 +78,59 @@ pub fn router(app: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), log_request))
+        .layer(middleware::from_fn_with_state(app.clone(), cors))
         .with_state(app)
+}
+
+/// CORS for the origins `--cors-origin` names (none by default): their
+/// preflights are answered here, and their requests' answers say they may
+/// be read. Other origins get nothing extra, so browsers keep their pages
+/// out. Tokens travel in `Authorization`, never in cookies.
+async fn cors(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::http::header::{
+        ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+        ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_METHOD,
+        ORIGIN, VARY,
+    };
+    let origin = req
+        .headers()
+        .get(ORIGIN)
+        .filter(|o| {
+            app.config
+                .cors_origins
+                .iter()
+                .any(|a| a.as_bytes() == o.as_bytes())
+        })
+        .cloned();
+    let Some(origin) = origin else {
+        return next.run(req).await;
+    };
+    let preflight = req.method() == axum::http::Method::OPTIONS
+        && req.headers().contains_key(ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PUT"),
+        );
+        h.insert(
+            ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        r
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("retry-after"),
+    );
+    h.append(VARY, HeaderValue::from_static("origin"));
+    resp
 }
 
 async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
