@@ -79,10 +79,12 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
     let ttl = ms(app.config.lease_ttl);
     let reserve_after = ms(app.config.reserve_after);
     let start = std::time::Instant::now();
+    let held = (reservations, d.last_given());
     let result = app
         .db
-        .dispatch_round(waiting, ttl, reserve_after, reservations)
+        .dispatch_round(waiting, ttl, reserve_after, held)
         .await?;
+    d.note_given(&result.given);
     let m = &app.metrics;
     m.dispatch_round.observe(start.elapsed().as_secs_f64());
     m.dispatched

@@ -29,6 +29,9 @@ pub struct Offer {
     pub running: u32,
     /// Mean GPU utilization from the last heartbeat, 0..100.
     pub gpu_util: f64,
+    /// When it was last given a job (a sequence number; 0: never). Among
+    /// equally good workers the least recently given one wins.
+    pub last_given: u64,
 }
 
 impl Offer {
@@ -93,7 +96,8 @@ pub fn place(needs: &Needs, offer: &Offer) -> Option<Vec<u32>> {
 /// How good a placement is; higher is better. In order: a GPU job placed on
 /// GPUs (over a CPU fallback), a CPU job on a CPU worker (keeping GPU
 /// workers free for GPU work), more preferred tags, then the least loaded
-/// worker (share of slots in use, then GPU utilization), then the lowest id.
+/// worker (share of slots in use, then GPU utilization), then the one given
+/// a job least recently (equal workers take turns), then the lowest id.
 fn score(needs: &Needs, offer: &Offer, gpus: &[u32]) -> impl Ord {
     let class = match (needs.gpus > 0, !gpus.is_empty(), offer.gpus.is_empty()) {
         (true, true, _) => 2,
@@ -112,6 +116,7 @@ fn score(needs: &Needs, offer: &Offer, gpus: &[u32]) -> impl Ord {
         preferred,
         Reverse(load_permille),
         Reverse((offer.gpu_util * 10.0) as i64),
+        Reverse(offer.last_given),
         Reverse(offer.worker_id),
     )
 }
@@ -288,7 +293,22 @@ mod tests {
             slots,
             running,
             gpu_util: 0.0,
+            last_given: 0,
         }
+    }
+
+    #[test]
+    fn equal_workers_take_turns() {
+        let mut offers: Vec<Offer> = (1..=3).map(|id| offer(id, vec![], 1, 0, &[])).collect();
+        offers[0].last_given = 7;
+        offers[1].last_given = 3;
+        offers[2].last_given = 5;
+        let (i, _) = best(&needs(0, 0, &[]), &offers, |_| true).unwrap();
+        assert_eq!(offers[i].worker_id, 2, "the one given a job least recently");
+        offers[1].running = 1;
+        offers[1].slots = 1;
+        let (i, _) = best(&needs(0, 0, &[]), &offers, |_| true).unwrap();
+        assert_eq!(offers[i].worker_id, 3, "load first, then turns");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use drover_proto::ClaimResponse;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{oneshot, Notify};
 
 struct Parked {
@@ -28,6 +28,11 @@ pub struct Dispatcher {
     work: Notify,
     worked: AtomicBool,
     tickets: AtomicU64,
+    /// When each worker was last given a job (a sequence number): equal
+    /// workers take turns. In memory: after a restart they start even.
+    /// Shared with the round that reads it; copied only when a round gave
+    /// jobs (not on every re-park).
+    given: Mutex<Arc<HashMap<i64, u64>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -126,6 +131,25 @@ impl Dispatcher {
     /// Takes a worker's parked claim to answer it.
     pub fn take(&self, worker_id: i64) -> Option<oneshot::Sender<ClaimResponse>> {
         lock(&self.parked).remove(&worker_id).map(|p| p.reply)
+    }
+
+    /// When each worker was last given a job.
+    pub fn last_given(&self) -> Arc<HashMap<i64, u64>> {
+        lock(&self.given).clone()
+    }
+
+    /// A round gave jobs to `workers`, in this order.
+    pub fn note_given(&self, workers: &[i64]) {
+        if workers.is_empty() {
+            return;
+        }
+        let mut given = lock(&self.given);
+        let map = Arc::make_mut(&mut given);
+        let mut turn = map.values().copied().max().unwrap_or(0);
+        for w in workers {
+            turn += 1;
+            map.insert(*w, turn);
+        }
     }
 
     /// Workers kept free for a queued job: worker -> job.

@@ -531,3 +531,29 @@ fn a_job_with_limits_waits_for_a_worker_that_holds_them() -> TestResult {
     assert_eq!(can("plain"), Some(json!(false)), "{}", w.text);
     Ok(())
 }
+
+/// Equal workers take turns: 20 jobs submitted one at a time (each waited
+/// for) to 4 idle, equal workers go 5 ± 1 to each, not all to the lowest id.
+#[test]
+fn equal_workers_take_turns() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "3"])?;
+    let api = coord.api();
+    let _agents: Vec<Agent> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Agent::start(&coord.url, dir.path(), n, &[]))
+        .collect::<TestResult<_>>()?;
+    let mut count: std::collections::HashMap<i64, usize> = Default::default();
+    for _ in 0..20 {
+        all_waiting(&api, 4)?;
+        let id = api.submit(&json!({"command": ["true"]}))?;
+        let j = finished(&api, id)?;
+        *count
+            .entry(j["worker_id"].as_i64().ok_or("no worker")?)
+            .or_default() += 1;
+    }
+    println!("20 jobs on 4 equal workers: {count:?}");
+    assert_eq!(count.len(), 4, "{count:?}");
+    assert!(count.values().all(|n| (4..=6).contains(n)), "{count:?}");
+    Ok(())
+}

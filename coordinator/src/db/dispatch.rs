@@ -81,6 +81,8 @@ pub struct Round {
     pub waits: Vec<Ms>,
     /// Some queued job was claimable (whether or not it was granted).
     pub ready: bool,
+    /// The workers given jobs, in the order given (one entry per job).
+    pub given: Vec<i64>,
 }
 
 fn needs_from(
@@ -158,6 +160,8 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
                 slots: slots.max(0) as u32,
                 running: n,
                 gpu_util,
+                // In memory (`parked::Dispatcher`): set for a round's offers.
+                last_given: 0,
             },
         });
     }
@@ -331,7 +335,7 @@ pub fn round(
     waiting: &[i64],
     lease_ttl: Ms,
     reserve_after: Ms,
-    reservations: &HashMap<i64, i64>,
+    (reservations, last_given): (&HashMap<i64, i64>, &HashMap<i64, u64>),
 ) -> Result<Round, StoreError> {
     let mut round = Round::default();
     // Built only when needed (orders pending, jobs ready): with 10,000
@@ -370,8 +374,13 @@ pub fn round(
     let mut offers: Vec<Offer> = views
         .iter()
         .filter(|v| live(v) && waiting_set().contains(&v.offer.worker_id))
-        .map(|v| v.offer.clone())
+        .map(|v| Offer {
+            last_given: last_given.get(&v.offer.worker_id).copied().unwrap_or(0),
+            ..v.offer.clone()
+        })
         .collect();
+    // Later than anything given before, for what this round gives.
+    let mut turn = last_given.values().copied().max().unwrap_or(0);
     let shapes = shapes(conn)?;
     reserve(
         conn,
@@ -400,6 +409,9 @@ pub fn round(
             }
             round.waits.push(now - job.claimable_since);
             offers[i].take(&gpus);
+            turn += 1;
+            offers[i].last_given = turn;
+            round.given.push(worker);
             round.answers.entry(worker).or_default().0.push(a);
         }
     }

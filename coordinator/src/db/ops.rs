@@ -166,10 +166,11 @@ impl Db {
         waiting: Vec<i64>,
         lease_ttl: Ms,
         reserve_after: Ms,
-        reservations: HashMap<i64, i64>,
+        (reservations, last_given): (HashMap<i64, i64>, std::sync::Arc<HashMap<i64, u64>>),
     ) -> Result<Round, StoreError> {
         self.write(move |c, now| {
-            dispatch::round(c, now, &waiting, lease_ttl, reserve_after, &reservations)
+            let held = (&reservations, &*last_given);
+            dispatch::round(c, now, &waiting, lease_ttl, reserve_after, held)
         })
         .await
     }
