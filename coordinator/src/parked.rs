@@ -11,16 +11,26 @@ use tokio::sync::{oneshot, Notify};
 struct Parked {
     ticket: u64,
     reply: oneshot::Sender<ClaimResponse>,
-    /// A round is placing work on this claim: its deadline waits for the
-    /// round's answer (a grant, or nothing once the round ends).
-    held: bool,
-    /// Its deadline came while held: answered with nothing at round end.
-    expired: bool,
+}
+
+/// The parked claims, and the round placing work on them, if one runs.
+#[derive(Default)]
+struct Parking {
+    claims: HashMap<i64, Parked>,
+    round: Option<Hold>,
+}
+
+/// A round holds the claims parked before it began (tickets below `upto`):
+/// a deadline of one of them waits for the round's answer (a grant, or
+/// nothing once the round ends). The claims whose deadline came meanwhile.
+struct Hold {
+    upto: u64,
+    expired: Vec<(i64, u64)>,
 }
 
 #[derive(Default)]
 pub struct Dispatcher {
-    parked: Mutex<HashMap<i64, Parked>>,
+    parked: Mutex<Parking>,
     reservations: Mutex<HashMap<i64, i64>>,
     /// Any reason for a round: a park or a change of work.
     kick: Notify,
@@ -45,13 +55,9 @@ impl Dispatcher {
     pub fn park(&self, worker_id: i64) -> (u64, oneshot::Receiver<ClaimResponse>) {
         let (reply, rx) = oneshot::channel();
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        let claim = Parked {
-            ticket,
-            reply,
-            held: false,
-            expired: false,
-        };
-        lock(&self.parked).insert(worker_id, claim);
+        lock(&self.parked)
+            .claims
+            .insert(worker_id, Parked { ticket, reply });
         self.kick.notify_one();
         (ticket, rx)
     }
@@ -63,42 +69,50 @@ impl Dispatcher {
     /// attempt spent as `not_reported`.
     pub fn unpark(&self, worker_id: i64, ticket: u64) -> bool {
         let mut parked = lock(&self.parked);
-        match parked.get_mut(&worker_id) {
-            Some(p) if p.ticket == ticket && p.held => {
-                p.expired = true;
+        if parked.claims.get(&worker_id).map(|p| p.ticket) != Some(ticket) {
+            return false;
+        }
+        match &mut parked.round {
+            Some(hold) if ticket < hold.upto => {
+                hold.expired.push((worker_id, ticket));
                 false
             }
-            Some(p) if p.ticket == ticket => {
-                parked.remove(&worker_id);
+            _ => {
+                parked.claims.remove(&worker_id);
                 true
             }
-            _ => false,
         }
     }
 
-    /// A round begins placing work: holds every parked claim and returns
+    /// A round begins placing work: holds the parked claims and returns
     /// their workers.
     pub fn hold_waiting(&self) -> Vec<i64> {
         let mut parked = lock(&self.parked);
-        for p in parked.values_mut() {
-            p.held = true;
-        }
-        parked.keys().copied().collect()
+        parked.round = Some(Hold {
+            upto: self.tickets.load(Ordering::Relaxed),
+            expired: Vec::new(),
+        });
+        parked.claims.keys().copied().collect()
     }
 
-    /// The round is done: claims whose deadline came meanwhile are answered
-    /// with nothing; the others wait on.
+    /// The round is done: claims whose deadline came meanwhile (and that it
+    /// did not take) are answered with nothing; the others wait on.
     pub fn release_held(&self) {
-        lock(&self.parked).retain(|_, p| {
-            p.held = false;
-            !p.expired
-        });
+        let mut parked = lock(&self.parked);
+        let Some(hold) = parked.round.take() else {
+            return;
+        };
+        for (worker, ticket) in hold.expired {
+            if parked.claims.get(&worker).map(|p| p.ticket) == Some(ticket) {
+                parked.claims.remove(&worker);
+            }
+        }
     }
 
     /// Answers a worker's parked claim with nothing (204), e.g. when its
     /// agent says it is stopping.
     pub fn dismiss(&self, worker_id: i64) {
-        lock(&self.parked).remove(&worker_id);
+        lock(&self.parked).claims.remove(&worker_id);
     }
 
     /// Work changed (jobs or capacity): run a round now.
@@ -125,12 +139,15 @@ impl Dispatcher {
     }
 
     pub fn waiting(&self) -> usize {
-        lock(&self.parked).len()
+        lock(&self.parked).claims.len()
     }
 
     /// Takes a worker's parked claim to answer it.
     pub fn take(&self, worker_id: i64) -> Option<oneshot::Sender<ClaimResponse>> {
-        lock(&self.parked).remove(&worker_id).map(|p| p.reply)
+        lock(&self.parked)
+            .claims
+            .remove(&worker_id)
+            .map(|p| p.reply)
     }
 
     /// When each worker was last given a job.
@@ -208,6 +225,9 @@ mod tests {
         // A held claim whose deadline did not come waits on after the round.
         let (_, _rx) = d.park(9);
         d.hold_waiting();
+        // One parked after the round began is not the round's: at once.
+        let (late, _rx2) = d.park(10);
+        assert!(d.unpark(10, late));
         d.release_held();
         assert_eq!(d.waiting(), 1);
         assert!(d.take(9).is_some());
