@@ -126,7 +126,8 @@ pub struct Worker {
     pub drain: bool,
     pub tags_pinned: bool,
     pub address: Option<String>,
-    pub running_jobs: i64,
+    /// Ids of the jobs it runs.
+    pub running_jobs: Vec<i64>,
     /// Its agent can hold jobs to their memory and CPU limits.
     pub can_limit: bool,
 }

@@ -759,3 +759,52 @@ fn cors_answers_only_the_origins_named() -> TestResult {
     );
     Ok(())
 }
+
+/// `GET /api/v1/workers` filters by state and tag, and says which jobs each
+/// worker runs; a state that does not exist is a 400 naming it.
+#[test]
+fn worker_lists_filter_and_show_running_jobs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let a = FakeAgent::register(&api, "a")?;
+    FakeAgent::register(&api, "b")?;
+    let names = |query: &str| -> TestResult<Vec<String>> {
+        let r = api.admin("GET", &format!("/api/v1/workers{query}"), None)?;
+        assert_eq!(r.status, 200, "{}", r.text);
+        Ok(r.body["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|w| w["name"].as_str().map(str::to_string))
+            .collect())
+    };
+    let a_id = api.admin("GET", "/api/v1/workers", None)?.body["workers"][0]["id"]
+        .as_i64()
+        .ok_or("no id")?;
+    let r = api.admin(
+        "PUT",
+        &format!("/api/v1/workers/{a_id}/tags"),
+        Some(&json!({"tags": ["gpu"]})),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(names("?tag=gpu")?, vec!["a"]);
+    assert_eq!(names("?state=idle")?.len(), 2);
+    assert!(names("?state=offline")?.is_empty());
+    let id = api.submit(&json!({"command": ["true"], "required_tags": ["gpu"]}))?;
+    let claimed = a.claim(&api, 5)?;
+    assert_eq!(claimed.body["jobs"][0]["job_id"], id, "{}", claimed.text);
+    assert_eq!(names("?state=busy")?, vec!["a"]);
+    let w = api.admin("GET", "/api/v1/workers?state=busy", None)?;
+    assert_eq!(
+        w.body["workers"][0]["running_job_ids"],
+        json!([id]),
+        "{}",
+        w.text
+    );
+    let bad = api.admin("GET", "/api/v1/workers?state=asleep", None)?;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+    assert_eq!(bad.field(), "state", "{}", bad.text);
+    Ok(())
+}

@@ -95,7 +95,8 @@ pub fn worker(w: &Worker) -> Value {
         "address": w.address,
         // How to bring an offline worker back, without SSH keys here.
         "restore": restore_hint(w),
-        "running_jobs": w.running_jobs,
+        "running_jobs": w.running_jobs.len(),
+        "running_job_ids": w.running_jobs,
         "can_limit": w.can_limit,
     })
 }

@@ -1,21 +1,50 @@
 //! Worker routes (admin): list, detail, pre-register, approve, reject,
 //! drain, undrain, decommission, tags; fleet stats.
 
-use super::{parse_json, path_id, read_body, require_admin, views, AppState, JSON_LIMIT};
+use super::{
+    parse_json, path_id, query_param, read_body, require_admin, views, AppState, JSON_LIMIT,
+};
 use crate::db::workers;
 use crate::error::ApiError;
+use crate::lifecycle::WorkerState;
 use crate::{auth, spec};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// `GET /api/v1/workers[?state=S][&tag=T]`: the workers in that state and
+/// with that tag (both optional).
+pub async fn list(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
-    let workers: Vec<_> = app.db.workers().await?.iter().map(views::worker).collect();
+    let state = match query_param(&query, "state") {
+        None | Some("") => None,
+        Some(s) => Some(WorkerState::parse(s).ok_or_else(|| {
+            let names: Vec<&str> = WorkerState::ALL.iter().map(|w| w.as_str()).collect();
+            ApiError::bad_request(
+                "invalid_parameter",
+                format!("state={s:?} is not one of {}", names.join(", ")),
+            )
+            .with_field("state")
+        })?),
+    };
+    let tag = query_param(&query, "tag").filter(|t| !t.is_empty());
+    let workers: Vec<_> = app
+        .db
+        .workers()
+        .await?
+        .iter()
+        .filter(|w| state.is_none_or(|s| w.state == s))
+        .filter(|w| tag.is_none_or(|t| w.tags.as_array().is_some_and(|a| a.iter().any(|x| x == t))))
+        .map(views::worker)
+        .collect();
     Ok(Json(json!({ "workers": workers })).into_response())
 }
 

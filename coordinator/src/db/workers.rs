@@ -726,7 +726,7 @@ pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, Stor
 
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
     agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
-    (SELECT count(*) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running'),
+    (SELECT json_group_array(id) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running'),
     can_limit";
 
 fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
@@ -747,7 +747,7 @@ fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
         drain: r.get(13)?,
         tags_pinned: r.get(14)?,
         address: r.get(15)?,
-        running_jobs: r.get(16)?,
+        running_jobs: serde_json::from_str(&r.get::<_, String>(16)?).unwrap_or_default(),
         can_limit: r.get(17)?,
     })
 }
