@@ -23,6 +23,8 @@ struct Installed<'a> {
     hosts: &'a Hosts,
     api: Api,
     admin: String,
+    /// The registration secret `install` generated.
+    secret: String,
 }
 
 /// Installs the coordinator on `coordinator` and an agent on each of
@@ -66,7 +68,12 @@ fn install<'a>(
             Some(secret.as_bytes()),
         )?;
     }
-    let installed = Installed { hosts, api, admin };
+    let installed = Installed {
+        hosts,
+        api,
+        admin,
+        secret,
+    };
     for name in agents {
         let id = installed.worker(name)?;
         let r = installed.admin("POST", &format!("/api/v1/workers/{id}/approve"), None)?;
@@ -148,6 +155,29 @@ impl Installed<'_> {
         let name = w["name"].as_str().ok_or("worker without a name")?;
         Ok(self.hosts.get(name))
     }
+}
+
+/// `kill -9` of `unit`'s main process; returns once systemd has it running
+/// again (a new main process, active), with how long that took.
+fn kill9_until_restarted(host: &Host, unit: &str) -> TestResult<Duration> {
+    let main_pid = || -> TestResult<String> {
+        Ok(host
+            .sh(&format!("systemctl show -p MainPID --value {unit}"))?
+            .trim()
+            .to_string())
+    };
+    let before = main_pid()?;
+    let t0 = Instant::now();
+    host.sh(&format!("kill -9 {before}"))?;
+    wait_for(
+        &format!("systemd to restart {unit}"),
+        Duration::from_secs(30),
+        || {
+            let now = main_pid()?;
+            Ok((now != before && now != "0" && active(host, unit)?).then_some(()))
+        },
+    )?;
+    Ok(t0.elapsed())
 }
 
 fn active(host: &Host, unit: &str) -> TestResult<bool> {
@@ -285,26 +315,10 @@ fn agent_stop_and_kill_under_systemd() -> TestResult {
     // kill -9: systemd restarts the agent; it comes back as the same worker.
     let other = fleet.host_of(moved["worker_id"].as_i64().ok_or("no worker")?)?;
     let worker_id = fleet.worker(&other.name)?;
-    let main_pid = || -> TestResult<String> {
-        Ok(other
-            .sh("systemctl show -p MainPID --value drover-agent")?
-            .trim()
-            .to_string())
-    };
-    let before = main_pid()?;
-    let t1 = Instant::now();
-    other.sh(&format!("kill -9 {before}"))?;
-    wait_for(
-        "systemd to restart the agent",
-        Duration::from_secs(30),
-        || {
-            let now = main_pid()?;
-            Ok((now != before && now != "0" && active(other, "drover-agent")?).then_some(()))
-        },
-    )?;
+    let took = kill9_until_restarted(other, "drover-agent")?;
     println!(
         "kill -9 -> restarted by systemd in {:.1}s",
-        t1.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     let id2 = fleet.submit(&json!({"command": ["true"], "required_tags": []}))?;
     fleet.job_in(id2, "succeeded", Duration::from_secs(30))?;
@@ -492,10 +506,7 @@ fn deploy_over_ssh_between_hosts() -> TestResult {
         "mkdir -p -m 0700 /root/.ssh && cat >> /root/.ssh/authorized_keys && systemctl start ssh",
         Some(key.as_bytes()),
     )?;
-    let secret = c.sh(
-        "sed -n 's/^DROVER_REGISTRATION_SECRET=\"\\(.*\\)\"/\\1/p' /etc/drover/coordinator.env",
-    )?;
-    let creds = format!("{}\n{}\n", secret.trim(), fleet.admin);
+    let creds = format!("{}\n{}\n", fleet.secret, fleet.admin);
     let t0 = Instant::now();
     let out = c.sh_in(
         &format!(
@@ -597,32 +608,13 @@ fn coordinator_restart_kill_and_stop_mid_job() -> TestResult {
     let hosts = Hosts::boot(&["drv-c", "drv-a1"])?;
     let fleet = install(&hosts, "drv-c", &["drv-a1"], "--lease-ttl 6")?;
     let c = hosts.get("drv-c");
-    let main_pid = || -> TestResult<String> {
-        Ok(
-            c.sh("systemctl show -p MainPID --value drover-coordinator")?
-                .trim()
-                .to_string(),
-        )
-    };
     let actions: [(&str, &dyn Fn() -> TestResult); 3] = [
         ("systemctl restart", &|| {
             c.sh("systemctl restart drover-coordinator")?;
             Ok(())
         }),
         ("kill -9", &|| {
-            let before = main_pid()?;
-            c.sh(&format!("kill -9 {before}"))?;
-            wait_for(
-                "systemd to restart the coordinator",
-                Duration::from_secs(30),
-                || {
-                    let now = main_pid()?;
-                    Ok(
-                        (now != before && now != "0" && active(c, "drover-coordinator")?)
-                            .then_some(()),
-                    )
-                },
-            )
+            kill9_until_restarted(c, "drover-coordinator").map(|_| ())
         }),
         ("systemctl stop, 8 s down, start", &|| {
             c.sh("systemctl stop drover-coordinator")?;
@@ -747,15 +739,12 @@ fn an_agent_behind_a_slow_lossy_link() -> TestResult {
         Ok((status == 0).then(|| out.trim().parse().unwrap_or(0.0)))
     })?;
     assert!(rtt >= 0.2, "a request through the relay took {rtt}s");
-    let secret = c.sh(
-        "sed -n 's/^DROVER_REGISTRATION_SECRET=\"\\(.*\\)\"/\\1/p' /etc/drover/coordinator.env",
-    )?;
     a.sh_in(
         &format!(
             "DROVER_REGISTRATION_SECRET=\"$(cat)\" {}/drover-agent install --coordinator http://127.0.0.1:8701 --name drv-a1 --slots 4",
             net::BIN_DIR
         ),
-        Some(secret.trim().as_bytes()),
+        Some(fleet.secret.as_bytes()),
     )?;
     fleet.worker("drv-a1")?;
     let t0 = Instant::now();

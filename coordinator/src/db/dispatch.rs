@@ -379,8 +379,6 @@ pub fn round(
             ..v.offer.clone()
         })
         .collect();
-    // Later than anything given before, for what this round gives.
-    let mut turn = last_given.values().copied().max().unwrap_or(0);
     let shapes = shapes(conn)?;
     reserve(
         conn,
@@ -391,7 +389,22 @@ pub fn round(
         &mut round.reservations,
     )?;
     let reserved = !round.reservations.is_empty();
-    for job in candidates(conn, now, &shapes, &offers, reserved)? {
+    let jobs = candidates(conn, now, &shapes, &offers, reserved)?;
+    give(conn, now, lease_ttl, jobs, &mut offers, &mut round)?;
+    Ok(round)
+}
+
+/// Gives each of `jobs` (best first) to the best of `offers` for it, if
+/// any, and records it in `round`.
+fn give(
+    conn: &Connection,
+    now: Ms,
+    lease_ttl: Ms,
+    jobs: Vec<Candidate>,
+    offers: &mut [Offer],
+    round: &mut Round,
+) -> Result<(), StoreError> {
+    for job in jobs {
         if offers.iter().all(|o| o.free_slots() == 0) {
             break;
         }
@@ -399,23 +412,25 @@ pub fn round(
             Some(j) => *j == job.id,
             None => true,
         };
-        if let Some((i, gpus)) = matching::best(&job.needs, &offers, allowed) {
-            let worker = offers[i].worker_id;
-            let a = grant(conn, now, worker, job.id, &gpus, lease_ttl)?;
-            // A worker already running something is busy: only its first
-            // job can change its state.
-            if offers[i].running == 0 {
-                worker_state::refresh_load(conn, now, worker, &format!("claimed job {}", job.id))?;
-            }
-            round.waits.push(now - job.claimable_since);
-            offers[i].take(&gpus);
-            turn += 1;
-            offers[i].last_given = turn;
-            round.given.push(worker);
-            round.answers.entry(worker).or_default().0.push(a);
+        let Some((i, gpus)) = matching::best(&job.needs, offers, allowed) else {
+            continue;
+        };
+        let worker = offers[i].worker_id;
+        let a = grant(conn, now, worker, job.id, &gpus, lease_ttl)?;
+        // A worker already running something is busy: only its first
+        // job can change its state.
+        if offers[i].running == 0 {
+            worker_state::refresh_load(conn, now, worker, &format!("claimed job {}", job.id))?;
         }
+        round.waits.push(now - job.claimable_since);
+        offers[i].take(&gpus);
+        // The most recently given now (the dispatcher numbers the turns
+        // once the round is over).
+        offers[i].last_given = u64::MAX;
+        round.given.push(worker);
+        round.answers.entry(worker).or_default().0.push(a);
     }
-    Ok(round)
+    Ok(())
 }
 
 /// Why queued job `job_id` is not running (None when it is not queued).

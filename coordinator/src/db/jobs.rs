@@ -105,7 +105,7 @@ pub fn move_attempts_on(conn: &Connection, gap: i64) -> Result<usize, StoreError
 }
 
 /// Submits `job`, its id at least `floor` (past a restored database's lost
-/// window, `highwater`).
+/// window, `highwater`; 0: none, the id is SQLite's next rowid).
 pub fn submit(
     conn: &Connection,
     now: Ms,
@@ -133,7 +133,8 @@ pub fn submit(
         "INSERT INTO jobs (id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
          preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
          spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits)
-         VALUES (max((SELECT coalesce(max(id), 0) + 1 FROM jobs), ?20), 'queued',
+         VALUES (CASE WHEN ?20 > 0 THEN max((SELECT coalesce(max(id), 0) + 1 FROM jobs), ?20) END,
+         'queued',
          ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
     )?
     .execute(params![
