@@ -58,7 +58,9 @@ pub enum Command {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// SQLite database file (created if missing; keep it on a local disk).
+    /// SQLite database file (created if missing; keep it on a local disk),
+    /// or a PostgreSQL URL (postgres://USER@HOST:PORT/DB; several hosts
+    /// with target_session_attrs=read-write) shared by every coordinator.
     #[arg(long, env = "DROVER_DB", default_value = "drover.db")]
     pub db: PathBuf,
 
@@ -164,10 +166,26 @@ fn cors_origins(origins: Vec<String>) -> Result<Vec<String>, String> {
     Ok(origins)
 }
 
+/// Where `--db` points: (the SQLite file, the PostgreSQL URL). A path or
+/// `sqlite://PATH` is SQLite; `postgres://` or `postgresql://` PostgreSQL.
+fn store(db: &std::path::Path) -> (PathBuf, Option<String>) {
+    let text = db.to_string_lossy();
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return (PathBuf::from("drover.db"), Some(text.into_owned()));
+    }
+    match text.strip_prefix("sqlite://") {
+        Some(path) => (PathBuf::from(path), None),
+        None => (db.to_path_buf(), None),
+    }
+}
+
 /// Validated settings, passed explicitly to every part.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The SQLite file (unused on PostgreSQL).
     pub db: PathBuf,
+    /// The PostgreSQL URL, when `--db` is one.
+    pub postgres: Option<String>,
     pub listen: SocketAddr,
     pub admin_token: Secret,
     pub registration_secret: Secret,
@@ -227,15 +245,24 @@ impl Config {
         if args.max_connections < 16 {
             return Err("--max-connections must be at least 16".into());
         }
+        let (db, postgres) = store(&args.db);
+        if postgres.is_some() && args.admin_token.is_none() && args.admin_token_file.is_none() {
+            return Err(
+                "with --db postgres://..., give --admin-token-file (or --admin-token): \
+                 every coordinator of the database must take the same one"
+                    .into(),
+            );
+        }
         let admin_token =
-            crate::auth::admin_token(args.admin_token, args.admin_token_file.as_deref(), &args.db)?;
+            crate::auth::admin_token(args.admin_token, args.admin_token_file.as_deref(), &db)?;
         let lease_ttl = Duration::from_secs(args.lease_ttl);
         let restart_grace = Duration::from_secs(
             args.restart_grace
                 .unwrap_or_else(|| (2 * args.lease_ttl).max(60)),
         );
         Ok(Config {
-            db: args.db,
+            db,
+            postgres,
             listen,
             admin_token,
             registration_secret,

@@ -31,7 +31,10 @@ use std::sync::Arc;
 /// A database behind its high-water mark was restored (or copied): new ids
 /// and attempts start past what its lost window may have handed out.
 async fn guard_restore(db: &Db) -> Result<(), String> {
-    let mark = db::highwater::read(db.path());
+    let Some(path) = db.path() else {
+        return Ok(());
+    };
+    let mark = db::highwater::read(path);
     let (next, moved) = db
         .guard_restore(mark)
         .await
@@ -49,7 +52,7 @@ async fn guard_restore(db: &Db) -> Result<(), String> {
         );
     }
     // From now on the mark is this database's (the sweep moves it on).
-    db::highwater::write(db.path(), next)
+    db::highwater::write(path, next)
 }
 
 /// Runs the coordinator until SIGTERM or SIGINT.
@@ -58,8 +61,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         Some((cert, key)) => Some(http::tls_acceptor(cert, key)?),
         None => None,
     };
-    let _lock = lock_database(&config)?;
-    let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
+    let (db, _lock) = open_store(&config).await?;
     guard_restore(&db).await?;
     let grace = ms(config.restart_grace);
     let retry_base = ms(config.retry_backoff);
@@ -87,7 +89,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     log::info!(
         "listening on {}://{addr} db={} lease_ttl={}s auto_approve={}",
         if tls.is_some() { "https" } else { "http" },
-        config.db.display(),
+        store_name(&config),
         config.lease_ttl.as_secs(),
         config.auto_approve
     );
@@ -121,6 +123,36 @@ pub async fn run(config: Config) -> Result<(), String> {
     dispatcher.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())
+}
+
+/// Opens the store `--db` names; an SQLite file is locked first.
+async fn open_store(config: &Config) -> Result<(Db, Option<lockfile::Lock>), String> {
+    let Some(url) = config.postgres.clone() else {
+        let lock = lock_database(config)?;
+        let db = Db::open(&config.db, config.synchronous_full, Clock::new())?;
+        return Ok((db, Some(lock)));
+    };
+    // The PostgreSQL client blocks: it connects off the runtime.
+    let db = tokio::task::spawn_blocking(move || Db::open_pg(&url, Clock::new()))
+        .await
+        .map_err(|e| format!("connecting to PostgreSQL: {e}"))??;
+    Ok((db, None))
+}
+
+/// The store for the log: the file, or PostgreSQL's hosts and database
+/// (never the URL, which may hold a password).
+fn store_name(config: &Config) -> String {
+    let Some(url) = &config.postgres else {
+        return config.db.display().to_string();
+    };
+    match url.parse::<postgres::Config>() {
+        Ok(pg) => format!(
+            "postgres hosts={:?} dbname={}",
+            pg.get_hosts(),
+            pg.get_dbname().unwrap_or("")
+        ),
+        Err(_) => "postgres".into(),
+    }
 }
 
 /// One coordinator per database file: a second would extend the first's

@@ -40,7 +40,7 @@ pub async fn run(app: std::sync::Arc<App>) {
     // No worker heard from for a TTL at the last pass: leases held.
     let mut deaf = false;
     // The high-water mark beside the database, as last written.
-    let mut mark = highwater::read(app.db.path());
+    let mut mark = app.db.path().and_then(highwater::read);
     // systemd's watchdog (WatchdogSec=): a pass a second shows the runtime
     // runs; a stuck one gets the coordinator restarted.
     let watchdog = drover_host::notify::watchdog_interval().is_some();
@@ -79,8 +79,8 @@ pub async fn run(app: std::sync::Arc<App>) {
                 // Only ever up: retention deleting the newest job must not
                 // lower it.
                 let next = swept.next_job_id.max(app.db.id_floor());
-                if mark.is_none_or(|m| next > m) {
-                    match highwater::write(app.db.path(), next) {
+                if let Some(path) = app.db.path().filter(|_| mark.is_none_or(|m| next > m)) {
+                    match highwater::write(path, next) {
                         Ok(()) => mark = Some(next),
                         Err(e) => log::warn!("{e}: a restore could not tell how far ids went"),
                     }

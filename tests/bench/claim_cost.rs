@@ -69,7 +69,7 @@ async fn fill(db: &Db, finished: usize, queued: usize, shapes: usize) -> Result<
 
 /// The agent's report that `attempt` of `job` succeeded.
 fn succeed(
-    c: &rusqlite::Connection,
+    c: &coordinator::db::Connection,
     now: i64,
     worker: i64,
     job: i64,

@@ -10,6 +10,7 @@
 
 use super::jobs::grant;
 use super::leases::take_orders;
+use super::sql::{Connection, OptionalExtension};
 use super::worker_state;
 use super::StoreError;
 use super::{iso, Ms};
@@ -17,7 +18,7 @@ use crate::lifecycle::JobStatus;
 use crate::matching::{self, Needs, Offer, WorkerView};
 use crate::model::Job;
 use drover_proto::{Assignment, GpuInfo, GpuMetrics, Order};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::params;
 use std::collections::HashMap;
 
 /// Queued jobs looked at per shape in one round.
@@ -105,7 +106,7 @@ fn needs_from(
 fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
     let mut running: HashMap<i64, (u32, Vec<u32>)> = HashMap::new();
     let mut stmt = conn.prepare_cached(RUNNING_SQL)?;
-    for row in stmt.query_map([], |r| {
+    for row in stmt.query_map(params![], |r| {
         Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, String>(1)?))
     })? {
         let (worker, gpus) = row?;
@@ -120,7 +121,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
          can_limit
          FROM workers WHERE state != 'decommissioned'",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let rows = stmt.query_map(params![], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
@@ -183,10 +184,9 @@ const MAX_SHAPES: usize = 128;
 fn shapes(conn: &Connection) -> Result<Vec<Shape>, StoreError> {
     type Key = (i64, String, i64);
     let seek = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<Option<Key>, StoreError> {
-        Ok(conn
-            .prepare_cached(sql)?
+        conn.prepare_cached(sql)?
             .query_row(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?)
+            .optional()
     };
     let mut out: Vec<Shape> = Vec::new();
     let mut next = seek(NEXT_GPUS_SQL, &[&-1i64])?;
@@ -210,7 +210,7 @@ fn shapes(conn: &Connection) -> Result<Vec<Shape>, StoreError> {
     Ok(out)
 }
 
-fn candidate(r: &rusqlite::Row) -> rusqlite::Result<Candidate> {
+fn candidate(r: &super::sql::Row) -> rusqlite::Result<Candidate> {
     Ok(Candidate {
         id: r.get(0)?,
         priority: r.get(1)?,
@@ -510,9 +510,8 @@ mod tests {
     fn round_queries_use_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("plan.db");
-        super::super::create_private(&db).unwrap();
-        let mut conn = Connection::open(&db).unwrap();
-        super::super::migrate(&mut conn).unwrap();
+        let conn = super::super::test_db(&db);
+        let conn = conn.lite().unwrap();
         let check = |sql: &str, index: &str| {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let n = stmt.parameter_count();

@@ -82,7 +82,10 @@ impl StoreError {
 
     /// The database could not be written (locked from outside, disk full).
     pub fn is_storage(&self) -> bool {
-        self.code == "database_busy" || self.code == "storage_full"
+        matches!(
+            self.code,
+            "database_busy" | "storage_full" | "database_unreachable"
+        )
     }
 
     /// A refusal of this one request (the caller's to fix), not a failure
@@ -120,6 +123,9 @@ impl std::error::Error for StoreError {}
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         use rusqlite::ErrorCode;
+        if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
+            return StoreError::no_rows();
+        }
         match e.sqlite_error_code() {
             Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
                 StoreError::unavailable(
@@ -130,6 +136,47 @@ impl From<rusqlite::Error> for StoreError {
             Some(ErrorCode::DiskFull) => StoreError::unavailable(
                 "storage_full",
                 "the disk holding the database is full; free space and retry",
+            ),
+            _ => StoreError::internal(format!("database error: {e}")),
+        }
+    }
+}
+
+/// The code of "the query found no row" (see `sql::OptionalExtension`).
+pub const NO_ROWS: &str = "no_rows";
+
+impl StoreError {
+    pub fn no_rows() -> StoreError {
+        StoreError::internal("the query returned no rows").with_code(NO_ROWS)
+    }
+
+    fn with_code(mut self, code: &'static str) -> StoreError {
+        self.code = code;
+        self
+    }
+}
+
+/// PostgreSQL failures: an unreachable or restarting server, a full disk
+/// and a lost serialization race are the client's to retry; anything else
+/// is a bug.
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        let state = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        if e.is_closed() || io || state.starts_with("08") || state.starts_with("57P") {
+            return StoreError::unavailable(
+                "database_unreachable",
+                format!("PostgreSQL cannot be reached; retry shortly ({e})"),
+            );
+        }
+        match state.as_str() {
+            "53100" => StoreError::unavailable(
+                "storage_full",
+                "the disk holding PostgreSQL's data is full; free space and retry",
+            ),
+            "40001" | "40P01" | "55P03" => StoreError::unavailable(
+                "database_busy",
+                format!("PostgreSQL refused the transaction; retry shortly ({e})"),
             ),
             _ => StoreError::internal(format!("database error: {e}")),
         }

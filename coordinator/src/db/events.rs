@@ -1,8 +1,9 @@
 //! The ordered event stream, as clients read it.
 
+use super::sql::Connection;
 use super::{json_col, StoreError};
 use crate::model::Event;
-use rusqlite::{params, Connection};
+use rusqlite::params;
 
 /// Events after `after`, oldest first.
 pub fn events_after(conn: &Connection, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {

@@ -8,6 +8,7 @@
 //! stale ([`apply`]). What an ended attempt does to its job is decided by
 //! [`crate::lifecycle::decide`].
 
+use super::sql::{Connection, OptionalExtension};
 use super::StoreError;
 use super::{event, iso, json_col, wall_offset, worker_state, Ms, CLOCK_STEP};
 use crate::lifecycle::{
@@ -16,7 +17,7 @@ use crate::lifecycle::{
 use crate::model::NewJob;
 use crate::model::{Attempt, Job};
 use drover_proto::{Assignment, CompleteRequest, CompleteResponse, Completion, CompletionResult};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::params;
 use serde_json::{json, Value};
 
 /// Backoff after the second and later lease losses: 10 s x 2^n, capped.
@@ -54,13 +55,12 @@ pub fn retime_not_before(
     offset: Ms,
     was: Ms,
 ) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "UPDATE jobs SET run_after = max(not_before - ?1, created_at)
+    conn.prepare_cached(
+        "UPDATE jobs SET run_after = max(not_before - ?1, created_at)
              WHERE status = 'queued' AND attempt = 0 AND not_before IS NOT NULL
                AND not_before > ?2 + min(?1, ?3)",
-        )?
-        .execute(params![offset, now, was])?)
+    )?
+    .execute(params![offset, now, was])
 }
 
 /// At start, after the wall clock may have stepped while the coordinator
@@ -75,7 +75,7 @@ pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usiz
              WHERE status = 'queued' AND attempt = 0 AND not_before IS NOT NULL
                AND run_after != not_before",
         )?
-        .execute([])?;
+        .execute(params![])?;
     let retries = conn
         .prepare_cached(
             "UPDATE jobs SET run_after = ?1 + min(?2 * (1 << min(attempts_used - 1, 20)), ?3) * 12 / 10
@@ -90,18 +90,16 @@ pub fn rebase_waiting(conn: &Connection, now: Ms, retry_base: Ms) -> Result<usiz
 /// idempotency key (409 if that one's spec differs). `true` when created.
 /// The id the next submitted job gets (without a floor).
 pub fn next_id(conn: &Connection) -> Result<Ms, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM jobs")?
-        .query_row([], |r| r.get(0))?)
+    conn.prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM jobs")?
+        .query_row(params![], |r| r.get(0))
 }
 
 /// Moves every queued job's attempt number on by `gap` (after a restore:
 /// an attempt granted in the lost window is then never granted again).
 /// Returns how many.
 pub fn move_attempts_on(conn: &Connection, gap: i64) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached("UPDATE jobs SET attempt = attempt + ?1 WHERE status = 'queued'")?
-        .execute([gap])?)
+    conn.prepare_cached("UPDATE jobs SET attempt = attempt + ?1 WHERE status = 'queued'")?
+        .execute([gap])
 }
 
 /// Submits `job`, its id at least `floor` (past a restored database's lost
@@ -160,7 +158,7 @@ pub fn submit(
         job.limits.map(|l| to_json(&l)),
         floor
     ])?;
-    let id = conn.last_insert_rowid();
+    let id = conn.last_insert_rowid()?;
     event(
         conn,
         now,
@@ -284,25 +282,24 @@ pub(super) struct Current {
 }
 
 pub(super) fn current(conn: &Connection, job_id: i64) -> Result<Option<Current>, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT status, attempt, worker_id, attempts_used, max_attempts, lease_losses,
+    conn.prepare_cached(
+        "SELECT status, attempt, worker_id, attempts_used, max_attempts, lease_losses,
              cancel_requested FROM jobs WHERE id = ?1",
-        )?
-        .query_row([job_id], |r| {
-            Ok(Current {
-                status: r.get(0)?,
-                attempt: r.get(1)?,
-                worker_id: r.get(2)?,
-                counters: Counters {
-                    attempts_used: r.get(3)?,
-                    max_attempts: r.get(4)?,
-                    lease_losses: r.get(5)?,
-                    cancel_requested: r.get(6)?,
-                },
-            })
+    )?
+    .query_row([job_id], |r| {
+        Ok(Current {
+            status: r.get(0)?,
+            attempt: r.get(1)?,
+            worker_id: r.get(2)?,
+            counters: Counters {
+                attempts_used: r.get(3)?,
+                max_attempts: r.get(4)?,
+                lease_losses: r.get(5)?,
+                cancel_requested: r.get(6)?,
+            },
         })
-        .optional()?)
+    })
+    .optional()
 }
 
 /// An attempt: which job, which try, on which worker.
@@ -603,7 +600,7 @@ fn limits_col(text: Option<String>) -> Option<drover_proto::Limits> {
     serde_json::from_str(&text?).ok()
 }
 
-fn job_row(r: &rusqlite::Row) -> rusqlite::Result<Job> {
+fn job_row(r: &super::sql::Row) -> rusqlite::Result<Job> {
     let json = |i: usize| -> rusqlite::Result<Value> { Ok(json_col(&r.get::<_, String>(i)?)) };
     let opt_json = |i: usize| -> rusqlite::Result<Option<Value>> {
         Ok(r.get::<_, Option<String>>(i)?.map(|t| json_col(&t)))
@@ -760,9 +757,7 @@ mod tests {
     fn granted() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.db");
-        super::super::create_private(&path).unwrap();
-        let mut conn = Connection::open(&path).unwrap();
-        super::super::migrate(&mut conn).unwrap();
+        let conn = super::super::test_db(&path);
         conn.execute_batch(
             "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'a', 'idle', 0), (2, 'b', 'idle', 0);
              INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, max_attempts)
@@ -792,8 +787,10 @@ mod tests {
         use drover_proto::Outcome::{Failed, Succeeded};
         let (_dir, conn) = granted();
         let status = |c: &Connection| -> String {
-            c.query_row("SELECT status FROM jobs WHERE id = 1", [], |r| r.get(0))
-                .unwrap()
+            c.query_row("SELECT status FROM jobs WHERE id = 1", params![], |r| {
+                r.get(0)
+            })
+            .unwrap()
         };
         let stale = |r: Result<CompleteResponse, StoreError>| match r {
             Err(e) => e.code == "stale_lease",
@@ -847,7 +844,7 @@ mod tests {
         let events: i64 = conn
             .query_row(
                 "SELECT count(*) FROM events WHERE kind IN ('job.requeued', 'job.succeeded')",
-                [],
+                params![],
                 |r| r.get(0),
             )
             .unwrap();
@@ -863,7 +860,7 @@ mod tests {
         let (status, used, losses): (String, i64, i64) = conn
             .query_row(
                 "SELECT status, attempts_used, lease_losses FROM jobs WHERE id = 1",
-                [],
+                params![],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap();
@@ -872,7 +869,7 @@ mod tests {
         assert_eq!(
             conn.query_row(
                 "SELECT count(*) FROM events WHERE kind = 'job.requeued'",
-                [],
+                params![],
                 |r| r.get::<_, i64>(0)
             )
             .unwrap(),
@@ -888,9 +885,7 @@ mod tests {
     fn listing_and_counting_by_status() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
-        super::super::create_private(&path).unwrap();
-        let mut conn = Connection::open(&path).unwrap();
-        super::super::migrate(&mut conn).unwrap();
+        let conn = super::super::test_db(&path);
         conn.execute_batch(
             "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'w', 'busy', 0);
              INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, finished_at, worker_id)
@@ -933,9 +928,7 @@ mod tests {
     fn a_clock_stepped_back_while_down_strands_no_waiting_job() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
-        super::super::create_private(&path).unwrap();
-        let mut conn = Connection::open(&path).unwrap();
-        super::super::migrate(&mut conn).unwrap();
+        let conn = super::super::test_db(&path);
         let hour = 3_600_000;
         let now = 1_000 * hour;
         // Times written under a clock an hour ahead: a retry due in 20 s, a

@@ -3,11 +3,12 @@
 //! and the restart and stall graces. Every write is fenced.
 
 use super::jobs::{current, end_attempt, lose, Fence};
+use super::sql::{Connection, OptionalExtension};
 use super::Ms;
 use super::StoreError;
 use crate::lifecycle::{AttemptEnd, LostReason};
 use drover_proto::{LeaseRef, Order, Progress};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::params;
 use std::collections::HashSet;
 
 /// Expired leases handled per sweep transaction.
@@ -110,7 +111,7 @@ pub fn take_orders(
             "SELECT id, attempt, worker_id FROM jobs INDEXED BY jobs_running_worker
              WHERE status = 'running' AND cancel_requested = 1",
         )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map(params![], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     for (job_id, attempt, worker) in pending.into_iter().filter(|p| waiting(p.2)) {
         conn.prepare_cached("UPDATE jobs SET cancel_requested = 2 WHERE id = ?1")?
@@ -200,18 +201,16 @@ pub fn expire_leases(conn: &Connection, now: Ms) -> Result<usize, StoreError> {
 /// At start: every running lease gets `now + grace`; stored deadlines are
 /// not trusted across a restart.
 pub fn rebase_leases(conn: &Connection, now: Ms, grace: Ms) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE status = 'running'")?
-        .execute([now + grace])?)
+    conn.prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE status = 'running'")?
+        .execute([now + grace])
 }
 
 /// After the writer could not commit for `by` (a lock held from outside, a
 /// full disk): running leases move on by that long, since no heartbeat could
 /// renew them meanwhile.
 pub fn extend_leases(conn: &Connection, by: Ms) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "UPDATE jobs SET lease_expires_at = lease_expires_at + ?1 WHERE status = 'running'",
-        )?
-        .execute([by])?)
+    conn.prepare_cached(
+        "UPDATE jobs SET lease_expires_at = lease_expires_at + ?1 WHERE status = 'running'",
+    )?
+    .execute([by])
 }

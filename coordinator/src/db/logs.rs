@@ -2,10 +2,11 @@
 //! whole or followed.
 
 use super::jobs::{check_fence, current, Fence};
+use super::sql::Connection;
 use super::Ms;
 use super::StoreError;
 use crate::lifecycle::JobStatus;
-use rusqlite::{params, Connection};
+use rusqlite::params;
 
 /// What a stored log chunk costs beyond its bytes (a row, its index entry).
 pub const LOG_CHUNK_OVERHEAD: i64 = 64;
@@ -104,9 +105,8 @@ pub fn read_log(
     let mut stmt = conn.prepare_cached(
         "SELECT data FROM job_logs WHERE job_id = ?1 AND attempt = ?2 ORDER BY id",
     )?;
-    let mut rows = stmt.query(params![job_id, attempt])?;
-    while let Some(r) = rows.next()? {
-        out.extend_from_slice(&r.get::<_, Vec<u8>>(0)?);
+    for chunk in stmt.query_map(params![job_id, attempt], |r| r.get::<_, Vec<u8>>(0))? {
+        out.extend_from_slice(&chunk?);
     }
     Ok((attempt, out))
 }

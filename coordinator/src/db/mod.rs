@@ -32,7 +32,9 @@ pub mod jobs;
 pub mod leases;
 pub mod logs;
 mod ops;
+pub mod pg;
 pub mod retention;
+pub mod sql;
 pub mod worker_state;
 pub mod workers;
 
@@ -40,7 +42,8 @@ mod error;
 use crate::metrics::Histogram;
 pub use error::{Kind, StoreError};
 pub use ops::{BeatTimes, ClaimRecord, Pass};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{params, OpenFlags};
+pub use sql::Connection;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -137,18 +140,24 @@ struct Checkpoint {
 
 impl WriteOp for Checkpoint {
     fn run(self: Box<Self>, conn: &Connection, _now: Ms, _: &mut bool) -> Finish {
+        // PostgreSQL checkpoints by itself.
+        let Some(conn) = conn.lite() else {
+            return Box::new(move |_| {
+                let _ = self.reply.send(Ok((0, 0)));
+            });
+        };
         // TRUNCATE waits for readers; RESTART is the fallback when they stay.
         // Each waits CHECKPOINT_WAIT at most, not the writer's busy timeout:
         // a reader that stays (Litestream holds one while it copies the WAL)
         // would otherwise stall every write for twice that.
         let _ = conn.busy_timeout(CHECKPOINT_WAIT);
         let result = conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", params![], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .and_then(|(busy, log, done): (i64, i64, i64)| {
                 if busy != 0 {
-                    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+                    conn.query_row("PRAGMA wal_checkpoint(RESTART)", params![], |r| {
                         Ok((r.get(1)?, r.get(2)?))
                     })
                 } else {
@@ -184,17 +193,14 @@ where
     fn run(self: Box<Self>, conn: &Connection, now: Ms, stalled: &mut bool) -> Finish {
         let Op { f, reply } = *self;
         let result = match exec(conn, "SAVEPOINT op") {
-            Err(e) => Err(StoreError::from(e)),
+            Err(e) => Err(e),
             Ok(()) => {
                 let r = f(conn, now);
                 let end = match r {
                     Ok(_) => exec(conn, "RELEASE op"),
                     Err(_) => exec(conn, "ROLLBACK TO op").and_then(|()| exec(conn, "RELEASE op")),
                 };
-                match end {
-                    Ok(()) => r,
-                    Err(e) => Err(StoreError::from(e)),
-                }
+                end.and(r)
             }
         };
         if result.as_ref().is_err_and(StoreError::is_storage) {
@@ -216,8 +222,26 @@ where
 /// Runs one parameterless statement through the statement cache: the
 /// writer runs these around every request, and parsing them each time was a
 /// sixth of its time.
-fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([]).map(drop)
+fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute(params![]).map(drop)
+}
+
+/// Begins the writer's transaction. On PostgreSQL it first takes the
+/// writers' lock: the transactions of every coordinator on the database
+/// commit one after another, as SQLite's do (decision 0044).
+fn begin(conn: &Connection) -> Result<(), StoreError> {
+    match conn {
+        Connection::Lite(_) => exec(conn, "BEGIN IMMEDIATE"),
+        Connection::Pg(_) => {
+            exec(conn, "BEGIN")?;
+            let locked = conn.execute("SELECT pg_advisory_xact_lock(?1)", params![pg::WRITERS]);
+            if let Err(e) = locked {
+                let _ = exec(conn, "ROLLBACK");
+                return Err(e);
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A write handed to the writer, not yet committed.
@@ -251,8 +275,9 @@ pub struct Db {
     commits: watch::Receiver<u64>,
     /// Time from a write request to its commit.
     write_seconds: Arc<Histogram>,
-    /// The file this handle opened, to notice it deleted or replaced.
-    file: Arc<OpenedFile>,
+    /// The file this handle opened, to notice it deleted or replaced
+    /// (none on PostgreSQL).
+    file: Option<Arc<OpenedFile>>,
     /// New job ids start here at the least (`highwater`): past what a
     /// restored database's lost window handed out.
     id_floor: Arc<std::sync::atomic::AtomicI64>,
@@ -307,13 +332,13 @@ impl Db {
         let ctx = |e: rusqlite::Error| format!("opening the database at {}: {e}", path.display());
         create_private(path)?;
         let file = Arc::new(OpenedFile::open(path)?);
-        let mut conn = Connection::open(path).map_err(ctx)?;
+        let mut conn = rusqlite::Connection::open(path).map_err(ctx)?;
         configure(&conn, synchronous_full).map_err(|e| format!("{}: {e}", path.display()))?;
         migrate(&mut conn)
             .map_err(|e| format!("migrating the database at {}: {e}", path.display()))?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
-            let r = Connection::open_with_flags(
+            let r = rusqlite::Connection::open_with_flags(
                 path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
@@ -321,8 +346,28 @@ impl Db {
             r.busy_timeout(BUSY_TIMEOUT).map_err(ctx)?;
             r.execute_batch("PRAGMA query_only = ON").map_err(ctx)?;
             r.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-            readers.push(r);
+            readers.push(Connection::Lite(r));
         }
+        Db::start(conn.into(), readers, Some(file), clock)
+    }
+
+    /// Connects to PostgreSQL (`url`), migrates it, then starts the writer
+    /// thread.
+    pub fn open_pg(url: &str, clock: Clock) -> Result<Db, String> {
+        let conn = Connection::pg(url)?;
+        pg::migrate(&conn)?;
+        let readers = (0..READERS)
+            .map(|_| Connection::pg(url))
+            .collect::<Result<Vec<_>, _>>()?;
+        Db::start(conn, readers, None, clock)
+    }
+
+    fn start(
+        conn: Connection,
+        readers: Vec<Connection>,
+        file: Option<Arc<OpenedFile>>,
+        clock: Clock,
+    ) -> Result<Db, String> {
         let (tx, rx) = mpsc::channel(4096);
         let (commits_tx, commits) = watch::channel(0u64);
         std::thread::Builder::new()
@@ -341,9 +386,9 @@ impl Db {
         })
     }
 
-    /// The database file's path.
-    pub fn path(&self) -> &std::path::Path {
-        &self.file.path
+    /// The database file's path (none on PostgreSQL).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.file.as_ref().map(|f| f.path.as_path())
     }
 
     /// Where new job ids start at the least.
@@ -354,9 +399,9 @@ impl Db {
     /// Refused (503 `database_gone`) once the file was found deleted or
     /// replaced.
     pub fn writable(&self) -> Result<(), StoreError> {
-        match self.file.is_lost() {
-            true => Err(self.file.refusal()),
-            false => Ok(()),
+        match &self.file {
+            Some(file) if file.is_lost() => Err(file.refusal()),
+            _ => Ok(()),
         }
     }
 
@@ -364,11 +409,14 @@ impl Db {
     /// from the first time it does not, every write is refused. Returns
     /// whether the file is (still) in place.
     pub fn check_file(&self) -> bool {
-        if self.file.is_lost() {
+        let Some(file) = &self.file else {
+            return true;
+        };
+        if file.is_lost() {
             return false;
         }
-        match file_id(&self.file.path) {
-            Ok(id) if id == self.file.id => true,
+        match file_id(&file.path) {
+            Ok(id) if id == file.id => true,
             found => {
                 let what = match found {
                     Ok(_) => "replaced by another file".to_string(),
@@ -377,11 +425,9 @@ impl Db {
                 log::error!(
                     "the database file {} was {what}: refusing every write from now on; \
                      restore it from a backup and restart drover-coordinator",
-                    self.file.path.display()
+                    file.path.display()
                 );
-                self.file
-                    .lost
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                file.lost.store(true, std::sync::atomic::Ordering::Relaxed);
                 false
             }
         }
@@ -500,9 +546,9 @@ pub(crate) fn create_private(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("creating the database file {}: {e}", path.display()))
 }
 
-fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
+fn configure(conn: &rusqlite::Connection, synchronous_full: bool) -> Result<(), String> {
     let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .query_row("PRAGMA journal_mode = WAL", params![], |r| r.get(0))
         .map_err(|e| format!("setting WAL mode: {e}"))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!(
@@ -521,7 +567,7 @@ fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
     ))
     .map_err(|e| format!("setting pragmas: {e}"))?;
     let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .query_row("PRAGMA quick_check", params![], |r| r.get(0))
         .map_err(|e| format!("running quick_check: {e}"))?;
     if check != "ok" {
         return Err(format!(
@@ -533,8 +579,13 @@ fn configure(conn: &Connection, synchronous_full: bool) -> Result<(), String> {
 
 /// The schema's migrations, in order: (version, SQL).
 fn migrations() -> Vec<(i64, &'static str)> {
+    sections(SCHEMA)
+}
+
+/// The `-- migration N` sections of a schema file: (N, SQL).
+fn sections(schema: &'static str) -> Vec<(i64, &'static str)> {
     let mut out = Vec::new();
-    let mut rest = SCHEMA;
+    let mut rest = schema;
     while let Some(pos) = rest.find("\n-- migration ") {
         let after = &rest[pos + "\n-- migration ".len()..];
         let line_end = after.find('\n').unwrap_or(after.len());
@@ -552,12 +603,12 @@ pub fn schema_version() -> i64 {
     migrations().last().map(|m| m.0).unwrap_or(0)
 }
 
-pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
+pub(crate) fn migrate(conn: &mut rusqlite::Connection) -> Result<(), String> {
     let app_id: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .query_row("PRAGMA application_id", params![], |r| r.get(0))
         .map_err(|e| e.to_string())?;
     let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .query_row("PRAGMA user_version", params![], |r| r.get(0))
         .map_err(|e| e.to_string())?;
     if app_id != APPLICATION_ID && (app_id != 0 || version != 0) {
         return Err(format!(
@@ -583,7 +634,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
         // must bump the schema cookie itself so connections reload it; for
         // the others SQLite has bumped it already and one more is harmless.
         let cookie: i64 = tx
-            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .query_row("PRAGMA schema_version", params![], |r| r.get(0))
             .map_err(|e| format!("migration {v}: {e}"))?;
         tx.execute_batch(&format!("PRAGMA schema_version = {}", cookie + 1))
             .map_err(|e| format!("migration {v}: {e}"))?;
@@ -596,7 +647,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), String> {
     }
     // Read the schema once, so that this connection reloads it after a
     // bumped cookie now rather than re-preparing its first statements.
-    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+    conn.query_row("SELECT count(*) FROM sqlite_schema", params![], |r| {
         r.get::<_, i64>(0)
     })
     .map_err(|e| format!("reading the schema: {e}"))?;
@@ -647,8 +698,7 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
-            let e = StoreError::from(e);
+        if let Err(e) = begin(&conn) {
             log::warn!("could not begin a write transaction: {e}");
             stall.failing = true;
             for op in batch {
@@ -743,7 +793,6 @@ fn commit(
             None
         }
         Err(e) => {
-            let e = StoreError::from(e);
             log::error!("commit failed, {requests} requests rolled back: {e}");
             let _ = exec(conn, "ROLLBACK");
             stall.failing = true;
@@ -809,6 +858,15 @@ pub fn json_col(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
 }
 
+/// A migrated SQLite database at `path`, for the store's unit tests.
+#[cfg(test)]
+pub(crate) fn test_db(path: &Path) -> Connection {
+    create_private(path).unwrap();
+    let mut conn = rusqlite::Connection::open(path).unwrap();
+    migrate(&mut conn).unwrap();
+    conn.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -818,11 +876,11 @@ mod tests {
     /// mutex.
     #[test]
     fn sqlite_is_built_without_memory_statistics() {
-        let conn = Connection::open_in_memory().unwrap();
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
         let options: Vec<String> = conn
             .prepare("PRAGMA compile_options")
             .unwrap()
-            .query_map([], |r| r.get(0))
+            .query_map(params![], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
@@ -874,11 +932,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.db");
         create_private(&path).unwrap();
-        let mut conn = Connection::open(&path).unwrap();
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
         configure(&conn, true).unwrap();
         migrate(&mut conn).unwrap();
         let v: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .query_row("PRAGMA user_version", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
         // Migration 2: no CHECK is an IN list any more (each such check
@@ -895,7 +953,7 @@ mod tests {
             let plan: Vec<String> = conn
                 .prepare(&format!("EXPLAIN INSERT INTO {table} DEFAULT VALUES"))
                 .unwrap()
-                .query_map([], |r| r.get(1))
+                .query_map(params![], |r| r.get(1))
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap();
@@ -935,7 +993,7 @@ mod tests {
     fn version_1_database_migrates_with_its_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
-        let mut conn = Connection::open(&path).unwrap();
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
         configure(&conn, true).unwrap();
         let (v, sql) = migrations()[0];
         assert_eq!(v, 1);
@@ -967,7 +1025,7 @@ mod tests {
             .unwrap();
         assert!(ddl.contains("status = 'queued' OR"), "{ddl}");
         let check: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .query_row("PRAGMA integrity_check", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
     }
@@ -976,7 +1034,7 @@ mod tests {
     fn foreign_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("other.db");
-        let mut conn = Connection::open(&path).unwrap();
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 3;")
             .unwrap();
         let err = migrate(&mut conn).unwrap_err();

@@ -154,8 +154,14 @@ impl Db {
 
     /// The schema version the file holds.
     pub async fn schema_version_on_disk(&self) -> Result<i64, StoreError> {
-        self.read(|c, _| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
-            .await
+        self.read(|c, _| {
+            let sql = c.dialect(
+                "PRAGMA user_version",
+                "SELECT max(version) FROM drover_schema",
+            );
+            c.query_row(sql, rusqlite::params![], |r| r.get(0))
+        })
+        .await
     }
 
     // Dispatch.

@@ -1,19 +1,19 @@
 //! Retention: finished jobs (with their attempts and logs) and events
 //! older than the cutoff go, a batch at a time.
 
+use super::sql::Connection;
 use super::Ms;
 use super::StoreError;
-use rusqlite::Connection;
 
 /// Deletes events older than `cutoff` among the oldest `PRUNE_EVENTS` (by id, which
 /// follows time; one written before a backwards clock step waits for a
 /// later pass). At most a batch per call.
 pub fn prune_events(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError> {
-    Ok(conn
+    conn
         .prepare_cached(&format!(
             "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT {PRUNE_EVENTS}) AND at < ?1"
         ))?
-        .execute([cutoff])?)
+        .execute([cutoff])
 }
 
 /// Most jobs (and events) one retention batch deletes.
@@ -44,14 +44,13 @@ pub fn prune_finished(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     #[test]
     fn retention_prunes_old_finished_jobs_with_their_attempts_and_logs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
-        super::super::create_private(&path).unwrap();
-        let mut conn = Connection::open(&path).unwrap();
-        super::super::migrate(&mut conn).unwrap();
+        let conn = super::super::test_db(&path);
         conn.execute_batch(
             "INSERT INTO workers (id, name, state, registered_at) VALUES (1, 'w', 'idle', 0);
              INSERT INTO jobs (id, status, command, spec_sha256, run_after, created_at, finished_at)
@@ -62,7 +61,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(prune_finished(&conn, 5000).unwrap(), 1);
-        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        let count = |sql: &str| {
+            conn.query_row(sql, params![], |r| r.get::<_, i64>(0))
+                .unwrap()
+        };
         assert_eq!(
             count("SELECT count(*) FROM jobs"),
             2,
@@ -79,9 +81,9 @@ mod tests {
         .unwrap();
         assert_eq!(prune_events(&conn, 5000).unwrap(), 2);
         let kinds: Vec<String> = conn
-            .prepare("SELECT kind FROM events ORDER BY id")
+            .prepare_cached("SELECT kind FROM events ORDER BY id")
             .unwrap()
-            .query_map([], |r| r.get(0))
+            .query_map(params![], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();

@@ -2,9 +2,10 @@
 //! the load rule (idle while it runs nothing, busy while it runs a job).
 //! Below the registry, the queue and the leases, which all change states.
 
+use super::sql::{Connection, OptionalExtension};
 use super::{event, Ms, StoreError};
 use crate::lifecycle::WorkerState;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::params;
 use serde_json::json;
 
 pub fn state_of(conn: &Connection, worker_id: i64) -> Result<WorkerState, StoreError> {

@@ -1,12 +1,13 @@
 //! Worker registry: registration, authentication, heartbeats, state changes.
 
+use super::sql::{Connection, OptionalExtension};
 use super::worker_state::{health_log, refresh_load, state_of, transition};
 use super::StoreError;
 use super::{event, iso, json_col, leases, Ms};
 use crate::lifecycle::{JobStatus, WorkerState};
 use crate::model::{GpuSample, HealthChange, RecentAttempt, Stats, Worker, WorkerDetail};
 use drover_proto::{HeartbeatRequest, Order, RegisterRequest};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::params;
 use serde_json::json;
 
 /// States in which a worker is approved and alive.
@@ -279,7 +280,7 @@ fn insert_registered(
     if !auto_approve {
         let pending: i64 = conn
             .prepare_cached("SELECT count(*) FROM workers WHERE state = 'pending'")?
-            .query_row([], |r| r.get(0))?;
+            .query_row(params![], |r| r.get(0))?;
         if pending >= MAX_PENDING {
             return Err(StoreError::limited(
                 "too_many_pending",
@@ -310,7 +311,7 @@ fn insert_registered(
         address,
         inv.can_limit
     ])?;
-    let id = conn.last_insert_rowid();
+    let id = conn.last_insert_rowid()?;
     let reason = if auto_approve {
         "registered (auto-approved)"
     } else {
@@ -651,7 +652,7 @@ pub fn preregister(
         slots,
         now
     ])?;
-    let id = conn.last_insert_rowid();
+    let id = conn.last_insert_rowid()?;
     health_log(
         conn,
         now,
@@ -699,29 +700,26 @@ pub fn mark_silent_offline(
 
 /// When any worker (decommissioned ones aside) was last heard from.
 pub fn last_heard(conn: &Connection) -> Result<Option<Ms>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT max(last_seen_at) FROM workers WHERE state != 'decommissioned'")?
-        .query_row([], |r| r.get(0))?)
+    conn.prepare_cached("SELECT max(last_seen_at) FROM workers WHERE state != 'decommissioned'")?
+        .query_row(params![], |r| r.get(0))
 }
 
 /// At start: every live worker gets a fresh `last_seen_at`, since the
 /// coordinator cannot know when it last heard from it.
 pub fn rebase_liveness(conn: &Connection, now: Ms) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached(&format!(
-            "UPDATE workers SET last_seen_at = ?1 WHERE state IN {LIVE_STATES}"
-        ))?
-        .execute([now])?)
+    conn.prepare_cached(&format!(
+        "UPDATE workers SET last_seen_at = ?1 WHERE state IN {LIVE_STATES}"
+    ))?
+    .execute([now])
 }
 
 /// After the writer could not commit for `by`: live workers' silence
 /// excludes that time (their heartbeats could not be recorded).
 pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached(&format!(
-            "UPDATE workers SET last_seen_at = min(last_seen_at + ?2, ?1) WHERE state IN {LIVE_STATES}"
-        ))?
-        .execute([now, by])?)
+    conn.prepare_cached(&format!(
+        "UPDATE workers SET last_seen_at = min(last_seen_at + ?2, ?1) WHERE state IN {LIVE_STATES}"
+    ))?
+    .execute([now, by])
 }
 
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
@@ -729,7 +727,7 @@ const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, g
     (SELECT json_group_array(id) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running'),
     can_limit";
 
-fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
+fn worker_row(r: &super::sql::Row) -> rusqlite::Result<Worker> {
     Ok(Worker {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -755,7 +753,7 @@ fn worker_row(r: &rusqlite::Row) -> rusqlite::Result<Worker> {
 pub fn list(conn: &Connection) -> Result<Vec<Worker>, StoreError> {
     Ok(conn
         .prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY id"))?
-        .query_map([], worker_row)?
+        .query_map(params![], worker_row)?
         .collect::<Result<_, _>>()?)
 }
 
@@ -830,7 +828,7 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
         stats.workers.insert(state.as_str(), 0);
     }
     let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM workers GROUP BY state")?;
-    for row in stmt.query_map([], |r| {
+    for row in stmt.query_map(params![], |r| {
         Ok((r.get::<_, WorkerState>(0)?, r.get::<_, i64>(1)?))
     })? {
         let (state, n) = row?;
@@ -848,7 +846,9 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
          SELECT status, count(*) FROM jobs INDEXED BY jobs_finished_by_status
          WHERE finished_at IS NOT NULL GROUP BY status",
     )?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?)))? {
+    for row in stmt.query_map(params![], |r| {
+        Ok((r.get::<_, JobStatus>(0)?, r.get::<_, i64>(1)?))
+    })? {
         let (status, n) = row?;
         stats.jobs.insert(status.as_str(), n);
     }
@@ -858,7 +858,7 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
                (SELECT coalesce(sum(json_array_length(gpus)), 0) FROM workers WHERE state IN {LIVE_STATES}),
                (SELECT coalesce(sum(json_array_length(gpu_indices)), 0) FROM jobs WHERE status = 'running')"
         ))?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row(params![], |r| Ok((r.get(0)?, r.get(1)?)))?;
     // Queue wait of jobs dispatched in the last hour: first claim - submit.
     stats.queue_waits = conn
         .prepare_cached(
@@ -870,16 +870,16 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
     stats.queue_waits.sort_unstable();
     stats.last_event_id = conn
         .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
-        .query_row([], |r| r.get(0))?;
+        .query_row(params![], |r| r.get(0))?;
     Ok(stats)
 }
 
 /// Drops GPU samples older than `cutoff`, at most a batch per call (big
 /// deletes grow the WAL and hold the write lock).
 pub fn prune_gpu_history(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError> {
-    Ok(conn
+    conn
         .prepare_cached(
             "DELETE FROM gpu_metrics WHERE rowid IN (SELECT rowid FROM gpu_metrics WHERE at < ?1 ORDER BY at LIMIT 5000)",
         )?
-        .execute([cutoff])?)
+        .execute([cutoff])
 }
