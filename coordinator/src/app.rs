@@ -37,6 +37,7 @@ impl App {
     /// Something may have become claimable (or cancellable): dispatch.
     pub fn wake_claimers(&self) {
         self.dispatcher.kick();
+        self.db.announce_work();
     }
 
     /// A write that adds or frees work (a submission, a report): the

@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let sweeper = tokio::spawn(sweep::run(app.clone()));
     let retention = tokio::spawn(sweep::retain(app.clone()));
     let dispatcher = tokio::spawn(dispatch::run(app.clone()));
+    let remote = tokio::spawn(wake_on_remote_work(app.clone()));
     // The listener is bound: connections queue until the loop accepts them.
     drover_host::notify::ready(&format!("listening on {addr}"));
     http::serve(
@@ -121,8 +122,19 @@ pub async fn run(config: Config) -> Result<(), String> {
     sweeper.abort();
     retention.abort();
     dispatcher.abort();
+    remote.abort();
     log::info!("stopping: every acknowledged write is already on disk");
     Ok(())
+}
+
+/// Work another coordinator announced (PostgreSQL) runs a dispatch round
+/// for the claims parked here.
+async fn wake_on_remote_work(app: Arc<App>) {
+    let work = app.db.remote_work();
+    loop {
+        work.notified().await;
+        app.dispatcher.kick();
+    }
 }
 
 /// Opens the store `--db` names; an SQLite file is locked first.

@@ -50,7 +50,8 @@ pub async fn run(app: std::sync::Arc<App>) {
             drover_host::notify::watchdog();
         }
         passes = passes.wrapping_add(1);
-        if !app.db.check_file() {
+        // One coordinator of a shared database sweeps (PostgreSQL).
+        if !app.db.check_file() || !app.db.leads().await {
             continue;
         }
         if passes.is_multiple_of(CHECKPOINT_EVERY) {
@@ -154,6 +155,10 @@ pub async fn retain(app: std::sync::Arc<App>) {
         return;
     };
     loop {
+        if !app.db.leads().await {
+            tokio::time::sleep(INTERVAL).await;
+            continue;
+        }
         let pruned = app.db.prune(ms(keep)).await;
         let behind = match pruned {
             Ok((jobs, events)) => {

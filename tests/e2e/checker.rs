@@ -152,48 +152,115 @@ struct Attempt {
     outcome: Option<String>,
 }
 
-/// Checks the coordinator's database (stopped or live: read-only) and the
-/// jobs' history file against the ids whose submission was acknowledged.
+/// What the coordinator recorded: each job's (status, latest attempt), its
+/// attempts, its terminal events, and the store's integrity check.
+#[derive(Default)]
+pub struct Recorded {
+    jobs: BTreeMap<i64, (String, i64)>,
+    attempts: BTreeMap<i64, Vec<Attempt>>,
+    terminal_events: BTreeMap<i64, usize>,
+    integrity: String,
+}
+
+const JOBS: &str = "SELECT id, status, attempt FROM jobs";
+const ATTEMPTS: &str =
+    "SELECT job_id, attempt, started_at, ended_at, outcome FROM job_attempts ORDER BY job_id, attempt";
+const TERMINAL: &str = "SELECT job_id, count(*) FROM events
+     WHERE kind IN ('job.succeeded', 'job.failed', 'job.cancelled') AND job_id IS NOT NULL
+     GROUP BY job_id";
+
+impl Recorded {
+    /// From an SQLite file (stopped or live: read-only).
+    pub fn sqlite(db: &Path) -> TestResult<Recorded> {
+        let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let mut r = Recorded {
+            integrity: conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?,
+            ..Recorded::default()
+        };
+        for row in conn
+            .prepare(JOBS)?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        {
+            let (id, status, attempt) = row?;
+            r.jobs.insert(id, (status, attempt));
+        }
+        for row in conn.prepare(ATTEMPTS)?.query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                Attempt {
+                    attempt: row.get(1)?,
+                    started_at: row.get(2)?,
+                    ended_at: row.get(3)?,
+                    outcome: row.get(4)?,
+                },
+            ))
+        })? {
+            let (job, a) = row?;
+            r.attempts.entry(job).or_default().push(a);
+        }
+        for row in conn
+            .prepare(TERMINAL)?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        {
+            let (job, n): (i64, usize) = row?;
+            r.terminal_events.insert(job, n);
+        }
+        Ok(r)
+    }
+
+    /// From a PostgreSQL database (`url`).
+    pub fn postgres(url: &str) -> TestResult<Recorded> {
+        let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+        let mut r = Recorded {
+            integrity: "ok".into(),
+            ..Recorded::default()
+        };
+        for row in client.query(JOBS, &[])? {
+            r.jobs
+                .insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
+        }
+        for row in client.query(ATTEMPTS, &[])? {
+            r.attempts
+                .entry(row.try_get(0)?)
+                .or_default()
+                .push(Attempt {
+                    attempt: row.try_get(1)?,
+                    started_at: row.try_get(2)?,
+                    ended_at: row.try_get(3)?,
+                    outcome: row.try_get(4)?,
+                });
+        }
+        for row in client.query(TERMINAL, &[])? {
+            let n: i64 = row.try_get(1)?;
+            r.terminal_events.insert(row.try_get(0)?, n as usize);
+        }
+        Ok(r)
+    }
+}
+
+/// Checks the coordinator's SQLite file (stopped or live: read-only) and
+/// the jobs' history file against the ids whose submission was
+/// acknowledged.
 pub fn check(db: &Path, history: &Path, submitted: &BTreeSet<i64>) -> TestResult<Report> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    check_recorded(Recorded::sqlite(db)?, history, submitted)
+}
+
+/// The same, on what the coordinator recorded in any store.
+pub fn check_recorded(
+    recorded: Recorded,
+    history: &Path,
+    submitted: &BTreeSet<i64>,
+) -> TestResult<Report> {
+    let Recorded {
+        jobs,
+        attempts,
+        terminal_events,
+        integrity,
+    } = recorded;
     let mut r = Report {
-        integrity: conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?,
+        integrity,
         ..Report::default()
     };
-    let mut jobs: BTreeMap<i64, (String, i64)> = BTreeMap::new();
-    let mut stmt = conn.prepare("SELECT id, status, attempt FROM jobs")?;
-    for row in stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))? {
-        let (id, status, attempt) = row?;
-        jobs.insert(id, (status, attempt));
-    }
-    let mut attempts: BTreeMap<i64, Vec<Attempt>> = BTreeMap::new();
-    let mut stmt = conn.prepare(
-        "SELECT job_id, attempt, started_at, ended_at, outcome FROM job_attempts ORDER BY job_id, attempt",
-    )?;
-    for row in stmt.query_map([], |row| {
-        Ok((
-            row.get::<_, i64>(0)?,
-            Attempt {
-                attempt: row.get(1)?,
-                started_at: row.get(2)?,
-                ended_at: row.get(3)?,
-                outcome: row.get(4)?,
-            },
-        ))
-    })? {
-        let (job, a) = row?;
-        attempts.entry(job).or_default().push(a);
-    }
-    let mut terminal_events: BTreeMap<i64, usize> = BTreeMap::new();
-    let mut stmt = conn.prepare(
-        "SELECT job_id, count(*) FROM events
-         WHERE kind IN ('job.succeeded', 'job.failed', 'job.cancelled') AND job_id IS NOT NULL
-         GROUP BY job_id",
-    )?;
-    for row in stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))? {
-        let (job, n): (i64, usize) = row?;
-        terminal_events.insert(job, n);
-    }
     // What the runs themselves wrote.
     let mut started: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
     let mut finished: BTreeMap<i64, Vec<i64>> = BTreeMap::new();

@@ -95,6 +95,9 @@ pub struct Coordinator {
     extra: Vec<String>,
     env: Vec<(String, String)>,
     starts: usize,
+    /// What `--db` is given: the SQLite file, or a PostgreSQL URL
+    /// (`pg::suite_database`); none when `extra` names it.
+    db: Option<String>,
 }
 
 impl Coordinator {
@@ -130,7 +133,11 @@ impl Coordinator {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             starts: 0,
+            db: None,
         };
+        if !extra.contains(&"--db") {
+            c.db = Some(suite_database().unwrap_or_else(|| c.db_path().display().to_string()));
+        }
         c.spawn()?;
         Ok(c)
     }
@@ -144,8 +151,7 @@ impl Coordinator {
         let log_path = self.dir.join(format!("coordinator-{}.log", self.starts));
         let log = fs::File::create(&log_path)?;
         let child = Command::new(coordinator_bin())
-            .arg("--db")
-            .arg(self.db_path())
+            .args(self.db.iter().flat_map(|db| ["--db", db]))
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .args(["--admin-token", ADMIN, "--registration-secret", SECRET])
@@ -687,4 +693,26 @@ impl FakeAgent {
             Some(body.to_string().as_bytes()),
         )
     }
+}
+
+/// DROVER_TEST_POSTGRES (a server URL, `postgres://USER@HOST:PORT`): every
+/// coordinator the end-to-end tests start then keeps its store in a fresh
+/// database there instead of an SQLite file, so that the whole suite can
+/// be run against PostgreSQL. Tests that read the SQLite file itself fail
+/// in that mode.
+fn suite_database() -> Option<String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = std::env::var("DROVER_TEST_POSTGRES").ok()?;
+    let name = format!(
+        "suite_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut client = postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls)
+        .unwrap_or_else(|e| panic!("DROVER_TEST_POSTGRES={base}: {e}"));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap_or_else(|e| panic!("creating {name} on {base}: {e}"));
+    Some(format!("{base}/{name}"))
 }

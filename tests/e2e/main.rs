@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod openapi;
 mod operations;
+mod pg;
 mod queue;
 mod recovery;
 mod scheduling;

@@ -117,7 +117,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
             .extend(serde_json::from_str::<Vec<u32>>(&gpus).unwrap_or_default());
     }
     let mut stmt = conn.prepare_cached(
-        "SELECT id, name, state, tags, gpus, slots, gpu_metrics, coalesce(incarnation LIKE 'stopped:%', 0),
+        "SELECT id, name, state, tags, gpus, slots, gpu_metrics, CASE WHEN incarnation LIKE 'stopped:%' THEN 1 ELSE 0 END,
          can_limit
          FROM workers WHERE state != 'decommissioned'",
     )?;

@@ -160,10 +160,21 @@ impl StoreError {
 /// and a lost serialization race are the client's to retry; anything else
 /// is a bug.
 impl From<postgres::Error> for StoreError {
-    fn from(e: postgres::Error) -> StoreError {
-        let state = e.code().map(|c| c.code().to_string()).unwrap_or_default();
-        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-        if e.is_closed() || io || state.starts_with("08") || state.starts_with("57P") {
+    fn from(pg: postgres::Error) -> StoreError {
+        // "db error" alone says nothing: the server's message says what.
+        let e = match pg.as_db_error() {
+            Some(db) => format!(
+                "{} ({}): {}",
+                db.message(),
+                db.code().code(),
+                db.detail().unwrap_or("")
+            ),
+            None => pg.to_string(),
+        };
+        let e = e.trim_end_matches([' ', ':']);
+        let state = pg.code().map(|c| c.code().to_string()).unwrap_or_default();
+        let io = std::error::Error::source(&pg).is_some_and(|s| s.is::<std::io::Error>());
+        if pg.is_closed() || io || state.starts_with("08") || state.starts_with("57P") {
             return StoreError::unavailable(
                 "database_unreachable",
                 format!("PostgreSQL cannot be reached; retry shortly ({e})"),

@@ -127,15 +127,25 @@ pub fn submit(
             return Ok((false, get(conn, id)?));
         }
     }
-    conn.prepare_cached(
-        "INSERT INTO jobs (id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
-         preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
-         spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits)
-         VALUES (CASE WHEN ?20 > 0 THEN max((SELECT coalesce(max(id), 0) + 1 FROM jobs), ?20) END,
-         'queued',
-         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-    )?
-    .execute(params![
+    // The id: the next one, or past the floor (?20) a restore set. SQLite
+    // gives a NULL id the next one; PostgreSQL takes it from the sequence.
+    macro_rules! insert {
+        ($next:literal) => {
+            concat!(
+                "INSERT INTO jobs (id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
+                 preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
+                 spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits)
+                 VALUES (CASE WHEN ?20 > 0 THEN max((SELECT coalesce(max(id), 0) + 1 FROM jobs), ?20)
+                 ELSE ", $next, " END, 'queued',
+                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+            )
+        };
+    }
+    let sql = conn.dialect(
+        insert!("NULL"),
+        insert!("nextval(pg_get_serial_sequence('jobs', 'id'))"),
+    );
+    conn.prepare_cached(sql)?.execute(params![
         to_json(&job.command),
         to_json(&job.env),
         job.cwd,
@@ -319,7 +329,7 @@ fn apply(conn: &Connection, now: Ms, f: Fence, t: &Transition) -> Result<bool, S
         .prepare_cached(fenced!(
             "UPDATE jobs SET status = ?4, run_after = ?5, attempts_used = ?6, lease_losses = ?7,
              exit_code = ?8, result = ?9, error = ?10, lease_expires_at = NULL,
-             finished_at = CASE WHEN ?11 THEN ?12 ELSE NULL END"
+             finished_at = CASE WHEN ?11 THEN CAST(?12 AS BIGINT) ELSE NULL END"
         ))?
         .execute(params![
             f.job_id,
@@ -714,7 +724,7 @@ pub fn list(
     // Each status reads its partial index (finished ones in id order,
     // queued and running ones sorted), never a scan of the whole history.
     let (index, filter) = match status {
-        None => ("", "?1 IS NULL"),
+        None => ("", "CAST(?1 AS TEXT) IS NULL"),
         Some(JobStatus::Queued) => (
             "INDEXED BY jobs_queued_run_after",
             "status = ?1 AND status = 'queued'",

@@ -281,6 +281,10 @@ pub struct Db {
     /// New job ids start here at the least (`highwater`): past what a
     /// restored database's lost window handed out.
     id_floor: Arc<std::sync::atomic::AtomicI64>,
+    /// On PostgreSQL: whether this coordinator leads (`pg::Leader`).
+    leader: Option<Arc<Mutex<pg::Leader>>>,
+    /// On PostgreSQL: another coordinator announced work.
+    remote_work: Arc<tokio::sync::Notify>,
 }
 
 /// The database file as opened: its path and (device, inode). Once the
@@ -348,7 +352,7 @@ impl Db {
             r.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             readers.push(Connection::Lite(r));
         }
-        Db::start(conn.into(), readers, Some(file), clock)
+        Db::start(conn.into(), readers, Some(file), clock).map(|(db, _)| db)
     }
 
     /// Connects to PostgreSQL (`url`), migrates it, then starts the writer
@@ -359,22 +363,28 @@ impl Db {
         let readers = (0..READERS)
             .map(|_| Connection::pg(url))
             .collect::<Result<Vec<_>, _>>()?;
-        Db::start(conn, readers, None, clock)
+        let (mut db, commits) = Db::start(conn, readers, None, clock)?;
+        pg::listen(url.to_string(), commits, db.remote_work.clone())?;
+        db.leader = Some(Arc::new(Mutex::new(pg::Leader::new(url)?)));
+        Ok(db)
     }
 
+    /// Starts the writer; returns the handle and the sender of commits.
     fn start(
         conn: Connection,
         readers: Vec<Connection>,
         file: Option<Arc<OpenedFile>>,
         clock: Clock,
-    ) -> Result<Db, String> {
+    ) -> Result<(Db, Arc<watch::Sender<u64>>), String> {
         let (tx, rx) = mpsc::channel(4096);
         let (commits_tx, commits) = watch::channel(0u64);
+        let commits_tx = Arc::new(commits_tx);
+        let sender = commits_tx.clone();
         std::thread::Builder::new()
             .name("db-writer".into())
             .spawn(move || writer_loop(conn, rx, clock, commits_tx))
             .map_err(|e| format!("starting the database writer thread: {e}"))?;
-        Ok(Db {
+        let db = Db {
             writer: tx,
             readers: Arc::new(Mutex::new(readers)),
             reader_permits: Arc::new(Semaphore::new(READERS)),
@@ -383,7 +393,40 @@ impl Db {
             write_seconds: Arc::new(Histogram::new(crate::metrics::FAST)),
             file,
             id_floor: Arc::default(),
-        })
+            leader: None,
+            remote_work: Arc::default(),
+        };
+        Ok((db, sender))
+    }
+
+    /// Whether this coordinator runs the background work (the lease sweep,
+    /// retention): always on SQLite, the leader's on PostgreSQL.
+    pub async fn leads(&self) -> bool {
+        let Some(leader) = self.leader.clone() else {
+            return true;
+        };
+        tokio::task::spawn_blocking(move || leader.lock().map(|mut l| l.check()).unwrap_or(false))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Notified when another coordinator announced work (PostgreSQL).
+    pub fn remote_work(&self) -> Arc<tokio::sync::Notify> {
+        self.remote_work.clone()
+    }
+
+    /// Tells the other coordinators (PostgreSQL) that work may have become
+    /// claimable: a notification that joins the next commit, unwaited.
+    pub fn announce_work(&self) {
+        if self.leader.is_none() {
+            return;
+        }
+        let (reply, _) = oneshot::channel::<Result<(), StoreError>>();
+        let f = |c: &Connection, _| {
+            c.execute("SELECT pg_notify(?1, 'work')", params![pg::CHANNEL])
+                .map(drop)
+        };
+        let _ = self.writer.try_send(Box::new(Op { f, reply }));
     }
 
     /// The database file's path (none on PostgreSQL).
@@ -687,7 +730,7 @@ fn writer_loop(
     conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn WriteOp>>,
     clock: Clock,
-    commits: watch::Sender<u64>,
+    commits: Arc<watch::Sender<u64>>,
 ) {
     let mut stall = Stall {
         last_commit: Instant::now(),
@@ -775,7 +818,14 @@ fn commit(
     requests: usize,
     stall: &mut Stall,
 ) -> Option<StoreError> {
-    match exec(conn, "COMMIT") {
+    // Other coordinators' followers of events and logs read again.
+    let announced = match conn {
+        Connection::Pg(_) => conn
+            .execute("SELECT pg_notify(?1, 'commit')", params![pg::CHANNEL])
+            .map(drop),
+        Connection::Lite(_) => Ok(()),
+    };
+    match announced.and_then(|()| exec(conn, "COMMIT")) {
         Ok(()) => {
             commits.send_modify(|n| *n = n.wrapping_add(1));
             if let Some((stalled, leases)) = granted {

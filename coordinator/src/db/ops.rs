@@ -48,12 +48,20 @@ impl Db {
     /// Re-times what was measured on the previous process's clock: running
     /// leases get `grace` to be renewed, live workers a fresh silence
     /// window, waiting jobs their backoff. (leases, workers, jobs) changed.
+    /// Nothing on PostgreSQL.
     pub async fn prepare_start(
         &self,
         grace: Ms,
         retry_base: Ms,
     ) -> Result<(usize, usize, usize), StoreError> {
         self.write(move |c, now| {
+            // Coordinators sharing a database keep leases on clocks that
+            // agree (wall time, NTP): one starting moves nothing, and a
+            // whole cluster down is the sweep's deafness (leases held until
+            // a worker is heard again).
+            if c.is_pg() {
+                return Ok((0, 0, 0));
+            }
             Ok((
                 leases::rebase_leases(c, now, grace)?,
                 workers::rebase_liveness(c, now)?,

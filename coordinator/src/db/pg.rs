@@ -49,7 +49,10 @@ pub fn migrate(conn: &Connection) -> Result<(), String> {
 /// it. True when it was applied.
 fn apply(conn: &Connection, v: i64, sql: &str, known: i64) -> Result<bool, StoreError> {
     conn.execute("SELECT pg_advisory_xact_lock(?1)", params![MIGRATIONS])?;
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS drover_schema (version BIGINT NOT NULL)")?;
+    conn.execute_batch(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS drover_schema (version BIGINT NOT NULL)",
+    )?;
     let at: Option<i64> =
         conn.query_row("SELECT max(version) FROM drover_schema", params![], |r| {
             r.get(0)
@@ -74,4 +77,135 @@ fn apply(conn: &Connection, v: i64, sql: &str, known: i64) -> Result<bool, Store
         params![v],
     )?;
     Ok(true)
+}
+
+/// Listens for the other coordinators' commits (LISTEN on [`CHANNEL`]),
+/// on a thread of its own with its own connection: every notification
+/// bumps `commits` (followers of events and logs read again), and a
+/// `work` one wakes `work` (the dispatcher runs a round for the claims
+/// parked here). Reconnects after a lost connection, and then wakes both:
+/// what was announced meanwhile is not known.
+pub fn listen(
+    url: String,
+    commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    work: std::sync::Arc<tokio::sync::Notify>,
+) -> Result<(), String> {
+    let config: postgres::Config = url
+        .parse()
+        .map_err(|e| format!("the PostgreSQL URL is not valid: {e}"))?;
+    let wake = move |kind: &str| {
+        commits.send_modify(|n| *n = n.wrapping_add(1));
+        if kind == "work" {
+            work.notify_one();
+        }
+    };
+    std::thread::Builder::new()
+        .name("pg-listen".into())
+        .spawn(move || loop {
+            match config.connect(postgres::NoTls) {
+                Ok(mut client) => {
+                    wake("work");
+                    if let Err(e) = follow(&mut client, &wake) {
+                        log::warn!("listening for other coordinators: {e}; reconnecting");
+                    }
+                }
+                Err(e) => log::warn!("listening for other coordinators: {e}; retrying"),
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        })
+        .map(drop)
+        .map_err(|e| format!("starting the PostgreSQL listener thread: {e}"))
+}
+
+/// Hands each notification to `wake` until the connection fails.
+fn follow(client: &mut postgres::Client, wake: &impl Fn(&str)) -> Result<(), postgres::Error> {
+    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    use postgres::fallible_iterator::FallibleIterator;
+    loop {
+        let next = client
+            .notifications()
+            .timeout_iter(std::time::Duration::from_secs(5))
+            .next()?;
+        match next {
+            Some(n) => wake(n.payload()),
+            // Quiet: check that the connection still stands.
+            None => client.batch_execute("SELECT 1")?,
+        }
+    }
+}
+
+/// The leader lock: the one coordinator holding it runs the lease sweep
+/// and retention. A session lock on a connection of its own, so that it
+/// goes with the holder's session (a dead coordinator's is gone once the
+/// server notices, within seconds with TCP keepalives) and another
+/// coordinator's next try takes it.
+pub struct Leader {
+    config: postgres::Config,
+    client: Option<postgres::Client>,
+    /// Whether `client`'s session holds the lock.
+    held: bool,
+}
+
+impl Leader {
+    pub fn new(url: &str) -> Result<Leader, String> {
+        let config = url
+            .parse()
+            .map_err(|e| format!("the PostgreSQL URL is not valid: {e}"))?;
+        Ok(Leader {
+            config,
+            client: None,
+            held: false,
+        })
+    }
+
+    /// Whether this coordinator leads now: takes the lock when it is free,
+    /// and notices losing it with its session.
+    pub fn check(&mut self) -> bool {
+        let was = self.held;
+        self.held = match self.try_lock() {
+            Ok(held) => held,
+            Err(e) => {
+                log::warn!("checking the leader lock: {e}");
+                self.client = None;
+                false
+            }
+        };
+        if self.held != was {
+            match self.held {
+                true => {
+                    log::info!("this coordinator now leads: it runs the lease sweep and retention")
+                }
+                false => log::warn!(
+                    "this coordinator does not lead: another runs the lease sweep and retention"
+                ),
+            }
+        }
+        self.held
+    }
+
+    /// Takes the lock (again: session locks stack, so a re-take by the
+    /// holder is undone at once). A new session holds nothing yet.
+    fn try_lock(&mut self) -> Result<bool, postgres::Error> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.held = false;
+            let mut client = self.config.connect(postgres::NoTls)?;
+            // The server notices a holder gone without a goodbye (a host
+            // lost, a cable cut) within ~10 s, not TCP's default 2 hours.
+            client.batch_execute(
+                "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 2; \
+                 SET tcp_keepalives_count = 3",
+            )?;
+            self.client = Some(client);
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Ok(false);
+        };
+        let took: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER])?
+            .try_get(0)?;
+        if took && self.held {
+            client.execute("SELECT pg_advisory_unlock($1)", &[&LEADER])?;
+        }
+        Ok(took)
+    }
 }

@@ -236,6 +236,18 @@ impl Statement<'_> {
     }
 }
 
+/// The client says goodbye to the server as it is dropped, blocking: off
+/// the async runtime's threads, where blocking panics.
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.get_mut().take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                std::thread::spawn(move || drop(client));
+            }
+        }
+    }
+}
+
 impl PgConn {
     /// The live client, connecting first when there is none (the server
     /// restarted, or a failover moved the primary).
@@ -436,6 +448,7 @@ fn pg_value(
         Type::BOOL => Value::Integer(bool::from_sql(ty, raw)?.into()),
         Type::FLOAT8 => Value::Real(f64::from_sql(ty, raw)?),
         Type::FLOAT4 => Value::Real(f32::from_sql(ty, raw)?.into()),
+        Type::NUMERIC => numeric(raw)?,
         Type::BYTEA => Value::Blob(raw.to_vec()),
         Type::JSON => Value::Text(String::from_utf8(raw.to_vec())?),
         Type::JSONB => Value::Text(String::from_utf8(raw.get(1..).unwrap_or(&[]).to_vec())?),
@@ -443,6 +456,32 @@ fn pg_value(
             Value::Text(String::from_utf8(raw.to_vec())?)
         }
         _ => return Err(format!("no SQLite value for type {ty}").into()),
+    })
+}
+
+/// A NUMERIC (what `sum` of BIGINTs gives) in PostgreSQL's binary form:
+/// digit count, weight, sign, scale, then base-10,000 digits. An integer
+/// when its scale is 0, else a real.
+fn numeric(raw: &[u8]) -> Result<Value, Box<dyn std::error::Error + Sync + Send>> {
+    let word = |i: usize| -> Result<u16, String> {
+        raw.get(2 * i..2 * i + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| "a truncated NUMERIC".to_string())
+    };
+    let (digits, weight, sign, scale) = (word(0)?, word(1)? as i16, word(2)?, word(3)?);
+    if sign == 0xC000 {
+        return Err("a NaN NUMERIC".into());
+    }
+    let mut v = 0f64;
+    for i in 0..digits as usize {
+        v += f64::from(word(4 + i)?) * 10_000f64.powi(i32::from(weight) - i as i32);
+    }
+    if sign == 0x4000 {
+        v = -v;
+    }
+    Ok(match scale {
+        0 if v.abs() < 9.0e15 => Value::Integer(v as i64),
+        _ => Value::Real(v),
     })
 }
 

@@ -212,7 +212,7 @@ fn update_registered(
     let (gpus, tags, slots) = stored_inventory(req)?;
     conn.prepare_cached(
         "UPDATE workers SET token_hash = ?2, hostname = ?3, cpu_cores = ?4, memory_mb = ?5,
-         gpus = ?6, tags = CASE WHEN tags_pinned THEN tags ELSE ?7 END, slots = ?8,
+         gpus = ?6, tags = CASE WHEN tags_pinned = 1 THEN tags ELSE ?7 END, slots = ?8,
          agent_version = ?9, last_seen_at = ?10, incarnation = NULL,
          machine_id = ?11, name = ?12, address = ?13, can_limit = ?14 WHERE id = ?1",
     )?
@@ -877,9 +877,10 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
 /// Drops GPU samples older than `cutoff`, at most a batch per call (big
 /// deletes grow the WAL and hold the write lock).
 pub fn prune_gpu_history(conn: &Connection, cutoff: Ms) -> Result<usize, StoreError> {
-    conn
-        .prepare_cached(
-            "DELETE FROM gpu_metrics WHERE rowid IN (SELECT rowid FROM gpu_metrics WHERE at < ?1 ORDER BY at LIMIT 5000)",
-        )?
-        .execute([cutoff])
+    // A row's own address: SQLite's rowid, PostgreSQL's ctid.
+    let sql = conn.dialect(
+        "DELETE FROM gpu_metrics WHERE rowid IN (SELECT rowid FROM gpu_metrics WHERE at < ?1 ORDER BY at LIMIT 5000)",
+        "DELETE FROM gpu_metrics WHERE ctid IN (SELECT ctid FROM gpu_metrics WHERE at < ?1 ORDER BY at LIMIT 5000)",
+    );
+    conn.prepare_cached(sql)?.execute([cutoff])
 }

@@ -1,0 +1,356 @@
+//! A real PostgreSQL server for the tests: `initdb` as the `postgres` user
+//! into a temp dir, `pg_ctl start` on a free 127.0.0.1 port, stopped (and
+//! removed) when dropped. Needs root (to become `postgres`) and the
+//! PostgreSQL binaries on PATH; `.ci/run` makes both required.
+
+use super::checker;
+use super::harness::{env_or, free_port, wait_for, Agent, Api, Coordinator, TestResult};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+/// Why the PostgreSQL tests cannot run here, if they cannot.
+pub fn missing() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("needs root (initdb runs as the postgres user)".into());
+    }
+    for bin in ["initdb", "pg_ctl", "postgres"] {
+        if which(bin).is_none() {
+            return Some(format!(
+                "needs PostgreSQL's {bin} on PATH (apt install postgresql)"
+            ));
+        }
+    }
+    if Command::new("id")
+        .arg("postgres")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        return Some("needs a postgres user (apt install postgresql)".into());
+    }
+    None
+}
+
+/// Skips (returning true) when PostgreSQL is missing, unless
+/// DROVER_REQUIRE_POSTGRES is set: then missing it fails the test.
+pub fn skip() -> bool {
+    let Some(why) = missing() else {
+        return false;
+    };
+    assert!(
+        std::env::var_os("DROVER_REQUIRE_POSTGRES").is_none(),
+        "DROVER_REQUIRE_POSTGRES is set but PostgreSQL cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+    true
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.exists())
+    })
+}
+
+fn as_postgres(cmd: &str) -> TestResult {
+    let out = Command::new("su")
+        .args(["postgres", "-s", "/bin/sh", "-c", cmd])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+impl PgServer {
+    /// A new cluster, started.
+    pub fn start() -> TestResult<PgServer> {
+        let dir = tempfile::tempdir()?;
+        std::os::unix::fs::chown(dir.path(), Some(uid("postgres")?), None)?;
+        let server = PgServer {
+            dir,
+            port: free_port()?,
+        };
+        as_postgres(&format!(
+            "initdb -D {} -A trust -U postgres --no-sync >/dev/null",
+            server.data().display()
+        ))?;
+        server.pg_ctl("start -w")?;
+        server.create_db("drover")?;
+        Ok(server)
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg_ctl(&self, what: &str) -> TestResult {
+        as_postgres(&format!(
+            "pg_ctl -D {data} -l {data}/../server.log -o '-p {port} -k {dir} -c listen_addresses=127.0.0.1' {what}",
+            data = self.data().display(),
+            port = self.port,
+            dir = self.dir.path().display(),
+        ))
+    }
+
+    /// Fast shutdown, then start again (the server restarted under load).
+    pub fn restart(&self) -> TestResult {
+        self.pg_ctl("stop -m fast -w")?;
+        self.pg_ctl("start -w")
+    }
+
+    /// The URL of database `db` on this server.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn create_db(&self, name: &str) -> TestResult {
+        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)?;
+        client.batch_execute(&format!("CREATE DATABASE {name}"))?;
+        Ok(())
+    }
+
+    /// Runs `sql` on `db` and returns the first column of each row, as
+    /// text.
+    pub fn query(&self, db: &str, sql: &str) -> TestResult<Vec<String>> {
+        let mut client = postgres::Client::connect(&self.url(db), postgres::NoTls)?;
+        Ok(client
+            .simple_query(sql)?
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl("stop -m immediate -w");
+    }
+}
+
+fn uid(user: &str) -> TestResult<u32> {
+    let out = Command::new("id").args(["-u", user]).output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
+/// Coordinators on one database: each in its own directory (logs), all
+/// with `--db url` and `flags`.
+fn coordinators(dir: &Path, url: &str, n: usize, flags: &[&str]) -> TestResult<Vec<Coordinator>> {
+    (0..n)
+        .map(|i| {
+            let d = dir.join(format!("coordinator-{i}"));
+            std::fs::create_dir_all(&d)?;
+            let mut args = vec!["--db", url, "--auto-approve"];
+            args.extend_from_slice(flags);
+            Coordinator::start(&d, &args)
+        })
+        .collect()
+}
+
+/// The coordinators' URLs starting at the `first`th: an agent's list.
+fn url_list(coords: &[Coordinator], first: usize) -> String {
+    (0..coords.len())
+        .map(|k| coords[(first + k) % coords.len()].url.clone())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A job submitted to one coordinator reaches an agent whose claim is
+/// parked on another at once: the submission's commit notifies the other
+/// coordinators (LISTEN/NOTIFY), which run a dispatch round. Without it the
+/// claim would wait for something to happen on its own coordinator.
+#[test]
+fn a_submission_on_one_coordinator_wakes_a_claim_parked_on_another() -> TestResult {
+    if skip() {
+        return Ok(());
+    }
+    let server = PgServer::start()?;
+    let url = server.url("drover");
+    let dir = tempfile::tempdir()?;
+    let coords = coordinators(dir.path(), &url, 2, &[])?;
+    let _agent = Agent::start(&coords[1].url, dir.path(), "parked", &[])?;
+    let api = coords[0].api();
+    wait_for("the agent to register", Duration::from_secs(20), || {
+        let r = api.admin("GET", "/api/v1/workers?state=idle", None)?;
+        Ok((r.body["workers"].as_array().map_or(0, Vec::len) == 1).then_some(()))
+    })?;
+    // Let the claim park on coordinator 1.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let id = api.submit(&json!({"command": ["true"]}))?;
+        let job = wait_for("the job to finish", Duration::from_secs(20), || {
+            let job = api.job(id)?;
+            Ok((job["status"] == "succeeded").then_some(job))
+        })?;
+        let started = ms_of(&job["started_at"])?;
+        let created = ms_of(&job["created_at"])?;
+        waits.push(started - created);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    println!("submitted on coordinator 0, granted through coordinator 1 after (ms): {waits:?}");
+    assert!(
+        waits.iter().all(|w| *w < 2_000),
+        "a claim parked on another coordinator waited for its own poll: {waits:?} ms"
+    );
+    Ok(())
+}
+
+/// 3 coordinators on one PostgreSQL database, 6 agents (each with the
+/// three URLs, in its own order), 5,000 jobs submitted across them while
+/// one coordinator after another is killed (-9) and restarted every few
+/// seconds, and PostgreSQL itself restarted (fast shutdown) half way: no
+/// acknowledged job lost, none run twice at once, no stale report
+/// accepted (the chaos checker, on the PostgreSQL tables).
+#[test]
+fn three_coordinators_on_postgres_survive_kills_and_a_server_restart() -> TestResult {
+    if skip() {
+        return Ok(());
+    }
+    let n_jobs = env_or("DROVER_PG_CHAOS_JOBS", 5000) as usize;
+    let server = PgServer::start()?;
+    let url = server.url("drover");
+    let dir = tempfile::tempdir()?;
+    let history = dir.path().join("history.txt");
+    let flags = ["--lease-ttl", "3", "--retry-backoff", "0"];
+    let mut coords = coordinators(dir.path(), &url, 3, &flags)?;
+    let agents: Vec<Agent> = (0..6)
+        .map(|i| {
+            let list = url_list(&coords, i);
+            Agent::start(
+                &list,
+                dir.path(),
+                &format!("a{i}"),
+                &["--slots", "4", "--kill-grace", "1"],
+            )
+        })
+        .collect::<TestResult<_>>()?;
+    let apis: Vec<Api> = coords.iter().map(Coordinator::api).collect();
+    let specs: Vec<Value> = (0..n_jobs)
+        .map(|i| {
+            json!({
+                "command": checker::recorded(&history, "true"),
+                "max_attempts": 50,
+                "idempotency_key": format!("job-{i}"),
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let (mut kills, mut pg_restarts) = (0, 0);
+    let submitted = std::thread::scope(|scope| -> TestResult<BTreeSet<i64>> {
+        let submitter = scope.spawn(|| submit_anywhere(&apis, &specs).map_err(|e| e.to_string()));
+        let limit = Duration::from_secs(300 + n_jobs as u64 / 10);
+        let mut next_kill = Instant::now() + Duration::from_secs(2);
+        loop {
+            let done = finished(&apis);
+            if submitter.is_finished() && done >= n_jobs {
+                break;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "not done in {limit:?}: {done} of {n_jobs} finished"
+            );
+            if pg_restarts == 0 && done >= n_jobs / 2 {
+                server.restart()?;
+                pg_restarts += 1;
+                println!("postgres restarted (fast shutdown) at {done}/{n_jobs}");
+            }
+            if Instant::now() >= next_kill {
+                let victim = &mut coords[kills % 3];
+                victim.kill9();
+                std::thread::sleep(Duration::from_millis(500));
+                victim.restart()?;
+                kills += 1;
+                next_kill = Instant::now() + Duration::from_secs(3);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(submitter.join().map_err(|_| "the submitter panicked")??)
+    })?;
+    let elapsed = started.elapsed();
+    drop(agents);
+    for c in &mut coords {
+        c.kill9();
+    }
+    let report = checker::check_recorded(checker::Recorded::postgres(&url)?, &history, &submitted)?;
+    println!(
+        "postgres chaos: {} jobs acknowledged, all finished in {:.1}s ({:.0} jobs/s) with {kills} coordinator kills and {pg_restarts} PostgreSQL restart\n{report}",
+        submitted.len(),
+        elapsed.as_secs_f64(),
+        submitted.len() as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(
+        submitted.len(),
+        n_jobs,
+        "every submission acknowledged in the end"
+    );
+    report.assert_valid();
+    Ok(())
+}
+
+/// Submits `specs` in batches, each to the next coordinator that answers
+/// (a killed one refuses; its idempotency keys make a retry safe).
+/// Returns the acknowledged ids.
+fn submit_anywhere(apis: &[Api], specs: &[Value]) -> TestResult<BTreeSet<i64>> {
+    let mut ids = BTreeSet::new();
+    for (n, chunk) in specs.chunks(250).enumerate() {
+        let body = json!(chunk);
+        let mut tries = 0;
+        loop {
+            let api = &apis[(n + tries) % apis.len()];
+            match api.admin("POST", "/api/v1/jobs", Some(&body)) {
+                Ok(r) if r.status == 201 || r.status == 200 => {
+                    for j in r.body["jobs"].as_array().ok_or("no jobs")? {
+                        ids.insert(j["id"].as_i64().ok_or("no id")?);
+                    }
+                    break;
+                }
+                _ => {
+                    tries += 1;
+                    assert!(tries < 200, "no coordinator took batch {n}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Jobs finished, as the first coordinator that answers counts them.
+fn finished(apis: &[Api]) -> usize {
+    apis.iter()
+        .find_map(|api| match api.admin("GET", "/api/v1/stats", None) {
+            Ok(r) if r.status == 200 => Some(
+                ["succeeded", "failed", "cancelled"]
+                    .iter()
+                    .map(|s| r.body["jobs"][s].as_u64().unwrap_or(0))
+                    .sum::<u64>() as usize,
+            ),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time in the API's JSON.
+fn ms_of(v: &Value) -> TestResult<i64> {
+    let t = humantime::parse_rfc3339(v.as_str().ok_or("not a time")?)?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
+}
