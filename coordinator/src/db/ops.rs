@@ -48,7 +48,7 @@ impl Db {
     /// Re-times what was measured on the previous process's clock: running
     /// leases get `grace` to be renewed, live workers a fresh silence
     /// window, waiting jobs their backoff. (leases, workers, jobs) changed.
-    /// Nothing on PostgreSQL.
+    /// On PostgreSQL only the waiting jobs.
     pub async fn prepare_start(
         &self,
         grace: Ms,
@@ -56,11 +56,11 @@ impl Db {
     ) -> Result<(usize, usize, usize), StoreError> {
         self.write(move |c, now| {
             // Coordinators sharing a database keep leases on clocks that
-            // agree (wall time, NTP): one starting moves nothing, and a
+            // agree (wall time, NTP): one starting moves no lease, and a
             // whole cluster down is the sweep's deafness (leases held until
-            // a worker is heard again).
+            // a worker is heard again). No retry waits past its backoff.
             if c.is_pg() {
-                return Ok((0, 0, 0));
+                return Ok((0, 0, jobs::rebase_waiting(c, now, retry_base)?));
             }
             Ok((
                 leases::rebase_leases(c, now, grace)?,
