@@ -17,10 +17,18 @@
 //!    simulate`: jobs complete at once, no processes, each batch reported
 //!    with the next claim) drain them, with `synchronous=FULL` (the
 //!    default) and `NORMAL`.
+//! 4. PostgreSQL beside SQLite (`-- postgres`; needs root and PostgreSQL's
+//!    binaries): the coordinator's share of dispatch (p50/p99) and the
+//!    simulated agents' durable throughput on SQLite (FULL), on PostgreSQL
+//!    with one coordinator, and with three on one database (each with a
+//!    third of the simulated agents).
 
 #[allow(dead_code)]
 #[path = "../e2e/harness.rs"]
 mod harness;
+#[allow(dead_code)]
+#[path = "../e2e/pgserver.rs"]
+mod pgserver;
 
 use harness::*;
 use serde_json::json;
@@ -155,6 +163,13 @@ fn coordinator_share(n: usize, synchronous: &str) -> TestResult {
         dir.path(),
         &["--auto-approve", "--sqlite-synchronous", synchronous],
     )?;
+    share_on(&coord, n, &format!("synchronous={synchronous}"))?;
+    Ok(())
+}
+
+/// The coordinator's share on `coord`; returns (p50, p99) of submit ->
+/// claim reply, in ms.
+fn share_on(coord: &Coordinator, n: usize, label: &str) -> TestResult<(f64, f64)> {
     let api = coord.api();
     let agent = FakeAgent::register(&api, "share")?;
     let claims = Api::new(&coord.url);
@@ -185,11 +200,13 @@ fn coordinator_share(n: usize, synchronous: &str) -> TestResult {
         })?;
     }
     println!(
-        "the coordinator's share, a stand-in agent parked on a claim, {n} sequential jobs, synchronous={synchronous}:"
+        "the coordinator's share, a stand-in agent parked on a claim, {n} sequential jobs, {label}:"
     );
+    to_reply.sort_by(|a, b| a.total_cmp(b));
+    let p = (pct(&to_reply, 0.5), pct(&to_reply, 0.99));
     summary("submit -> claim reply read", to_reply);
     summary("submit -> 201 read", to_created);
-    Ok(())
+    Ok(p)
 }
 
 fn throughput(n: usize, agents: usize) -> TestResult {
@@ -234,21 +251,49 @@ fn simulated_throughput(
         dir.path(),
         &["--auto-approve", "--sqlite-synchronous", synchronous],
     )?;
-    let api = coord.api();
+    let span = drain(n, agents, slots, &[coord], dir.path(), || {
+        claim_to_completion_span(&dir.path().join("drover.db"))
+    })?;
+    let rate = n as f64 / span;
+    println!(
+        "  {agents:>2} simulated agents x {slots:>2} slots, synchronous={synchronous:<6} {rate:>7.0} jobs/s ({span:.2}s)"
+    );
+    Ok(rate)
+}
+
+/// Queues `n` no-op jobs, then `agents` simulated agents x `slots` drain
+/// them, split evenly over `coords` (each simulator with its own first
+/// coordinator); returns the seconds from the first claim to the last
+/// completion (`span` reads them from the store).
+fn drain(
+    n: usize,
+    agents: usize,
+    slots: usize,
+    coords: &[Coordinator],
+    dir: &std::path::Path,
+    span: impl Fn() -> TestResult<f64>,
+) -> TestResult<f64> {
+    let api = coords[0].api();
     let batch: Vec<_> = (0..5000).map(|_| json!({"command": ["true"]})).collect();
     for _ in 0..n / 5000 {
         let r = api.admin("POST", "/api/v1/jobs", Some(&json!(batch)))?;
         assert_eq!(r.status, 201, "{}", r.text);
     }
-    let mut sim = std::process::Command::new(agent_bin())
-        .args(["simulate", "--agents", &agents.to_string()])
-        .args(["--slots", &slots.to_string()])
-        .args(["--duration", "300", "--coordinator", &coord.url])
-        .args(["--registration-secret", SECRET, "--state-dir"])
-        .arg(dir.path().join("sim"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let mut sims = Vec::new();
+    for (i, coord) in coords.iter().enumerate() {
+        let share = agents / coords.len() + usize::from(i < agents % coords.len());
+        sims.push(
+            std::process::Command::new(agent_bin())
+                .args(["simulate", "--agents", &share.to_string()])
+                .args(["--slots", &slots.to_string()])
+                .args(["--duration", "300", "--coordinator", &coord.url])
+                .args(["--registration-secret", SECRET, "--state-dir"])
+                .arg(dir.join(format!("sim-{i}")))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
     let done = wait_for(
         "the simulated agents to drain the queue",
         Duration::from_secs(300),
@@ -257,15 +302,85 @@ fn simulated_throughput(
             Ok((r.body["jobs"]["succeeded"].as_u64() == Some(n as u64)).then_some(()))
         },
     );
-    let _ = sim.kill();
-    let _ = sim.wait();
+    for mut sim in sims {
+        let _ = sim.kill();
+        let _ = sim.wait();
+    }
     done?;
-    let span = claim_to_completion_span(&coord.db_path())?;
-    let rate = n as f64 / span;
+    span()
+}
+
+/// PostgreSQL beside SQLite, in one run: the coordinator's share of
+/// dispatch, and the durable throughput of simulated agents with one and
+/// with three coordinators on one database.
+fn postgres() -> TestResult {
+    if let Some(why) = pgserver::missing() {
+        println!("(PostgreSQL part skipped: {why})");
+        return Ok(());
+    }
+    let (n, agents, slots) = (20_000, 4, 64);
+    println!("PostgreSQL beside SQLite ({n} no-op jobs, {agents} simulated agents x {slots} slots for throughput):");
+    let dir = tempfile::tempdir()?;
+    let lite = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let lite_share = share_on(&lite, 500, "SQLite (FULL)")?;
+    drop(lite);
+    let lite_rate = simulated_throughput(n, agents, slots, "full")?;
+    let mut rows = vec![("SQLite, 1 coordinator", lite_share, lite_rate)];
+    for coordinators in [1, 3] {
+        let server = pgserver::PgServer::start()?;
+        let url = server.url("drover");
+        let dir = tempfile::tempdir()?;
+        let coords: Vec<Coordinator> = (0..coordinators)
+            .map(|i| {
+                let d = dir.path().join(format!("c{i}"));
+                std::fs::create_dir_all(&d)?;
+                Coordinator::start(&d, &["--db", &url, "--auto-approve"])
+            })
+            .collect::<TestResult<_>>()?;
+        let label = format!("PostgreSQL, {coordinators} coordinator(s)");
+        let share = share_on(&coords[0], 500, &label)?;
+        let span = drain(n, agents, slots, &coords, dir.path(), || pg_span(&url))?;
+        println!("  {label}: {:.0} jobs/s ({span:.2}s)", n as f64 / span);
+        rows.push((
+            if coordinators == 1 {
+                "PostgreSQL, 1 coordinator"
+            } else {
+                "PostgreSQL, 3 coordinators"
+            },
+            share,
+            n as f64 / span,
+        ));
+    }
     println!(
-        "  {agents:>2} simulated agents x {slots:>2} slots, synchronous={synchronous:<6} {rate:>7.0} jobs/s ({span:.2}s)"
+        "  {:<28} {:>10} {:>10} {:>10} {:>12}",
+        "", "p50 ms", "p99 ms", "jobs/s", "vs SQLite"
     );
-    Ok(rate)
+    for (label, (p50, p99), rate) in &rows {
+        println!(
+            "  {label:<28} {p50:>10.2} {p99:>10.2} {rate:>10.0} {:>11.2}x",
+            rate / lite_rate
+        );
+    }
+    let pg1 = rows[1].2;
+    println!(
+        "  goal: PostgreSQL within 2x of SQLite on one coordinator (throughput {:.2}x, p50 {:.2}x): {}",
+        lite_rate / pg1,
+        rows[1].1 .0 / lite_share.0,
+        if lite_rate / pg1 <= 2.0 && rows[1].1 .0 / lite_share.0 <= 2.0 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
+/// Seconds from the first claim to the last completion, on PostgreSQL.
+fn pg_span(url: &str) -> TestResult<f64> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    let span: i64 = client
+        .query_one(
+            "SELECT max(ended_at) - min(started_at) FROM job_attempts",
+            &[],
+        )?
+        .try_get(0)?;
+    Ok(span as f64 / 1000.0)
 }
 
 /// Seconds from the first claim to the last completion, from the database.
@@ -289,8 +404,9 @@ fn main() -> TestResult {
     if args.iter().any(|a| a == "--list") {
         return Ok(());
     }
-    // `-- latency`, `-- share` or `-- throughput` runs that part alone.
-    let parts = ["latency", "share", "throughput"];
+    // `-- latency`, `-- share`, `-- throughput` or `-- postgres` runs that
+    // part alone.
+    let parts = ["latency", "share", "throughput", "postgres"];
     let named: Vec<&str> = parts
         .into_iter()
         .filter(|p| args.iter().any(|a| a == p))
@@ -309,6 +425,9 @@ fn main() -> TestResult {
     if part("share") {
         coordinator_share(500, "full")?;
         coordinator_share(500, "normal")?;
+    }
+    if part("postgres") {
+        postgres()?;
     }
     if !part("throughput") {
         return Ok(());

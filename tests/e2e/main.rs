@@ -14,6 +14,7 @@ mod hostile;
 mod openapi;
 mod operations;
 mod pg;
+mod pgserver;
 mod queue;
 mod recovery;
 mod scheduling;
