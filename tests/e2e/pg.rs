@@ -283,3 +283,54 @@ fn coordinators_follow_a_promoted_standby() -> TestResult {
     report.assert_valid();
     Ok(())
 }
+
+/// The coordinator whose log says it leads (runs the sweep), if any.
+fn leader(coords: &[Coordinator]) -> Option<usize> {
+    coords.iter().position(|c| {
+        let logs = std::fs::read_dir(&c.dir).into_iter().flatten().flatten();
+        logs.filter(|e| e.file_name().to_string_lossy().starts_with("coordinator-"))
+            .any(|e| {
+                std::fs::read_to_string(e.path())
+                    .is_ok_and(|t| t.contains("this coordinator now leads"))
+            })
+    })
+}
+
+/// The lease sweep runs on one coordinator; when that one dies, another
+/// takes the leader lock and expires the leases of a dead agent.
+#[test]
+fn the_sweep_moves_to_another_coordinator_when_its_leader_dies() -> TestResult {
+    if skip() {
+        return Ok(());
+    }
+    let server = PgServer::start()?;
+    let url = server.url("drover");
+    let dir = tempfile::tempdir()?;
+    let mut coords = coordinators(dir.path(), &url, 2, &["--lease-ttl", "3"])?;
+    let first = wait_for("a leader", Duration::from_secs(10), || Ok(leader(&coords)))?;
+    let other = 1 - first;
+    let api = coords[other].api();
+    let mut agent = Agent::start(&coords[other].url, dir.path(), "doomed", &[])?;
+    let id = api.submit(&json!({"command": ["sleep", "60"], "max_attempts": 3}))?;
+    wait_for("the job to run", Duration::from_secs(20), || {
+        Ok((api.job(id)?["status"] == "running").then_some(()))
+    })?;
+    coords[first].kill9();
+    let killed = Instant::now();
+    agent.kill9();
+    let job = wait_for("the lease to expire", Duration::from_secs(60), || {
+        let job = api.job(id)?;
+        Ok((job["status"] == "queued").then_some(job))
+    })?;
+    let took = killed.elapsed();
+    println!(
+        "leader killed; coordinator {other} took over and expired the dead agent's lease {:.1}s later (TTL 3 s)",
+        took.as_secs_f64()
+    );
+    assert!(
+        leader(&coords[other..=other]).is_some(),
+        "coordinator {other} never said it leads"
+    );
+    assert_eq!(job["attempts"][0]["outcome"], "lease_lost", "{job}");
+    Ok(())
+}

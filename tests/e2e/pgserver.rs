@@ -18,7 +18,7 @@ pub fn missing() -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some("needs root (initdb runs as the postgres user)".into());
     }
-    for bin in ["initdb", "pg_ctl", "postgres"] {
+    for bin in ["initdb", "pg_ctl", "postgres", "pg_basebackup"] {
         if which(bin).is_none() {
             return Some(format!(
                 "needs PostgreSQL's {bin} on PATH (apt install postgresql)"
@@ -58,6 +58,13 @@ fn which(bin: &str) -> Option<PathBuf> {
     })
 }
 
+/// A PostgreSQL program's path as found on this process's PATH (`su` may
+/// set another).
+fn bin(name: &str) -> String {
+    which(name).map_or(name.to_string(), |p| p.display().to_string())
+}
+
+/// Runs `cmd` (shell) as the postgres user.
 fn as_postgres(cmd: &str) -> TestResult {
     let out = Command::new("su")
         .args(["postgres", "-s", "/bin/sh", "-c", cmd])
@@ -84,7 +91,8 @@ impl PgServer {
             port: free_port()?,
         };
         as_postgres(&format!(
-            "initdb -D {} -A trust -U postgres --no-sync >/dev/null",
+            "{} -D {} -A trust -U postgres --no-sync >/dev/null",
+            bin("initdb"),
             server.data().display()
         ))?;
         server.pg_ctl("start -w")?;
@@ -98,7 +106,8 @@ impl PgServer {
 
     fn pg_ctl(&self, what: &str) -> TestResult {
         as_postgres(&format!(
-            "pg_ctl -D {data} -l {data}/../server.log -o '-p {port} -k {dir} -c listen_addresses=127.0.0.1' {what}",
+            "{pg_ctl} -D {data} -l {data}/../server.log -o '-p {port} -k {dir} -c listen_addresses=127.0.0.1' {what}",
+            pg_ctl = bin("pg_ctl"),
             data = self.data().display(),
             port = self.port,
             dir = self.dir.path().display(),
@@ -115,7 +124,8 @@ impl PgServer {
             port: free_port()?,
         };
         as_postgres(&format!(
-            "pg_basebackup -h 127.0.0.1 -p {} -U postgres -D {} -R -X stream -c fast",
+            "{} -h 127.0.0.1 -p {} -U postgres -D {} -R -X stream -c fast",
+            bin("pg_basebackup"),
             self.port,
             standby.data().display()
         ))?;

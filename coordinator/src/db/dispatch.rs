@@ -49,12 +49,12 @@ const NEXT_GPUS_SQL: &str =
 const HEADS_SQL: &str = "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
     FROM jobs INDEXED BY jobs_queue
     WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb = ?3 AND run_after <= ?4
-    ORDER BY priority DESC, id";
+    ORDER BY priority DESC, id LIMIT ?5";
 const FALLBACK_SQL: &str =
     "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
     FROM jobs INDEXED BY jobs_queue_fallback
     WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
-    ORDER BY priority DESC, id";
+    ORDER BY priority DESC, id LIMIT ?3";
 const ANY_READY_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queued_run_after
     WHERE status = 'queued' AND run_after <= ?1)";
 const NEXT_READY_SQL: &str = "SELECT min(run_after) FROM jobs INDEXED BY jobs_queued_run_after
@@ -234,10 +234,16 @@ fn heads(
 ) -> Result<Vec<Candidate>, StoreError> {
     let mut stmt = conn.prepare_cached(HEADS_SQL)?;
     let rows = stmt.query_map(
-        params![shape.gpus, shape.tags_json, shape.min_vram_mb, ready_by],
+        params![
+            shape.gpus,
+            shape.tags_json,
+            shape.min_vram_mb,
+            ready_by,
+            limit as i64
+        ],
         candidate,
     )?;
-    Ok(rows.take(limit).collect::<Result<_, _>>()?)
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// The heads of the queue the waiting offers could take now: per shape that
@@ -272,10 +278,7 @@ fn candidates(
         .max()
         .unwrap_or(0);
     let mut stmt = conn.prepare_cached(FALLBACK_SQL)?;
-    for c in stmt
-        .query_map(params![max_free, now], candidate)?
-        .take(SCAN)
-    {
+    for c in stmt.query_map(params![max_free, now, SCAN as i64], candidate)? {
         out.push(c?);
     }
     out.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));

@@ -193,6 +193,8 @@ impl Statement<'_> {
         }
     }
 
+    /// Every row, mapped (read whole: a query that wants fewer says
+    /// `LIMIT`).
     pub fn query_map<T, F>(
         &mut self,
         args: impl Args,
@@ -487,7 +489,8 @@ fn numeric(raw: &[u8]) -> Result<Value, Box<dyn std::error::Error + Sync + Send>
 
 #[cfg(test)]
 mod tests {
-    use super::{placeholders, to_pg};
+    use super::{numeric, placeholders, to_pg};
+    use rusqlite::types::Value;
 
     #[test]
     fn placeholders_become_dollars_outside_quotes() {
@@ -499,5 +502,23 @@ mod tests {
             to_pg("SELECT 1 FROM jobs INDEXED BY jobs_queue WHERE id = ?1"),
             "SELECT 1 FROM jobs  WHERE id = $1"
         );
+    }
+
+    /// NUMERIC's binary form: 12,345,678 is the base-10,000 digits 1234
+    /// and 5678 with weight 1; -1.5 is 1 and 5000 with weight 0, scale 1.
+    #[test]
+    fn numerics_read_as_sqlite_values() {
+        let words = |w: &[u16]| w.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
+        assert_eq!(
+            numeric(&words(&[2, 1, 0, 0, 1234, 5678])).unwrap(),
+            Value::Integer(12_345_678)
+        );
+        assert_eq!(
+            numeric(&words(&[2, 0, 0x4000, 1, 1, 5000])).unwrap(),
+            Value::Real(-1.5)
+        );
+        assert_eq!(numeric(&words(&[0, 0, 0, 0])).unwrap(), Value::Integer(0));
+        assert!(numeric(&words(&[0, 0, 0xC000, 0])).is_err());
+        assert!(numeric(&[0, 1]).is_err());
     }
 }
