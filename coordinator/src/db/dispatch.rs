@@ -21,7 +21,9 @@ use drover_proto::{Assignment, GpuInfo, GpuMetrics, Order};
 use rusqlite::params;
 use std::collections::HashMap;
 
-/// Queued jobs looked at per shape in one round.
+/// Queued jobs looked at per shape in one round: the LIMIT of the queries
+/// that read heads of the queue. A constant, not a parameter: SQLite
+/// prepares a statement with a bound LIMIT again at every run.
 const SCAN: usize = 256;
 
 // No `LIMIT ?` in the round's queries: SQLite re-prepares a statement with a
@@ -49,12 +51,12 @@ const NEXT_GPUS_SQL: &str =
 const HEADS_SQL: &str = "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
     FROM jobs INDEXED BY jobs_queue
     WHERE status = 'queued' AND gpus = ?1 AND required_tags = ?2 AND min_vram_mb = ?3 AND run_after <= ?4
-    ORDER BY priority DESC, id LIMIT ?5";
+    ORDER BY priority DESC, id LIMIT 256";
 const FALLBACK_SQL: &str =
     "SELECT id, priority, run_after, gpus, min_vram_mb, required_tags, preferred_tags, cpu_fallback
     FROM jobs INDEXED BY jobs_queue_fallback
     WHERE status = 'queued' AND cpu_fallback = 1 AND gpus > ?1 AND run_after <= ?2
-    ORDER BY priority DESC, id LIMIT ?3";
+    ORDER BY priority DESC, id LIMIT 256";
 const ANY_READY_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queued_run_after
     WHERE status = 'queued' AND run_after <= ?1)";
 const NEXT_READY_SQL: &str = "SELECT min(run_after) FROM jobs INDEXED BY jobs_queued_run_after
@@ -234,16 +236,10 @@ fn heads(
 ) -> Result<Vec<Candidate>, StoreError> {
     let mut stmt = conn.prepare_cached(HEADS_SQL)?;
     let rows = stmt.query_map(
-        params![
-            shape.gpus,
-            shape.tags_json,
-            shape.min_vram_mb,
-            ready_by,
-            limit as i64
-        ],
+        params![shape.gpus, shape.tags_json, shape.min_vram_mb, ready_by],
         candidate,
     )?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    Ok(rows.take(limit).collect::<Result<_, _>>()?)
 }
 
 /// The heads of the queue the waiting offers could take now: per shape that
@@ -278,7 +274,7 @@ fn candidates(
         .max()
         .unwrap_or(0);
     let mut stmt = conn.prepare_cached(FALLBACK_SQL)?;
-    for c in stmt.query_map(params![max_free, now, SCAN as i64], candidate)? {
+    for c in stmt.query_map(params![max_free, now], candidate)? {
         out.push(c?);
     }
     out.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));
@@ -537,6 +533,8 @@ mod tests {
         check(NEXT_VRAM_SQL, "jobs_queue");
         check(NEXT_TAGS_SQL, "jobs_queue");
         check(NEXT_GPUS_SQL, "jobs_queue");
+        assert!(HEADS_SQL.ends_with(&format!("LIMIT {SCAN}")));
+        assert!(FALLBACK_SQL.ends_with(&format!("LIMIT {SCAN}")));
         check(HEADS_SQL, "jobs_queue");
         check(FALLBACK_SQL, "jobs_queue_fallback");
         check(ANY_READY_SQL, "jobs_queued_run_after");
