@@ -315,12 +315,15 @@ fn the_sweep_moves_to_another_coordinator_when_its_leader_dies() -> TestResult {
     wait_for("the job to run", Duration::from_secs(20), || {
         Ok((api.job(id)?["status"] == "running").then_some(()))
     })?;
+    // A live agent beside it: a coordinator that hears no agent at all
+    // holds every lease (decision 0041).
+    let _alive = Agent::start(&coords[other].url, dir.path(), "alive", &[])?;
     coords[first].kill9();
     let killed = Instant::now();
     agent.kill9();
     let job = wait_for("the lease to expire", Duration::from_secs(60), || {
         let job = api.job(id)?;
-        Ok((job["status"] == "queued").then_some(job))
+        Ok((job["attempts"][0]["outcome"] == "lease_lost").then_some(job))
     })?;
     let took = killed.elapsed();
     println!(
