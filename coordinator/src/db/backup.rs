@@ -20,6 +20,15 @@ pub struct Copied {
 
 /// Copies the Drover database `db` to `dest`, which must not exist.
 pub fn backup(db: &Path, dest: &Path) -> Result<Copied, String> {
+    let url = db.to_string_lossy();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // (The URL is not echoed: it may hold a password.)
+        return Err(
+            "backup copies an SQLite file; back up a PostgreSQL store with \
+             PostgreSQL's own tools (pg_dump, pg_basebackup, a streaming standby)"
+                .into(),
+        );
+    }
     if dest.exists() {
         return Err(format!(
             "{} already exists: a backup never overwrites; pick a new path",
@@ -153,6 +162,9 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE t (x);")
             .unwrap();
+        let secret = Path::new("postgres://drover:hunter2@db:5432/drover");
+        let err = backup(secret, &dir.path().join("pg.db")).unwrap_err();
+        assert!(err.contains("pg_dump") && !err.contains("hunter2"), "{err}");
         let err = backup(&other, &dir.path().join("x.db")).unwrap_err();
         assert!(err.contains("not a Drover database"), "{err}");
     }
