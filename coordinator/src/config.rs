@@ -130,6 +130,12 @@ pub struct Args {
     #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// PEM certificate(s) of the CA that signed PostgreSQL's server
+    /// certificate: connect to it over TLS, verified (with --db
+    /// postgres://...). Without it the connection is plain.
+    #[arg(long, env = "DROVER_DB_CA_CERT")]
+    pub db_ca_cert: Option<PathBuf>,
+
     /// `full` (default: an acknowledged write survives power loss) or
     /// `normal` (never corrupts, may lose the last commits on power loss).
     #[arg(long, env = "DROVER_SQLITE_SYNCHRONOUS", default_value = "full")]
@@ -186,6 +192,8 @@ pub struct Config {
     pub db: PathBuf,
     /// The PostgreSQL URL, when `--db` is one.
     pub postgres: Option<String>,
+    /// The CA of PostgreSQL's certificate: TLS to it.
+    pub db_ca_cert: Option<PathBuf>,
     pub listen: SocketAddr,
     pub admin_token: Secret,
     pub registration_secret: Secret,
@@ -263,6 +271,7 @@ impl Config {
         Ok(Config {
             db,
             postgres,
+            db_ca_cert: args.db_ca_cert,
             listen,
             admin_token,
             registration_secret,

@@ -145,7 +145,8 @@ async fn open_store(config: &Config) -> Result<(Db, Option<lockfile::Lock>), Str
         return Ok((db, Some(lock)));
     };
     // The PostgreSQL client blocks: it connects off the runtime.
-    let db = tokio::task::spawn_blocking(move || Db::open_pg(&url, Clock::new()))
+    let ca = config.db_ca_cert.clone();
+    let db = tokio::task::spawn_blocking(move || Db::open_pg(&url, ca.as_deref(), Clock::new()))
         .await
         .map_err(|e| format!("connecting to PostgreSQL: {e}"))??;
     Ok((db, None))

@@ -337,3 +337,59 @@ fn the_sweep_moves_to_another_coordinator_when_its_leader_dies() -> TestResult {
     assert_eq!(job["attempts"][0]["outcome"], "lease_lost", "{job}");
     Ok(())
 }
+
+/// `--db-ca-cert`: every connection of the coordinator is TLS, verified
+/// against that CA. A server whose certificate another CA signed is
+/// refused, and a URL asking for TLS without a CA is refused with a hint.
+#[test]
+fn tls_to_postgres_is_verified_and_used_for_every_connection() -> TestResult {
+    if skip() {
+        return Ok(());
+    }
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])?;
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let server = PgServer::start_with_tls(Some((&cert_pem, &key_pem)))?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert_pem)?;
+    let ca = ca.display().to_string();
+    let url = server.url("drover");
+    let coord = Coordinator::start(dir.path(), &["--db", &url, "--db-ca-cert", &ca])?;
+    coord.api().submit(&json!({"command": ["true"]}))?;
+    let per_kind = server.query(
+        "postgres",
+        "SELECT count(*) FILTER (WHERE s.ssl) || ' ' || count(*) FILTER (WHERE NOT s.ssl)
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = 'drover'",
+    )?;
+    println!("the coordinator's connections to PostgreSQL, TLS and plain: {per_kind:?}");
+    let (tls, plain) = per_kind[0].split_once(' ').ok_or("no counts")?;
+    assert!(
+        tls.parse::<u32>()? >= 6,
+        "writer, readers, listener, leader: {per_kind:?}"
+    );
+    assert_eq!(plain, "0", "{per_kind:?}");
+
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])?;
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(&wrong, other.cert.pem())?;
+    std::fs::create_dir_all(dir.path().join("wrong"))?;
+    std::fs::create_dir_all(dir.path().join("plain"))?;
+    let refused = Coordinator::start(
+        &dir.path().join("wrong"),
+        &["--db", &url, "--db-ca-cert", &wrong.display().to_string()],
+    );
+    let e = refused
+        .err()
+        .ok_or("a coordinator trusted a certificate its CA did not sign")?;
+    assert!(
+        e.to_string().contains("PostgreSQL cannot be reached"),
+        "{e}"
+    );
+    let plain_url = format!("{url}?sslmode=require");
+    let refused = Coordinator::start(&dir.path().join("plain"), &["--db", &plain_url]);
+    let e = refused
+        .err()
+        .ok_or("sslmode=require without a CA was taken")?;
+    assert!(e.to_string().contains("--db-ca-cert"), "{e}");
+    Ok(())
+}

@@ -84,6 +84,12 @@ fn as_postgres(cmd: &str) -> TestResult {
 impl PgServer {
     /// A new cluster, started.
     pub fn start() -> TestResult<PgServer> {
+        PgServer::start_with_tls(None)
+    }
+
+    /// A new cluster, started; with `tls` (certificate PEM, key PEM) it
+    /// also offers TLS with that certificate.
+    pub fn start_with_tls(tls: Option<(&str, &str)>) -> TestResult<PgServer> {
         let dir = tempfile::tempdir()?;
         std::os::unix::fs::chown(dir.path(), Some(uid("postgres")?), None)?;
         let server = PgServer {
@@ -95,9 +101,30 @@ impl PgServer {
             bin("initdb"),
             server.data().display()
         ))?;
+        if let Some((cert, key)) = tls {
+            server.offer_tls(cert, key)?;
+        }
         server.pg_ctl("start -w")?;
         server.create_db("drover")?;
         Ok(server)
+    }
+
+    /// `ssl = on` with this certificate and key (the key the postgres
+    /// user's alone, as PostgreSQL insists).
+    fn offer_tls(&self, cert: &str, key: &str) -> TestResult {
+        use std::os::unix::fs::PermissionsExt;
+        let postgres = uid("postgres")?;
+        for (name, pem, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+            let path = self.data().join(name);
+            std::fs::write(&path, pem)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            std::os::unix::fs::chown(&path, Some(postgres), None)?;
+        }
+        let conf = self.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)?;
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text)?;
+        Ok(())
     }
 
     pub fn data(&self) -> PathBuf {

@@ -355,17 +355,18 @@ impl Db {
         Db::start(conn.into(), readers, Some(file), clock).map(|(db, _)| db)
     }
 
-    /// Connects to PostgreSQL (`url`), migrates it, then starts the writer
-    /// thread.
-    pub fn open_pg(url: &str, clock: Clock) -> Result<Db, String> {
-        let conn = Connection::pg(url)?;
+    /// Connects to PostgreSQL (`url`; over TLS verified against `ca` when
+    /// given), migrates it, then starts the writer thread.
+    pub fn open_pg(url: &str, ca: Option<&Path>, clock: Clock) -> Result<Db, String> {
+        let tls = pg::Tls::new(ca)?;
+        let conn = Connection::pg(url, &tls)?;
         pg::migrate(&conn)?;
         let readers = (0..READERS)
-            .map(|_| Connection::pg(url))
+            .map(|_| Connection::pg(url, &tls))
             .collect::<Result<Vec<_>, _>>()?;
         let (mut db, commits) = Db::start(conn, readers, None, clock)?;
-        pg::listen(url.to_string(), commits, db.remote_work.clone())?;
-        db.leader = Some(Arc::new(Mutex::new(pg::Leader::new(url)?)));
+        pg::listen(url, tls.clone(), commits, db.remote_work.clone())?;
+        db.leader = Some(Arc::new(Mutex::new(pg::Leader::new(url, tls)?)));
         Ok(db)
     }
 

@@ -17,6 +17,75 @@ pub const LEADER: i64 = 0x4452_5652_0003;
 /// The channel coordinators notify after a commit that may wake a claim.
 pub const CHANNEL: &str = "drover_wake";
 
+/// How a coordinator reaches PostgreSQL: in the clear, or over TLS
+/// verified against the CA of `--db-ca-cert` (then always: a server that
+/// offers no TLS is refused, not talked to in the clear).
+#[derive(Clone)]
+pub enum Tls {
+    Off,
+    Verified(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    pub fn new(ca: Option<&std::path::Path>) -> Result<Tls, String> {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        let Some(ca) = ca else {
+            return Ok(Tls::Off);
+        };
+        let read =
+            |e: &dyn std::fmt::Display| format!("reading --db-ca-cert {}: {e}", ca.display());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).map_err(|e| read(&e))? {
+            roots
+                .add(cert.map_err(|e| read(&e))?)
+                .map_err(|e| read(&e))?;
+        }
+        if roots.is_empty() {
+            return Err(read(&"no PEM certificate in it"));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS to PostgreSQL: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls::Verified(
+            tokio_postgres_rustls::MakeRustlsConnect::new(config),
+        ))
+    }
+
+    /// The URL's settings, checked against this TLS choice.
+    pub fn config(&self, url: &str) -> Result<postgres::Config, String> {
+        use postgres::config::SslMode;
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| format!("the PostgreSQL URL is not valid: {e}"))?;
+        match self {
+            Tls::Verified(_) => {
+                config.ssl_mode(SslMode::Require);
+            }
+            Tls::Off if config.get_ssl_mode() == SslMode::Require => {
+                return Err(
+                    "the PostgreSQL URL asks for sslmode=require: give --db-ca-cert, \
+                     the CA that signed the server's certificate"
+                        .into(),
+                )
+            }
+            Tls::Off => {
+                config.ssl_mode(SslMode::Disable);
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn connect(&self, config: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
+        match self {
+            Tls::Off => config.connect(postgres::NoTls),
+            Tls::Verified(tls) => config.connect(tls.clone()),
+        }
+    }
+}
+
 /// Applies the migrations the database lacks, each in one transaction,
 /// under a lock so that coordinators starting together migrate once.
 /// Refuses a database newer than this binary.
@@ -86,13 +155,12 @@ fn apply(conn: &Connection, v: i64, sql: &str, known: i64) -> Result<bool, Store
 /// parked here). Reconnects after a lost connection, and then wakes both:
 /// what was announced meanwhile is not known.
 pub fn listen(
-    url: String,
+    url: &str,
+    tls: Tls,
     commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     work: std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
-    let config: postgres::Config = url
-        .parse()
-        .map_err(|e| format!("the PostgreSQL URL is not valid: {e}"))?;
+    let config = tls.config(url)?;
     let wake = move |kind: &str| {
         commits.send_modify(|n| *n = n.wrapping_add(1));
         if kind == "work" {
@@ -102,7 +170,7 @@ pub fn listen(
     std::thread::Builder::new()
         .name("pg-listen".into())
         .spawn(move || loop {
-            match config.connect(postgres::NoTls) {
+            match tls.connect(&config) {
                 Ok(mut client) => {
                     wake("work");
                     if let Err(e) = follow(&mut client, &wake) {
@@ -141,18 +209,17 @@ fn follow(client: &mut postgres::Client, wake: &impl Fn(&str)) -> Result<(), pos
 /// coordinator's next try takes it.
 pub struct Leader {
     config: postgres::Config,
+    tls: Tls,
     client: Option<postgres::Client>,
     /// Whether `client`'s session holds the lock.
     held: bool,
 }
 
 impl Leader {
-    pub fn new(url: &str) -> Result<Leader, String> {
-        let config = url
-            .parse()
-            .map_err(|e| format!("the PostgreSQL URL is not valid: {e}"))?;
+    pub fn new(url: &str, tls: Tls) -> Result<Leader, String> {
         Ok(Leader {
-            config,
+            config: tls.config(url)?,
+            tls,
             client: None,
             held: false,
         })
@@ -188,7 +255,7 @@ impl Leader {
     fn try_lock(&mut self) -> Result<bool, postgres::Error> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.held = false;
-            let mut client = self.config.connect(postgres::NoTls)?;
+            let mut client = self.tls.connect(&self.config)?;
             // The server notices a holder gone without a goodbye (a host
             // lost, a cable cut) within ~10 s, not TCP's default 2 hours.
             client.batch_execute(

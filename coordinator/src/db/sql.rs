@@ -26,6 +26,7 @@ impl From<rusqlite::Connection> for Connection {
 /// A PostgreSQL connection, its prepared statements, and how to reconnect.
 pub struct PgConn {
     config: postgres::Config,
+    tls: super::pg::Tls,
     client: RefCell<Option<postgres::Client>>,
     cache: RefCell<HashMap<String, postgres::Statement>>,
 }
@@ -106,12 +107,10 @@ impl Row<'_> {
 
 impl Connection {
     /// Connects to PostgreSQL (`postgres://...`, several hosts allowed).
-    pub fn pg(url: &str) -> Result<Connection, String> {
-        let config: postgres::Config = url
-            .parse()
-            .map_err(|e| format!("the PostgreSQL URL is not valid: {e}"))?;
+    pub fn pg(url: &str, tls: &super::pg::Tls) -> Result<Connection, String> {
         let conn = PgConn {
-            config,
+            config: tls.config(url)?,
+            tls: tls.clone(),
             client: RefCell::new(None),
             cache: RefCell::default(),
         };
@@ -257,11 +256,7 @@ impl PgConn {
         let mut slot = self.client.borrow_mut();
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
             self.cache.borrow_mut().clear();
-            *slot = Some(
-                self.config
-                    .connect(postgres::NoTls)
-                    .map_err(StoreError::from)?,
-            );
+            *slot = Some(self.tls.connect(&self.config).map_err(StoreError::from)?);
         }
         Ok(std::cell::RefMut::map(slot, |c| {
             c.as_mut().expect("connected just above")
