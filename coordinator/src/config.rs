@@ -174,7 +174,7 @@ fn cors_origins(origins: Vec<String>) -> Result<Vec<String>, String> {
 
 /// Where `--db` points: (the SQLite file, the PostgreSQL URL). A path or
 /// `sqlite://PATH` is SQLite; `postgres://` or `postgresql://` PostgreSQL.
-fn store(db: &std::path::Path) -> (PathBuf, Option<String>) {
+pub(crate) fn store(db: &std::path::Path) -> (PathBuf, Option<String>) {
     let text = db.to_string_lossy();
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         return (PathBuf::from("drover.db"), Some(text.into_owned()));

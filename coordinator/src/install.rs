@@ -25,6 +25,14 @@ pub fn install(prefix: Option<&Path>, no_systemd: bool, mut args: Args) -> Resul
     if let (Some(p), true) = (prefix, args.db == Path::new(DEFAULT_DB)) {
         args.db = p.join("var/lib/drover/drover.db");
     }
+    if crate::config::store(&args.db).1.is_some() {
+        return Err(
+            "install sets up a coordinator on an SQLite file: install with the \
+             default --db, then put DROVER_DB=postgres://... in the env file \
+             (README, \"Growing past one machine\")"
+                .into(),
+        );
+    }
     keep_or_make_secrets(&mut args, &env_file)?;
     let config = Config::from_args(args.clone())?;
     let systemd = !no_systemd;

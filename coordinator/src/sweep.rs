@@ -4,7 +4,7 @@
 //! own loop: a batch a second, or one every 100 ms while it is behind.
 
 use crate::app::App;
-use crate::db::{highwater, ms, retention, wall_offset, Ms};
+use crate::db::{ms, retention, wall_offset, Ms};
 use crate::error::ApiError;
 use std::time::Duration;
 
@@ -25,8 +25,6 @@ pub struct Swept {
     pub deaf: Option<Ms>,
     /// Leases given a fresh TTL on hearing a worker again.
     pub rebased: usize,
-    /// The next job id the database would hand out.
-    pub next_job_id: Ms,
 }
 
 /// Passes between WAL checkpoints.
@@ -39,8 +37,6 @@ pub async fn run(app: std::sync::Arc<App>) {
     let mut offset = wall_offset(app.db.clock().now());
     // No worker heard from for a TTL at the last pass: leases held.
     let mut deaf = false;
-    // The high-water mark beside the database, as last written.
-    let mut mark = app.db.path().and_then(highwater::read);
     // systemd's watchdog (WatchdogSec=): a pass a second shows the runtime
     // runs; a stuck one gets the coordinator restarted.
     let watchdog = drover_host::notify::watchdog_interval().is_some();
@@ -77,15 +73,6 @@ pub async fn run(app: std::sync::Arc<App>) {
                 }
                 log_deafness(deaf, &swept, app.db.clock().now());
                 deaf = swept.deaf.is_some();
-                // Only ever up: retention deleting the newest job must not
-                // lower it.
-                let next = swept.next_job_id.max(app.db.id_floor());
-                if let Some(path) = app.db.path().filter(|_| mark.is_none_or(|m| next > m)) {
-                    match highwater::write(path, next) {
-                        Ok(()) => mark = Some(next),
-                        Err(e) => log::warn!("{e}: a restore could not tell how far ids went"),
-                    }
-                }
                 if swept.expired > 0 || swept.offline > 0 {
                     log::info!(
                         "sweep expired_leases={} workers_offline={} took_ms={:.1}",
@@ -131,7 +118,6 @@ pub async fn run_once(app: &App, was: Ms, was_deaf: bool) -> Result<Swept, ApiEr
         wall_offset: pass.wall_offset,
         deaf: pass.deaf,
         rebased: pass.rebased,
-        next_job_id: pass.next_job_id,
     };
     app.metrics
         .leases_expired

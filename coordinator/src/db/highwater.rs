@@ -29,6 +29,41 @@ pub fn read(db: &Path) -> Option<i64> {
     std::fs::read_to_string(path(db)).ok()?.trim().parse().ok()
 }
 
+/// The mark as the database writer keeps it: after every commit that moved
+/// the next job id on, and before any request of that commit is answered,
+/// so that no acknowledged id is ever past the mark. (A mark written by a
+/// timer lagged the last second's ids: a replica restored from inside that
+/// second was not behind it, and handed those ids out again.)
+pub struct Mark {
+    db: PathBuf,
+    written: Option<i64>,
+}
+
+impl Mark {
+    pub fn new(db: &Path) -> Mark {
+        Mark {
+            db: db.to_path_buf(),
+            written: read(db),
+        }
+    }
+
+    /// After a commit: moves the mark on to the next job id, never back
+    /// (retention may delete the newest job).
+    pub fn follow(&mut self, conn: &super::Connection) {
+        let next = match super::jobs::next_id(conn) {
+            Ok(next) => next,
+            Err(e) => return log::warn!("reading the next job id for the high-water mark: {e}"),
+        };
+        if self.written.is_some_and(|w| next <= w) {
+            return;
+        }
+        match write(&self.db, next) {
+            Ok(()) => self.written = Some(next),
+            Err(e) => log::warn!("{e}: a restore could not tell how far ids went"),
+        }
+    }
+}
+
 /// Writes the mark (under a temporary name, then renamed: whole or old).
 pub fn write(db: &Path, next_id: i64) -> Result<(), String> {
     use std::io::Write;

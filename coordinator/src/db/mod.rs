@@ -381,9 +381,10 @@ impl Db {
         let (commits_tx, commits) = watch::channel(0u64);
         let commits_tx = Arc::new(commits_tx);
         let sender = commits_tx.clone();
+        let mark = file.as_ref().map(|f| highwater::Mark::new(&f.path));
         std::thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || writer_loop(conn, rx, clock, commits_tx))
+            .spawn(move || writer_loop(conn, rx, clock, commits_tx, mark))
             .map_err(|e| format!("starting the database writer thread: {e}"))?;
         let db = Db {
             writer: tx,
@@ -732,6 +733,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Box<dyn WriteOp>>,
     clock: Clock,
     commits: Arc<watch::Sender<u64>>,
+    mut mark: Option<highwater::Mark>,
 ) {
     let mut stall = Stall {
         last_commit: Instant::now(),
@@ -775,6 +777,9 @@ fn writer_loop(
             finishers.len(),
             &mut stall,
         );
+        if let (None, Some(mark)) = (&commit_error, mark.as_mut()) {
+            mark.follow(&conn);
+        }
         for finish in finishers {
             finish(commit_error.clone());
         }

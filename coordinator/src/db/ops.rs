@@ -30,8 +30,6 @@ pub struct Pass {
     pub deaf: Option<Ms>,
     /// Leases given a fresh TTL: the first pass that heard a worker again.
     pub rebased: usize,
-    /// The next job id the database would hand out.
-    pub next_job_id: i64,
     /// Jobs waiting for `not_before` re-timed after a wall-clock step.
     pub retimed: usize,
     /// The wall clock's offset this pass went by.
@@ -98,7 +96,6 @@ impl Db {
                 expired = leases::expire_leases(c, now)?;
             }
             let offline = workers::mark_silent_offline(c, now, now - ttl, (ttl / 1000) as u64)?;
-            let next_job_id = jobs::next_id(c)?;
             workers::prune_gpu_history(c, now - history)?;
             let mut wall = wall_offset(now);
             let mut retimed = 0;
@@ -112,7 +109,6 @@ impl Db {
                 offline,
                 deaf,
                 rebased,
-                next_job_id,
                 retimed,
                 wall_offset: wall,
             })
