@@ -147,12 +147,7 @@ pub const NO_ROWS: &str = "no_rows";
 
 impl StoreError {
     pub fn no_rows() -> StoreError {
-        StoreError::internal("the query returned no rows").with_code(NO_ROWS)
-    }
-
-    fn with_code(mut self, code: &'static str) -> StoreError {
-        self.code = code;
-        self
+        StoreError::new(Kind::Internal, NO_ROWS, "the query returned no rows")
     }
 }
 

@@ -213,7 +213,13 @@ pub struct Leader {
     client: Option<postgres::Client>,
     /// Whether `client`'s session holds the lock.
     held: bool,
+    /// When the lock was last checked: the sweep and retention both ask,
+    /// the server is asked once per `RECHECK`.
+    checked: Option<std::time::Instant>,
 }
+
+/// How long a leader check's answer stands (under the sweep's second).
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(900);
 
 impl Leader {
     pub fn new(url: &str, tls: Tls) -> Result<Leader, String> {
@@ -222,12 +228,17 @@ impl Leader {
             tls,
             client: None,
             held: false,
+            checked: None,
         })
     }
 
     /// Whether this coordinator leads now: takes the lock when it is free,
     /// and notices losing it with its session.
     pub fn check(&mut self) -> bool {
+        if self.checked.is_some_and(|t| t.elapsed() < RECHECK) {
+            return self.held;
+        }
+        self.checked = Some(std::time::Instant::now());
         let was = self.held;
         self.held = match self.try_lock() {
             Ok(held) => held,

@@ -32,26 +32,28 @@ pub struct PgConn {
 }
 
 /// The parameters of one statement: `params![...]`, or an array of
-/// values of one type.
+/// values of one type. Lent as a slice, without an allocation: the writer
+/// runs several statements per request.
 pub trait Args {
-    fn values(&self) -> Vec<&dyn ToSql>;
+    fn with<R>(&self, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R;
 }
 
 impl Args for &[&dyn ToSql] {
-    fn values(&self) -> Vec<&dyn ToSql> {
-        self.to_vec()
+    fn with<R>(&self, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+        f(self)
     }
 }
 
 impl<const N: usize> Args for &[&dyn ToSql; N] {
-    fn values(&self) -> Vec<&dyn ToSql> {
-        self.to_vec()
+    fn with<R>(&self, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+        f(&self[..])
     }
 }
 
 impl<T: ToSql, const N: usize> Args for [T; N] {
-    fn values(&self) -> Vec<&dyn ToSql> {
-        self.iter().map(|v| v as &dyn ToSql).collect()
+    fn with<R>(&self, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+        let refs: [&dyn ToSql; N] = std::array::from_fn(|i| &self[i] as &dyn ToSql);
+        f(&refs)
     }
 }
 
@@ -183,9 +185,9 @@ pub enum Statement<'c> {
 impl Statement<'_> {
     pub fn execute(&mut self, args: impl Args) -> Result<usize, StoreError> {
         match self {
-            Statement::Lite(s) => Ok(s.execute(&*args.values())?),
+            Statement::Lite(s) => Ok(args.with(|a| s.execute(a))?),
             Statement::Pg(p, s) => {
-                let values = pg_args(&args.values())?;
+                let values = args.with(pg_args)?;
                 let n = p.with(|c| c.execute(&*s, &refs(&values)))?;
                 Ok(n as usize)
             }
@@ -204,11 +206,14 @@ impl Statement<'_> {
     {
         match self {
             Statement::Lite(s) => {
-                let rows = s.query_map(&*args.values(), |r| f(&Row::Lite(r)))?;
-                Ok(rows.collect::<Vec<_>>().into_iter())
+                let rows = args.with(|a| {
+                    s.query_map(a, |r| f(&Row::Lite(r)))
+                        .map(|rows| rows.collect::<Vec<_>>())
+                })?;
+                Ok(rows.into_iter())
             }
             Statement::Pg(p, s) => {
-                let rows = p.query(s, &args.values())?;
+                let rows = args.with(|a| p.query(s, a))?;
                 Ok(rows
                     .iter()
                     .map(|r| f(&Row::Pg(r)))
@@ -223,17 +228,13 @@ impl Statement<'_> {
         F: FnOnce(&Row) -> rusqlite::Result<T>,
     {
         match self {
-            Statement::Lite(s) => Ok(s.query_row(&*args.values(), |r| f(&Row::Lite(r)))?),
+            Statement::Lite(s) => Ok(args.with(|a| s.query_row(a, |r| f(&Row::Lite(r))))?),
             Statement::Pg(p, s) => {
-                let rows = p.query(s, &args.values())?;
+                let rows = args.with(|a| p.query(s, a))?;
                 let first = rows.first().ok_or_else(StoreError::no_rows)?;
                 Ok(f(&Row::Pg(first))?)
             }
         }
-    }
-
-    pub fn exists(&mut self, args: impl Args) -> Result<bool, StoreError> {
-        Ok(self.query_map(args, |_| Ok(()))?.next().is_some())
     }
 }
 
