@@ -176,3 +176,10 @@ SELECT w.id, w.name, w.state, w.hostname,
        to_timestamp(w.last_seen_at / 1000.0) AS last_seen
 FROM workers w
 ORDER BY w.id;
+
+-- migration 8
+-- The worker held free for a multi-GPU job that waited too long (the
+-- job's id). Decided only by the coordinator holding the leader lock;
+-- every coordinator's rounds respect it.
+ALTER TABLE workers ADD COLUMN reserved_for BIGINT;
+CREATE INDEX workers_reserved ON workers(reserved_for) WHERE reserved_for IS NOT NULL;

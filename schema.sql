@@ -327,3 +327,11 @@ ALTER TABLE jobs ADD COLUMN exclusive INTEGER NOT NULL DEFAULT 0 CHECK (exclusiv
 -- job's cgroup; and whether a worker's agent can hold jobs to them.
 ALTER TABLE jobs ADD COLUMN limits TEXT;
 ALTER TABLE workers ADD COLUMN can_limit INTEGER NOT NULL DEFAULT 0 CHECK (can_limit = 0 OR can_limit = 1);
+
+-- migration 8
+-- The worker held free for a multi-GPU job that waited too long (the job's
+-- id), so a stream of small jobs cannot starve it. Decided by the
+-- coordinator that leads (the only one on SQLite); every coordinator's
+-- rounds respect it.
+ALTER TABLE workers ADD COLUMN reserved_for INTEGER;
+CREATE INDEX workers_reserved ON workers(reserved_for) WHERE reserved_for IS NOT NULL;

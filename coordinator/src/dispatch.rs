@@ -75,14 +75,12 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
     if waiting.is_empty() {
         return Ok((None, false));
     }
-    let reservations = d.reservations();
     let ttl = ms(app.config.lease_ttl);
     let reserve_after = ms(app.config.reserve_after);
     let start = std::time::Instant::now();
-    let held = (reservations, d.last_given());
     let result = app
         .db
-        .dispatch_round(waiting, ttl, reserve_after, held)
+        .dispatch_round(waiting, ttl, reserve_after, d.last_given())
         .await?;
     d.note_given(&result.given);
     let m = &app.metrics;
@@ -92,7 +90,6 @@ async fn round(app: &App) -> Result<(Option<crate::db::Ms>, bool), crate::error:
     for w in &result.waits {
         m.queue_wait.observe(*w as f64 / 1000.0);
     }
-    d.set_reservations(result.reservations);
     let next_ready = result.next_ready;
     let stuck = result.ready && result.answers.is_empty();
     let mut undelivered = Vec::new();

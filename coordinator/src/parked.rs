@@ -1,5 +1,5 @@
 //! Parked claims: each waiting agent's claim (a future and a oneshot, no
-//! thread), the workers kept free for big jobs, and the signals that start
+//! thread), when each worker was last given a job, and the signals that start
 //! a dispatch round. The loop that runs rounds is `dispatch`.
 
 use drover_proto::ClaimResponse;
@@ -31,7 +31,6 @@ struct Hold {
 #[derive(Default)]
 pub struct Dispatcher {
     parked: Mutex<Parking>,
-    reservations: Mutex<HashMap<i64, i64>>,
     /// Any reason for a round: a park or a change of work.
     kick: Notify,
     /// A change of work since the last round (not a mere park).
@@ -122,22 +121,6 @@ impl Dispatcher {
         self.kick.notify_one();
     }
 
-    /// The worker held free for a queued job, if any.
-    pub fn reserved_for(&self, job_id: i64) -> Option<i64> {
-        lock(&self.reservations)
-            .iter()
-            .find(|(_, j)| **j == job_id)
-            .map(|(w, _)| *w)
-    }
-
-    /// Every queued job with a worker kept free for it: job -> worker.
-    pub fn reserved_jobs(&self) -> HashMap<i64, i64> {
-        lock(&self.reservations)
-            .iter()
-            .map(|(w, j)| (*j, *w))
-            .collect()
-    }
-
     pub fn waiting(&self) -> usize {
         lock(&self.parked).claims.len()
     }
@@ -167,15 +150,6 @@ impl Dispatcher {
             turn += 1;
             map.insert(*w, turn);
         }
-    }
-
-    /// Workers kept free for a queued job: worker -> job.
-    pub fn reservations(&self) -> HashMap<i64, i64> {
-        lock(&self.reservations).clone()
-    }
-
-    pub fn set_reservations(&self, r: HashMap<i64, i64>) {
-        *lock(&self.reservations) = r;
     }
 
     /// Any reason for a round: a park or a change of work.

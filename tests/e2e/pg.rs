@@ -73,6 +73,79 @@ fn a_submission_on_one_coordinator_wakes_a_claim_parked_on_another() -> TestResu
     Ok(())
 }
 
+/// Reservations are rows every coordinator reads: two 4-GPU workers, each
+/// parked on its own coordinator and kept busy by a stream of 1-GPU jobs,
+/// and one 4-GPU job. Exactly one worker is held free for it, both
+/// coordinators name the same one, and the job runs. (Held in each
+/// coordinator's memory, each would hold its own worker, or none would
+/// know the other's.)
+#[test]
+fn coordinators_share_one_reservation_for_a_big_job() -> TestResult {
+    if skip() {
+        return Ok(());
+    }
+    let server = PgServer::start()?;
+    let url = server.url("drover");
+    let dir = tempfile::tempdir()?;
+    let flags = ["--lease-ttl", "3", "--reserve-after", "2"];
+    let coords = coordinators(dir.path(), &url, 2, &flags)?;
+    let gpus = ["--fake-gpus", "4xA100:81920"];
+    let _quads: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(&coords[i].url, dir.path(), &format!("quad{i}"), &gpus))
+        .collect::<TestResult<_>>()?;
+    let apis: Vec<Api> = coords.iter().map(Coordinator::api).collect();
+    wait_for("both agents to register", Duration::from_secs(20), || {
+        let r = apis[0].admin("GET", "/api/v1/workers?state=idle", None)?;
+        Ok((r.body["workers"].as_array().map_or(0, Vec::len) == 2).then_some(()))
+    })?;
+    // Durations vary, so a worker's GPUs free one at a time, each taken
+    // by the next 1-GPU job unless the worker is held.
+    let small = |i: u128| json!({"command": ["sleep", format!("0.{}", 3 + i % 7)], "gpus": 1});
+    for i in 0..8 {
+        apis[i % 2].submit(&small(i as u128))?;
+    }
+    let big = apis[0].submit(&json!({"command": ["true"], "gpus": 4}))?;
+    let kept = |api: &Api| -> TestResult<Option<String>> {
+        let reason = api.job(big)?["waiting_reason"].as_str().map(str::to_owned);
+        Ok(reason.and_then(|r| {
+            r.split("; ")
+                .find(|p| p.contains("kept free"))
+                .map(str::to_owned)
+        }))
+    };
+    let started = Instant::now();
+    let (mut agreed, mut most_held) = (0, 0);
+    while apis[1].job(big)?["status"] != "succeeded" {
+        if started.elapsed() > Duration::from_secs(40) {
+            return Err(format!("the 4-GPU job starved: {}", apis[1].job(big)?).into());
+        }
+        let held = server.query(
+            "drover",
+            "SELECT count(*) FROM workers WHERE reserved_for IS NOT NULL",
+        )?;
+        most_held = most_held.max(held.first().and_then(|n| n.parse().ok()).unwrap_or(0));
+        if let (Some(a), Some(b)) = (kept(&apis[0])?, kept(&apis[1])?) {
+            assert_eq!(a, b, "the coordinators hold different workers for one job");
+            agreed += 1;
+        }
+        let n = started.elapsed().as_millis();
+        if apis[0].jobs("queued")?.len() < 8 {
+            apis[n as usize % 2].submit(&small(n / 100))?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "4-GPU job done after {:.1}s; workers held at once: at most {most_held}; both coordinators named the same held worker {agreed} times",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(most_held, 1, "one worker held for one job");
+    assert!(
+        agreed > 0,
+        "no coordinator said a worker was kept free for the job"
+    );
+    Ok(())
+}
+
 /// 3 coordinators on one PostgreSQL database, 6 agents (each with the
 /// three URLs, in its own order), 5,000 jobs submitted across them while
 /// one coordinator after another is killed (-9) and restarted every few

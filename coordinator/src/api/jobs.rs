@@ -70,7 +70,7 @@ pub async fn submit(
     };
     // Say at once why a job that is still queued waits (no worker fits...).
     let jobs: Vec<_> = results.into_iter().map(|(_, j)| j).collect();
-    let jobs = app.db.explain(jobs, app.dispatcher.reserved_jobs()).await?;
+    let jobs = app.db.explain(jobs).await?;
     let mut jobs = views::jobs(&jobs, app.db.clock().now());
     if is_batch {
         log::info!("jobs submitted count={}", jobs.len());
@@ -117,10 +117,7 @@ pub async fn list(
         },
     };
     let limit = int_param(&query, "limit", 100, 1, 1000)?;
-    let jobs = app
-        .db
-        .jobs(status, limit, app.dispatcher.reserved_jobs())
-        .await?;
+    let jobs = app.db.jobs(status, limit).await?;
     let jobs = views::jobs(&jobs, app.db.clock().now());
     Ok(Json(json!({ "jobs": jobs })).into_response())
 }
@@ -133,7 +130,7 @@ pub async fn get(
     require_admin(&app, &headers)?;
     let id = path_id("job", &id)?;
     // A queued job says why it is not running.
-    let job = app.db.job(id, app.dispatcher.reserved_for(id)).await?;
+    let job = app.db.job(id).await?;
     Ok(Json(views::job(&job, app.db.clock().now())).into_response())
 }
 

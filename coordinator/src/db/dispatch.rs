@@ -75,8 +75,9 @@ struct Candidate {
 pub struct Round {
     /// Per waiting worker: the jobs granted to it and the orders for it.
     pub answers: HashMap<i64, (Vec<Assignment>, Vec<Order>)>,
-    /// Workers held empty for a job that waited too long: worker -> job.
-    pub reservations: HashMap<i64, i64>,
+    /// Workers held empty for a job that waited too long: worker -> job
+    /// (`workers.reserved_for`).
+    reservations: HashMap<i64, i64>,
     /// When the next delayed job (retry backoff, not_before) becomes
     /// claimable, so a round runs right then.
     pub next_ready: Option<Ms>,
@@ -282,6 +283,40 @@ fn candidates(
     Ok(out)
 }
 
+/// The workers held free for a queued job (worker -> job); reservations
+/// whose job left the queue end here.
+fn held(conn: &Connection) -> Result<HashMap<i64, i64>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT w.id, w.reserved_for, coalesce(j.status = 'queued', false)
+         FROM workers w LEFT JOIN jobs j ON j.id = w.reserved_for
+         WHERE w.reserved_for IS NOT NULL",
+    )?;
+    let rows = stmt.query_map(params![], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, bool>(2)?,
+        ))
+    })?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let (worker, job, queued) = row?;
+        if queued {
+            out.insert(worker, job);
+        } else {
+            hold(conn, worker, None)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Holds `worker` free for `job` (None: lets it go).
+fn hold(conn: &Connection, worker: i64, job: Option<i64>) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE workers SET reserved_for = ?1 WHERE id = ?2")?
+        .execute(params![job, worker])?;
+    Ok(())
+}
+
 /// Multi-GPU jobs claimable for longer than `reserve_after` get a worker held
 /// free for them (no new jobs) until they fit, so a stream of small jobs
 /// cannot starve them.
@@ -293,6 +328,19 @@ fn reserve(
     reserve_after: Ms,
     reservations: &mut HashMap<i64, i64>,
 ) -> Result<(), StoreError> {
+    let gone: Vec<i64> = reservations
+        .keys()
+        .copied()
+        .filter(|w| {
+            !views
+                .iter()
+                .any(|v| v.offer.worker_id == *w && v.takes_work())
+        })
+        .collect();
+    for worker in gone {
+        reservations.remove(&worker);
+        hold(conn, worker, None)?;
+    }
     for shape in shapes.iter().filter(|s| s.gpus > 1) {
         for job in heads(conn, shape, now - reserve_after, 4)? {
             if reservations.values().any(|j| *j == job.id) {
@@ -319,22 +367,25 @@ fn reserve(
                     iso(Some(job.claimable_since)).unwrap_or_default()
                 );
                 reservations.insert(v.offer.worker_id, job.id);
+                hold(conn, v.offer.worker_id, Some(job.id))?;
             }
         }
     }
     Ok(())
 }
 
-/// Runs one round for the workers in `waiting`. `reservations` are those of
-/// the previous round; `reserve_after` is how long a job that fits no
-/// waiting worker may wait before a worker is held empty for it.
+/// Runs one round for the workers in `waiting`. `reserve_after` is how long
+/// a job that fits no waiting worker may wait before a worker is held empty
+/// for it. Reservations are rows, not memory: rounds run one at a time
+/// under the writers' lock, so with several coordinators every round sees
+/// the reservations the others made.
 pub fn round(
     conn: &Connection,
     now: Ms,
     waiting: &[i64],
     lease_ttl: Ms,
     reserve_after: Ms,
-    (reservations, last_given): (&HashMap<i64, i64>, &HashMap<i64, u64>),
+    last_given: &HashMap<i64, u64>,
 ) -> Result<Round, StoreError> {
     let mut round = Round::default();
     // Built only when needed (orders pending, jobs ready): with 10,000
@@ -351,13 +402,7 @@ pub fn round(
     for (w, orders) in take_orders(conn, |w| waiting_set().contains(&w))? {
         round.answers.entry(w).or_default().1 = orders;
     }
-    // Reservations end when their job left the queue.
-    let mut still = conn.prepare_cached("SELECT status = 'queued' FROM jobs WHERE id = ?1")?;
-    for (&worker, &job) in reservations {
-        if still.query_row([job], |r| r.get::<_, bool>(0)).optional()? == Some(true) {
-            round.reservations.insert(worker, job);
-        }
-    }
+    round.reservations = held(conn)?;
     round.next_ready = conn
         .prepare_cached(NEXT_READY_SQL)?
         .query_row([now], |r| r.get(0))?;
@@ -437,7 +482,6 @@ pub fn why_waiting(
     conn: &Connection,
     now: Ms,
     job_id: i64,
-    reserved_on: Option<i64>,
     fleet_seen: &mut Option<Vec<WorkerView>>,
 ) -> Result<Option<String>, StoreError> {
     let row = conn
@@ -477,6 +521,10 @@ pub fn why_waiting(
         None => fleet_seen.insert(fleet(conn)?),
     };
     let mut why = matching::explain(&needs, workers);
+    let reserved_on: Option<i64> = conn
+        .prepare_cached("SELECT id FROM workers WHERE reserved_for = ?1")?
+        .query_row([job_id], |r| r.get(0))
+        .optional()?;
     if let Some(w) = reserved_on {
         why.push_str(&format!("; worker {w} is being kept free for it"));
     }
@@ -485,16 +533,10 @@ pub fn why_waiting(
 
 /// Puts `waiting_reason` on every queued job of a listing (the fleet read
 /// once for all).
-pub fn explain_waiting(
-    c: &Connection,
-    now: Ms,
-    jobs: &mut [Job],
-    reserved: &std::collections::HashMap<i64, i64>,
-) -> Result<(), StoreError> {
+pub fn explain_waiting(c: &Connection, now: Ms, jobs: &mut [Job]) -> Result<(), StoreError> {
     let mut fleet = None;
     for job in jobs.iter_mut().filter(|j| j.status == JobStatus::Queued) {
-        job.waiting_reason =
-            why_waiting(c, now, job.id, reserved.get(&job.id).copied(), &mut fleet)?;
+        job.waiting_reason = why_waiting(c, now, job.id, &mut fleet)?;
     }
     Ok(())
 }

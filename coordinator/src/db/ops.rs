@@ -176,11 +176,10 @@ impl Db {
         waiting: Vec<i64>,
         lease_ttl: Ms,
         reserve_after: Ms,
-        (reservations, last_given): (HashMap<i64, i64>, std::sync::Arc<HashMap<i64, u64>>),
+        last_given: std::sync::Arc<HashMap<i64, u64>>,
     ) -> Result<Round, StoreError> {
         self.write(move |c, now| {
-            let held = (&reservations, &*last_given);
-            dispatch::round(c, now, &waiting, lease_ttl, reserve_after, held)
+            dispatch::round(c, now, &waiting, lease_ttl, reserve_after, &last_given)
         })
         .await
     }
@@ -335,15 +334,10 @@ impl Db {
         .await
     }
 
-    /// Says why each queued job of `jobs` waits (`reserved`: job ->
-    /// the worker kept free for it).
-    pub async fn explain(
-        &self,
-        mut jobs: Vec<Job>,
-        reserved: HashMap<i64, i64>,
-    ) -> Result<Vec<Job>, StoreError> {
+    /// Says why each queued job of `jobs` waits.
+    pub async fn explain(&self, mut jobs: Vec<Job>) -> Result<Vec<Job>, StoreError> {
         self.read(move |c, now| {
-            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
+            dispatch::explain_waiting(c, now, &mut jobs)?;
             Ok(jobs)
         })
         .await
@@ -354,21 +348,20 @@ impl Db {
         &self,
         status: Option<crate::lifecycle::JobStatus>,
         limit: i64,
-        reserved: HashMap<i64, i64>,
     ) -> Result<Vec<Job>, StoreError> {
         self.read(move |c, now| {
             let mut jobs = jobs::list(c, status, limit)?;
-            dispatch::explain_waiting(c, now, &mut jobs, &reserved)?;
+            dispatch::explain_waiting(c, now, &mut jobs)?;
             Ok(jobs)
         })
         .await
     }
 
     /// One job with its attempts and, queued, why it waits.
-    pub async fn job(&self, id: i64, reserved_on: Option<i64>) -> Result<Job, StoreError> {
+    pub async fn job(&self, id: i64) -> Result<Job, StoreError> {
         self.read(move |c, now| {
             let mut job = jobs::get(c, id)?;
-            job.waiting_reason = dispatch::why_waiting(c, now, id, reserved_on, &mut None)?;
+            job.waiting_reason = dispatch::why_waiting(c, now, id, &mut None)?;
             Ok(job)
         })
         .await
