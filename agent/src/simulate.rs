@@ -6,7 +6,8 @@
 //! (one round trip per batch); the reports of sleeping jobs, which run side
 //! by side, use a second one. Requests are the agent's own types
 //! (`drover_proto`) on the protocol's routes (`drover_proto::routes`); the
-//! transport is a tiny HTTP/1.1 client on tokio (plain http only) that keeps
+//! transport is a tiny HTTP/1.1 client on tokio (plain http only; with a
+//! list of coordinators it moves to the next on a failure) that keeps
 //! thousands of parked claims at a few KB each, where the agent's blocking
 //! client would need a thread per parked claim (decision 0037). Runs for `--duration` and
 //! stops by itself, printing figures (and a JSON summary line at the end).
@@ -24,16 +25,20 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// One keep-alive HTTP/1.1 connection.
+/// One keep-alive HTTP/1.1 connection to one of the coordinators: after a
+/// failed request or a 5xx it moves to the next one (the store is shared,
+/// so leases and tokens hold there too), as the real agent does.
 struct Http {
-    addr: String,
+    addrs: Arc<[String]>,
+    at: usize,
     conn: Option<BufReader<TcpStream>>,
 }
 
 impl Http {
-    fn new(addr: &str) -> Http {
+    fn new(addrs: &Arc<[String]>, first: usize) -> Http {
         Http {
-            addr: addr.to_string(),
+            addrs: addrs.clone(),
+            at: first % addrs.len().max(1),
             conn: None,
         }
     }
@@ -46,8 +51,9 @@ impl Http {
     ) -> Result<(u16, Vec<u8>), String> {
         let body = serde_json::to_string(body).map_err(|e| e.to_string())?;
         let r = self.try_post(path, token, &body).await;
-        if r.is_err() {
+        if r.as_ref().map_or(true, |(status, _)| *status >= 500) {
             self.conn = None;
+            self.at = (self.at + 1) % self.addrs.len().max(1);
         }
         r
     }
@@ -58,17 +64,16 @@ impl Http {
         token: &str,
         body: &str,
     ) -> Result<(u16, Vec<u8>), String> {
+        let addr = self.addrs.get(self.at).ok_or("no coordinator")?;
         if self.conn.is_none() {
-            let s = TcpStream::connect(&self.addr)
-                .await
-                .map_err(|e| e.to_string())?;
+            let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             let _ = s.set_nodelay(true);
             self.conn = Some(BufReader::new(s));
         }
         let conn = self.conn.as_mut().ok_or("no connection")?;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
+            addr,
             body.len()
         );
         let stream = conn.get_mut();
@@ -148,7 +153,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// What every virtual agent shares.
 struct Fleet {
-    addr: String,
+    /// The coordinators' host:port, in the order given.
+    addrs: Arc<[String]>,
     secret: String,
     run_id: String,
     gpus: Vec<drover_proto::GpuInfo>,
@@ -166,12 +172,17 @@ pub async fn run(
     mode: JobMode,
     duration: Duration,
 ) -> Result<(), String> {
-    let addr = args
+    let addrs = args
         .coordinator
-        .strip_prefix("http://")
-        .ok_or("simulate speaks plain http:// only")?
-        .trim_end_matches('/')
-        .to_string();
+        .split(',')
+        .map(|url| {
+            url.trim()
+                .strip_prefix("http://")
+                .map(|a| a.trim_end_matches('/').to_string())
+                .ok_or_else(|| format!("{url:?}: simulate speaks plain http:// only"))
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into();
     let secret = args
         .registration_secret
         .clone()
@@ -182,7 +193,7 @@ pub async fn run(
     };
     let started = Instant::now();
     let fleet = Arc::new(Fleet {
-        addr,
+        addrs,
         secret,
         run_id: format!("{:08x}", crate::random_u64() as u32),
         gpus,
@@ -287,7 +298,7 @@ async fn agent(i: usize, fleet: Arc<Fleet>) -> Result<(), String> {
     ));
     let mut done: Vec<Completion> = Vec::new();
     while Instant::now() < fleet.deadline {
-        let Some(resp) = v.claim(std::mem::take(&mut done)).await? else {
+        let Some(resp) = v.claim(&mut done).await? else {
             continue;
         };
         v.record(&resp);
@@ -308,10 +319,32 @@ async fn agent(i: usize, fleet: Arc<Fleet>) -> Result<(), String> {
     Ok(())
 }
 
+/// Registers virtual agent `i`, trying the coordinators in turn until one
+/// answers or the run ends.
+async fn register(i: usize, fleet: &Fleet) -> Result<Virtual<'_>, String> {
+    loop {
+        match try_register(i, fleet).await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < fleet.deadline => {
+                fleet.stats.errors.fetch_add(1, Ordering::Relaxed);
+                log::debug!("virtual agent {i}: {e}; trying again");
+                pause().await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Half a second or so after a failed request (jittered, so agents that
+/// failed together do not come back together).
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(250 + crate::random_below(500))).await;
+}
+
 /// Registers virtual agent `i` and sends its first heartbeat (which
 /// introduces the process).
-async fn register(i: usize, fleet: &Fleet) -> Result<Virtual<'_>, String> {
-    let mut http = Http::new(&fleet.addr);
+async fn try_register(i: usize, fleet: &Fleet) -> Result<Virtual<'_>, String> {
+    let mut http = Http::new(&fleet.addrs, i);
     let req = RegisterRequest {
         name: format!("sim-{i}"),
         machine_id: format!("sim-{}", fleet.run_id),
@@ -367,9 +400,10 @@ impl Virtual<'_> {
         }
     }
 
-    /// One claim carrying `completed` (and the heartbeat when it is about
-    /// due); `None` when it came back empty or failed (counted, retried).
-    async fn claim(&mut self, completed: Vec<Completion>) -> Result<Option<ClaimResponse>, String> {
+    /// One claim carrying the reports in `done` (and the heartbeat when it
+    /// is about due); `None` when it came back empty or failed (counted,
+    /// retried: the reports stay in `done` for the next claim).
+    async fn claim(&mut self, done: &mut Vec<Completion>) -> Result<Option<ClaimResponse>, String> {
         let carry = self.due.saturating_duration_since(Instant::now()) <= Duration::from_secs(1);
         let beat = carry.then(|| self.heartbeat());
         if carry {
@@ -377,7 +411,7 @@ impl Virtual<'_> {
         }
         let req = ClaimRequest {
             incarnation: self.incarnation.clone(),
-            completed,
+            completed: std::mem::take(done),
             beat,
         };
         let wait = self
@@ -400,14 +434,16 @@ impl Virtual<'_> {
                 Ok(Some(resp))
             }
             Ok((204, _)) => Ok(None),
-            // Refused or failed: its reports, if any, are sent again (a
-            // replay); its heartbeat, if any, goes with the next claim.
+            // Refused or failed: its reports, if any, are sent again with
+            // the next claim (a replay, answered as the first was); its
+            // heartbeat, if any, too.
             _ => {
                 self.fleet.stats.errors.fetch_add(1, Ordering::Relaxed);
+                *done = req.completed;
                 if carry {
                     self.due = Instant::now();
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                pause().await;
                 Ok(None)
             }
         }
@@ -472,13 +508,25 @@ async fn reporter(
     leases: Arc<Mutex<HashSet<LeaseRef>>>,
     mut reports: tokio::sync::mpsc::UnboundedReceiver<Completion>,
 ) {
-    let mut http = Http::new(&fleet.addr);
+    let mut http = Http::new(&fleet.addrs, 0);
     while let Some(done) = reports.recv().await {
         let path = routes::complete(done.job_id);
-        match http.post(&path, &token, &done.report).await {
-            Ok((200, _)) => fleet.stats.completed.fetch_add(1, Ordering::Relaxed),
-            _ => fleet.stats.errors.fetch_add(1, Ordering::Relaxed),
-        };
+        // Sent until answered (any coordinator) or the run ends.
+        loop {
+            match http.post(&path, &token, &done.report).await {
+                Ok((200, _)) => fleet.stats.completed.fetch_add(1, Ordering::Relaxed),
+                Ok((status, _)) if status < 500 => {
+                    fleet.stats.errors.fetch_add(1, Ordering::Relaxed)
+                }
+                _ if Instant::now() < fleet.deadline => {
+                    fleet.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    pause().await;
+                    continue;
+                }
+                _ => fleet.stats.errors.fetch_add(1, Ordering::Relaxed),
+            };
+            break;
+        }
         leases
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -91,16 +91,7 @@ async fn measure(db: &Db, worker: i64, n: usize) -> Result<Vec<f64>> {
     for _ in 0..n {
         let t0 = Instant::now();
         let round = db
-            .write(move |c, now| {
-                dispatch::round(
-                    c,
-                    now,
-                    &[worker],
-                    TTL,
-                    60_000,
-                    (&HashMap::new(), &HashMap::new()),
-                )
-            })
+            .write(move |c, now| dispatch::round(c, now, &[worker], TTL, 60_000, &HashMap::new()))
             .await?;
         times.push(t0.elapsed().as_secs_f64() * 1000.0);
         let granted = round
@@ -223,14 +214,7 @@ async fn writer_per_job(dir: &std::path::Path) -> Result<()> {
                 for &(worker, job, attempt) in &reports {
                     succeed(c, now, worker, job, attempt)?;
                 }
-                let round = dispatch::round(
-                    c,
-                    now,
-                    &ids,
-                    TTL,
-                    60_000,
-                    (&HashMap::new(), &HashMap::new()),
-                )?;
+                let round = dispatch::round(c, now, &ids, TTL, 60_000, &HashMap::new())?;
                 let granted: Vec<(i64, i64, i64)> = round
                     .answers
                     .iter()

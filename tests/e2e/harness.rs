@@ -237,6 +237,30 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(url: &str, dir: &Path, name: &str, extra: &[&str]) -> TestResult<Agent> {
+        Agent::spawn(&[], url, dir, name, extra)
+    }
+
+    /// `drover-agent simulate`: `n` virtual agents (no processes: their
+    /// jobs succeed at once) in one process, for at most 15 minutes.
+    pub fn simulate(
+        url: &str,
+        dir: &Path,
+        name: &str,
+        n: usize,
+        extra: &[&str],
+    ) -> TestResult<Agent> {
+        let n = n.to_string();
+        let command = ["simulate", "--agents", &n, "--duration", "900"];
+        Agent::spawn(&command, url, dir, name, extra)
+    }
+
+    fn spawn(
+        command: &[&str],
+        url: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> TestResult<Agent> {
         let state_dir = dir.join(format!("agent-{name}"));
         let log_path = dir.join(format!("agent-{name}.log"));
         let log = fs::OpenOptions::new()
@@ -244,6 +268,7 @@ impl Agent {
             .append(true)
             .open(&log_path)?;
         let child = Command::new(agent_bin())
+            .args(command)
             .args([
                 "--coordinator",
                 url,

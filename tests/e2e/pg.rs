@@ -146,8 +146,8 @@ fn coordinators_share_one_reservation_for_a_big_job() -> TestResult {
     Ok(())
 }
 
-/// 3 coordinators on one PostgreSQL database, 6 agents (each with the
-/// three URLs, in its own order), 5,000 jobs submitted across them while
+/// 3 coordinators on one PostgreSQL database, 6 agents (4 real, 2
+/// simulated; each with the three URLs, in its own order), 5,000 jobs submitted across them while
 /// one coordinator after another is killed (-9) and restarted every few
 /// seconds, and PostgreSQL itself restarted (fast shutdown) half way: no
 /// acknowledged job lost, none run twice at once, no stale report
@@ -164,22 +164,32 @@ fn three_coordinators_on_postgres_survive_kills_and_a_server_restart() -> TestRe
     let history = dir.path().join("history.txt");
     let flags = ["--lease-ttl", "3", "--retry-backoff", "0"];
     let mut coords = coordinators(dir.path(), &url, 3, &flags)?;
-    let agents: Vec<Agent> = (0..6)
+    // 4 real agents (tag "real": their jobs are processes that record
+    // their runs) and 2 virtual ones (tag "sim", one `simulate` process:
+    // their jobs succeed without running, so only the store's record of
+    // them is checked). Each with the three URLs, in its own order.
+    let mut agents: Vec<Agent> = (0..4)
         .map(|i| {
             let list = url_list(&coords, i);
-            Agent::start(
-                &list,
-                dir.path(),
-                &format!("a{i}"),
-                &["--slots", "4", "--kill-grace", "1"],
-            )
+            let flags = ["--slots", "4", "--kill-grace", "1", "--tags", "real"];
+            Agent::start(&list, dir.path(), &format!("a{i}"), &flags)
         })
         .collect::<TestResult<_>>()?;
+    let flags = ["--slots", "4", "--tags", "sim"];
+    agents.push(Agent::simulate(
+        &url_list(&coords, 1),
+        dir.path(),
+        "sim",
+        2,
+        &flags,
+    )?);
     let apis: Vec<Api> = coords.iter().map(Coordinator::api).collect();
+    let simulated = |i: usize| i % 4 == 3;
     let specs: Vec<Value> = (0..n_jobs)
         .map(|i| {
             json!({
                 "command": checker::recorded(&history, "true"),
+                "required_tags": [if simulated(i) { "sim" } else { "real" }],
                 "max_attempts": 50,
                 "idempotency_key": format!("job-{i}"),
             })
@@ -222,7 +232,29 @@ fn three_coordinators_on_postgres_survive_kills_and_a_server_restart() -> TestRe
     for c in &mut coords {
         c.kill9();
     }
-    let report = checker::check_recorded(checker::Recorded::postgres(&url)?, &history, &submitted)?;
+    let mut report =
+        checker::check_recorded(checker::Recorded::postgres(&url)?, &history, &submitted)?;
+    let virtual_jobs: BTreeSet<i64> = server
+        .query(
+            "drover",
+            "SELECT id FROM jobs WHERE required_tags = '[\"sim\"]'",
+        )?
+        .iter()
+        .map(|id| id.parse::<i64>())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        virtual_jobs.len(),
+        (0..n_jobs).filter(|i| simulated(*i)).count()
+    );
+    let before = report.success_without_run.len();
+    report
+        .success_without_run
+        .retain(|id| !virtual_jobs.contains(id));
+    assert_eq!(
+        before - report.success_without_run.len(),
+        virtual_jobs.len(),
+        "every job of a virtual agent succeeded without running, and only those"
+    );
     println!(
         "postgres chaos: {} jobs acknowledged, all finished in {:.1}s ({:.0} jobs/s) with {kills} coordinator kills and {pg_restarts} PostgreSQL restart\n{report}",
         submitted.len(),
