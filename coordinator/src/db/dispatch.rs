@@ -283,24 +283,23 @@ fn candidates(
     Ok(out)
 }
 
-/// The workers held free for a queued job (worker -> job); reservations
-/// whose job left the queue end here.
-fn held(conn: &Connection) -> Result<HashMap<i64, i64>, StoreError> {
+/// The workers held free for a job: (worker, job, whether the job is
+/// still queued).
+fn held(conn: &Connection) -> Result<Vec<(i64, i64, bool)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT w.id, w.reserved_for, coalesce(j.status = 'queued', false)
          FROM workers w LEFT JOIN jobs j ON j.id = w.reserved_for
          WHERE w.reserved_for IS NOT NULL",
     )?;
-    let rows = stmt.query_map(params![], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, bool>(2)?,
-        ))
-    })?;
+    let rows = stmt.query_map(params![], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The workers held free for a queued job (worker -> job); reservations
+/// whose job left the queue end here.
+fn still_held(conn: &Connection) -> Result<HashMap<i64, i64>, StoreError> {
     let mut out = HashMap::new();
-    for row in rows {
-        let (worker, job, queued) = row?;
+    for (worker, job, queued) in held(conn)? {
         if queued {
             out.insert(worker, job);
         } else {
@@ -308,6 +307,13 @@ fn held(conn: &Connection) -> Result<HashMap<i64, i64>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// The worker held free for queued job `job_id`, if any.
+pub fn reserved_on(conn: &Connection, job_id: i64) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT id FROM workers WHERE reserved_for = ?1")?
+        .query_row([job_id], |r| r.get(0))
+        .optional()
 }
 
 /// Holds `worker` free for `job` (None: lets it go).
@@ -402,7 +408,7 @@ pub fn round(
     for (w, orders) in take_orders(conn, |w| waiting_set().contains(&w))? {
         round.answers.entry(w).or_default().1 = orders;
     }
-    round.reservations = held(conn)?;
+    round.reservations = still_held(conn)?;
     round.next_ready = conn
         .prepare_cached(NEXT_READY_SQL)?
         .query_row([now], |r| r.get(0))?;
@@ -482,6 +488,7 @@ pub fn why_waiting(
     conn: &Connection,
     now: Ms,
     job_id: i64,
+    reserved_on: Option<i64>,
     fleet_seen: &mut Option<Vec<WorkerView>>,
 ) -> Result<Option<String>, StoreError> {
     let row = conn
@@ -521,10 +528,6 @@ pub fn why_waiting(
         None => fleet_seen.insert(fleet(conn)?),
     };
     let mut why = matching::explain(&needs, workers);
-    let reserved_on: Option<i64> = conn
-        .prepare_cached("SELECT id FROM workers WHERE reserved_for = ?1")?
-        .query_row([job_id], |r| r.get(0))
-        .optional()?;
     if let Some(w) = reserved_on {
         why.push_str(&format!("; worker {w} is being kept free for it"));
     }
@@ -535,8 +538,18 @@ pub fn why_waiting(
 /// once for all).
 pub fn explain_waiting(c: &Connection, now: Ms, jobs: &mut [Job]) -> Result<(), StoreError> {
     let mut fleet = None;
-    for job in jobs.iter_mut().filter(|j| j.status == JobStatus::Queued) {
-        job.waiting_reason = why_waiting(c, now, job.id, &mut fleet)?;
+    let mut queued = jobs
+        .iter_mut()
+        .filter(|j| j.status == JobStatus::Queued)
+        .peekable();
+    if queued.peek().is_none() {
+        return Ok(());
+    }
+    // job -> the worker held for it, read once for the listing.
+    let reserved: HashMap<i64, i64> = held(c)?.into_iter().map(|(w, j, _)| (j, w)).collect();
+    for job in queued {
+        let on = reserved.get(&job.id).copied();
+        job.waiting_reason = why_waiting(c, now, job.id, on, &mut fleet)?;
     }
     Ok(())
 }

@@ -361,7 +361,10 @@ impl Db {
     pub async fn job(&self, id: i64) -> Result<Job, StoreError> {
         self.read(move |c, now| {
             let mut job = jobs::get(c, id)?;
-            job.waiting_reason = dispatch::why_waiting(c, now, id, &mut None)?;
+            if job.status == crate::lifecycle::JobStatus::Queued {
+                let on = dispatch::reserved_on(c, id)?;
+                job.waiting_reason = dispatch::why_waiting(c, now, id, on, &mut None)?;
+            }
             Ok(job)
         })
         .await
