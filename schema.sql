@@ -335,3 +335,35 @@ ALTER TABLE workers ADD COLUMN can_limit INTEGER NOT NULL DEFAULT 0 CHECK (can_l
 -- rounds respect it.
 ALTER TABLE workers ADD COLUMN reserved_for INTEGER;
 CREATE INDEX workers_reserved ON workers(reserved_for) WHERE reserved_for IS NOT NULL;
+
+-- migration 9
+-- Worker lifecycle: free-form metadata (a JSON object, size-capped), when
+-- it was decommissioned, and when it was forgotten (DELETE, or offline
+-- past --forget-offline-after): a forgotten worker is gone from every
+-- listing and its token is dead, but its row stays for the history that
+-- names it (health log, attempts, events).
+ALTER TABLE workers ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE workers ADD COLUMN decommissioned_at INTEGER;
+ALTER TABLE workers ADD COLUMN forgotten_at INTEGER;
+-- Named API tokens with a role, made and revoked by an admin. Only the
+-- SHA-256 of each token is kept.
+CREATE TABLE api_tokens (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT    NOT NULL UNIQUE,
+    role         TEXT    NOT NULL CHECK (role = 'read' OR role = 'submit' OR role = 'admin'),
+    token_hash   TEXT    NOT NULL UNIQUE,
+    created_at   INTEGER NOT NULL,
+    last_used_at INTEGER,
+    revoked_at   INTEGER
+);
+-- The named token that submitted a job (NULL: the admin token).
+ALTER TABLE jobs ADD COLUMN submitted_by INTEGER;
+
+-- migration 10
+-- A worker whose agent stopped gracefully is 'stopped' at once (until the
+-- agent comes back). The CHECK changed in place as in migration 2.
+PRAGMA writable_schema = ON;
+UPDATE sqlite_schema SET sql = replace(sql, 'OR state = ''decommissioned'')',
+    'OR state = ''decommissioned'' OR state = ''stopped'')')
+WHERE type = 'table' AND name = 'workers';
+PRAGMA writable_schema = OFF;

@@ -118,6 +118,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_RETENTION_DAYS", default_value_t = 30)]
     pub retention_days: u64,
 
+    /// Workers offline or stopped this long are forgotten (as by DELETE):
+    /// a duration like 7d or 12h; 0 never forgets.
+    #[arg(long, env = "DROVER_FORGET_OFFLINE_AFTER", default_value = "7d", value_parser = forget_after)]
+    pub forget_offline_after: Duration,
+
     /// Hours of per-GPU metrics kept for the dashboard.
     #[arg(long, env = "DROVER_GPU_HISTORY_HOURS", default_value_t = 24)]
     pub gpu_history_hours: u64,
@@ -207,6 +212,8 @@ pub struct Config {
     pub log_cap: u64,
     pub gpu_history: Duration,
     pub retention: Option<Duration>,
+    /// None: never forget offline workers.
+    pub forget_offline_after: Option<Duration>,
     pub synchronous_full: bool,
     /// Certificate and key files, when serving HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -284,6 +291,8 @@ impl Config {
             max_connections: args.max_connections,
             log_cap: args.log_cap,
             gpu_history: Duration::from_secs(args.gpu_history_hours * 3600),
+            forget_offline_after: (!args.forget_offline_after.is_zero())
+                .then_some(args.forget_offline_after),
             retention: (args.retention_days > 0)
                 .then(|| Duration::from_secs(args.retention_days * 86_400)),
             synchronous_full,
@@ -291,6 +300,15 @@ impl Config {
             cors_origins: cors_origins(args.cors_origins)?,
         })
     }
+}
+
+/// `--forget-offline-after`: a duration (7d, 12h, 90m), or 0 for never.
+fn forget_after(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 7d or 12h (0: never): {e}"))
 }
 
 #[cfg(test)]

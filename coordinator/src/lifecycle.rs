@@ -65,16 +65,19 @@ pub enum WorkerState {
     Offline,
     /// Retired by an admin: its token is refused, it never comes back.
     Decommissioned,
+    /// Its agent stopped gracefully (holding nothing); back when it starts.
+    Stopped,
 }
 
 impl WorkerState {
-    pub const ALL: [WorkerState; 6] = [
+    pub const ALL: [WorkerState; 7] = [
         WorkerState::Pending,
         WorkerState::Idle,
         WorkerState::Busy,
         WorkerState::Draining,
         WorkerState::Offline,
         WorkerState::Decommissioned,
+        WorkerState::Stopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +88,7 @@ impl WorkerState {
             WorkerState::Draining => "draining",
             WorkerState::Offline => "offline",
             WorkerState::Decommissioned => "decommissioned",
+            WorkerState::Stopped => "stopped",
         }
     }
 
@@ -444,7 +448,7 @@ mod tests {
         for w in WorkerState::ALL {
             assert_eq!(WorkerState::parse(w.as_str()), Some(w));
         }
-        assert_eq!(WorkerState::parse("stopped"), None);
+        assert_eq!(WorkerState::parse("gone"), None);
         assert_eq!(JobStatus::parse("done"), None);
         assert!(JobStatus::Failed.is_terminal() && !JobStatus::Queued.is_terminal());
     }

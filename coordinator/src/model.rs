@@ -130,6 +130,9 @@ pub struct Worker {
     pub running_jobs: Vec<i64>,
     /// Its agent can hold jobs to their memory and CPU limits.
     pub can_limit: bool,
+    /// Free-form, set by an admin (a JSON object).
+    pub metadata: Value,
+    pub decommissioned_at: Option<Ms>,
 }
 
 /// One worker with its history.

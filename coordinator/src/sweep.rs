@@ -27,6 +27,9 @@ pub struct Swept {
     pub rebased: usize,
 }
 
+/// Passes between looks for workers to forget (--forget-offline-after).
+const FORGET_EVERY: u32 = 10;
+
 /// Passes between WAL checkpoints.
 const CHECKPOINT_EVERY: u32 = 30;
 
@@ -59,6 +62,13 @@ pub async fn run(app: std::sync::Arc<App>) {
                 }
                 Ok(_) => {}
                 Err(e) => log::warn!("WAL checkpoint failed: {e}"),
+            }
+        }
+        if passes.is_multiple_of(FORGET_EVERY) {
+            if let Some(after) = app.config.forget_offline_after {
+                if let Err(e) = app.db.forget_silent(after).await {
+                    log::warn!("forgetting silent workers failed: {e}");
+                }
             }
         }
         match run_once(&app, offset, deaf).await {

@@ -9,6 +9,7 @@ mod checker;
 mod defects;
 mod deploy;
 mod failover;
+mod fleet_api;
 mod harness;
 mod hostile;
 mod openapi;

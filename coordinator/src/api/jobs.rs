@@ -3,17 +3,20 @@
 
 use super::agents::{authenticate, check_report};
 use super::{
-    int_param, parse_json, path_id, query_param, read_body, require_admin, streaming, AppState,
+    int_param, known_params, parse_json, path_id, query_param, read_body, require_admin, streaming,
+    text_param, AppState,
 };
 use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
 
 /// Most jobs in one batch submission.
 const MAX_BATCH: usize = 10_000;
 use super::views;
+use crate::db::jobs::JobQuery;
 use crate::db::ms;
 use crate::error::ApiError;
 use crate::lifecycle::JobStatus;
 use crate::model::NewJob;
+use crate::spec;
 use crate::spec::JobSpec;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -96,12 +99,29 @@ pub async fn retry(
     Ok(Json(views::job(&job, app.db.clock().now())).into_response())
 }
 
+/// What `GET /api/v1/jobs` takes.
+const LIST_PARAMS: [&str; 8] = [
+    "status",
+    "worker",
+    "tag",
+    "created_after",
+    "created_before",
+    "after",
+    "before",
+    "limit",
+];
+
+/// `GET /api/v1/jobs`: newest first, `limit` (<= 1,000) at a time; `before`
+/// (an id) pages back, `after` bounds from below; filters by status,
+/// worker, tag (required or preferred), creation time. `next_before` is
+/// the cursor of the next page (null on the last).
 pub async fn list(
     State(app): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
+    known_params(&query, &LIST_PARAMS)?;
     let status = match query_param(&query, "status") {
         None | Some("") => None,
         Some(s) => match JobStatus::parse(s) {
@@ -116,10 +136,32 @@ pub async fn list(
             }
         },
     };
-    let limit = int_param(&query, "limit", 100, 1, 1000)?;
-    let jobs = app.db.jobs(status, limit).await?;
+    let id = |name: &str| -> Result<Option<i64>, ApiError> {
+        query_param(&query, name)
+            .map(|_| int_param(&query, name, 0, 0, i64::MAX))
+            .transpose()
+    };
+    let time = |name: &str| -> Result<Option<i64>, ApiError> {
+        text_param(&query, name)?
+            .map(|t| spec::parse_time(name, &t))
+            .transpose()
+    };
+    let q = JobQuery {
+        status,
+        worker: id("worker")?,
+        tag: text_param(&query, "tag")?.filter(|t| !t.is_empty()),
+        created_after: time("created_after")?,
+        created_before: time("created_before")?,
+        after: id("after")?,
+        before: id("before")?,
+        limit: int_param(&query, "limit", 100, 1, 1000)?,
+    };
+    let jobs = app.db.jobs(q.clone()).await?;
+    let next_before = (jobs.len() as i64 == q.limit)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
     let jobs = views::jobs(&jobs, app.db.clock().now());
-    Ok(Json(json!({ "jobs": jobs })).into_response())
+    Ok(Json(json!({ "jobs": jobs, "next_before": next_before })).into_response())
 }
 
 pub async fn get(

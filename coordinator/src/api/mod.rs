@@ -62,7 +62,12 @@ pub fn router(app: AppState) -> Router {
             "/api/v1/workers",
             get(workers::list).post(workers::preregister),
         )
-        .route("/api/v1/workers/{id}", get(workers::get))
+        .route(
+            "/api/v1/workers/{id}",
+            get(workers::get)
+                .patch(workers::patch)
+                .delete(workers::delete),
+        )
         .route("/api/v1/workers/{id}/approve", post(workers::approve))
         .route("/api/v1/workers/{id}/reject", post(workers::reject))
         .route("/api/v1/workers/{id}/drain", post(workers::drain))
@@ -379,6 +384,63 @@ pub fn query_param<'a>(query: &'a Option<String>, name: &str) -> Option<&'a str>
         .map(|(_, v)| v)
 }
 
+/// One query parameter's value with its %XX escapes decoded (a `+` stays
+/// a `+`, as in a time's offset). A parameter given twice is refused.
+pub fn text_param(query: &Option<String>, name: &str) -> Result<Option<String>, ApiError> {
+    let mut found = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| *k == name);
+    let Some((_, raw)) = found.next() else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            "invalid_parameter",
+            format!("query parameter {name}: {why}"),
+        )
+        .with_field(name)
+    };
+    if found.next().is_some() {
+        return Err(bad("given more than once"));
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+        let byte = u8::from_str_radix(&hex, 16).map_err(|_| bad("a bad %XX escape"))?;
+        out.push(byte);
+    }
+    String::from_utf8(out)
+        .map(Some)
+        .map_err(|_| bad("not UTF-8 once decoded"))
+}
+
+/// Refuses a query naming a parameter the route does not know (a typo in
+/// a filter would otherwise list everything).
+pub fn known_params(query: &Option<String>, known: &[&str]) -> Result<(), ApiError> {
+    let names = query.as_deref().unwrap_or_default().split('&');
+    for name in names.map(|kv| kv.split('=').next().unwrap_or_default()) {
+        if !name.is_empty() && !known.contains(&name) {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!(
+                    "unknown query parameter {name:?}; this route takes {}",
+                    known.join(", ")
+                ),
+            )
+            .with_field(name));
+        }
+    }
+    Ok(())
+}
+
 /// An integer query parameter within bounds, or `default` when absent.
 pub fn int_param(
     query: &Option<String>,
@@ -452,5 +514,17 @@ mod tests {
         assert_eq!(int_param(&None, "wait", 30, 0, 30).unwrap(), 30);
         assert!(int_param(&Some("wait=-1".into()), "wait", 30, 0, 30).is_err());
         assert!(int_param(&Some("wait=x".into()), "wait", 30, 0, 30).is_err());
+        let q = Some("t=2026-01-01T00%3A00%3A00%2B02:00&tag=a%2Fb&x=%zz&d=1&d=2".to_string());
+        assert_eq!(
+            text_param(&q, "t").unwrap().as_deref(),
+            Some("2026-01-01T00:00:00+02:00")
+        );
+        assert_eq!(text_param(&q, "tag").unwrap().as_deref(), Some("a/b"));
+        assert_eq!(text_param(&q, "nope").unwrap(), None);
+        assert!(text_param(&q, "x").is_err());
+        assert!(text_param(&q, "d").is_err());
+        assert!(known_params(&q, &["t", "tag", "x", "d"]).is_ok());
+        let e = known_params(&q, &["t"]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("tag"));
     }
 }

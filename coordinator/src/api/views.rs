@@ -98,6 +98,8 @@ pub fn worker(w: &Worker) -> Value {
         "running_jobs": w.running_jobs.len(),
         "running_job_ids": w.running_jobs,
         "can_limit": w.can_limit,
+        "metadata": w.metadata,
+        "decommissioned_at": iso(w.decommissioned_at),
     })
 }
 

@@ -1,8 +1,9 @@
 //! Worker routes (admin): list, detail, pre-register, approve, reject,
-//! drain, undrain, decommission, tags; fleet stats.
+//! drain, undrain, decommission, tags, patch, delete; fleet stats.
 
 use super::{
-    parse_json, path_id, query_param, read_body, require_admin, views, AppState, JSON_LIMIT,
+    known_params, parse_json, path_id, query_param, read_body, require_admin, views, AppState,
+    JSON_LIMIT,
 };
 use crate::db::workers;
 use crate::error::ApiError;
@@ -24,6 +25,7 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     require_admin(&app, &headers)?;
+    known_params(&query, &["state", "tag"])?;
     let state = match query_param(&query, "state") {
         None | Some("") => None,
         Some(s) => Some(WorkerState::parse(s).ok_or_else(|| {
@@ -167,6 +169,74 @@ pub async fn set_tags(
     let worker = app.db.set_tags(id, tags).await?;
     app.wake_claimers();
     Ok(Json(views::worker_detail(&worker)).into_response())
+}
+
+/// Most bytes of a worker's metadata (as JSON).
+const METADATA_LIMIT: usize = 4096;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    tags: Option<Vec<String>>,
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    slots: Option<u32>,
+    drain: Option<bool>,
+}
+
+/// `PATCH /api/v1/workers/{id}`: tags (pinned, as PUT tags), metadata (a
+/// JSON object, replaced whole), slots and drain, any of them, at once.
+pub async fn patch(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("worker", &id)?;
+    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
+    let b: PatchBody = parse_json(&bytes)?;
+    if b.tags.is_none() && b.metadata.is_none() && b.slots.is_none() && b.drain.is_none() {
+        return Err(ApiError::invalid(
+            "",
+            "nothing to change: give tags, metadata, slots or drain",
+        ));
+    }
+    if let Some(m) = &b.metadata {
+        let size = serde_json::to_string(m).map_or(usize::MAX, |t| t.len());
+        if size > METADATA_LIMIT {
+            return Err(ApiError::invalid(
+                "metadata",
+                format!("{size} bytes as JSON; at most {METADATA_LIMIT}"),
+            ));
+        }
+    }
+    if b.slots.is_some_and(|n| !(1..=1024).contains(&n)) {
+        return Err(ApiError::invalid("slots", "must be between 1 and 1024"));
+    }
+    let patch = workers::Patch {
+        tags: b.tags.map(|t| spec::tags("tags", t)).transpose()?,
+        metadata: b.metadata,
+        slots: b.slots,
+        drain: b.drain,
+    };
+    let worker = app.db.patch_worker(id, patch).await?;
+    app.wake_claimers();
+    Ok(Json(views::worker_detail(&worker)).into_response())
+}
+
+/// `DELETE /api/v1/workers/{id}`: forgets an offline, stopped or
+/// decommissioned worker (204); its history stays, its token is dead.
+pub async fn delete(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    let id = path_id("worker", &id)?;
+    app.db.delete_worker(id).await?;
+    app.tokens.revoke_worker(id);
+    app.dispatcher.dismiss(id);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(serde::Deserialize)]

@@ -122,7 +122,7 @@ fn fleet(conn: &Connection) -> Result<Vec<WorkerView>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, name, state, tags, gpus, slots, gpu_metrics, CASE WHEN incarnation LIKE 'stopped:%' THEN 1 ELSE 0 END,
          can_limit
-         FROM workers WHERE state != 'decommissioned'",
+         FROM workers WHERE state != 'decommissioned' AND forgotten_at IS NULL",
     )?;
     let rows = stmt.query_map(params![], |r| {
         Ok((

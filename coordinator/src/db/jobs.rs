@@ -715,15 +715,43 @@ pub fn get(conn: &Connection, job_id: i64) -> Result<Job, StoreError> {
     Ok(job)
 }
 
-/// Newest first, optionally of one status.
-pub fn list(
-    conn: &Connection,
-    status: Option<JobStatus>,
-    limit: i64,
-) -> Result<Vec<Job>, StoreError> {
+/// Which jobs a listing wants: newest first, ids in `(after, before)`,
+/// the other fields optional filters.
+#[derive(Debug, Clone)]
+pub struct JobQuery {
+    pub status: Option<JobStatus>,
+    pub worker: Option<i64>,
+    /// A tag the job requires or prefers.
+    pub tag: Option<String>,
+    pub created_after: Option<Ms>,
+    pub created_before: Option<Ms>,
+    pub after: Option<i64>,
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+impl JobQuery {
+    pub fn newest(limit: i64) -> JobQuery {
+        JobQuery {
+            status: None,
+            worker: None,
+            tag: None,
+            created_after: None,
+            created_before: None,
+            after: None,
+            before: None,
+            limit,
+        }
+    }
+}
+
+/// The jobs `q` asks for, newest first. The id bounds walk the primary key
+/// (or the status's index) from the cursor down; the other filters are
+/// checked on the rows walked.
+pub fn list(conn: &Connection, q: &JobQuery) -> Result<Vec<Job>, StoreError> {
     // Each status reads its partial index (finished ones in id order,
     // queued and running ones sorted), never a scan of the whole history.
-    let (index, filter) = match status {
+    let (index, filter) = match q.status {
         None => ("", "CAST(?1 AS TEXT) IS NULL"),
         Some(JobStatus::Queued) => (
             "INDEXED BY jobs_queued_run_after",
@@ -739,9 +767,31 @@ pub fn list(
         ),
     };
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs {index} WHERE {filter} ORDER BY id DESC LIMIT ?2"
+        "SELECT {JOB_COLUMNS} FROM jobs {index} WHERE {filter}
+         AND id < ?2 AND id > ?3
+         AND (CAST(?4 AS BIGINT) IS NULL OR worker_id = ?4)
+         AND (CAST(?5 AS TEXT) IS NULL OR instr(required_tags || preferred_tags, ?5) > 0)
+         AND created_at >= ?6 AND created_at < ?7
+         ORDER BY id DESC LIMIT ?8"
     ))?;
-    let rows = stmt.query_map(params![status, limit], job_row)?;
+    // As it appears in the JSON arrays: quoted, so "gpu" does not match "gpu2".
+    let tag = q
+        .tag
+        .as_ref()
+        .map(|t| serde_json::Value::from(t.as_str()).to_string());
+    let rows = stmt.query_map(
+        params![
+            q.status,
+            q.before.unwrap_or(i64::MAX),
+            q.after.unwrap_or(0),
+            q.worker,
+            tag,
+            q.created_after.unwrap_or(i64::MIN),
+            q.created_before.unwrap_or(i64::MAX),
+            q.limit
+        ],
+        job_row,
+    )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -905,12 +955,14 @@ mod tests {
                       (7, 'cancelled', '[]', 'x', 0, 0, 40, NULL);",
         )
         .unwrap();
+        let query =
+            |q: &JobQuery| -> Vec<i64> { list(&conn, q).unwrap().iter().map(|j| j.id).collect() };
         let ids = |status: Option<&str>, limit: i64| -> Vec<i64> {
-            list(&conn, status.and_then(JobStatus::parse), limit)
-                .unwrap()
-                .iter()
-                .map(|j| j.id)
-                .collect()
+            let status = status.and_then(JobStatus::parse);
+            query(&JobQuery {
+                status,
+                ..JobQuery::newest(limit)
+            })
         };
         assert_eq!(ids(None, 100), [7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(ids(None, 2), [7, 6]);
@@ -920,6 +972,26 @@ mod tests {
         assert_eq!(ids(Some("succeeded"), 100), [5, 1]);
         assert_eq!(ids(Some("failed"), 100), [4]);
         assert_eq!(ids(Some("cancelled"), 100), [7]);
+        // Cursors: a page back from 5, and above 2.
+        let page = |after, before| JobQuery {
+            after,
+            before,
+            ..JobQuery::newest(2)
+        };
+        assert_eq!(query(&page(None, Some(5))), [4, 3]);
+        assert_eq!(query(&page(None, Some(3))), [2, 1]);
+        assert_eq!(query(&page(Some(5), None)), [7, 6]);
+        assert_eq!(query(&page(Some(2), Some(5))), [4, 3]);
+        let worker = JobQuery {
+            worker: Some(1),
+            ..JobQuery::newest(100)
+        };
+        assert_eq!(query(&worker), [5, 4, 3, 1]);
+        let finished_by_1 = JobQuery {
+            status: JobStatus::parse("succeeded"),
+            ..worker
+        };
+        assert_eq!(query(&finished_by_1), [5, 1]);
         let stats = super::super::workers::stats(&conn, 0).unwrap();
         let jobs: Vec<(&str, i64)> = stats.jobs.into_iter().collect();
         assert_eq!(

@@ -343,14 +343,10 @@ impl Db {
         .await
     }
 
-    /// Newest first, optionally of one status, each queued one explained.
-    pub async fn jobs(
-        &self,
-        status: Option<crate::lifecycle::JobStatus>,
-        limit: i64,
-    ) -> Result<Vec<Job>, StoreError> {
+    /// The jobs `q` asks for, newest first, each queued one explained.
+    pub async fn jobs(&self, q: jobs::JobQuery) -> Result<Vec<Job>, StoreError> {
         self.read(move |c, now| {
-            let mut jobs = jobs::list(c, status, limit)?;
+            let mut jobs = jobs::list(c, &q)?;
             dispatch::explain_waiting(c, now, &mut jobs)?;
             Ok(jobs)
         })
@@ -439,6 +435,28 @@ impl Db {
 
     pub async fn set_tags(&self, id: i64, tags: Vec<String>) -> Result<WorkerDetail, StoreError> {
         self.write(move |c, now| workers::set_tags(c, now, id, &tags))
+            .await
+    }
+
+    /// Tags, metadata, slots and drain of a worker, in one transaction.
+    pub async fn patch_worker(
+        &self,
+        id: i64,
+        patch: workers::Patch,
+    ) -> Result<WorkerDetail, StoreError> {
+        self.write(move |c, now| workers::patch(c, now, id, &patch))
+            .await
+    }
+
+    /// Forgets a worker whose agent is gone or that was decommissioned.
+    pub async fn delete_worker(&self, id: i64) -> Result<(), StoreError> {
+        self.write(move |c, now| workers::delete(c, now, id)).await
+    }
+
+    /// Forgets workers offline or stopped for longer than `after`.
+    pub async fn forget_silent(&self, after: std::time::Duration) -> Result<usize, StoreError> {
+        let text = humantime::format_duration(after).to_string();
+        self.write(move |c, now| workers::forget_silent(c, now, now - super::ms(after), &text))
             .await
     }
 

@@ -9,7 +9,7 @@ use rusqlite::params;
 use serde_json::json;
 
 pub fn state_of(conn: &Connection, worker_id: i64) -> Result<WorkerState, StoreError> {
-    conn.prepare_cached("SELECT state FROM workers WHERE id = ?1")?
+    conn.prepare_cached("SELECT state FROM workers WHERE id = ?1 AND forgotten_at IS NULL")?
         .query_row([worker_id], |r| r.get(0))
         .optional()?
         .ok_or_else(|| StoreError::not_found(format!("no worker with id {worker_id}")))

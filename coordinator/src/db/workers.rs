@@ -234,7 +234,10 @@ fn update_registered(
     ])?;
     // Whatever the old token's agent ran is gone with it.
     leases::release_worker_jobs(conn, now, id, crate::lifecycle::LostReason::AgentRestarted)?;
-    if state_of(conn, id)? == WorkerState::Offline {
+    if matches!(
+        state_of(conn, id)?,
+        WorkerState::Offline | WorkerState::Stopped
+    ) {
         back_online(conn, now, id, "re-registered")?;
     }
     refresh_load(conn, now, id, "re-registered")?;
@@ -382,7 +385,7 @@ pub fn heartbeat(
             g.power_w
         ])?;
     }
-    if state == WorkerState::Offline {
+    if state == WorkerState::Offline || (state == WorkerState::Stopped && !req.stopping) {
         back_online(conn, now, worker_id, "heartbeat resumed")?;
     }
     for line in &req.log_lines {
@@ -410,6 +413,7 @@ pub fn heartbeat(
         conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?
             .execute(params![worker_id, format!("{STOPPED}{}", req.incarnation)])?;
         log::info!("agent stopping worker_id={worker_id}");
+        stop_if_idle(conn, now, worker_id)?;
     }
     Ok(Beat {
         state: state_of(conn, worker_id)?.as_str().to_string(),
@@ -584,8 +588,10 @@ pub fn act(
             // Its token is refused from now on (authenticate, heartbeat
             // and claim check the state); what it ran goes back to the
             // queue without spending an attempt.
-            conn.prepare_cached("UPDATE workers SET drain = 0 WHERE id = ?1")?
-                .execute([worker_id])?;
+            conn.prepare_cached(
+                "UPDATE workers SET drain = 0, decommissioned_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![worker_id, now])?;
             leases::release_worker_jobs(
                 conn,
                 now,
@@ -626,6 +632,69 @@ pub fn set_tags(
         json!({"tags": tags}),
     )?;
     log::info!("worker tags set by admin worker_id={worker_id} tags={tags:?}");
+    get(conn, now, worker_id)
+}
+
+/// What `PATCH /api/v1/workers/{id}` changes, each part optional, all in
+/// one transaction.
+#[derive(Debug, Default)]
+pub struct Patch {
+    pub tags: Option<Vec<String>>,
+    /// Replaces the whole object.
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub slots: Option<u32>,
+    pub drain: Option<bool>,
+}
+
+pub fn patch(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    p: &Patch,
+) -> Result<WorkerDetail, StoreError> {
+    let state = state_of(conn, worker_id)?;
+    if state == WorkerState::Decommissioned {
+        return Err(StoreError::conflict(
+            "invalid_state",
+            format!("worker {worker_id} is decommissioned"),
+        ));
+    }
+    if let Some(tags) = &p.tags {
+        set_tags(conn, now, worker_id, tags)?;
+    }
+    if let Some(metadata) = &p.metadata {
+        let text =
+            serde_json::to_string(metadata).map_err(|e| StoreError::internal(e.to_string()))?;
+        conn.prepare_cached("UPDATE workers SET metadata = ?2 WHERE id = ?1")?
+            .execute(params![worker_id, text])?;
+        event(
+            conn,
+            now,
+            "worker.metadata",
+            None,
+            Some(worker_id),
+            json!({"metadata": metadata}),
+        )?;
+    }
+    if let Some(slots) = p.slots {
+        conn.prepare_cached("UPDATE workers SET slots = ?2 WHERE id = ?1")?
+            .execute(params![worker_id, slots])?;
+        let reason = format!("slots set by admin: {slots}");
+        health_log(conn, now, worker_id, Some(state), state, &reason)?;
+        event(
+            conn,
+            now,
+            "worker.slots",
+            None,
+            Some(worker_id),
+            json!({"slots": slots}),
+        )?;
+    }
+    match p.drain {
+        Some(true) => act(conn, now, worker_id, Action::Drain, None).map(drop)?,
+        Some(false) => act(conn, now, worker_id, Action::Undrain, None).map(drop)?,
+        None => {}
+    }
     get(conn, now, worker_id)
 }
 
@@ -671,6 +740,104 @@ pub fn preregister(
     )?;
     log::info!("worker pre-registered worker_id={id} name={name:?}");
     get(conn, now, id)
+}
+
+/// A stopping agent that holds nothing any more: its worker is `stopped`
+/// at once (not idle until its TTL runs out).
+fn stop_if_idle(conn: &Connection, now: Ms, worker_id: i64) -> Result<(), StoreError> {
+    let (state, running): (WorkerState, bool) = conn
+        .prepare_cached(
+            "SELECT state, EXISTS (SELECT 1 FROM jobs WHERE worker_id = ?1 AND status = 'running')
+             FROM workers WHERE id = ?1",
+        )?
+        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if running
+        || !matches!(
+            state,
+            WorkerState::Idle | WorkerState::Busy | WorkerState::Draining
+        )
+    {
+        return Ok(());
+    }
+    let reason = "its agent stopped gracefully";
+    transition(conn, now, worker_id, WorkerState::Stopped, reason)?;
+    event(
+        conn,
+        now,
+        "worker.stopped",
+        None,
+        Some(worker_id),
+        json!({}),
+    )?;
+    log::info!("worker stopped worker_id={worker_id}");
+    Ok(())
+}
+
+/// Forgets a worker: gone from every listing, its token dead, its machine
+/// and name free to register anew as a new worker; its row stays for the
+/// history that names it (health log, attempts, events).
+fn forget(conn: &Connection, now: Ms, worker_id: i64, reason: &str) -> Result<(), StoreError> {
+    let state = state_of(conn, worker_id)?;
+    health_log(conn, now, worker_id, Some(state), state, reason)?;
+    conn.prepare_cached(
+        "UPDATE workers SET forgotten_at = ?2, token_hash = NULL, machine_id = NULL,
+         incarnation = NULL, reserved_for = NULL WHERE id = ?1",
+    )?
+    .execute(params![worker_id, now])?;
+    conn.prepare_cached("DELETE FROM agent_log WHERE worker_id = ?1")?
+        .execute([worker_id])?;
+    conn.prepare_cached("DELETE FROM gpu_metrics WHERE worker_id = ?1")?
+        .execute([worker_id])?;
+    event(
+        conn,
+        now,
+        "worker.deleted",
+        None,
+        Some(worker_id),
+        json!({"reason": reason}),
+    )?;
+    log::info!("worker forgotten worker_id={worker_id} reason={reason:?}");
+    Ok(())
+}
+
+/// An admin deletes a worker whose agent is gone (offline, stopped) or
+/// that was decommissioned; a live one must be decommissioned first.
+pub fn delete(conn: &Connection, now: Ms, worker_id: i64) -> Result<(), StoreError> {
+    let state = state_of(conn, worker_id)?;
+    if !matches!(
+        state,
+        WorkerState::Offline | WorkerState::Stopped | WorkerState::Decommissioned
+    ) {
+        return Err(StoreError::conflict(
+            "invalid_state",
+            format!(
+                "worker {worker_id} is {state}: only an offline, stopped or decommissioned worker can be deleted (decommission it first)"
+            ),
+        ));
+    }
+    forget(conn, now, worker_id, "deleted by admin")
+}
+
+/// Forgets workers offline or stopped since before `cutoff` (a batch).
+pub fn forget_silent(
+    conn: &Connection,
+    now: Ms,
+    cutoff: Ms,
+    after: &str,
+) -> Result<usize, StoreError> {
+    let silent: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM workers WHERE forgotten_at IS NULL
+             AND (state = 'offline' OR state = 'stopped')
+             AND coalesce(last_seen_at, registered_at) < ?1 LIMIT 100",
+        )?
+        .query_map([cutoff], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let reason = format!("forgotten: not heard from for more than {after}");
+    for id in &silent {
+        forget(conn, now, *id, &reason)?;
+    }
+    Ok(silent.len())
 }
 
 /// Marks workers silent since `cutoff` offline. Returns how many.
@@ -725,7 +892,7 @@ pub fn extend_liveness(conn: &Connection, now: Ms, by: Ms) -> Result<usize, Stor
 const WORKER_COLUMNS: &str = "id, name, state, hostname, cpu_cores, memory_mb, gpus, tags, slots,
     agent_version, gpu_metrics, registered_at, last_seen_at, drain, tags_pinned, address,
     (SELECT json_group_array(id) FROM jobs WHERE jobs.worker_id = workers.id AND jobs.status = 'running'),
-    can_limit";
+    can_limit, metadata, decommissioned_at";
 
 fn worker_row(r: &super::sql::Row) -> rusqlite::Result<Worker> {
     Ok(Worker {
@@ -747,12 +914,16 @@ fn worker_row(r: &super::sql::Row) -> rusqlite::Result<Worker> {
         address: r.get(15)?,
         running_jobs: serde_json::from_str(&r.get::<_, String>(16)?).unwrap_or_default(),
         can_limit: r.get(17)?,
+        metadata: json_col(&r.get::<_, String>(18)?),
+        decommissioned_at: r.get(19)?,
     })
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<Worker>, StoreError> {
     Ok(conn
-        .prepare_cached(&format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY id"))?
+        .prepare_cached(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE forgotten_at IS NULL ORDER BY id"
+        ))?
         .query_map(params![], worker_row)?
         .collect::<Result<_, _>>()?)
 }
@@ -762,7 +933,7 @@ pub fn list(conn: &Connection) -> Result<Vec<Worker>, StoreError> {
 pub fn get(conn: &Connection, now: Ms, worker_id: i64) -> Result<WorkerDetail, StoreError> {
     let worker = conn
         .prepare_cached(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1"
+            "SELECT {WORKER_COLUMNS} FROM workers WHERE id = ?1 AND forgotten_at IS NULL"
         ))?
         .query_row([worker_id], worker_row)
         .optional()?
@@ -827,7 +998,9 @@ pub fn stats(conn: &Connection, now: Ms) -> Result<Stats, StoreError> {
     for state in WorkerState::ALL {
         stats.workers.insert(state.as_str(), 0);
     }
-    let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM workers GROUP BY state")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT state, count(*) FROM workers WHERE forgotten_at IS NULL GROUP BY state",
+    )?;
     for row in stmt.query_map(params![], |r| {
         Ok((r.get::<_, WorkerState>(0)?, r.get::<_, i64>(1)?))
     })? {
