@@ -20,6 +20,8 @@ pub struct App {
     pub registrations: RateLimiter,
     /// Agent tokens already checked.
     pub tokens: crate::auth::TokenCache,
+    /// Named API tokens already checked.
+    pub api_tokens: crate::auth::ApiTokenCache,
 }
 
 impl App {
@@ -31,6 +33,7 @@ impl App {
             metrics: Metrics::default(),
             registrations: RateLimiter::registrations(),
             tokens: Default::default(),
+            api_tokens: Default::default(),
         }
     }
 

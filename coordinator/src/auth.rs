@@ -97,6 +97,104 @@ impl TokenCache {
     }
 }
 
+/// What an API token may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// GET only.
+    Read,
+    /// Also submit jobs, and cancel or retry its own.
+    Submit,
+    /// Everything (the admin token's role).
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Read, Role::Submit, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Submit => "submit",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Who made a request: the admin token (no id) or a named API token.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub token_id: Option<i64>,
+    pub role: Role,
+}
+
+/// Named API tokens already checked (hash -> id, role), trusted for
+/// `TOKEN_CACHE_TTL`: a revocation elsewhere (another coordinator) takes
+/// effect within it; one here empties the cache at once. Also when each
+/// token's use was last recorded, so that is written at most once a minute.
+#[derive(Default)]
+pub struct ApiTokenCache {
+    map: std::sync::Mutex<std::collections::HashMap<String, (i64, Role, std::time::Instant)>>,
+    touched: std::sync::Mutex<std::collections::HashMap<i64, std::time::Instant>>,
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+/// How often a token's last use is written.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl ApiTokenCache {
+    pub fn get(&self, hash: &str) -> Option<(i64, Role)> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(hash) {
+            Some((id, role, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some((*id, *role)),
+            Some(_) => {
+                map.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Remembers a lookup made at `epoch`, unless a revocation came since.
+    pub fn insert(&self, epoch: u64, hash: String, id: i64, role: Role) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch() == epoch {
+            if map.len() >= TOKEN_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(hash, (id, role, std::time::Instant::now()));
+        }
+    }
+
+    pub fn revoke_all(&self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        map.clear();
+    }
+
+    /// Whether token `id`'s use is due to be written (and notes it is).
+    pub fn touch_due(&self, id: i64) -> bool {
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        match touched.get(&id) {
+            Some(at) if at.elapsed() < TOUCH_EVERY => false,
+            _ => {
+                if touched.len() >= TOKEN_CACHE_MAX {
+                    touched.clear();
+                }
+                touched.insert(id, std::time::Instant::now());
+                true
+            }
+        }
+    }
+}
+
 /// SHA-256 of a token, hex: what the database stores.
 pub fn hash_token(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
@@ -123,17 +221,6 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     }
     let token = token.trim();
     (!token.is_empty()).then_some(token)
-}
-
-/// Refuses a request that does not carry the admin token.
-pub fn require_admin(headers: &HeaderMap, admin: &Secret) -> Result<(), ApiError> {
-    match bearer(headers) {
-        None => Err(ApiError::unauthorized(
-            "missing bearer token: send Authorization: Bearer <admin token>",
-        )),
-        Some(t) if admin.matches(t) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("invalid admin token")),
-    }
 }
 
 /// The admin token: given, read from a file, or generated on first start and

@@ -36,6 +36,10 @@ pub struct NewJob {
     pub not_before: Option<i64>,
     pub idempotency_key: Option<String>,
     pub metadata: Value,
+    /// The named API token submitting it (None: the admin token). Not part
+    /// of the spec's fingerprint.
+    #[serde(skip)]
+    pub submitted_by: Option<i64>,
 }
 
 impl NewJob {

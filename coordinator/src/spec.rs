@@ -190,6 +190,7 @@ impl JobSpec {
             not_before,
             idempotency_key: self.idempotency_key,
             metadata,
+            submitted_by: None,
         })
     }
 

@@ -258,5 +258,28 @@ fn dashboard_shows_the_fleet_and_approves_a_worker() -> TestResult {
         "dashboard screenshot: {} bytes of base64 PNG",
         shot.as_str().map(|s| s.len()).unwrap_or(0)
     );
+
+    // A read token: the same fleet, no buttons that would change it.
+    let r = api.admin(
+        "POST",
+        "/api/v1/tokens",
+        Some(&json!({"name": "viewer", "role": "read"})),
+    )?;
+    let viewer = r.body["token"].as_str().ok_or("no token")?;
+    d.post(
+        "/url",
+        json!({"url": format!("{}/?as=viewer#token={viewer}", coord.url)}),
+    )?;
+    wait_for("the viewer's role shown", Duration::from_secs(20), || {
+        Ok(d.texts("#role")?.concat().contains("read").then_some(()))
+    })?;
+    wait_for("the viewer's worker cards", Duration::from_secs(20), || {
+        Ok((d.texts(".worker")?.len() == 2).then_some(()))
+    })?;
+    assert_eq!(
+        d.find(".worker button")?.len(),
+        0,
+        "a read token's dashboard offers no worker actions"
+    );
     Ok(())
 }

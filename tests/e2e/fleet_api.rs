@@ -262,3 +262,138 @@ fn workers_stop_at_once_and_can_be_patched_and_deleted() -> TestResult {
     })?;
     Ok(())
 }
+
+/// Named tokens and their roles: `read` may only GET (403 on submit),
+/// `submit` may submit and cancel its own jobs but not another's nor drain
+/// a worker (403, JSON errors); revoked, a token is refused (401); the
+/// list shows when each was last used; the tokens themselves are in no
+/// log and not in the database (only their SHA-256).
+#[test]
+fn api_tokens_hold_to_their_roles() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coord = Coordinator::start(dir.path(), &["--auto-approve"])?;
+    let api = coord.api();
+    let mut tokens = std::collections::HashMap::new();
+    for role in ["read", "submit"] {
+        let body = json!({"name": format!("ci-{role}"), "role": role});
+        let r = api.admin("POST", "/api/v1/tokens", Some(&body))?;
+        assert_eq!(r.status, 201, "{}", r.text);
+        assert_eq!(r.body["role"], role);
+        tokens.insert(
+            role,
+            r.body["token"].as_str().ok_or("no token")?.to_string(),
+        );
+    }
+    let as_ = |role: &str, method: &str, path: &str, body: Option<&Value>| {
+        let body = body.map(Value::to_string);
+        api.call(
+            method,
+            path,
+            Some(&tokens[role]),
+            body.as_deref().map(str::as_bytes),
+        )
+    };
+    let job = json!({"command": ["sleep", "30"]});
+    // read: GETs only.
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/workers",
+        "/api/v1/stats",
+        "/api/v1/events",
+    ] {
+        assert_eq!(as_("read", "GET", path, None)?.status, 200, "{path}");
+    }
+    let r = as_("read", "POST", "/api/v1/jobs", Some(&job))?;
+    assert_eq!((r.status, r.code()), (403, "forbidden"), "{}", r.text);
+    assert!(r.text.contains("role is read"), "{}", r.text);
+    assert_eq!(
+        as_("read", "GET", "/api/v1/whoami", None)?.body["role"],
+        "read"
+    );
+    // submit: its own jobs, nothing else.
+    let r = as_("submit", "POST", "/api/v1/jobs", Some(&job))?;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let own = r.body["id"].as_i64().ok_or("no id")?;
+    let others = api.submit(&job)?;
+    let r = as_(
+        "submit",
+        "POST",
+        &format!("/api/v1/jobs/{others}/cancel"),
+        None,
+    )?;
+    assert_eq!((r.status, r.code()), (403, "forbidden"), "{}", r.text);
+    let r = as_(
+        "submit",
+        "POST",
+        &format!("/api/v1/jobs/{own}/cancel"),
+        None,
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["status"], "cancelled");
+    let r = as_("submit", "POST", &format!("/api/v1/jobs/{own}/retry"), None)?;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for (method, path) in [
+        ("POST", "/api/v1/workers/1/drain"),
+        ("PATCH", "/api/v1/workers/1"),
+        ("POST", "/api/v1/tokens"),
+        ("GET", "/api/v1/tokens"),
+    ] {
+        let r = as_("submit", method, path, Some(&json!({"drain": true})))?;
+        assert_eq!(
+            (r.status, r.code()),
+            (403, "forbidden"),
+            "{method} {path}: {}",
+            r.text
+        );
+    }
+    // Listed with their last use; revoked, refused.
+    let list = api.admin("GET", "/api/v1/tokens", None)?;
+    let listed = list.body["tokens"].as_array().ok_or("no tokens")?;
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|t| t["last_used_at"].is_string() && t.get("token").is_none()),
+        "{}",
+        list.text
+    );
+    let read_id = listed[0]["id"].as_i64().ok_or("no id")?;
+    let r = api.admin("DELETE", &format!("/api/v1/tokens/{read_id}"), None)?;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(as_("read", "GET", "/api/v1/jobs", None)?.status, 401);
+    assert_eq!(
+        api.admin("DELETE", &format!("/api/v1/tokens/{read_id}"), None)?
+            .status,
+        409
+    );
+    // Bad input.
+    for (body, field) in [
+        (json!({"name": "x", "role": "root"}), "role"),
+        (json!({"name": "bad name", "role": "read"}), "name"),
+        (json!({"name": "ci-submit", "role": "read"}), "name"),
+    ] {
+        let r = api.admin("POST", "/api/v1/tokens", Some(&body))?;
+        assert!(
+            matches!(r.status, 409 | 422),
+            "{body}: {} {}",
+            r.status,
+            r.text
+        );
+        assert_eq!(r.field(), field, "{body}: {}", r.text);
+    }
+    // The tokens are nowhere at rest.
+    let mut at_rest = Vec::new();
+    for entry in std::fs::read_dir(dir.path())? {
+        let path = entry?.path();
+        if path.is_file() {
+            at_rest.push((path.clone(), std::fs::read(&path)?));
+        }
+    }
+    for token in tokens.values() {
+        for (path, bytes) in &at_rest {
+            let found = bytes.windows(token.len()).any(|w| w == token.as_bytes());
+            assert!(!found, "a token is in {}", path.display());
+        }
+    }
+    Ok(())
+}

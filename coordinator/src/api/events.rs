@@ -3,10 +3,11 @@
 //! (`after=` or `Last-Event-ID`), optionally only those of one job, one
 //! worker or some types.
 
+use super::authorize;
 use super::{
-    int_param, known_params, query_param, require_admin, streaming, text_param, views, AppState,
-    MAX_WAIT_S,
+    int_param, known_params, query_param, streaming, text_param, views, AppState, MAX_WAIT_S,
 };
+use crate::auth::Role;
 use crate::error::ApiError;
 use crate::model::Event;
 use axum::body::Bytes;
@@ -104,7 +105,7 @@ pub async fn events(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -2,11 +2,13 @@
 //! (the agent holding the lease); read logs (admin).
 
 use super::agents::{authenticate, check_report};
+use super::{authorize, check_owner};
 use super::{
-    int_param, known_params, parse_json, path_id, query_param, read_body, require_admin, streaming,
-    text_param, AppState,
+    int_param, known_params, parse_json, path_id, query_param, read_body, streaming, text_param,
+    AppState,
 };
 use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
+use crate::auth::Role;
 
 /// Most jobs in one batch submission.
 const MAX_BATCH: usize = 10_000;
@@ -34,7 +36,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    let caller = authorize(&app, &headers, Role::Submit).await?;
     let bytes = read_body(&headers, body, BATCH_LIMIT).await?;
     let is_batch = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     if !is_batch && bytes.len() > JSON_LIMIT {
@@ -62,6 +64,13 @@ pub async fn submit(
     } else {
         vec![parse_json::<JobSpec>(&bytes)?.validate()?]
     };
+    let specs: Vec<NewJob> = specs
+        .into_iter()
+        .map(|s| NewJob {
+            submitted_by: caller.token_id,
+            ..s
+        })
+        .collect();
     let results = app
         .write_waking(app.db.queue_submit(specs, is_batch))
         .await?;
@@ -92,8 +101,9 @@ pub async fn retry(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    let caller = authorize(&app, &headers, Role::Submit).await?;
     let id = path_id("job", &id)?;
+    check_owner(&app, caller, id).await?;
     let job = app.db.retry(id).await?;
     app.wake_claimers();
     Ok(Json(views::job(&job, app.db.clock().now())).into_response())
@@ -120,7 +130,7 @@ pub async fn list(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     known_params(&query, &LIST_PARAMS)?;
     let status = match query_param(&query, "status") {
         None | Some("") => None,
@@ -169,7 +179,7 @@ pub async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     let id = path_id("job", &id)?;
     // A queued job says why it is not running.
     let job = app.db.job(id).await?;
@@ -181,8 +191,9 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    let caller = authorize(&app, &headers, Role::Submit).await?;
     let id = path_id("job", &id)?;
+    check_owner(&app, caller, id).await?;
     let job = app.db.cancel(id).await?;
     // A parked claim of the job's agent carries the cancel to it at once.
     app.wake_claimers();
@@ -264,7 +275,7 @@ pub async fn read_log(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     let id = path_id("job", &id)?;
     let attempt = match query_param(&query, "attempt") {
         None => None,

@@ -7,17 +7,18 @@ mod events;
 #[cfg(test)]
 mod fuzz;
 mod jobs;
+mod tokens;
 mod views;
 mod workers;
 
-use crate::auth;
+use crate::auth::{self, Caller, Role};
 use crate::error::ApiError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use drover_proto::routes;
 use serde::de::DeserializeOwned;
@@ -80,6 +81,9 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/workers/{id}/logs", get(workers::agent_log))
         .route("/api/v1/stats", get(workers::stats))
         .route("/api/v1/events", get(events::events))
+        .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+        .route("/api/v1/whoami", get(tokens::whoami))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), log_request))
@@ -470,8 +474,74 @@ pub fn path_id(kind: &str, raw: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no {kind} with id {raw:?}")))
 }
 
-pub fn require_admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    auth::require_admin(headers, &app.config.admin_token)
+/// Who a request comes from, refused unless its role reaches `need`: 401
+/// without a known token, 403 (naming the role) when it does not reach.
+pub async fn authorize(app: &App, headers: &HeaderMap, need: Role) -> Result<Caller, ApiError> {
+    let Some(token) = auth::bearer(headers) else {
+        return Err(ApiError::unauthorized(
+            "missing bearer token: send Authorization: Bearer <admin token or API token>",
+        ));
+    };
+    if app.config.admin_token.matches(token) {
+        return Ok(Caller {
+            token_id: None,
+            role: Role::Admin,
+        });
+    }
+    let hash = auth::hash_token(token);
+    let cache = &app.api_tokens;
+    let (id, role) = match cache.get(&hash) {
+        Some(found) => found,
+        None => {
+            let epoch = cache.epoch();
+            let found = app
+                .db
+                .lookup_token(hash.clone())
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("invalid token"))?;
+            cache.insert(epoch, hash, found.0, found.1);
+            found
+        }
+    };
+    if cache.touch_due(id) {
+        if let Err(e) = app.db.touch_token(id).await {
+            log::warn!("could not record the use of api token {id}: {e}");
+        }
+    }
+    if role < need {
+        let may = match role {
+            Role::Read => "it may only read (GET)",
+            _ => "it may read, submit jobs, and cancel or retry its own",
+        };
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token's role is {}: {may}; this needs the {} role",
+                role.as_str(),
+                need.as_str()
+            ),
+        ));
+    }
+    Ok(Caller {
+        token_id: Some(id),
+        role,
+    })
+}
+
+/// Refuses a `submit` token's change to a job another token submitted.
+pub async fn check_owner(app: &App, caller: Caller, job_id: i64) -> Result<(), ApiError> {
+    if caller.role == Role::Admin {
+        return Ok(());
+    }
+    if app.db.job_owner(job_id).await? != caller.token_id {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("job {job_id} was not submitted with this token; a submit token changes only its own jobs"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! Worker routes (admin): list, detail, pre-register, approve, reject,
 //! drain, undrain, decommission, tags, patch, delete; fleet stats.
 
+use super::authorize;
 use super::{
-    known_params, parse_json, path_id, query_param, read_body, require_admin, views, AppState,
-    JSON_LIMIT,
+    known_params, parse_json, path_id, query_param, read_body, views, AppState, JSON_LIMIT,
 };
+use crate::auth::Role;
 use crate::db::workers;
 use crate::error::ApiError;
 use crate::lifecycle::WorkerState;
@@ -24,7 +25,7 @@ pub async fn list(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     known_params(&query, &["state", "tag"])?;
     let state = match query_param(&query, "state") {
         None | Some("") => None,
@@ -55,7 +56,7 @@ pub async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     let id = path_id("worker", &id)?;
     Ok(Json(views::worker_detail(&app.db.worker(id).await?)).into_response())
 }
@@ -65,7 +66,7 @@ pub async fn approve(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Admin).await?;
     let id = path_id("worker", &id)?;
     let worker = app.db.approve(id).await?;
     app.wake_claimers();
@@ -73,7 +74,7 @@ pub async fn approve(
 }
 
 pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     let stats = app.db.stats().await?;
     // Agents with a claim parked right now: ready for work.
     Ok(Json(views::stats(&stats, app.dispatcher.waiting())).into_response())
@@ -94,7 +95,7 @@ async fn action(
     body: Body,
     action: workers::Action,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Admin).await?;
     let id = path_id("worker", &id)?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let why: Why = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -162,7 +163,7 @@ pub async fn set_tags(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Admin).await?;
     let id = path_id("worker", &id)?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let tags = spec::tags("tags", parse_json::<TagsBody>(&bytes)?.tags)?;
@@ -191,7 +192,7 @@ pub async fn patch(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Admin).await?;
     let id = path_id("worker", &id)?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let b: PatchBody = parse_json(&bytes)?;
@@ -231,7 +232,7 @@ pub async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Admin).await?;
     let id = path_id("worker", &id)?;
     app.db.delete_worker(id).await?;
     app.tokens.revoke_worker(id);
@@ -256,7 +257,7 @@ pub async fn preregister(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Admin).await?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let w: NewWorker = parse_json(&bytes)?;
     spec::worker_name("name", &w.name)?;
@@ -279,7 +280,7 @@ pub async fn agent_log(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&app, &headers)?;
+    authorize(&app, &headers, Role::Read).await?;
     let id = path_id("worker", &id)?;
     let text = app.db.agent_log(id).await?;
     Ok((

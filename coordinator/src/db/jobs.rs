@@ -134,10 +134,12 @@ pub fn submit(
             concat!(
                 "INSERT INTO jobs (id, status, command, env, cwd, gpus, min_vram_mb, required_tags,
                  preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key,
-                 spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits)
+                 spec_sha256, metadata, run_after, created_at, cpu_fallback, exclusive, limits,
+                 submitted_by)
                  VALUES (CASE WHEN ?20 > 0 THEN max((SELECT coalesce(max(id), 0) + 1 FROM jobs), ?20)
                  ELSE ", $next, " END, 'queued',
-                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                 ?21)"
             )
         };
     }
@@ -166,7 +168,8 @@ pub fn submit(
         job.cpu_fallback,
         job.exclusive,
         job.limits.map(|l| to_json(&l)),
-        floor
+        floor,
+        job.submitted_by
     ])?;
     let id = conn.last_insert_rowid()?;
     event(
@@ -713,6 +716,14 @@ pub fn get(conn: &Connection, job_id: i64) -> Result<Job, StoreError> {
         .collect::<Result<_, _>>()?;
     job.attempts = Some(attempts);
     Ok(job)
+}
+
+/// The named token that submitted job `id` (None: the admin token).
+pub fn owner(conn: &Connection, id: i64) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT submitted_by FROM jobs WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::not_found(format!("no job with id {id}")))
 }
 
 /// Which jobs a listing wants: newest first, ids in `(after, before)`,

@@ -35,6 +35,7 @@ mod ops;
 pub mod pg;
 pub mod retention;
 pub mod sql;
+pub mod tokens;
 pub mod worker_state;
 pub mod workers;
 

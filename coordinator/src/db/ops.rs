@@ -7,7 +7,9 @@
 use super::dispatch::{self, Round};
 use super::logs::{self, LogRows};
 use super::workers::{self, Action, Agent, Beat, Registrant};
-use super::{events, highwater, jobs, leases, retention, wall_offset, Db, Ms, Queued, StoreError};
+use super::{
+    events, highwater, jobs, leases, retention, tokens, wall_offset, Db, Ms, Queued, StoreError,
+};
 use crate::model::NewJob;
 use crate::model::{Event, Job, Stats, Worker, WorkerDetail};
 use drover_proto::{
@@ -458,6 +460,42 @@ impl Db {
         let text = humantime::format_duration(after).to_string();
         self.write(move |c, now| workers::forget_silent(c, now, now - super::ms(after), &text))
             .await
+    }
+
+    // Named API tokens.
+
+    pub async fn create_token(
+        &self,
+        name: String,
+        role: crate::auth::Role,
+        hash: String,
+    ) -> Result<tokens::ApiToken, StoreError> {
+        self.write(move |c, now| tokens::create(c, now, &name, role, &hash))
+            .await
+    }
+
+    pub async fn api_tokens(&self) -> Result<Vec<tokens::ApiToken>, StoreError> {
+        self.read(|c, _| tokens::list(c)).await
+    }
+
+    pub async fn revoke_token(&self, id: i64) -> Result<(), StoreError> {
+        self.write(move |c, now| tokens::revoke(c, now, id)).await
+    }
+
+    pub async fn lookup_token(
+        &self,
+        hash: String,
+    ) -> Result<Option<(i64, crate::auth::Role)>, StoreError> {
+        self.read(move |c, _| tokens::lookup(c, &hash)).await
+    }
+
+    pub async fn touch_token(&self, id: i64) -> Result<(), StoreError> {
+        self.write(move |c, now| tokens::touch(c, now, id)).await
+    }
+
+    /// The named token that submitted job `id` (None: the admin token).
+    pub async fn job_owner(&self, id: i64) -> Result<Option<i64>, StoreError> {
+        self.read(move |c, _| jobs::owner(c, id)).await
     }
 
     /// Registers a worker ahead of its agent, approved.

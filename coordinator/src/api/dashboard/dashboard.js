@@ -1,4 +1,5 @@
-// Drover dashboard: reads the coordinator's API with the admin token.
+// Drover dashboard: reads the coordinator's API with the admin token or a
+// named API token; shows only the actions its role allows (/whoami).
 // Everything shown comes from users and agents: it is put in the page as
 // text (never as HTML).
 "use strict";
@@ -8,6 +9,9 @@ let token = null;
 let selected = null;
 let statusFilter = "";
 let lastEventId = null;
+// The token's role: read, submit or admin (null until asked).
+let role = null;
+const may = (need) => ["read", "submit", "admin"].indexOf(role) >= ["read", "submit", "admin"].indexOf(need);
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -26,7 +30,7 @@ function h(tag, attrs, ...children) {
 
 async function api(method, path) {
   const resp = await fetch(path, { method, headers: { Authorization: "Bearer " + token } });
-  if (resp.status === 401) { logout("The admin token was refused."); throw new Error("unauthorized"); }
+  if (resp.status === 401) { logout("The token was refused."); throw new Error("unauthorized"); }
   const text = await resp.text();
   let body = null;
   try { body = JSON.parse(text); } catch (_) { body = text; }
@@ -67,6 +71,7 @@ function renderWorkers(workers) {
         h("span", { class: "muted" }, `${util}% ${Math.round(g.vram_mb / 1024)}G`));
     });
     const actions = [];
+    if (!may("admin")) return workerCard(w, gpus, actions);
     const post = (what, label, cls) => h("button", { class: cls || "", "data-action": what,
       onclick: (e) => { e.stopPropagation(); act("POST", `/api/v1/workers/${w.id}/${what}`); } }, label);
     if (w.state === "pending") actions.push(post("approve", "Approve"), post("reject", "Reject", "ghost"));
@@ -76,15 +81,23 @@ function renderWorkers(workers) {
       actions.push(h("button", { class: "ghost", onclick: (e) => { e.stopPropagation(); editTags(w); } }, "Tags"));
       actions.push(post("decommission", "Decommission", "ghost danger-text"));
     }
-    return h("div", { class: `card worker ${w.state}`, "data-worker": w.id, onclick: () => { selected = { worker: w.id }; refresh(); } },
-      h("div", { class: "top" }, h("span", { class: "name", title: w.name }, w.name), h("span", { class: `pill ${w.state}` }, w.state)),
-      h("div", { class: "meta" }, `#${w.id} · ${w.hostname} · ${w.cpu_cores} cores · ${Math.round(w.memory_mb / 1024)} GiB · ${w.running_jobs}/${w.slots} slots · seen ${ago(w.last_seen_at)}`),
-      w.tags.length ? h("div", { class: "tags" }, w.tags.map((t) => h("span", { class: "tag" }, t))) : null,
-      gpus.length ? gpus : h("div", { class: "muted" }, "CPU worker"),
-      w.restore ? h("div", { class: "restore", title: "run this where you keep your SSH keys" }, "Bring it back: ", h("code", {}, w.restore)) : null,
-      actions.length ? h("div", { class: "actions" }, actions) : null);
+    if (w.state === "offline" || w.state === "stopped" || w.state === "decommissioned") {
+      actions.push(h("button", { class: "ghost danger-text", "data-action": "delete",
+        onclick: (e) => { e.stopPropagation(); act("DELETE", `/api/v1/workers/${w.id}`); } }, "Delete"));
+    }
+    return workerCard(w, gpus, actions);
   });
   document.getElementById("workers").replaceChildren(...(cards.length ? cards : [h("p", { class: "muted" }, "No workers yet. Start drover-agent on a machine.")]));
+}
+
+function workerCard(w, gpus, actions) {
+  return h("div", { class: `card worker ${w.state}`, "data-worker": w.id, onclick: () => { selected = { worker: w.id }; refresh(); } },
+    h("div", { class: "top" }, h("span", { class: "name", title: w.name }, w.name), h("span", { class: `pill ${w.state}` }, w.state)),
+    h("div", { class: "meta" }, `#${w.id} · ${w.hostname} · ${w.cpu_cores} cores · ${Math.round(w.memory_mb / 1024)} GiB · ${w.running_jobs}/${w.slots} slots · seen ${ago(w.last_seen_at)}`),
+    w.tags.length ? h("div", { class: "tags" }, w.tags.map((t) => h("span", { class: "tag" }, t))) : null,
+    gpus.length ? gpus : h("div", { class: "muted" }, "CPU worker"),
+    w.restore ? h("div", { class: "restore", title: "run this where you keep your SSH keys" }, "Bring it back: ", h("code", {}, w.restore)) : null,
+    actions.length ? h("div", { class: "actions" }, actions) : null);
 }
 
 function editTags(w) {
@@ -141,11 +154,13 @@ async function renderDetail() {
   try { log = await api("GET", `/api/v1/jobs/${id}/logs`); } catch (_) { log = ""; }
   const kv = (k, v) => [h("div", {}, k), h("div", {}, v ?? "—")];
   const actions = [];
-  if (j.status === "queued" || j.status === "running") {
+  // A read token changes nothing (a submit token only its own jobs: the
+  // coordinator says so if not).
+  if (may("submit") && (j.status === "queued" || j.status === "running")) {
     actions.push(h("button", { class: "danger", disabled: j.cancel_requested, onclick: () => act("POST", `/api/v1/jobs/${j.id}/cancel`) },
       j.cancel_requested ? "Cancelling…" : "Cancel"));
   }
-  if (j.status === "failed" || j.status === "cancelled") {
+  if (may("submit") && (j.status === "failed" || j.status === "cancelled")) {
     actions.push(h("button", { onclick: () => act("POST", `/api/v1/jobs/${j.id}/retry`) }, "Retry"));
   }
   const progress = j.progress && typeof j.progress.progress === "number" ? Math.max(0, Math.min(1, j.progress.progress)) : null;
@@ -178,6 +193,8 @@ async function act(method, path) {
 async function refresh() {
   if (!token) return;
   try {
+    if (role === null) role = (await api("GET", "/api/v1/whoami")).role;
+    document.getElementById("role").textContent = role === "admin" ? "" : `signed in with a ${role} token`;
     const q = statusFilter ? `?status=${statusFilter}&limit=100` : "?limit=100";
     const [stats, workers, jobs] = await Promise.all([
       api("GET", "/api/v1/stats"), api("GET", "/api/v1/workers"), api("GET", "/api/v1/jobs" + q)]);
@@ -200,6 +217,7 @@ function show(loggedIn) {
 
 function logout(message) {
   token = null;
+  role = null;
   sessionStorage.removeItem(KEY);
   document.getElementById("login-error").textContent = message || "";
   show(false);
