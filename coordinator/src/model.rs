@@ -92,6 +92,8 @@ pub struct Job {
     pub exclusive: bool,
     pub limits: Option<drover_proto::Limits>,
     /// Why a queued job is not running, when asked for.
+    /// The named token that submitted it (None: the admin token).
+    pub submitted_by: Option<i64>,
     pub waiting_reason: Option<String>,
     /// Filled by the one-job read only.
     pub attempts: Option<Vec<Attempt>>,

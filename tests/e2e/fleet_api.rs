@@ -314,7 +314,16 @@ fn api_tokens_hold_to_their_roles() -> TestResult {
     let r = as_("submit", "POST", "/api/v1/jobs", Some(&job))?;
     assert_eq!(r.status, 201, "{}", r.text);
     let own = r.body["id"].as_i64().ok_or("no id")?;
-    let others = api.submit(&job)?;
+    let others = api.submit(&json!({"command": ["sleep", "30"], "env": {"API_KEY": "s3cret"}}))?;
+    // Env values are for the admin and the submitter only.
+    let path = format!("/api/v1/jobs/{others}");
+    assert_eq!(
+        as_("read", "GET", &path, None)?.body["env"]["API_KEY"],
+        "(hidden)"
+    );
+    let listed = as_("submit", "GET", "/api/v1/jobs", None)?;
+    assert!(!listed.text.contains("s3cret"), "{}", listed.text);
+    assert_eq!(api.job(others)?["env"]["API_KEY"], "s3cret");
     let r = as_(
         "submit",
         "POST",

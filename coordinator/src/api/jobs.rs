@@ -8,7 +8,7 @@ use super::{
     AppState,
 };
 use super::{AGENT_LIMIT, BATCH_LIMIT, JSON_LIMIT, LOG_CHUNK_LIMIT};
-use crate::auth::Role;
+use crate::auth::{Caller, Role};
 
 /// Most jobs in one batch submission.
 const MAX_BATCH: usize = 10_000;
@@ -17,7 +17,7 @@ use crate::db::jobs::JobQuery;
 use crate::db::ms;
 use crate::error::ApiError;
 use crate::lifecycle::JobStatus;
-use crate::model::NewJob;
+use crate::model::{Job, NewJob};
 use crate::spec;
 use crate::spec::JobSpec;
 use axum::body::Body;
@@ -26,7 +26,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use drover_proto::CompleteRequest;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Submits one job (an object: 201 with the job) or many (an array: 201
 /// with `{"jobs": [...]}`), all in one transaction: all or none. Errors in
@@ -109,6 +109,20 @@ pub async fn retry(
     Ok(Json(views::job(&job, app.db.clock().now())).into_response())
 }
 
+/// A job as `caller` may see it: a job's environment values are often
+/// secrets, so only the admin and the token that submitted the job see
+/// them; other tokens see the names.
+fn seen_by(caller: Caller, job: &Job, now: crate::db::Ms) -> Value {
+    let mut v = views::job(job, now);
+    let own = caller.token_id.is_some() && job.submitted_by == caller.token_id;
+    if caller.role != Role::Admin && !own {
+        if let Some(env) = v["env"].as_object_mut() {
+            env.values_mut().for_each(|x| *x = Value::from("(hidden)"));
+        }
+    }
+    v
+}
+
 /// What `GET /api/v1/jobs` takes.
 const LIST_PARAMS: [&str; 8] = [
     "status",
@@ -130,7 +144,7 @@ pub async fn list(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers, Role::Read).await?;
+    let caller = authorize(&app, &headers, Role::Read).await?;
     known_params(&query, &LIST_PARAMS)?;
     let status = match query_param(&query, "status") {
         None | Some("") => None,
@@ -170,7 +184,8 @@ pub async fn list(
     let next_before = (jobs.len() as i64 == q.limit)
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
-    let jobs = views::jobs(&jobs, app.db.clock().now());
+    let now = app.db.clock().now();
+    let jobs: Vec<Value> = jobs.iter().map(|j| seen_by(caller, j, now)).collect();
     Ok(Json(json!({ "jobs": jobs, "next_before": next_before })).into_response())
 }
 
@@ -179,11 +194,11 @@ pub async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers, Role::Read).await?;
+    let caller = authorize(&app, &headers, Role::Read).await?;
     let id = path_id("job", &id)?;
     // A queued job says why it is not running.
     let job = app.db.job(id).await?;
-    Ok(Json(views::job(&job, app.db.clock().now())).into_response())
+    Ok(Json(seen_by(caller, &job, app.db.clock().now())).into_response())
 }
 
 pub async fn cancel(

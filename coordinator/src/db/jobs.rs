@@ -606,7 +606,7 @@ const JOB_COLUMNS: &str = "id, status, command, env, cwd, gpus, min_vram_mb, req
     preferred_tags, priority, max_attempts, timeout_s, not_before, idempotency_key, metadata,
     attempt, attempts_used, worker_id, gpu_indices, lease_expires_at, cancel_requested,
     exit_code, result, error, created_at, started_at, finished_at, run_after, progress, cpu_fallback,
-    exclusive, limits";
+    exclusive, limits, submitted_by";
 
 /// A job's `limits` column (written by `submit` from checked limits).
 fn limits_col(text: Option<String>) -> Option<drover_proto::Limits> {
@@ -651,6 +651,7 @@ fn job_row(r: &super::sql::Row) -> rusqlite::Result<Job> {
         cpu_fallback: r.get(29)?,
         exclusive: r.get(30)?,
         limits: limits_col(r.get(31)?),
+        submitted_by: r.get(32)?,
         waiting_reason: None,
         attempts: None,
     })
