@@ -206,3 +206,8 @@ ALTER TABLE jobs ADD COLUMN submitted_by BIGINT;
 ALTER TABLE workers DROP CONSTRAINT workers_state_check;
 ALTER TABLE workers ADD CONSTRAINT workers_state_check CHECK (state IN
     ('pending', 'idle', 'busy', 'draining', 'offline', 'decommissioned', 'stopped'));
+
+-- migration 11
+ALTER TABLE agent_log ADD COLUMN level TEXT NOT NULL DEFAULT 'info';
+ALTER TABLE agent_log ADD COLUMN target TEXT NOT NULL DEFAULT '';
+CREATE INDEX agent_log_by_time ON agent_log (at);

@@ -367,3 +367,11 @@ UPDATE sqlite_schema SET sql = replace(sql, 'OR state = ''decommissioned'')',
     'OR state = ''decommissioned'' OR state = ''stopped'')')
 WHERE type = 'table' AND name = 'workers';
 PRAGMA writable_schema = OFF;
+
+-- migration 11
+-- Agent log lines are structured (level and the module that logged
+-- them) and arrive within a second; kept 500 per worker and
+-- --agent-log-hours.
+ALTER TABLE agent_log ADD COLUMN level TEXT NOT NULL DEFAULT 'info';
+ALTER TABLE agent_log ADD COLUMN target TEXT NOT NULL DEFAULT '';
+CREATE INDEX agent_log_by_time ON agent_log (at);

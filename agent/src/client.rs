@@ -391,6 +391,13 @@ impl Client {
         Self::some(path, self.json(path, self.bearer(), TIMEOUT, req)?)
     }
 
+    /// Sends log lines and progress (answered 204).
+    pub fn telemetry(&self, req: &drover_proto::TelemetryRequest) -> Result<(), ClientError> {
+        let path = routes::TELEMETRY;
+        self.json::<_, serde_json::Value>(path, self.bearer(), TIMEOUT, req)
+            .map(drop)
+    }
+
     /// Long-poll for a job; `None` when none came within `wait`.
     pub fn claim(
         &self,

@@ -1,16 +1,22 @@
-//! The agent's own log lines, kept in a small ring and sent with the next
-//! heartbeat, so an operator can read what an agent said (hints included)
-//! from the coordinator without logging into the machine.
+//! The agent's own log lines, kept in a small ring and sent within a
+//! second (`supervisor::telemetry_loop`), so an operator can follow what an
+//! agent says (hints included) from the coordinator without logging into
+//! the machine.
 
+use drover_proto::LogLine;
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use tokio::sync::Notify;
 
 /// Lines kept while the coordinator cannot be reached.
 const KEEP: usize = 500;
 /// Longest line kept, in bytes.
 const LINE_MAX: usize = 1000;
 
-static RING: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+static RING: Mutex<VecDeque<LogLine>> = Mutex::new(VecDeque::new());
+
+/// Woken when a line is kept.
+pub static NEW_LINE: Notify = Notify::const_new();
 
 /// Writes to the terminal/journal through env_logger and keeps a copy.
 pub struct Tee(pub env_logger::Logger);
@@ -27,19 +33,28 @@ impl log::Log for Tee {
         self.0.log(record);
         // Only the agent's own lines, at info and above.
         if record.level() <= log::Level::Info && record.target().starts_with("agent") {
-            let mut line = format!("{} {}", record.level(), record.args());
-            if line.len() > LINE_MAX {
+            let mut message = record.args().to_string();
+            if message.len() > LINE_MAX {
                 let mut end = LINE_MAX;
-                while !line.is_char_boundary(end) {
+                while !message.is_char_boundary(end) {
                     end -= 1;
                 }
-                line.truncate(end);
+                message.truncate(end);
             }
-            let mut ring = RING.lock().unwrap_or_else(|e| e.into_inner());
-            if ring.len() == KEEP {
-                ring.pop_front();
+            let line = LogLine {
+                at_ms: crate::now_ms(),
+                level: record.level().as_str().to_ascii_lowercase(),
+                target: record.target().to_string(),
+                message,
+            };
+            {
+                let mut ring = RING.lock().unwrap_or_else(|e| e.into_inner());
+                if ring.len() == KEEP {
+                    ring.pop_front();
+                }
+                ring.push_back(line);
             }
-            ring.push_back(line);
+            NEW_LINE.notify_one();
         }
     }
 
@@ -59,14 +74,14 @@ pub fn init() {
 }
 
 /// Takes up to `n` of the oldest unsent lines.
-pub fn take(n: usize) -> Vec<String> {
+pub fn take(n: usize) -> Vec<LogLine> {
     let mut ring = RING.lock().unwrap_or_else(|e| e.into_inner());
     let n = n.min(ring.len());
     ring.drain(..n).collect()
 }
 
-/// Puts lines back at the front (their heartbeat did not go through).
-pub fn put_back(lines: Vec<String>) {
+/// Puts lines back at the front (their request did not go through).
+pub fn put_back(lines: Vec<LogLine>) {
     let mut ring = RING.lock().unwrap_or_else(|e| e.into_inner());
     for line in lines.into_iter().rev() {
         if ring.len() == KEEP {

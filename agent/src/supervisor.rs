@@ -146,6 +146,7 @@ impl Supervisor {
             skew_warned: AtomicBool::new(false),
         });
         tokio::spawn(heartbeat_loop(beats.clone(), self.beat_now.clone()));
+        let telemetry = tokio::spawn(telemetry_loop(beats.clone()));
         tokio::spawn(signals(tx.clone()));
         let mut st = Loop {
             running: HashMap::new(),
@@ -172,6 +173,7 @@ impl Supervisor {
             let Some(event) = rx.recv().await else { break };
             self.handle(&mut st, event)?;
         }
+        telemetry.abort();
         self.say_stopped().await;
         Ok(())
     }
@@ -316,8 +318,9 @@ impl Supervisor {
             gpus: Vec::new(),
             stopping: true,
             progress: Vec::new(),
-            log_lines: crate::logring::take(100),
+            log_lines: Vec::new(),
         };
+        send_telemetry(&self.ctx.client, &self.incarnation, Vec::new()).await;
         let client = self.ctx.client.clone();
         match off_thread(move || client.heartbeat(&req)).await {
             Ok(_) => log::info!("stopped; the coordinator knows"),
@@ -452,7 +455,8 @@ impl Beats {
         s.0
     }
 
-    /// A heartbeat of what the agent holds and sees now.
+    /// A heartbeat of what the agent holds and sees now (its log lines go
+    /// by `telemetry_loop`).
     fn request(&self) -> HeartbeatRequest {
         let (held, busy): (Vec<LeaseRef>, Vec<u32>) = {
             let l = self.leases.borrow();
@@ -461,8 +465,19 @@ impl Beats {
                 l.iter().flat_map(|(_, g)| g.clone()).collect(),
             )
         };
-        let progress = held
-            .iter()
+        HeartbeatRequest {
+            incarnation: self.incarnation.clone(),
+            progress: self.progress(&held),
+            leases: held,
+            gpus: self.gpu.metrics(&busy),
+            stopping: self.stopping.load(Ordering::SeqCst),
+            log_lines: Vec::new(),
+        }
+    }
+
+    /// What the jobs of `held` last wrote to their progress files.
+    fn progress(&self, held: &[LeaseRef]) -> Vec<Progress> {
+        held.iter()
             .filter_map(|l| {
                 let doc = job::read_json_file(
                     &self
@@ -479,15 +494,7 @@ impl Beats {
                     progress,
                 })
             })
-            .collect();
-        HeartbeatRequest {
-            incarnation: self.incarnation.clone(),
-            leases: held,
-            gpus: self.gpu.metrics(&busy),
-            stopping: self.stopping.load(Ordering::SeqCst),
-            progress,
-            log_lines: crate::logring::take(100),
-        }
+            .collect()
     }
 
     /// A heartbeat went through (`sent` and `received`: this machine's clock
@@ -560,9 +567,8 @@ async fn claim(beats: Arc<Beats>, delay: Duration) {
         Ok(None) => Event::ClaimEnded(None),
         Err(e) if e.status() == Some(401) => Event::Revoked(e),
         Err(e) => {
-            if let Some(beat) = req.beat {
+            if req.beat.is_some() {
                 // The heartbeat did not go through: it is due again now.
-                crate::logring::put_back(beat.log_lines);
                 beats.set_due(Instant::now());
             }
             Event::ClaimEnded(Some(e))
@@ -591,11 +597,7 @@ async fn heartbeat_loop(beats: Arc<Beats>, beat_now: Arc<Notify>) {
         let req = beats.request();
         let client = beats.ctx.client.clone();
         let sent = crate::now_ms();
-        let (result, req) = off_thread(move || {
-            let r = client.heartbeat(&req);
-            (r, req)
-        })
-        .await;
+        let result = off_thread(move || client.heartbeat(&req)).await;
         match result {
             Ok(resp) => {
                 failures = 0;
@@ -609,7 +611,6 @@ async fn heartbeat_loop(beats: Arc<Beats>, beat_now: Arc<Notify>) {
                 return;
             }
             Err(e) => {
-                crate::logring::put_back(req.log_lines);
                 failures += 1;
                 errors.explain("heartbeat", &e);
                 let (_, interval) = beats.schedule();
@@ -627,6 +628,80 @@ async fn heartbeat_loop(beats: Arc<Beats>, beat_now: Arc<Notify>) {
                 _ = tokio::time::sleep_until(late.into()) => {}
                 _ = beat_now.notified() => break,
             }
+        }
+    }
+}
+
+/// Log lines and progress reach the coordinator within a second: a line
+/// wakes it (the lines of the next 200 ms go with it), and each second it
+/// looks for progress files that changed. A job's progress goes at most
+/// once a second, and only when it changed.
+async fn telemetry_loop(beats: Arc<Beats>) {
+    let mut sent: HashMap<LeaseRef, serde_json::Value> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = crate::logring::NEW_LINE.notified() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ = tick.tick() => {}
+        }
+        let held: Vec<LeaseRef> = beats.leases.borrow().iter().map(|(r, _)| *r).collect();
+        sent.retain(|l, _| held.contains(l));
+        let changed: Vec<Progress> = beats
+            .progress(&held)
+            .into_iter()
+            .filter(|p| {
+                let key = LeaseRef {
+                    job_id: p.job_id,
+                    attempt: p.attempt,
+                };
+                sent.get(&key) != Some(&p.progress)
+            })
+            .collect();
+        let before: Vec<(LeaseRef, serde_json::Value)> = changed
+            .iter()
+            .map(|p| {
+                (
+                    LeaseRef {
+                        job_id: p.job_id,
+                        attempt: p.attempt,
+                    },
+                    p.progress.clone(),
+                )
+            })
+            .collect();
+        if send_telemetry(&beats.ctx.client, &beats.incarnation, changed).await {
+            sent.extend(before);
+        }
+    }
+}
+
+/// Sends the log lines waiting in the ring and `progress`; true if it went
+/// through (else the lines go back to the ring).
+async fn send_telemetry(
+    client: &Arc<crate::client::Client>,
+    incarnation: &str,
+    progress: Vec<Progress>,
+) -> bool {
+    let logs = crate::logring::take(200);
+    if logs.is_empty() && progress.is_empty() {
+        return true;
+    }
+    let req = drover_proto::TelemetryRequest {
+        incarnation: incarnation.to_string(),
+        logs,
+        progress,
+    };
+    let client = client.clone();
+    let (result, req) = off_thread(move || (client.telemetry(&req), req)).await;
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            crate::logring::put_back(req.logs);
+            log::debug!("telemetry not sent: {e}");
+            false
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct App {
     pub tokens: crate::auth::TokenCache,
     /// Named API tokens already checked.
     pub api_tokens: crate::auth::ApiTokenCache,
+    /// Telemetry requests per worker.
+    pub telemetry_rate: crate::ratelimit::PerWorker,
 }
 
 impl App {
@@ -34,6 +36,7 @@ impl App {
             registrations: RateLimiter::registrations(),
             tokens: Default::default(),
             api_tokens: Default::default(),
+            telemetry_rate: crate::ratelimit::PerWorker::telemetry(),
         }
     }
 

@@ -123,6 +123,11 @@ pub struct Args {
     #[arg(long, env = "DROVER_FORGET_OFFLINE_AFTER", default_value = "7d", value_parser = forget_after)]
     pub forget_offline_after: Duration,
 
+    /// Hours each agent's own log lines are kept (besides the last 500 per
+    /// worker); 0 keeps them until the 500 roll over.
+    #[arg(long, env = "DROVER_AGENT_LOG_HOURS", default_value_t = 24)]
+    pub agent_log_hours: u64,
+
     /// Hours of per-GPU metrics kept for the dashboard.
     #[arg(long, env = "DROVER_GPU_HISTORY_HOURS", default_value_t = 24)]
     pub gpu_history_hours: u64,
@@ -214,6 +219,8 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// None: never forget offline workers.
     pub forget_offline_after: Option<Duration>,
+    /// None: agent log lines are kept until the ring rolls over.
+    pub agent_log: Option<Duration>,
     pub synchronous_full: bool,
     /// Certificate and key files, when serving HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -291,6 +298,8 @@ impl Config {
             max_connections: args.max_connections,
             log_cap: args.log_cap,
             gpu_history: Duration::from_secs(args.gpu_history_hours * 3600),
+            agent_log: (args.agent_log_hours > 0)
+                .then(|| Duration::from_secs(args.agent_log_hours * 3600)),
             forget_offline_after: (!args.forget_offline_after.is_zero())
                 .then_some(args.forget_offline_after),
             retention: (args.retention_days > 0)

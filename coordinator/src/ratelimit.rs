@@ -108,6 +108,49 @@ impl RateLimiter {
     }
 }
 
+/// A token bucket per worker, for what its agent may send as often as it
+/// likes (telemetry): an agent's token holder cannot make the coordinator
+/// write (and keep events) faster than this.
+pub struct PerWorker {
+    rate: Rate,
+    state: Mutex<HashMap<i64, Bucket>>,
+}
+
+impl PerWorker {
+    /// Telemetry: bursts of 20, 5 a second (an agent sends at most one a
+    /// second plus one per 200 ms of log lines).
+    pub fn telemetry() -> PerWorker {
+        PerWorker {
+            rate: Rate {
+                burst: 20.0,
+                per_sec: 5.0,
+            },
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Spends one of `worker`'s tokens: `Err(seconds to wait)` when none.
+    pub fn take(&self, worker: i64) -> Result<(), u64> {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.len() >= MAX_CLIENTS && !st.contains_key(&worker) {
+            st.retain(|_, b| now.duration_since(b.at).as_secs() < 60);
+        }
+        let b = st.entry(worker).or_insert(Bucket {
+            tokens: self.rate.burst,
+            at: now,
+        });
+        self.rate.refill(b, now);
+        match self.rate.wait(b) {
+            0 => {
+                b.tokens -= 1.0;
+                Ok(())
+            }
+            w => Err(w),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

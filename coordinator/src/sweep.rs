@@ -27,8 +27,22 @@ pub struct Swept {
     pub rebased: usize,
 }
 
-/// Passes between looks for workers to forget (--forget-offline-after).
+/// Passes between looks for workers and agent log lines to forget
+/// (--forget-offline-after, --agent-log-hours).
 const FORGET_EVERY: u32 = 10;
+
+async fn forget(app: &App) {
+    if let Some(after) = app.config.forget_offline_after {
+        if let Err(e) = app.db.forget_silent(after).await {
+            log::warn!("forgetting silent workers failed: {e}");
+        }
+    }
+    if let Some(keep) = app.config.agent_log {
+        if let Err(e) = app.db.prune_agent_log(keep).await {
+            log::warn!("pruning agent log lines failed: {e}");
+        }
+    }
+}
 
 /// Passes between WAL checkpoints.
 const CHECKPOINT_EVERY: u32 = 30;
@@ -65,11 +79,7 @@ pub async fn run(app: std::sync::Arc<App>) {
             }
         }
         if passes.is_multiple_of(FORGET_EVERY) {
-            if let Some(after) = app.config.forget_offline_after {
-                if let Err(e) = app.db.forget_silent(after).await {
-                    log::warn!("forgetting silent workers failed: {e}");
-                }
-            }
+            forget(&app).await;
         }
         match run_once(&app, offset, deaf).await {
             Ok(swept) => {

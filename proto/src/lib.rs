@@ -20,6 +20,8 @@ pub mod routes {
     pub const CLAIM: &str = "/api/v1/agents/claim";
     pub const COMPLETE: &str = "/api/v1/jobs/{id}/complete";
     pub const LOGS: &str = "/api/v1/jobs/{id}/logs";
+    /// The agent's own log lines and its jobs' progress, within a second.
+    pub const TELEMETRY: &str = "/api/v1/agents/telemetry";
 
     /// A claim that parks up to `wait_s` seconds.
     pub fn claim(wait_s: u64) -> String {
@@ -167,6 +169,30 @@ pub struct Progress {
     pub job_id: i64,
     pub attempt: i64,
     pub progress: Value,
+}
+
+/// One of the agent's own log lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When it was logged, ms since the epoch (the agent's clock).
+    pub at_ms: i64,
+    /// error, warn, info, debug or trace.
+    pub level: String,
+    /// The module that logged it.
+    pub target: String,
+    pub message: String,
+}
+
+/// What an agent sends as it happens (within a second), between
+/// heartbeats: its own log lines and its jobs' changed progress. Changes
+/// no lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryRequest {
+    pub incarnation: String,
+    #[serde(default)]
+    pub logs: Vec<LogLine>,
+    #[serde(default)]
+    pub progress: Vec<Progress>,
 }
 
 /// An instruction from the coordinator to the agent.

@@ -406,3 +406,145 @@ fn api_tokens_hold_to_their_roles() -> TestResult {
     }
     Ok(())
 }
+
+/// Milliseconds since the epoch of an RFC 3339 time the coordinator wrote.
+fn ms_of(t: &Value) -> TestResult<i64> {
+    let t = t.as_str().ok_or("not a time")?;
+    let at = humantime::parse_rfc3339(t)?;
+    Ok(at.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The agent's own lines reach a follower of its log within a second of
+/// being logged (not with the next heartbeat, 10 s apart here), as JSON
+/// objects; `level=` keeps the severe ones; a job's progress reaches the
+/// API and the events within a second of the job writing it. An error
+/// line is a `worker.error` event; telemetry is rate limited per worker.
+#[test]
+fn agent_lines_and_progress_arrive_within_a_second() -> TestResult {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir()?;
+    // Heartbeats every 10 s: what arrives sooner came by telemetry.
+    let coord = Coordinator::start(dir.path(), &["--auto-approve", "--lease-ttl", "30"])?;
+    let api = coord.api();
+    let agent = Agent::start(&coord.url, dir.path(), "talker", &[])?;
+    let id = wait_for("the agent", Duration::from_secs(20), || {
+        Ok(agent.worker_id().ok())
+    })?;
+    wait_for("idle", Duration::from_secs(20), || {
+        Ok((get(&api, &format!("/api/v1/workers/{id}"))?["state"] == "idle").then_some(()))
+    })?;
+    let addr = coord.url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET /api/v1/workers/{id}/logs?follow=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        super::harness::ADMIN
+    )?;
+    let mut reader = BufReader::new(s);
+    // Let the stream catch up with what is there, then make the agent talk.
+    std::thread::sleep(Duration::from_millis(500));
+    let marker = "progress-test";
+    let script = format!(
+        "echo '{{\"progress\": 0.5, \"step\": \"{marker}\"}}' > \"$DROVER_PROGRESS_FILE\"; sleep 4"
+    );
+    let submitted = now_ms();
+    let job = api.submit(&json!({"command": ["sh", "-c", script]}))?;
+    // A line about this job: "job started" or the like, with its id.
+    let (mut line, mut lag) = (String::new(), None);
+    while lag.is_none() {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err("the log stream ended".into());
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(data)?;
+        for key in ["id", "time", "level", "target", "message"] {
+            assert!(v.get(key).is_some(), "{key} missing: {v}");
+        }
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("job_id={job}")))
+        {
+            lag = Some(now_ms() - ms_of(&v["time"])?);
+        }
+    }
+    let lag = lag.unwrap_or_default();
+    // Progress: in the job and in a job.progress event.
+    let progress_at = wait_for("the job's progress", Duration::from_secs(8), || {
+        let j = api.job(job)?;
+        Ok((j["progress"]["step"] == marker).then(now_ms))
+    })?;
+    let ev = get(&api, &format!("/api/v1/events?job={job}&type=job.progress"))?;
+    assert_eq!(ev["events"][0]["data"]["progress"]["step"], marker, "{ev}");
+    println!(
+        "agent line followed {lag} ms after it was logged; progress visible {} ms after submission (heartbeats 10 s apart)",
+        progress_at - submitted
+    );
+    assert!(
+        lag < 3_000,
+        "an agent line took {lag} ms: it waited for a heartbeat"
+    );
+    assert!(
+        progress_at - submitted < 4_000,
+        "progress took {} ms: it waited for a heartbeat",
+        progress_at - submitted
+    );
+    // level=warn keeps warn and error lines only.
+    let r = api.call(
+        "GET",
+        &format!("/api/v1/workers/{id}/logs?level=warn"),
+        Some(super::harness::ADMIN),
+        None,
+    )?;
+    assert_eq!(r.status, 200);
+    let r = api.admin(
+        "GET",
+        &format!("/api/v1/workers/{id}/logs?level=loud"),
+        None,
+    )?;
+    assert_eq!((r.status, r.field()), (400, "level"), "{}", r.text);
+    // An error line is an event; a flood is refused.
+    let token = agent.token()?;
+    let body = json!({"incarnation": "probe", "logs": [
+        {"at_ms": now_ms(), "level": "error", "target": "agent::job", "message": "spool full"}
+    ]})
+    .to_string();
+    let post = || {
+        api.call(
+            "POST",
+            "/api/v1/agents/telemetry",
+            Some(&token),
+            Some(body.as_bytes()),
+        )
+    };
+    assert_eq!(post()?.status, 204);
+    let ev = get(
+        &api,
+        &format!("/api/v1/events?worker={id}&type=worker.error"),
+    )?;
+    assert_eq!(ev["events"][0]["data"]["message"], "spool full", "{ev}");
+    let refused = (0..40)
+        .filter_map(|_| post().ok())
+        .filter(|r| r.status == 429)
+        .count();
+    assert!(refused > 0, "40 telemetry posts at once were all taken");
+    let bad = json!({"incarnation": "probe", "logs": [{"at_ms": 0, "level": "loud", "target": "x", "message": "y"}]});
+    std::thread::sleep(Duration::from_secs(1));
+    let r = api.call(
+        "POST",
+        "/api/v1/agents/telemetry",
+        Some(&token),
+        Some(bad.to_string().as_bytes()),
+    )?;
+    assert_eq!((r.status, r.field()), (422, "logs[0].level"), "{}", r.text);
+    Ok(())
+}

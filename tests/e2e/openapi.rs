@@ -26,6 +26,7 @@ fn route_path(call: &str) -> String {
         "CLAIM" => routes::CLAIM,
         "COMPLETE" => routes::COMPLETE,
         "LOGS" => routes::LOGS,
+        "TELEMETRY" => routes::TELEMETRY,
         other => panic!("unknown route constant routes::{other}"),
     }
     .to_string()

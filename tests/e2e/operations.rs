@@ -421,7 +421,10 @@ fn events_in_order_resume_sse_log_follow_and_metrics() -> TestResult {
         let r = api.admin("GET", &format!("/api/v1/workers/{wid}/logs"), None)?;
         Ok(r.text.contains("job ended").then_some(r.text))
     })?;
-    assert!(lines.contains("INFO agent running worker_id="), "{lines}");
+    assert!(
+        lines.contains("INFO agent: agent running worker_id="),
+        "{lines}"
+    );
 
     // /metrics is Prometheus text.
     let mut s = TcpStream::connect(addr)?;
@@ -522,7 +525,16 @@ fn the_auth_matrix_matches_the_checked_in_table() -> TestResult {
         .as_i64()
         .ok_or(format!("preregister: {}", w.text))?;
 
-    let creds: [(&str, Option<&str>); 8] = [
+    let named = |role: &str| -> TestResult<String> {
+        let body = json!({"name": format!("s1-{role}-token"), "role": role});
+        let r = api.admin("POST", "/api/v1/tokens", Some(&body))?;
+        Ok(r.body["token"]
+            .as_str()
+            .ok_or(format!("token: {}", r.text))?
+            .to_string())
+    };
+    let (read, submit) = (named("read")?, named("submit")?);
+    let creds: [(&str, Option<&str>); 10] = [
         ("none", None),
         ("garbage", Some("drv_agent_not-a-real-token-0000")),
         ("secret", Some(SECRET)),
@@ -530,6 +542,8 @@ fn the_auth_matrix_matches_the_checked_in_table() -> TestResult {
         ("agentB", Some(&b.token)),
         ("pending", Some(&p.token)),
         ("decom", Some(&d.token)),
+        ("read", Some(&read)),
+        ("submit", Some(&submit)),
         ("admin", Some(ADMIN)),
     ];
     // The body each credential sends: an agent its own incarnation.
@@ -574,7 +588,9 @@ fn the_auth_matrix_matches_the_checked_in_table() -> TestResult {
         let mut row = format!("{method:<6} {template:<40}");
         for (cred, token) in creds {
             let body = match template {
-                "/api/v1/agents/heartbeat" | "/api/v1/agents/claim?wait=0" => {
+                "/api/v1/agents/heartbeat"
+                | "/api/v1/agents/claim?wait=0"
+                | "/api/v1/agents/telemetry" => {
                     json!({"incarnation": inc(cred)})
                 }
                 "/api/v1/jobs" => json!({"command": ["true"], "required_tags": ["nowhere"]}),
@@ -583,6 +599,8 @@ fn the_auth_matrix_matches_the_checked_in_table() -> TestResult {
                 }
                 "/api/v1/workers" => json!({"name": format!("s1-{cred}")}),
                 "/api/v1/workers/{W}/tags" => json!({"tags": ["s1"]}),
+                "/api/v1/workers/{W}" => json!({"drain": false}),
+                "/api/v1/tokens" => json!({"name": format!("s1-by-{cred}"), "role": "read"}),
                 "/api/v1/agents/register" => {
                     json!({"name": format!("s1-reg-{cred}"), "machine_id": format!("s1-{cred}"), "inventory": {"hostname": "s1"}})
                 }

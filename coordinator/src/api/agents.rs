@@ -170,6 +170,61 @@ pub async fn heartbeat(
     Ok(Json(answer_beat(&app, beat)).into_response())
 }
 
+/// `POST /api/v1/agents/telemetry`: the agent's own log lines and its
+/// jobs' changed progress, as they happen (204). Rate limited per worker.
+pub async fn telemetry(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = authenticate(&app, &headers).await?;
+    if let Err(wait) = app.telemetry_rate.take(agent.id) {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "worker {} sends telemetry too often; retry in {wait}s",
+                agent.id
+            ),
+        );
+        e.retry_after_s = Some(wait);
+        return Err(e);
+    }
+    let bytes = read_body(&headers, body, AGENT_LIMIT).await?;
+    let req: drover_proto::TelemetryRequest = parse_json(&bytes)?;
+    check_name("incarnation", &req.incarnation)?;
+    check_lines(&req.logs)?;
+    if req.progress.len() > 1024 {
+        return Err(ApiError::invalid("progress", "at most 1024 jobs"));
+    }
+    app.db.telemetry(agent.id, req).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// At most 500 lines, each of a known level, a module name of at most 200
+/// bytes and a message of at most 2,000.
+fn check_lines(lines: &[drover_proto::LogLine]) -> Result<(), ApiError> {
+    if lines.len() > 500 {
+        return Err(ApiError::invalid("logs", "at most 500 lines"));
+    }
+    for (i, l) in lines.iter().enumerate() {
+        if crate::db::agent_log::rank(&l.level) >= crate::db::agent_log::LEVELS.len() {
+            let levels = crate::db::agent_log::LEVELS.join(", ");
+            return Err(ApiError::invalid(
+                &format!("logs[{i}].level"),
+                format!("{:?} is not one of {levels}", l.level),
+            ));
+        }
+        if l.target.len() > 200 || l.message.len() > 2000 {
+            return Err(ApiError::invalid(
+                &format!("logs[{i}]"),
+                "a target of at most 200 bytes and a message of at most 2000",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a heartbeat's sizes (`prefix` names where it sits in the body).
 pub(super) fn check_beat(req: &HeartbeatRequest, prefix: &str) -> Result<(), ApiError> {
     check_name(&format!("{prefix}incarnation"), &req.incarnation)?;

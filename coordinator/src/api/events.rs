@@ -19,8 +19,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Idle SSE connections get a comment this often (proxies drop silent ones).
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+use super::KEEP_ALIVE;
 
 /// Events read from the store per pass; filters apply to them.
 const PAGE: i64 = 1000;

@@ -53,6 +53,7 @@ pub fn router(app: AppState) -> Router {
         .route(routes::REGISTER, post(agents::register))
         .route(routes::HEARTBEAT, post(agents::heartbeat))
         .route(routes::CLAIM, post(agents::claim))
+        .route(routes::TELEMETRY, post(agents::telemetry))
         .route("/api/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
@@ -268,6 +269,9 @@ async fn log_request(State(app): State<AppState>, req: Request, next: Next) -> R
 
 /// A response whose body a task writes as it goes (events, a log being
 /// followed). The task's sends fail once the client is gone.
+/// Idle SSE connections get a comment this often (proxies drop silent ones).
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub fn streaming<F, Fut>(content_type: &'static str, produce: F) -> Response
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,

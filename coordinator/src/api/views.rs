@@ -189,3 +189,14 @@ pub fn stats(s: &Stats, agents_waiting: usize) -> Value {
         "agents_waiting": agents_waiting,
     })
 }
+
+/// One of an agent's own log lines.
+pub fn agent_line(l: &crate::db::agent_log::AgentLine) -> Value {
+    json!({
+        "id": l.id,
+        "time": iso(Some(l.at)),
+        "level": l.level,
+        "target": l.target,
+        "message": l.message,
+    })
+}

@@ -3,10 +3,11 @@
 
 use super::authorize;
 use super::{
-    known_params, parse_json, path_id, query_param, read_body, views, AppState, JSON_LIMIT,
+    int_param, known_params, parse_json, path_id, query_param, read_body, views, AppState,
+    JSON_LIMIT,
 };
 use crate::auth::Role;
-use crate::db::workers;
+use crate::db::{agent_log, workers};
 use crate::error::ApiError;
 use crate::lifecycle::WorkerState;
 use crate::{auth, spec};
@@ -274,15 +275,57 @@ pub async fn preregister(
     Ok((StatusCode::CREATED, Json(worker)).into_response())
 }
 
-/// The last 500 lines the worker's agent logged (text).
+/// `GET /api/v1/workers/{id}/logs[?after=ID&level=L&follow=1]`: the
+/// agent's own lines (the last 500, for --agent-log-hours), of level `L`
+/// or more severe. Plain text; JSON objects (`id`, `time`, `level`,
+/// `target`, `message`) with `Accept: application/json`; with `follow=1`,
+/// server-sent events as they arrive (within a second of being logged),
+/// resumable by `Last-Event-ID`.
 pub async fn agent_log(
     State(app): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers, Role::Read).await?;
     let id = path_id("worker", &id)?;
-    let text = app.db.agent_log(id).await?;
+    known_params(&query, &["after", "level", "follow"])?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    let after = int_param(&query, "after", resume, 0, i64::MAX)?;
+    let max_rank = match query_param(&query, "level") {
+        None | Some("") => agent_log::LEVELS.len(),
+        Some(l) => match agent_log::rank(l) {
+            r if r < agent_log::LEVELS.len() => r,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("level={l:?} is not one of {}", agent_log::LEVELS.join(", ")),
+                )
+                .with_field("level"))
+            }
+        },
+    };
+    // 404 for a worker that does not exist, before any stream starts.
+    let lines = app.db.agent_log(id, after, max_rank, 1000).await?;
+    if matches!(query_param(&query, "follow"), Some("1" | "true")) {
+        return Ok(super::streaming("text/event-stream", move |tx| {
+            follow_agent_log(app, id, after, max_rank, tx)
+        }));
+    }
+    let wants_json = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    if wants_json {
+        let last = lines.last().map_or(after, |l| l.id);
+        let lines: Vec<_> = lines.iter().map(views::agent_line).collect();
+        return Ok(Json(json!({"lines": lines, "last_id": last})).into_response());
+    }
+    let text: String = lines.iter().map(agent_log::text).collect();
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -291,4 +334,48 @@ pub async fn agent_log(
         text,
     )
         .into_response())
+}
+
+/// Sends each new line as an SSE frame until the client leaves.
+async fn follow_agent_log(
+    app: AppState,
+    id: i64,
+    mut after: i64,
+    max_rank: usize,
+    tx: tokio::sync::mpsc::Sender<axum::body::Bytes>,
+) {
+    loop {
+        let mut commits = app.db.commits();
+        commits.borrow_and_update();
+        let lines = match app.db.agent_log(id, after, max_rank, 500).await {
+            Ok(l) => l,
+            Err(e) => {
+                log::debug!("agent log stream of worker {id} stopped: {e}");
+                return;
+            }
+        };
+        for l in &lines {
+            after = l.id;
+            let frame = format!(
+                "id: {}\nevent: line\ndata: {}\n\n",
+                l.id,
+                views::agent_line(l)
+            );
+            if tx.send(frame.into()).await.is_err() {
+                return;
+            }
+        }
+        if !lines.is_empty() {
+            continue;
+        }
+        tokio::select! {
+            _ = commits.changed() => {}
+            _ = tokio::time::sleep(super::KEEP_ALIVE) => {
+                if tx.send(axum::body::Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
 }

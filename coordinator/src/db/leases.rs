@@ -4,11 +4,12 @@
 
 use super::jobs::{current, end_attempt, lose, Fence};
 use super::sql::{Connection, OptionalExtension};
-use super::Ms;
 use super::StoreError;
+use super::{event, Ms};
 use crate::lifecycle::{AttemptEnd, LostReason};
 use drover_proto::{LeaseRef, Order, Progress};
 use rusqlite::params;
+use serde_json::json;
 use std::collections::HashSet;
 
 /// Expired leases handled per sweep transaction.
@@ -130,20 +131,39 @@ pub fn take_orders(
 /// reports for leases the worker no longer holds are ignored).
 pub fn record_progress(
     conn: &Connection,
+    now: Ms,
     worker_id: i64,
     progress: &[Progress],
 ) -> Result<(), StoreError> {
     for p in progress {
-        conn.prepare_cached(fenced!("UPDATE jobs SET progress = ?4"))?
-            .execute(params![
-                p.job_id,
-                p.attempt,
-                worker_id,
-                p.progress.to_string()
-            ])?;
+        let doc = p.progress.to_string();
+        let changed = conn
+            .prepare_cached(fenced!(
+                "UPDATE jobs SET progress = ?4",
+                " AND progress IS DISTINCT FROM ?4"
+            ))?
+            .execute(params![p.job_id, p.attempt, worker_id, doc])?;
+        if changed > 0 {
+            // Small documents ride in the event; a big one is read from the job.
+            let data = match doc.len() <= PROGRESS_IN_EVENT {
+                true => json!({"attempt": p.attempt, "progress": p.progress}),
+                false => json!({"attempt": p.attempt}),
+            };
+            event(
+                conn,
+                now,
+                "job.progress",
+                Some(p.job_id),
+                Some(worker_id),
+                data,
+            )?;
+        }
     }
     Ok(())
 }
+
+/// Largest progress document (as JSON) carried in its `job.progress` event.
+const PROGRESS_IN_EVENT: usize = 1024;
 
 /// Takes back a grant whose answer could not be delivered (the claiming
 /// request was gone): re-queued at once, no attempt spent.

@@ -24,6 +24,7 @@ macro_rules! fenced {
     };
 }
 
+pub mod agent_log;
 pub mod backup;
 pub mod dispatch;
 pub mod events;

@@ -4,6 +4,7 @@
 //! [`StoreError`], never SQL or a connection. A second engine implements
 //! the same list.
 
+use super::agent_log;
 use super::dispatch::{self, Round};
 use super::logs::{self, LogRows};
 use super::workers::{self, Action, Agent, Beat, Registrant};
@@ -416,9 +417,36 @@ impl Db {
         self.read(workers::stats).await
     }
 
-    /// The worker's agent log lines, as text.
-    pub async fn agent_log(&self, id: i64) -> Result<String, StoreError> {
-        self.read(move |c, _| workers::agent_log(c, id)).await
+    /// The worker's agent log lines after id `after`, of `max_rank` (see
+    /// `agent_log::LEVELS`) or more severe.
+    pub async fn agent_log(
+        &self,
+        id: i64,
+        after: i64,
+        max_rank: usize,
+        limit: i64,
+    ) -> Result<Vec<agent_log::AgentLine>, StoreError> {
+        self.read(move |c, _| agent_log::read(c, id, after, max_rank, limit))
+            .await
+    }
+
+    /// An agent's log lines and its jobs' changed progress.
+    pub async fn telemetry(
+        &self,
+        worker_id: i64,
+        req: drover_proto::TelemetryRequest,
+    ) -> Result<(), StoreError> {
+        self.write(move |c, now| {
+            agent_log::append(c, now, worker_id, &req.logs)?;
+            leases::record_progress(c, now, worker_id, &req.progress)
+        })
+        .await
+    }
+
+    /// Drops agent log lines older than `keep` (a batch).
+    pub async fn prune_agent_log(&self, keep: std::time::Duration) -> Result<usize, StoreError> {
+        self.write(move |c, now| agent_log::prune(c, now - super::ms(keep)))
+            .await
     }
 
     pub async fn approve(&self, id: i64) -> Result<WorkerDetail, StoreError> {

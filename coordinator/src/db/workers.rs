@@ -3,7 +3,7 @@
 use super::sql::{Connection, OptionalExtension};
 use super::worker_state::{health_log, refresh_load, state_of, transition};
 use super::StoreError;
-use super::{event, iso, json_col, leases, Ms};
+use super::{event, json_col, leases, Ms};
 use crate::lifecycle::{JobStatus, WorkerState};
 use crate::model::{GpuSample, HealthChange, RecentAttempt, Stats, Worker, WorkerDetail};
 use drover_proto::{HeartbeatRequest, Order, RegisterRequest};
@@ -16,22 +16,6 @@ pub const LIVE_STATES: &str = "('idle', 'busy', 'draining')";
 /// Workers waiting for approval, at most: the registration secret alone
 /// cannot grow the registry without bound.
 const MAX_PENDING: i64 = 1000;
-
-/// Agent log lines kept per worker.
-const AGENT_LOG_KEEP: i64 = 500;
-
-/// The last lines a worker's agent logged, oldest first.
-pub fn agent_log(conn: &Connection, worker_id: i64) -> Result<String, StoreError> {
-    state_of(conn, worker_id)?;
-    let lines: Vec<(Ms, String)> = conn
-        .prepare_cached("SELECT at, line FROM agent_log WHERE worker_id = ?1 ORDER BY id")?
-        .query_map([worker_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    Ok(lines
-        .into_iter()
-        .map(|(at, line)| format!("{} {line}\n", iso(Some(at)).unwrap_or_default()))
-        .collect())
-}
 
 /// Marks the incarnation of an agent process that said it is exiting.
 const STOPPED: &str = "stopped:";
@@ -388,17 +372,13 @@ pub fn heartbeat(
     if state == WorkerState::Offline || (state == WorkerState::Stopped && !req.stopping) {
         back_online(conn, now, worker_id, "heartbeat resumed")?;
     }
-    for line in &req.log_lines {
-        conn.prepare_cached("INSERT INTO agent_log (worker_id, at, line) VALUES (?1, ?2, ?3)")?
-            .execute(params![worker_id, now, line])?;
-    }
-    if !req.log_lines.is_empty() {
-        conn.prepare_cached(
-            "DELETE FROM agent_log WHERE worker_id = ?1 AND id <= (
-               SELECT id FROM agent_log WHERE worker_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-        )?
-        .execute(params![worker_id, AGENT_LOG_KEEP])?;
-    }
+    // Older agents send their lines with heartbeats, as plain text.
+    let legacy: Vec<_> = req
+        .log_lines
+        .iter()
+        .map(|l| super::agent_log::from_legacy(now, l))
+        .collect();
+    super::agent_log::append(conn, now, worker_id, &legacy)?;
     let renewal = leases::renew_leases(
         conn,
         now,
@@ -407,7 +387,7 @@ pub fn heartbeat(
         (lease_ttl, report_grace),
         req.stopping,
     )?;
-    leases::record_progress(conn, worker_id, &req.progress)?;
+    leases::record_progress(conn, now, worker_id, &req.progress)?;
     released |= renewal.released;
     if req.stopping {
         conn.prepare_cached("UPDATE workers SET incarnation = ?2 WHERE id = ?1")?

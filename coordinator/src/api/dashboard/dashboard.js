@@ -141,13 +141,63 @@ async function renderWorker(id) {
     h("h3", {}, "Health log"),
     rows(w.health_log.slice(0, 20), [["when", (r) => ago(r.at)], ["from", (r) => r.from || "—"], ["to", (r) => r.to], ["why", (r) => r.reason]]),
     h("h3", {}, "Recent jobs"),
-    rows(w.recent_jobs.slice(0, 20), [["job", (r) => r.job_id], ["attempt", (r) => r.attempt], ["outcome", (r) => r.outcome || "running"], ["started", (r) => ago(r.started_at)]]));
+    rows(w.recent_jobs.slice(0, 20), [["job", (r) => r.job_id], ["attempt", (r) => r.attempt], ["outcome", (r) => r.outcome || "running"], ["started", (r) => ago(r.started_at)]]),
+    h("h3", {}, "Agent log (live)"),
+    h("pre", { class: "log", id: "agent-log" }, agentLogText()));
+  followAgentLog(id);
+}
+
+// The selected worker's agent log, followed live (SSE through fetch).
+let agentLog = { worker: null, lines: [], abort: null };
+
+function agentLogText() {
+  return agentLog.lines.map((l) => `${l.time} ${l.level.toUpperCase()} ${l.target}: ${l.message}`).join("\n") || "(nothing yet)";
+}
+
+function followAgentLog(id) {
+  if (agentLog.worker === id) return;
+  if (agentLog.abort) agentLog.abort.abort();
+  agentLog = { worker: id, lines: [], abort: new AbortController() };
+  const mine = agentLog;
+  (async () => {
+    let last = 0;
+    while (agentLog === mine) {
+      try {
+        const resp = await fetch(`/api/v1/workers/${id}/logs?follow=1&after=${last}`, {
+          headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" }, signal: mine.abort.signal });
+        if (!resp.ok) throw new Error(resp.statusText);
+        const reader = resp.body.getReader();
+        const decoder = new TextDecoder();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += decoder.decode(value, { stream: true });
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            const frame = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            const data = frame.match(/^data: (.*)$/m);
+            if (!data) continue;
+            const line = JSON.parse(data[1]);
+            last = line.id;
+            mine.lines.push(line);
+            if (mine.lines.length > 500) mine.lines.shift();
+          }
+          const el = document.getElementById("agent-log");
+          if (el && agentLog === mine) el.textContent = agentLogText();
+        }
+      } catch (_) { /* aborted, or reconnect below */ }
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+  })();
 }
 
 async function renderDetail() {
   const box = document.getElementById("detail");
   if (selected === null) return;
   if (selected.worker) return renderWorker(selected.worker);
+  if (agentLog.abort) { agentLog.abort.abort(); agentLog = { worker: null, lines: [], abort: null }; }
   const id = selected.job;
   const j = await api("GET", `/api/v1/jobs/${id}`);
   let log = "";
