@@ -22,6 +22,16 @@ fn bad_requests_get_the_right_status_and_change_nothing() -> TestResult {
     assert_eq!(r.status, 200, "{}", r.text);
     let agent = r.body["token"].as_str().ok_or("no token")?.to_string();
     let big = vec![b' '; 4 * 1024 * 1024];
+    let named = |role: &str| -> TestResult<String> {
+        let body = json!({"name": format!("bad-{role}"), "role": role});
+        let r = api.admin("POST", "/api/v1/tokens", Some(&body))?;
+        Ok(r.body["token"]
+            .as_str()
+            .ok_or(format!("{}", r.text))?
+            .to_string())
+    };
+    let (read, submit) = (named("read")?, named("submit")?);
+    let fat_metadata = json!({"metadata": {"blob": "x".repeat(5000)}}).to_string();
 
     // (method, path, token, body, status, code, field)
     type Case<'a> = (
@@ -322,6 +332,153 @@ fn bad_requests_get_the_right_status_and_change_nothing() -> TestResult {
             400,
             "invalid_parameter",
             "stream",
+        ),
+        // Lists: bad cursors, unknown filters, bad values (400, named).
+        (
+            "GET",
+            "/api/v1/jobs?before=x",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "before",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?after=-5",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "after",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?colour=red",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "colour",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?created_after=yesterday",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "created_after",
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?limit=0",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "limit",
+        ),
+        (
+            "GET",
+            "/api/v1/events?type=a**",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "type",
+        ),
+        (
+            "GET",
+            "/api/v1/events?job=abc",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "job",
+        ),
+        (
+            "GET",
+            "/api/v1/workers?state=asleep",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "state",
+        ),
+        (
+            "GET",
+            "/api/v1/workers/1/logs?level=loud",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_parameter",
+            "level",
+        ),
+        // Worker records: oversized metadata, nothing to change.
+        (
+            "PATCH",
+            "/api/v1/workers/1",
+            Some(ADMIN),
+            Some(fat_metadata.as_bytes()),
+            422,
+            "invalid_field",
+            "metadata",
+        ),
+        (
+            "PATCH",
+            "/api/v1/workers/1",
+            Some(ADMIN),
+            Some(b"{}"),
+            422,
+            "invalid_field",
+            "",
+        ),
+        // Roles: 403 with a JSON error.
+        (
+            "POST",
+            "/api/v1/jobs",
+            Some(&read),
+            Some(b"{\"command\": [\"true\"]}"),
+            403,
+            "forbidden",
+            "",
+        ),
+        (
+            "POST",
+            "/api/v1/workers/1/drain",
+            Some(&submit),
+            None,
+            403,
+            "forbidden",
+            "",
+        ),
+        (
+            "PATCH",
+            "/api/v1/workers/1",
+            Some(&submit),
+            Some(b"{\"drain\": true}"),
+            403,
+            "forbidden",
+            "",
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Some(&submit),
+            Some(b"{\"name\": \"x\", \"role\": \"admin\"}"),
+            403,
+            "forbidden",
+            "",
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Some(ADMIN),
+            Some(b"{\"name\": \"x\", \"role\": \"root\"}"),
+            422,
+            "invalid_field",
+            "role",
         ),
     ];
     for (method, path, token, body, status, code, field) in &cases {

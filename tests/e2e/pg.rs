@@ -101,10 +101,21 @@ fn coordinators_share_one_reservation_for_a_big_job() -> TestResult {
     // Durations vary, so a worker's GPUs free one at a time, each taken
     // by the next 1-GPU job unless the worker is held.
     let small = |i: u128| json!({"command": ["sleep", format!("0.{}", 3 + i % 7)], "gpus": 1});
-    for i in 0..8 {
-        apis[i % 2].submit(&small(i as u128))?;
-    }
-    let big = apis[0].submit(&json!({"command": ["true"], "gpus": 4}))?;
+    // Enough queued that every freed GPU is taken at once (topped up below).
+    let top_up = |api: &Api, seed: u128| -> TestResult {
+        let queued = api.jobs("queued")?.len();
+        let batch: Vec<Value> = (0..24usize.saturating_sub(queued))
+            .map(|i| small(seed + i as u128))
+            .collect();
+        if !batch.is_empty() {
+            api.admin("POST", "/api/v1/jobs", Some(&json!(batch)))?;
+        }
+        Ok(())
+    };
+    top_up(&apis[1], 0)?;
+    // Behind the 1-GPU jobs (a lower priority), so only a reservation lets
+    // it run: a worker never has 4 GPUs free while 1-GPU jobs wait.
+    let big = apis[0].submit(&json!({"command": ["true"], "gpus": 4, "priority": -1}))?;
     let kept = |api: &Api| -> TestResult<Option<String>> {
         let reason = api.job(big)?["waiting_reason"].as_str().map(str::to_owned);
         Ok(reason.and_then(|r| {
@@ -129,9 +140,7 @@ fn coordinators_share_one_reservation_for_a_big_job() -> TestResult {
             agreed += 1;
         }
         let n = started.elapsed().as_millis();
-        if apis[0].jobs("queued")?.len() < 8 {
-            apis[n as usize % 2].submit(&small(n / 100))?;
-        }
+        top_up(&apis[n as usize % 2], n / 100)?;
         std::thread::sleep(Duration::from_millis(100));
     }
     println!(

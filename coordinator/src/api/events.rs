@@ -50,7 +50,7 @@ impl Filter {
         if let Some(t) = types.iter().find(|t| {
             !t.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._*".contains(c))
-                || t.trim_end_matches('*').contains('*')
+                || t.strip_suffix('*').unwrap_or(t).contains('*')
         }) {
             return Err(ApiError::bad_request(
                 "invalid_parameter",

@@ -167,7 +167,11 @@ pub async fn list(
     };
     let time = |name: &str| -> Result<Option<i64>, ApiError> {
         text_param(&query, name)?
-            .map(|t| spec::parse_time(name, &t))
+            .map(|t| {
+                spec::parse_time(name, &t).map_err(|e| {
+                    ApiError::bad_request("invalid_parameter", e.message).with_field(name)
+                })
+            })
             .transpose()
     };
     let q = JobQuery {
