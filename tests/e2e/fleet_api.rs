@@ -184,6 +184,7 @@ fn workers_stop_at_once_and_can_be_patched_and_deleted() -> TestResult {
         (json!({"slots": 0}), "slots"),
         (json!({"metadata": [1, 2]}), "metadata"),
         (json!({"colour": "red"}), "colour"),
+        (json!({"drain": null}), "drain"),
         (json!({}), ""),
     ] {
         let r = api.admin("PATCH", &path, Some(&body))?;

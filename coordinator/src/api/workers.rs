@@ -176,13 +176,27 @@ pub async fn set_tags(
 /// Most bytes of a worker's metadata (as JSON).
 const METADATA_LIMIT: usize = 4096;
 
+/// Each part may be left out, but not sent as null.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
+    #[serde(default, deserialize_with = "present")]
     tags: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
     slots: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     drain: Option<bool>,
+}
+
+/// A field that is there must hold a value (null is refused).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// `PATCH /api/v1/workers/{id}`: tags (pinned, as PUT tags), metadata (a
