@@ -25,10 +25,7 @@ fn bad_requests_get_the_right_status_and_change_nothing() -> TestResult {
     let named = |role: &str| -> TestResult<String> {
         let body = json!({"name": format!("bad-{role}"), "role": role});
         let r = api.admin("POST", "/api/v1/tokens", Some(&body))?;
-        Ok(r.body["token"]
-            .as_str()
-            .ok_or(format!("{}", r.text))?
-            .to_string())
+        Ok(r.body["token"].as_str().ok_or(r.text.clone())?.to_string())
     };
     let (read, submit) = (named("read")?, named("submit")?);
     let fat_metadata = json!({"metadata": {"blob": "x".repeat(5000)}}).to_string();
