@@ -640,12 +640,21 @@ async fn telemetry_loop(beats: Arc<Beats>) {
     let mut sent: HashMap<LeaseRef, serde_json::Value> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leases = beats.leases.clone();
     loop {
+        // Without jobs there is no progress to look at: no tick, so an
+        // idle agent sleeps until it logs or is given a job.
+        let idle = leases.borrow_and_update().is_empty();
         tokio::select! {
             _ = crate::logring::NEW_LINE.notified() => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            _ = tick.tick() => {}
+            _ = tick.tick(), if !idle => {}
+            changed = leases.changed(), if idle => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
         let held: Vec<LeaseRef> = beats.leases.borrow().iter().map(|(r, _)| *r).collect();
         sent.retain(|l, _| held.contains(l));
