@@ -18,10 +18,12 @@ pub struct App {
     pub metrics: Metrics,
     /// Failed registrations per client address.
     pub registrations: RateLimiter,
-    /// Agent tokens already checked.
-    pub tokens: crate::auth::TokenCache,
-    /// Named API tokens already checked.
-    pub api_tokens: crate::auth::ApiTokenCache,
+    /// Agent tokens already checked: hash -> worker id.
+    pub tokens: crate::auth::TokenCache<i64>,
+    /// Named API tokens already checked: hash -> (id, role).
+    pub api_tokens: crate::auth::TokenCache<(i64, crate::auth::Role)>,
+    /// When each named API token's use was last written.
+    pub touched: crate::auth::Touched,
     /// Telemetry requests per worker.
     pub telemetry_rate: crate::ratelimit::PerWorker,
 }
@@ -36,6 +38,7 @@ impl App {
             registrations: RateLimiter::registrations(),
             tokens: Default::default(),
             api_tokens: Default::default(),
+            touched: Default::default(),
             telemetry_rate: crate::ratelimit::PerWorker::telemetry(),
         }
     }

@@ -38,17 +38,26 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Agent tokens already checked against the database (hash -> worker id),
-/// so agent calls skip a database read. Any revocation (re-registration,
-/// reject, decommission) drops the worker's entries and bumps an epoch: a
-/// lookup that raced with it does not re-insert a stale entry. An entry is
-/// trusted for `TOKEN_CACHE_TTL` at most, so a revocation this process did
-/// not see (another process wrote the database) takes effect within it;
-/// heartbeats and claims check the worker's state in the database anyway.
-#[derive(Default)]
-pub struct TokenCache {
-    map: std::sync::Mutex<std::collections::HashMap<String, (i64, std::time::Instant)>>,
+/// Tokens already checked against the database (hash -> what the token
+/// is: a worker id for agent tokens, id and role for API tokens), so calls
+/// skip a database read. A revocation drops the entries it names and bumps
+/// an epoch: a lookup that raced with it does not re-insert a stale entry.
+/// An entry is trusted for `TOKEN_CACHE_TTL` at most, so a revocation this
+/// process did not see (another coordinator wrote the database) takes
+/// effect within it; heartbeats and claims check the worker's state in the
+/// database anyway.
+pub struct TokenCache<V> {
+    map: std::sync::Mutex<std::collections::HashMap<String, (V, std::time::Instant)>>,
     epoch: std::sync::atomic::AtomicU64,
+}
+
+impl<V> Default for TokenCache<V> {
+    fn default() -> Self {
+        TokenCache {
+            map: Default::default(),
+            epoch: Default::default(),
+        }
+    }
 }
 
 /// Entries kept before the cache starts over.
@@ -56,17 +65,17 @@ const TOKEN_CACHE_MAX: usize = 100_000;
 /// How long a checked token is trusted without reading the database again.
 const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
-type CacheMap = std::collections::HashMap<String, (i64, std::time::Instant)>;
+type CacheMap<V> = std::collections::HashMap<String, (V, std::time::Instant)>;
 
-impl TokenCache {
-    fn map(&self) -> std::sync::MutexGuard<'_, CacheMap> {
+impl<V: Copy> TokenCache<V> {
+    fn map(&self) -> std::sync::MutexGuard<'_, CacheMap<V>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn get(&self, hash: &str) -> Option<i64> {
+    pub fn get(&self, hash: &str) -> Option<V> {
         let mut map = self.map();
         match map.get(hash) {
-            Some((id, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some(*id),
+            Some((v, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some(*v),
             Some(_) => {
                 map.remove(hash);
                 None
@@ -80,20 +89,28 @@ impl TokenCache {
     }
 
     /// Remembers a lookup made at `epoch`, unless a revocation came since.
-    pub fn insert(&self, epoch: u64, hash: String, worker_id: i64) {
+    pub fn insert(&self, epoch: u64, hash: String, v: V) {
         let mut map = self.map();
         if self.epoch() == epoch {
             if map.len() >= TOKEN_CACHE_MAX {
                 map.clear();
             }
-            map.insert(hash, (worker_id, std::time::Instant::now()));
+            map.insert(hash, (v, std::time::Instant::now()));
         }
     }
 
-    pub fn revoke_worker(&self, worker_id: i64) {
+    /// Drops the entries `gone` names.
+    pub fn revoke(&self, gone: impl Fn(&V) -> bool) {
         let mut map = self.map();
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        map.retain(|_, (id, _)| *id != worker_id);
+        map.retain(|_, (v, _)| !gone(v));
+    }
+}
+
+impl TokenCache<i64> {
+    /// A worker's agent token is dead (re-registration, reject, ...).
+    pub fn revoke_worker(&self, worker_id: i64) {
+        self.revoke(|id| *id == worker_id);
     }
 }
 
@@ -131,57 +148,18 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// Named API tokens already checked (hash -> id, role), trusted for
-/// `TOKEN_CACHE_TTL`: a revocation elsewhere (another coordinator) takes
-/// effect within it; one here empties the cache at once. Also when each
-/// token's use was last recorded, so that is written at most once a minute.
+/// When each named API token's use was last written, so that is done at
+/// most once a minute per token.
 #[derive(Default)]
-pub struct ApiTokenCache {
-    map: std::sync::Mutex<std::collections::HashMap<String, (i64, Role, std::time::Instant)>>,
-    touched: std::sync::Mutex<std::collections::HashMap<i64, std::time::Instant>>,
-    epoch: std::sync::atomic::AtomicU64,
-}
+pub struct Touched(std::sync::Mutex<std::collections::HashMap<i64, std::time::Instant>>);
 
 /// How often a token's last use is written.
 const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-impl ApiTokenCache {
-    pub fn get(&self, hash: &str) -> Option<(i64, Role)> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(hash) {
-            Some((id, role, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some((*id, *role)),
-            Some(_) => {
-                map.remove(hash);
-                None
-            }
-            None => None,
-        }
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Remembers a lookup made at `epoch`, unless a revocation came since.
-    pub fn insert(&self, epoch: u64, hash: String, id: i64, role: Role) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if self.epoch() == epoch {
-            if map.len() >= TOKEN_CACHE_MAX {
-                map.clear();
-            }
-            map.insert(hash, (id, role, std::time::Instant::now()));
-        }
-    }
-
-    pub fn revoke_all(&self) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        map.clear();
-    }
-
+impl Touched {
     /// Whether token `id`'s use is due to be written (and notes it is).
-    pub fn touch_due(&self, id: i64) -> bool {
-        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn due(&self, id: i64) -> bool {
+        let mut touched = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match touched.get(&id) {
             Some(at) if at.elapsed() < TOUCH_EVERY => false,
             _ => {

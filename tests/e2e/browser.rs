@@ -222,6 +222,16 @@ fn dashboard_shows_the_fleet_and_approves_a_worker() -> TestResult {
             == 1)
             .then_some(()))
     })?;
+    // The worker's detail follows its agent's own log live.
+    d.click(&format!(".worker[data-worker=\"{gpu_id}\"] .name"))?;
+    wait_for(
+        "the agent's log in the detail",
+        Duration::from_secs(20),
+        || {
+            let text = d.texts("#agent-log")?.concat();
+            Ok(text.contains("agent running worker_id=").then_some(()))
+        },
+    )?;
     // Every card's buttons stay inside it, also at the grid's narrowest
     // card (two 260 px columns in a 580 px window): they wrap.
     d.post("/window/rect", json!({"width": 580, "height": 900}))?;

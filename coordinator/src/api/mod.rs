@@ -503,11 +503,11 @@ pub async fn authorize(app: &App, headers: &HeaderMap, need: Role) -> Result<Cal
                 .lookup_token(hash.clone())
                 .await?
                 .ok_or_else(|| ApiError::unauthorized("invalid token"))?;
-            cache.insert(epoch, hash, found.0, found.1);
+            cache.insert(epoch, hash, found);
             found
         }
     };
-    if cache.touch_due(id) {
+    if app.touched.due(id) {
         if let Err(e) = app.db.touch_token(id).await {
             log::warn!("could not record the use of api token {id}: {e}");
         }

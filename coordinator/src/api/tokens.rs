@@ -77,7 +77,7 @@ pub async fn revoke(
     authorize(&app, &headers, Role::Admin).await?;
     let id = path_id("token", &id)?;
     app.db.revoke_token(id).await?;
-    app.api_tokens.revoke_all();
+    app.api_tokens.revoke(|(token, _)| *token == id);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -163,30 +163,16 @@ function followAgentLog(id) {
     let last = 0;
     while (agentLog === mine) {
       try {
-        const resp = await fetch(`/api/v1/workers/${id}/logs?follow=1&after=${last}`, {
-          headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" }, signal: mine.abort.signal });
-        if (!resp.ok) throw new Error(resp.statusText);
-        const reader = resp.body.getReader();
-        const decoder = new TextDecoder();
-        let buf = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buf += decoder.decode(value, { stream: true });
-          let i;
-          while ((i = buf.indexOf("\n\n")) >= 0) {
-            const frame = buf.slice(0, i);
-            buf = buf.slice(i + 2);
-            const data = frame.match(/^data: (.*)$/m);
-            if (!data) continue;
-            const line = JSON.parse(data[1]);
-            last = line.id;
-            mine.lines.push(line);
-            if (mine.lines.length > 500) mine.lines.shift();
-          }
+        await readSse(`/api/v1/workers/${id}/logs?follow=1&after=${last}`, mine.abort.signal, (frame) => {
+          const data = frame.match(/^data: (.*)$/m);
+          if (!data) return;
+          const line = JSON.parse(data[1]);
+          last = line.id;
+          mine.lines.push(line);
+          if (mine.lines.length > 500) mine.lines.shift();
           const el = document.getElementById("agent-log");
           if (el && agentLog === mine) el.textContent = agentLogText();
-        }
+        });
       } catch (_) { /* aborted, or reconnect below */ }
       await new Promise((r) => setTimeout(r, 2000));
     }
@@ -303,31 +289,37 @@ function soon() {
   pending = setTimeout(() => { pending = null; refresh(); }, 250);
 }
 
-// Server-sent events through fetch (EventSource cannot send the token).
+// Server-sent events through fetch (EventSource cannot send the token):
+// calls onFrame with each frame's text until the stream ends.
+async function readSse(url, signal, onFrame) {
+  const resp = await fetch(url, { headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" }, signal });
+  if (!resp.ok) throw new Error(resp.statusText);
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      onFrame(buf.slice(0, i));
+      buf = buf.slice(i + 2);
+    }
+  }
+}
+
+// The event stream: a refresh (coalesced) on every event.
 async function follow() {
   let last = null;
   for (;;) {
     if (!token || lastEventId === null) { await new Promise((r) => setTimeout(r, 500)); continue; }
     if (last === null) last = lastEventId;
     try {
-      const resp = await fetch("/api/v1/events?after=" + last, {
-        headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" } });
-      if (!resp.ok) throw new Error(resp.statusText);
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += decoder.decode(value, { stream: true });
-        let i;
-        while ((i = buf.indexOf("\n\n")) >= 0) {
-          const frame = buf.slice(0, i);
-          buf = buf.slice(i + 2);
-          const id = frame.match(/^id: (\d+)/m);
-          if (id) { last = Number(id[1]); soon(); }
-        }
-      }
+      await readSse("/api/v1/events?after=" + last, undefined, (frame) => {
+        const id = frame.match(/^id: (\d+)/m);
+        if (id) { last = Number(id[1]); soon(); }
+      });
     } catch (_) { /* reconnect below */ }
     await new Promise((r) => setTimeout(r, 2000));
   }
