@@ -527,6 +527,17 @@ pub fn act(
     action: Action,
     why: Option<&str>,
 ) -> Result<WorkerDetail, StoreError> {
+    apply_action(conn, now, worker_id, action, why)?;
+    get(conn, now, worker_id)
+}
+
+fn apply_action(
+    conn: &Connection,
+    now: Ms,
+    worker_id: i64,
+    action: Action,
+    why: Option<&str>,
+) -> Result<(), StoreError> {
     let state = state_of(conn, worker_id)?;
     let reason = |what: &str| match why {
         Some(w) if !w.is_empty() => format!("{what} by admin: {w}"),
@@ -587,7 +598,7 @@ pub fn act(
             )?;
         }
     }
-    get(conn, now, worker_id)
+    Ok(())
 }
 
 /// Sets a worker's tags; from then on the agent's `--tags` no longer apply.
@@ -597,6 +608,11 @@ pub fn set_tags(
     worker_id: i64,
     tags: &[String],
 ) -> Result<WorkerDetail, StoreError> {
+    pin_tags(conn, now, worker_id, tags)?;
+    get(conn, now, worker_id)
+}
+
+fn pin_tags(conn: &Connection, now: Ms, worker_id: i64, tags: &[String]) -> Result<(), StoreError> {
     let state = state_of(conn, worker_id)?;
     let text = serde_json::to_string(tags).map_err(|e| StoreError::internal(e.to_string()))?;
     conn.prepare_cached("UPDATE workers SET tags = ?2, tags_pinned = 1 WHERE id = ?1")?
@@ -612,7 +628,7 @@ pub fn set_tags(
         json!({"tags": tags}),
     )?;
     log::info!("worker tags set by admin worker_id={worker_id} tags={tags:?}");
-    get(conn, now, worker_id)
+    Ok(())
 }
 
 /// What `PATCH /api/v1/workers/{id}` changes, each part optional, all in
@@ -640,7 +656,7 @@ pub fn patch(
         ));
     }
     if let Some(tags) = &p.tags {
-        set_tags(conn, now, worker_id, tags)?;
+        pin_tags(conn, now, worker_id, tags)?;
     }
     if let Some(metadata) = &p.metadata {
         let text =
@@ -671,8 +687,8 @@ pub fn patch(
         )?;
     }
     match p.drain {
-        Some(true) => act(conn, now, worker_id, Action::Drain, None).map(drop)?,
-        Some(false) => act(conn, now, worker_id, Action::Undrain, None).map(drop)?,
+        Some(true) => apply_action(conn, now, worker_id, Action::Drain, None)?,
+        Some(false) => apply_action(conn, now, worker_id, Action::Undrain, None)?,
         None => {}
     }
     get(conn, now, worker_id)
